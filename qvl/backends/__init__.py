@@ -1,0 +1,37 @@
+"""Operator registry: one interface per operator, interchangeable backends chosen at runtime.
+
+See `interface` for the operator signatures and `registry` for selection rules. Adding a backend:
+write `OpImpl` subclasses, wrap them in a `Backend`, and `register_backend` it (or `register_lazy_backend`
+for one that imports optional packages).
+"""
+
+from . import eager
+from .interface import OPERATORS, BlockDiagonalMask, CausalMask, Rotary
+from .ops import Ops
+from .registry import (
+    ENV_VAR,
+    Backend,
+    BackendPlan,
+    BackendUnsupportedError,
+    CallInfo,
+    Fallback,
+    OpImpl,
+    all_backends,
+    availability_table,
+    backend_names,
+    get_backend,
+    parse_spec,
+    register_backend,
+    register_lazy_backend,
+    resolve_plan,
+    use_backends,
+)
+
+register_backend(eager.BACKEND)
+
+__all__ = [
+    "OPERATORS", "BlockDiagonalMask", "CausalMask", "Rotary", "Ops", "ENV_VAR", "Backend", "BackendPlan",
+    "BackendUnsupportedError", "CallInfo", "Fallback", "OpImpl", "all_backends", "availability_table",
+    "backend_names", "get_backend", "parse_spec", "register_backend", "register_lazy_backend", "resolve_plan",
+    "use_backends",
+]

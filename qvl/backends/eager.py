@@ -1,0 +1,105 @@
+"""The eager backend: plain PyTorch, written for clarity. Every other backend is tested against it.
+
+Numerics follow transformers' Qwen2.5-VL: RMSNorm in float32 with the weight applied in the input dtype,
+softmax in float32, rotary angles in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .interface import BlockDiagonalMask, CausalMask, Rotary
+from .registry import Backend, OpImpl
+
+
+def rope_angles(positions: torch.Tensor, rotary: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (B, L, D/2) float32: pair j takes stream stream_of_pair[j]'s position times inv_freq[j]."""
+    stream = rotary.stream_of_pair.to(positions.device)
+    pos = positions.to(torch.float32).index_select(0, stream)  # (D/2, B, L): each pair's own stream
+    angles = pos.permute(1, 2, 0) * rotary.inv_freq.to(device=positions.device, dtype=torch.float32)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary on (B, L, H, D) with cos/sin (B, L, D/2), in float32, cast back to x.dtype."""
+    xf = x.to(torch.float32)
+    x1, x2 = xf.chunk(2, dim=-1)
+    c, s = cos.unsqueeze(2), sin.unsqueeze(2)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+class EagerRope(OpImpl):
+    operator = "rope"
+
+    def __call__(self, q, k, positions, rotary):
+        cos, sin = rope_angles(positions, rotary)
+        return rotate(q, cos, sin), rotate(k, cos, sin)
+
+
+class EagerCache(OpImpl):
+    operator = "cache"
+
+    def __call__(self, q, k, v, positions, rotary, k_cache, v_cache, start):
+        cos, sin = rope_angles(positions, rotary)
+        end = start + k.shape[1]
+        k_cache[:, start:end] = rotate(k, cos, sin)
+        v_cache[:, start:end] = v
+        return rotate(q, cos, sin)
+
+
+class EagerNorm(OpImpl):
+    operator = "norm"
+
+    def __call__(self, x, weight, eps, residual=None):
+        if residual is not None:
+            x = x + residual
+        xf = x.to(torch.float32)
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        y = weight * y.to(x.dtype)
+        return (y, x) if residual is not None else y
+
+
+class EagerMLP(OpImpl):
+    operator = "mlp"
+
+    def __call__(self, x, w_in, b_in, w_out, b_out, activation):
+        h = F.linear(x, w_in, b_in)
+        if activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return F.linear(h, w_out, b_out)
+
+
+class EagerAttention(OpImpl):
+    """Materializes the (Lq, Lk) score matrix: the reference, not the fast path."""
+
+    operator = "attention"
+
+    def __call__(self, q, k, v, mask, scale):
+        b, lq, hq, d = q.shape
+        lk, hkv = k.shape[1], k.shape[2]
+        group = hq // hkv
+        # (B, Hkv, group, L, D): each kv head serves `group` query heads, without copying K/V.
+        qh = q.reshape(b, lq, hkv, group, d).permute(0, 2, 3, 1, 4)
+        kh, vh = k.permute(0, 2, 1, 3).unsqueeze(2), v.permute(0, 2, 1, 3).unsqueeze(2)
+        scores = torch.matmul(qh, kh.transpose(-1, -2)).to(torch.float32) * scale
+        allowed = mask.dense(b, lq, lk, device=q.device)[:, None, None]  # (B, 1, 1, Lq, Lk)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        probs = torch.nan_to_num(probs, nan=0.0)  # rows with no visible key (padding queries) -> zeros
+        out = torch.matmul(probs.to(v.dtype), vh)  # (B, Hkv, group, Lq, D)
+        return out.permute(0, 3, 1, 2, 4).reshape(b, lq, hq, d)
+
+
+BACKEND = Backend(
+    "eager",
+    {"attention": EagerAttention(), "rope": EagerRope(), "norm": EagerNorm(), "mlp": EagerMLP(),
+     "cache": EagerCache()},
+    description="plain PyTorch; the reference every backend is tested against",
+    priority=0,
+)
+
+__all__ = ["BACKEND", "rope_angles", "rotate", "BlockDiagonalMask", "CausalMask"]

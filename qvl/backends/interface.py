@@ -1,0 +1,169 @@
+"""The operator interface every backend implements.
+
+Five operators, one signature each. The model calls them through `qvl.backends.Ops` and never knows
+which backend runs them. Layouts are token-major, as the projections produce them:
+
+    q: (B, Lq, Hq, D)    k, v: (B, Lk, Hkv, D)    Hq % Hkv == 0 (GQA; K/V are never repeated)
+
+attention(q, k, v, mask, scale) -> (B, Lq, Hq, D)
+    softmax(q k^T * scale + mask) v, with `mask` one of the structured masks below.
+rope(q, k, positions, rotary) -> (q', k')
+    Rotary embedding with several position streams (M-RoPE): see `Rotary`.
+norm(x, weight, eps, residual=None) -> y | (y, x + residual)
+    RMSNorm over the last dim, computed in float32:  y = weight * (x / sqrt(mean(x^2) + eps)).to(x.dtype).
+    With `residual`, first s = x + residual (in x.dtype), then y = norm(s); returns (y, s).
+mlp(x, w_in, b_in, w_out, b_out, activation) -> (..., H_out)
+    activation "swiglu": w_in stacks [gate; up] (2I, H);  out = (silu(x Wg^T) * (x Wu^T)) Wo^T + b_out.
+    activation "gelu":   w_in is (I, H);                  out = gelu(x Wi^T + b_in) Wo^T + b_out  (erf GELU).
+cache(q, k, v, positions, rotary, k_cache, v_cache, start) -> q'
+    Rotate q and k, write rotated k and v into the static cache at [:, start:start + L]; return rotated q.
+    Caches are (B, max_len, Hkv, D).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+OPERATORS: tuple[str, ...] = ("attention", "rope", "norm", "mlp", "cache")
+ACTIVATIONS: tuple[str, ...] = ("swiglu", "gelu")
+
+
+@dataclass(frozen=True, eq=False)
+class CausalMask:
+    """Causal attention aligned to the bottom right, with optional left padding.
+
+    Query i of Lq sits at key position Lk - Lq + i and sees keys j with pad[b] <= j <= Lk - Lq + i.
+    `pad` (B,) int64 counts the padding tokens at the left of each sequence (None: no padding).
+    Query rows that see no key (padding queries) produce zeros.
+    """
+
+    pad: torch.Tensor | None = None
+    kind: str = field(default="causal", init=False)
+
+    def dense(self, batch: int, lq: int, lk: int, device=None) -> torch.Tensor:
+        """(B, Lq, Lk) boolean: True where attention is allowed. For tests and debugging."""
+        qpos = torch.arange(lq, device=device)[:, None] + (lk - lq)
+        kpos = torch.arange(lk, device=device)[None, :]
+        allowed = (kpos <= qpos).expand(batch, lq, lk)
+        if self.pad is not None:
+            allowed = allowed & (kpos[None] >= self.pad.to(device).view(-1, 1, 1))
+        return allowed
+
+
+@dataclass(frozen=True, eq=False)
+class BlockDiagonalMask:
+    """Non-causal attention inside segments of one packed sequence (B == 1).
+
+    Segment s covers tokens cu_seqlens[s]:cu_seqlens[s+1]; these are the vision tower's windows (or whole
+    frames in its full-attention layers): one call covers all of them.
+    """
+
+    cu_seqlens: torch.Tensor  # (S + 1,) int32, starts at 0
+    max_seqlen: int
+    kind: str = field(default="block_diagonal", init=False)
+
+    @staticmethod
+    def from_seqlens(seqlens: list[int], device=None) -> "BlockDiagonalMask":
+        cu = torch.tensor([0, *seqlens], dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
+        return BlockDiagonalMask(cu, max(seqlens) if seqlens else 0)
+
+    def dense(self, batch: int, lq: int, lk: int, device=None) -> torch.Tensor:
+        seg = torch.bucketize(torch.arange(lk, device=device), self.cu_seqlens.to(device).long(), right=True)
+        return (seg[:, None] == seg[None, :]).expand(batch, lq, lk)
+
+
+AttentionMask = CausalMask | BlockDiagonalMask
+
+
+@dataclass(frozen=True, eq=False)
+class Rotary:
+    """Rotary embedding over several position streams.
+
+    `inv_freq` (D/2,) float32 holds the frequency of each rotated pair; `sections` says how many consecutive
+    pairs each stream owns, in order, so pair j is rotated by angle positions[stream(j)] * inv_freq[j]:
+
+        text M-RoPE:   streams (t, h, w), sections e.g. (16, 24, 24), inv_freq = theta^(-2j/D)
+        vision 2-D:    streams (h, w),    sections (D/4, D/4), inv_freq restarts per stream
+
+    Pair j couples dims j and j + D/2 (rotate-half convention):
+        x'[j]       = x[j] cos - x[j + D/2] sin
+        x'[j + D/2] = x[j + D/2] cos + x[j] sin
+    `uniform_streams` is True when the caller knows all streams hold the same positions (plain text),
+    which lets 1-D rotary kernels apply.
+    """
+
+    inv_freq: torch.Tensor
+    sections: tuple[int, ...]
+    uniform_streams: bool = False
+
+    @property
+    def stream_of_pair(self) -> torch.Tensor:
+        return torch.repeat_interleave(torch.arange(len(self.sections)), torch.tensor(self.sections))
+
+
+def check_attention_inputs(q, k, v, mask) -> None:
+    """Caller mistakes (shapes, devices, dtypes): ValueError, kept apart from backend support."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention: q, k, v must be (B, L, H, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"attention: batch or head dim of q {tuple(q.shape)} and k {tuple(k.shape)} differ")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"attention: {q.shape[2]} query heads is not a multiple of {k.shape[2]} kv heads")
+    if not (q.device == k.device == v.device) or not (q.dtype == k.dtype == v.dtype):
+        raise ValueError("attention: q, k, v must share device and dtype")
+    if isinstance(mask, BlockDiagonalMask):
+        if q.shape[0] != 1 or q.shape[1] != k.shape[1]:
+            raise ValueError("attention: a BlockDiagonalMask needs B == 1 and Lq == Lk (one packed sequence)")
+        if int(mask.cu_seqlens[-1]) != q.shape[1]:
+            raise ValueError(f"attention: cu_seqlens ends at {int(mask.cu_seqlens[-1])}, but the sequence has {q.shape[1]} tokens")
+    elif isinstance(mask, CausalMask):
+        if q.shape[1] > k.shape[1]:
+            raise ValueError(f"attention: causal attention with more queries ({q.shape[1]}) than keys ({k.shape[1]})")
+        if mask.pad is not None and tuple(mask.pad.shape) != (q.shape[0],):
+            raise ValueError(f"attention: CausalMask.pad must be ({q.shape[0]},), got {tuple(mask.pad.shape)}")
+    else:
+        raise ValueError(f"attention: mask must be a CausalMask or BlockDiagonalMask, got {type(mask).__name__}")
+
+
+def check_rope_inputs(q, k, positions, rotary) -> None:
+    if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"rope: q {tuple(q.shape)} and k {tuple(k.shape)} must be (B, L, H, D) with equal B, L, D")
+    d = q.shape[3]
+    if d % 2 or sum(rotary.sections) * 2 != d or rotary.inv_freq.numel() * 2 != d:
+        raise ValueError(f"rope: head dim {d} does not match sections {rotary.sections} / inv_freq "
+                         f"({rotary.inv_freq.numel()} pairs)")
+    if positions.shape != (len(rotary.sections), q.shape[0], q.shape[1]):
+        raise ValueError(f"rope: positions must be ({len(rotary.sections)}, B, L) = "
+                         f"({len(rotary.sections)}, {q.shape[0]}, {q.shape[1]}); got {tuple(positions.shape)}")
+
+
+def check_norm_inputs(x, weight, residual) -> None:
+    if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
+        raise ValueError(f"norm: weight {tuple(weight.shape)} does not match hidden size {x.shape[-1]}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"norm: residual {tuple(residual.shape)} and x {tuple(x.shape)} differ")
+
+
+def check_mlp_inputs(x, w_in, w_out, activation) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"mlp: unknown activation {activation!r}; valid options are {', '.join(ACTIVATIONS)}")
+    if w_in.shape[1] != x.shape[-1]:
+        raise ValueError(f"mlp: w_in {tuple(w_in.shape)} does not take hidden size {x.shape[-1]}")
+    inner = w_in.shape[0] // 2 if activation == "swiglu" else w_in.shape[0]
+    if (activation == "swiglu" and w_in.shape[0] % 2) or w_out.shape[1] != inner:
+        raise ValueError(f"mlp: w_out {tuple(w_out.shape)} does not match w_in {tuple(w_in.shape)} for {activation}")
+
+
+def check_cache_inputs(q, k, v, positions, rotary, k_cache, v_cache, start) -> None:
+    check_rope_inputs(q, k, positions, rotary)
+    if k.shape != v.shape:
+        raise ValueError(f"cache: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    if k_cache.shape != v_cache.shape or k_cache.shape[0] != k.shape[0] or k_cache.shape[2:] != k.shape[2:]:
+        raise ValueError(f"cache: cache {tuple(k_cache.shape)} does not hold k {tuple(k.shape)}")
+    if not 0 <= start <= k_cache.shape[1] - k.shape[1]:
+        raise ValueError(f"cache: writing {k.shape[1]} tokens at {start} overflows the cache of "
+                         f"{k_cache.shape[1]} positions; build the cache with a larger max_len")

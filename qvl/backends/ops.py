@@ -1,0 +1,56 @@
+"""`Ops`: the typed entry point the model calls. Validates inputs, describes the call, dispatches."""
+
+from __future__ import annotations
+
+import torch
+
+from . import interface as I
+from .registry import BackendPlan, CallInfo, Dispatcher, Fallback
+
+
+class Ops:
+    """Operator calls under one resolved `BackendPlan`.
+
+    Each method checks the caller's inputs (ValueError on mistakes), builds the `CallInfo` backends judge
+    support by, and runs the selected implementation.
+    """
+
+    def __init__(self, plan: BackendPlan):
+        self.plan = plan
+        self._dispatch = Dispatcher(plan)
+
+    @property
+    def fallbacks(self) -> list[Fallback]:
+        return self._dispatch.fallbacks
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: I.AttentionMask,
+                  scale: float | None = None) -> torch.Tensor:
+        I.check_attention_inputs(q, k, v, mask)
+        call = CallInfo.of("attention", q, head_dim=q.shape[-1], mask=mask.kind,
+                           gqa=q.shape[2] // k.shape[2], padded=getattr(mask, "pad", None) is not None)
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        return self._dispatch.select(call)(q, k, v, mask, scale)
+
+    def rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, rotary: I.Rotary):
+        I.check_rope_inputs(q, k, positions, rotary)
+        call = CallInfo.of("rope", q, head_dim=q.shape[-1], sections=rotary.sections,
+                           uniform_streams=rotary.uniform_streams)
+        return self._dispatch.select(call)(q, k, positions, rotary)
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+        I.check_norm_inputs(x, weight, residual)
+        call = CallInfo.of("norm", x, hidden=x.shape[-1], residual=residual is not None)
+        return self._dispatch.select(call)(x, weight, eps, residual)
+
+    def mlp(self, x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor,
+            b_out: torch.Tensor | None, activation: str) -> torch.Tensor:
+        I.check_mlp_inputs(x, w_in, w_out, activation)
+        call = CallInfo.of("mlp", x, activation=activation, bias=b_in is not None or b_out is not None)
+        return self._dispatch.select(call)(x, w_in, b_in, w_out, b_out, activation)
+
+    def cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, rotary: I.Rotary,
+              k_cache: torch.Tensor, v_cache: torch.Tensor, start: int) -> torch.Tensor:
+        I.check_cache_inputs(q, k, v, positions, rotary, k_cache, v_cache, start)
+        call = CallInfo.of("cache", q, head_dim=q.shape[-1], sections=rotary.sections,
+                           uniform_streams=rotary.uniform_streams)
+        return self._dispatch.select(call)(q, k, v, positions, rotary, k_cache, v_cache, start)

@@ -1,0 +1,20 @@
+"""Parameter holders shared by both towers. They own weights; the math runs through `Ops`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Holds an RMSNorm weight and epsilon; apply with ``ops.norm(x, norm.weight, norm.eps)``."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+
+def inverse_frequencies(dim: int, theta: float) -> torch.Tensor:
+    """theta^(-2i/dim) for i < dim/2: the standard rotary frequency ladder, float32."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))

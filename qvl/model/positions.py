@@ -1,0 +1,164 @@
+"""Position bookkeeping: vision windows, vision 2-D rotary positions, multimodal 3-D (M-RoPE) positions.
+
+Everything here is index arithmetic on small integer tensors; no model math.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..config import Qwen25VLConfig
+
+
+def check_grids(grid_thw: torch.Tensor | None, merge: int, what: str) -> torch.Tensor | None:
+    if grid_thw is None:
+        return None
+    if not isinstance(grid_thw, torch.Tensor):
+        grid_thw = torch.as_tensor(grid_thw)
+    if grid_thw.dim() != 2 or grid_thw.shape[1] != 3:
+        raise ValueError(f"{what} must have shape (N, 3) holding (t, h, w) per item, got {tuple(grid_thw.shape)}")
+    if (grid_thw <= 0).any():
+        raise ValueError(f"{what} holds a non-positive size: {grid_thw.tolist()}")
+    bad = [g for g in grid_thw.tolist() if g[1] % merge or g[2] % merge]
+    if bad:
+        raise ValueError(f"{what} {bad}: h and w must be divisible by spatial_merge_size ({merge})")
+    return grid_thw.long()
+
+
+def vision_rope_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
+    """(2, N) patch (h, w) coordinates, in the order the patches arrive: merge-block-major, frames repeated."""
+    out = []
+    for t, h, w in grid_thw.tolist():
+        hpos, wpos = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        blocks = (h // merge, merge, w // merge, merge)  # patches of one 2x2 merge unit are adjacent
+        hw = torch.stack([hpos.reshape(blocks).transpose(1, 2).flatten(), wpos.reshape(blocks).transpose(1, 2).flatten()])
+        out.append(hw.repeat(1, t))
+    return torch.cat(out, dim=1)
+
+
+def vision_window_index(grid_thw: torch.Tensor, merge: int, window_size: int, patch_size: int):
+    """Partition merge units into windows of (window_size / patch_size / merge)^2 units per frame.
+
+    Returns `window_index` (units in window order; the inverse permutation restores the original order)
+    and the patch count of each non-empty window. Edge windows are smaller when the grid is not a
+    multiple of the window: windows of unequal length.
+    """
+    units_per_side = window_size // merge // patch_size
+    unit = merge * merge
+    order, seqlens, offset = [], [], 0
+    for t, h, w in grid_thw.tolist():
+        gh, gw = h // merge, w // merge
+        index = torch.arange(t * gh * gw).reshape(t, gh, gw)
+        pad_h, pad_w = -gh % units_per_side, -gw % units_per_side
+        padded = F.pad(index, (0, pad_w, 0, pad_h), value=-1)
+        nh, nw = (gh + pad_h) // units_per_side, (gw + pad_w) // units_per_side
+        windows = padded.reshape(t, nh, units_per_side, nw, units_per_side).permute(0, 1, 3, 2, 4)
+        windows = windows.reshape(t * nh * nw, units_per_side * units_per_side)
+        counts = (windows >= 0).sum(1)
+        flat = windows.flatten()
+        order.append(flat[flat >= 0] + offset)
+        seqlens.extend(int(c) * unit for c in counts if c > 0)
+        offset += t * gh * gw
+    return torch.cat(order), seqlens
+
+
+def vision_frame_seqlens(grid_thw: torch.Tensor) -> list[int]:
+    """Full-attention layers attend within each frame (temporal patch) of each image or video."""
+    return [h * w for t, h, w in grid_thw.tolist() for _ in range(t)]
+
+
+def left_padding(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """Per-row count of left padding tokens; None when there is none. Other padding layouts are refused."""
+    if attention_mask is None:
+        return None
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+    m = attention_mask.to(torch.long)
+    if ((m != 0) & (m != 1)).any():
+        raise ValueError("attention_mask must hold only 0 and 1")
+    pad = (m == 0).sum(1)
+    expected = torch.arange(m.shape[1], device=m.device)[None, :] >= pad[:, None]
+    if not torch.equal(expected, m.bool()):
+        raise ValueError("attention_mask must be left-padded (zeros, then ones) for every row; "
+                         "qvl pads on the left for batched generation")
+    if (pad == m.shape[1]).any():
+        raise ValueError("attention_mask has a row with no tokens")
+    return pad if pad.any() else None
+
+
+def mrope_positions(cfg: Qwen25VLConfig, input_ids: torch.Tensor, pad: torch.Tensor | None,
+                    image_grid_thw: torch.Tensor | None, video_grid_thw: torch.Tensor | None,
+                    second_per_grid_ts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """3-D (t, h, w) positions (3, B, L) for a prompt and the per-row delta (B, 1) carried into decoding.
+
+    Text tokens advance all three streams together. A run of image or video placeholder tokens takes
+    its grid (in order of appearance across the batch): t, h and w are the merged-grid coordinates offset
+    by the current position, where video t steps by second_per_grid_t * tokens_per_second (fractions kept
+    until the final floor). Text after a vision run resumes at the largest position used + 1, as in the
+    released Qwen2.5-VL. Padding positions hold 1; the delta makes decode positions start + delta.
+    """
+    merge = cfg.vision.spatial_merge_size
+    batch, length = input_ids.shape
+    grids = {cfg.image_token_id: _queue(image_grid_thw), cfg.video_token_id: _queue(video_grid_thw)}
+    spg = [1.0] * (len(grids[cfg.video_token_id]))
+    if second_per_grid_ts is not None:
+        spg = [float(s) for s in torch.as_tensor(second_per_grid_ts).flatten().tolist()]
+        if len(spg) != len(grids[cfg.video_token_id]):
+            raise ValueError(f"second_per_grid_ts has {len(spg)} entries but video_grid_thw has "
+                             f"{len(grids[cfg.video_token_id])} videos")
+    video_no = 0
+    positions = torch.ones(3, batch, length, dtype=torch.long)
+    deltas = torch.zeros(batch, 1, dtype=torch.long)
+    ids_cpu = input_ids.cpu()
+    for b in range(batch):
+        start = 0 if pad is None else int(pad[b])
+        ids = ids_cpu[b, start:]
+        is_vision = (ids == cfg.image_token_id) | (ids == cfg.video_token_id)
+        pieces, nxt, i, n = [], 0, 0, ids.numel()
+        while i < n:
+            if not is_vision[i]:
+                j = i
+                while j < n and not is_vision[j]:
+                    j += 1
+                pieces.append(torch.arange(nxt, nxt + j - i).expand(3, -1))
+                nxt += j - i
+                i = j
+                continue
+            tok = int(ids[i])
+            kind = "image" if tok == cfg.image_token_id else "video"
+            if not grids[tok]:
+                raise ValueError(f"row {b} has more {kind} placeholder runs than {kind}_grid_thw entries")
+            t, h, w = grids[tok].pop(0)
+            gh, gw = h // merge, w // merge
+            count = t * gh * gw
+            if i + count > n or not bool((ids[i:i + count] == tok).all()):
+                raise ValueError(f"row {b}: the {kind} at token {start + i} needs {count} consecutive {kind} "
+                                 f"placeholder tokens for its grid (t={t}, h={h}, w={w}) and merge size {merge}")
+            step = 1.0
+            if kind == "video":
+                step = spg[video_no] * cfg.vision.tokens_per_second
+                video_no += 1
+            tpos = (torch.arange(t, dtype=torch.float64) * step).floor().long()
+            tt, hh, ww = torch.meshgrid(tpos, torch.arange(gh), torch.arange(gw), indexing="ij")
+            block = torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]) + nxt
+            pieces.append(block)
+            nxt = int(block.max()) + 1
+            i += count
+        row = torch.cat(pieces, dim=1)
+        positions[:, b, start:] = row
+        deltas[b, 0] = int(row.max()) + 1 - length
+    leftover = [name for name, tok in (("image", cfg.image_token_id), ("video", cfg.video_token_id)) if grids[tok]]
+    if leftover:
+        raise ValueError(f"more {' and '.join(leftover)} grids than placeholder runs in input_ids")
+    return positions.to(input_ids.device), deltas.to(input_ids.device)
+
+
+def _queue(grid_thw: torch.Tensor | None) -> list[tuple[int, int, int]]:
+    return [] if grid_thw is None else [tuple(g) for g in grid_thw.tolist()]
+
+
+def decode_positions(start: int, length: int, deltas: torch.Tensor) -> torch.Tensor:
+    """(3, B, length) positions for tokens at cache slots [start, start + length): all streams equal."""
+    pos = torch.arange(start, start + length, device=deltas.device)[None, :] + deltas
+    return pos.unsqueeze(0).expand(3, -1, -1)

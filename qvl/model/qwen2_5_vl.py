@@ -1,0 +1,224 @@
+"""Qwen2.5-VL: vision tower + merger, 3-D positions, text decoder, and generation.
+
+    tokens --embed--> text embeddings --+-- image/video features placed at their placeholder tokens
+    pixels --vision tower + merger------+
+                                        v
+                   decoder (M-RoPE over (t, h, w) positions) --> lm_head --> logits
+
+The forward signature follows transformers' Qwen2_5_VLForConditionalGeneration so users can swap.
+Every operator runs through `self.ops`, resolved from the backend plan; `set_backends` swaps them on a
+loaded model without touching the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..backends import CausalMask, Ops, Rotary, resolve_plan
+from ..config import Qwen25VLConfig
+from .cache import StaticKVCache
+from .layers import inverse_frequencies
+from .positions import check_grids, decode_positions, left_padding, mrope_positions
+from .text import TextDecoder
+from .vision import VisionTower
+
+
+@dataclass
+class Prompt:
+    """A prompt prepared for the decoder: embeddings, 3-D positions, padding, and the decode delta."""
+
+    embeds: torch.Tensor
+    positions: torch.Tensor  # (3, B, L)
+    pad: torch.Tensor | None  # (B,) left padding, None if none
+    deltas: torch.Tensor  # (B, 1): decode position = cache slot + delta
+    has_vision: bool
+
+
+class Qwen25VL(nn.Module):
+    def __init__(self, cfg: Qwen25VLConfig, backends=None, fallback: str | None = None):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.visual = VisionTower(cfg.vision)
+        self.model = TextDecoder(cfg.text)
+        if not cfg.text.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.register_buffer("inv_freq", torch.empty(cfg.text.head_dim // 2), persistent=False)
+        self.reset_rotary()
+        self.set_backends(backends, fallback=fallback)
+
+    def reset_rotary(self) -> None:
+        """(Re)compute the float32 rotary frequency buffers, e.g. after allocating on another device."""
+        device = self.inv_freq.device
+        if device.type == "meta":
+            return
+        self.inv_freq = inverse_frequencies(self.cfg.text.head_dim, self.cfg.text.rope_theta).to(device)
+        self.visual.reset_rotary()
+
+    # --- backends --------------------------------------------------------------------------------------------
+
+    def set_backends(self, backends=None, *, fallback: str | None = None) -> "Qwen25VL":
+        """Resolve a backend plan (see `qvl.backends.registry`) and route every operator through it."""
+        self.ops = Ops(resolve_plan(backends, fallback=fallback))
+        return self
+
+    @property
+    def plan(self):
+        return self.ops.plan
+
+    @property
+    def fallbacks(self):
+        """Every fallback the registry took so far (operator, requested, used, call, reasons)."""
+        return self.ops.fallbacks
+
+    # --- pieces ----------------------------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def lm_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.cfg.text.tie_word_embeddings else self.lm_head.weight
+
+    def rotary(self, uniform_streams: bool) -> Rotary:
+        return Rotary(self.inv_freq, tuple(self.cfg.text.mrope_section), uniform_streams)
+
+    def vision_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        return self.visual(self.ops, pixel_values.to(self.device), grid_thw)
+
+    def prepare(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None) -> Prompt:
+        """Check the inputs, run the vision tower, place its features, compute positions."""
+        cfg = self.cfg
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError("input_ids must be a (batch, length) integer tensor")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty")
+        if input_ids.min() < 0 or input_ids.max() >= cfg.text.vocab_size:
+            raise ValueError(f"input_ids hold token ids outside the vocabulary [0, {cfg.text.vocab_size})")
+        input_ids = input_ids.to(self.device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        pad = left_padding(attention_mask, input_ids)
+        merge = cfg.vision.spatial_merge_size
+        image_grid_thw = check_grids(image_grid_thw, merge, "image_grid_thw")
+        video_grid_thw = check_grids(video_grid_thw, merge, "video_grid_thw")
+        if second_per_grid_ts is not None and video_grid_thw is None:
+            raise ValueError("second_per_grid_ts given without video_grid_thw")
+
+        embeds = self.model.embed_tokens(input_ids)
+        for kind, pixels, grid, token in (("image", pixel_values, image_grid_thw, cfg.image_token_id),
+                                          ("video", pixel_values_videos, video_grid_thw, cfg.video_token_id)):
+            placeholder = input_ids == token
+            n_tokens = int(placeholder.sum())
+            if (pixels is None) != (grid is None):
+                raise ValueError(f"{kind}: pass both the pixels and their grid_thw, or neither")
+            if pixels is None:
+                if n_tokens:
+                    raise ValueError(f"input_ids hold {n_tokens} {kind} placeholder tokens but no {kind} pixels were given")
+                continue
+            rows = int(grid.prod(-1).sum())
+            if pixels.dim() != 2 or pixels.shape != (rows, cfg.vision.patch_dim):
+                raise ValueError(f"{kind} pixels must be ({rows}, {cfg.vision.patch_dim}) for grids {grid.tolist()}, "
+                                 f"got {tuple(pixels.shape)}")
+            expected = rows // merge**2
+            if n_tokens != expected:
+                raise ValueError(f"input_ids hold {n_tokens} {kind} placeholder tokens, but the {kind} grids "
+                                 f"{grid.tolist()} give {expected} merged {kind} tokens")
+            features = self.vision_features(pixels, grid).to(embeds.dtype)
+            embeds = embeds.masked_scatter(placeholder.unsqueeze(-1), features)
+
+        positions, deltas = mrope_positions(cfg, input_ids, pad, image_grid_thw, video_grid_thw, second_per_grid_ts)
+        return Prompt(embeds, positions, pad, deltas, has_vision=image_grid_thw is not None or video_grid_thw is not None)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(hidden, self.lm_weight())
+
+    # --- forward and generation ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None) -> torch.Tensor:
+        """Logits (B, L, vocab) for a whole prompt (no cache)."""
+        p = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+                         video_grid_thw, second_per_grid_ts)
+        hidden = self.model(self.ops, p.embeds, p.positions, self.rotary(not p.has_vision), CausalMask(p.pad))
+        return self.logits(hidden)
+
+    def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
+        t = self.cfg.text
+        return StaticKVCache(t.num_hidden_layers, batch, max_len, t.num_key_value_heads, t.head_dim, self.dtype,
+                             self.device)
+
+    @torch.no_grad()
+    def prefill(self, prompt: Prompt, cache: StaticKVCache) -> torch.Tensor:
+        """Run the prompt into an empty cache; return the last position's logits (B, vocab)."""
+        n = prompt.embeds.shape[1]
+        hidden = self.model(self.ops, prompt.embeds, prompt.positions, self.rotary(not prompt.has_vision),
+                            CausalMask(prompt.pad), cache=cache, start=0)
+        cache.length = n
+        return self.logits(hidden[:, -1])
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, prompt: Prompt, cache: StaticKVCache) -> torch.Tensor:
+        """Feed one token per row (B,) at the cache's next slot; return its logits (B, vocab)."""
+        start = cache.length
+        embeds = self.model.embed_tokens(tokens[:, None])
+        positions = decode_positions(start, 1, prompt.deltas)
+        hidden = self.model(self.ops, embeds, positions, self.rotary(True), CausalMask(prompt.pad), cache=cache,
+                            start=start)
+        cache.length = start + 1
+        return self.logits(hidden[:, -1])
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, *,
+                 max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, eos_token_id=None,
+                 pad_token_id: int | None = None, on_token=None) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled continuation; returns ids (B, L + n) including the prompt.
+
+        Rows that emit an EOS token are padded with `pad_token_id` (default: the config's pad, else the
+        first EOS) and generation stops when every row has finished. `on_token(tokens)` is called with each
+        new (B,) step, for streaming.
+        """
+        from .sampling import Sampler
+
+        if max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        sampler = Sampler(temperature, top_k, top_p, seed, self.device)
+        prompt = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+                              video_grid_thw, second_per_grid_ts)
+        input_ids = input_ids.to(self.device)
+        if max_new_tokens == 0:
+            return input_ids
+        eos = self.cfg.eos_token_id if eos_token_id is None else (
+            (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
+        pad_id = pad_token_id if pad_token_id is not None else (
+            self.cfg.pad_token_id if self.cfg.pad_token_id is not None else (eos[0] if eos else 0))
+        eos_t = torch.tensor(eos, dtype=torch.long, device=self.device)
+        batch, length = input_ids.shape
+        if length + max_new_tokens > self.cfg.text.max_position_embeddings:
+            raise ValueError(f"prompt ({length}) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"max_position_embeddings ({self.cfg.text.max_position_embeddings})")
+        cache = self.new_cache(batch, length + max_new_tokens)
+        logits = self.prefill(prompt, cache)
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        out = [input_ids]
+        for step in range(max_new_tokens):
+            tokens = sampler(logits)
+            tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
+            out.append(tokens[:, None])
+            if on_token is not None:
+                on_token(tokens)
+            finished |= torch.isin(tokens, eos_t)
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            logits = self.decode_step(tokens, prompt, cache)
+        return torch.cat(out, dim=1)

@@ -1,0 +1,88 @@
+"""The Qwen2 text decoder with M-RoPE: GQA attention with qkv bias, SwiGLU MLP, pre-norm residual blocks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..backends import CausalMask, Ops, Rotary
+from ..config import TextConfig
+from .layers import RMSNorm
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, ops: Ops, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, mask: CausalMask,
+                kv_cache: tuple[torch.Tensor, torch.Tensor] | None, start: int) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(
+            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], -1)
+        q = q.view(b, n, self.num_heads, self.head_dim)
+        k = k.view(b, n, self.num_kv_heads, self.head_dim)
+        v = v.view(b, n, self.num_kv_heads, self.head_dim)
+        if kv_cache is None:
+            q, k = ops.rope(q, k, positions, rotary)
+        else:
+            k_cache, v_cache = kv_cache
+            q = ops.cache(q, k, v, positions, rotary, k_cache, v_cache, start)
+            k, v = k_cache[:, : start + n], v_cache[:, : start + n]
+        out = ops.attention(q, k, v, mask)
+        return self.o_proj(out.reshape(b, n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # [gate; up]
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, ops: Ops, x: torch.Tensor) -> torch.Tensor:
+        return ops.mlp(x, self.gate_up_proj.weight, None, self.down_proj.weight, None, "swiglu")
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, ops, hidden, residual, positions, rotary, mask, kv_cache, start):
+        """`hidden` is the previous sublayer's output, `residual` the stream before it (None at layer 0).
+
+        The residual add is fused into the norm that follows it: norm(hidden, residual) returns the
+        normalized sum and the sum itself, the new residual stream.
+        """
+        norm = self.input_layernorm
+        if residual is None:
+            x, residual = ops.norm(hidden, norm.weight, norm.eps), hidden
+        else:
+            x, residual = ops.norm(hidden, norm.weight, norm.eps, residual)
+        hidden = self.self_attn(ops, x, positions, rotary, mask, kv_cache, start)
+        norm = self.post_attention_layernorm
+        x, residual = ops.norm(hidden, norm.weight, norm.eps, residual)
+        return self.mlp(ops, x), residual
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, ops: Ops, embeds: torch.Tensor, positions: torch.Tensor, rotary: Rotary, mask: CausalMask,
+                cache=None, start: int = 0) -> torch.Tensor:
+        hidden, residual = embeds, None
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else cache.layer(i)
+            hidden, residual = layer(ops, hidden, residual, positions, rotary, mask, kv, start)
+        out, _ = ops.norm(hidden, self.norm.weight, self.norm.eps, residual)
+        return out

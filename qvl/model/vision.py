@@ -1,0 +1,129 @@
+"""The Qwen2.5-VL vision tower: patch embedding, windowed ViT blocks with 2-D RoPE, 2x2 patch merger.
+
+Patches arrive as rows of ``pixel_values`` (3 x 2 x 14 x 14 flattened), ordered so that the four patches
+of each 2x2 merge unit are adjacent. Most blocks attend inside windows of merge units; the blocks listed
+in ``fullatt_block_indexes`` attend over each whole frame. Windows are formed by permuting merge units
+into window order once before the blocks and restoring the order after the merger, so every block's
+attention is one block-diagonal call over all windows of all images.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backends import BlockDiagonalMask, Ops, Rotary
+from ..config import VisionConfig
+from .layers import RMSNorm, inverse_frequencies
+from .positions import vision_frame_seqlens, vision_rope_positions, vision_window_index
+
+
+class PatchEmbed(nn.Module):
+    """Conv3d with kernel = stride = (2, 14, 14) over one patch is a matmul with the flattened kernel."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.proj = nn.Module()
+        self.proj.weight = nn.Parameter(torch.empty(cfg.hidden_size, cfg.in_channels, cfg.temporal_patch_size,
+                                                    cfg.patch_size, cfg.patch_size))
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        w = self.proj.weight
+        return F.linear(patches.to(w.dtype), w.reshape(w.shape[0], -1))
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
+
+    def forward(self, ops: Ops, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary,
+                mask: BlockDiagonalMask) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv(x).view(1, n, 3, self.num_heads, self.head_dim).unbind(2)
+        q, k = ops.rope(q, k, positions, rotary)
+        out = ops.attention(q, k, v, mask)
+        return self.proj(out.reshape(n, -1))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=True)  # [gate; up]
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=True)
+
+    def forward(self, ops: Ops, x: torch.Tensor) -> torch.Tensor:
+        return ops.mlp(x, self.gate_up_proj.weight, self.gate_up_proj.bias, self.down_proj.weight,
+                       self.down_proj.bias, "swiglu")
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = VisionAttention(cfg)
+        self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = VisionMLP(cfg)
+
+    def forward(self, ops, x, positions, rotary, mask):
+        x = x + self.attn(ops, ops.norm(x, self.norm1.weight, self.norm1.eps), positions, rotary, mask)
+        return x + self.mlp(ops, ops.norm(x, self.norm2.weight, self.norm2.eps))
+
+
+class PatchMerger(nn.Module):
+    """RMSNorm each patch, concatenate the 4 patches of a 2x2 unit, then Linear-GELU-Linear to the text width."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.unit_dim = cfg.hidden_size * cfg.spatial_merge_size**2
+        self.ln_q = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.fc1 = nn.Linear(self.unit_dim, self.unit_dim, bias=True)
+        self.fc2 = nn.Linear(self.unit_dim, cfg.out_hidden_size, bias=True)
+
+    def forward(self, ops: Ops, x: torch.Tensor) -> torch.Tensor:
+        x = ops.norm(x, self.ln_q.weight, self.ln_q.eps).reshape(-1, self.unit_dim)
+        return ops.mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, "gelu")
+
+
+class VisionTower(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
+        self.merger = PatchMerger(cfg)
+        # 2-D RoPE: the first half of the rotated pairs follow the patch row, the second half its column,
+        # each with the frequency ladder of a head_dim/2 rotary.
+        self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
+        self.reset_rotary()
+
+    def reset_rotary(self) -> None:
+        if self.inv_freq.device.type == "meta":
+            return
+        half = inverse_frequencies(self.cfg.head_dim // 2, self.cfg.rope_theta)
+        self.inv_freq = torch.cat([half, half]).to(self.inv_freq.device)
+
+    def forward(self, ops: Ops, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """(sum t*h*w, patch_dim) patches -> (sum t*h*w / merge^2, out_hidden_size) merged tokens."""
+        cfg, device = self.cfg, pixel_values.device
+        unit = cfg.spatial_merge_size**2
+        window_index, window_seqlens = vision_window_index(grid_thw, cfg.spatial_merge_size, cfg.window_size,
+                                                           cfg.patch_size)
+        # Permute merge units (groups of `unit` consecutive patches) into window order.
+        patch_order = (window_index[:, None] * unit + torch.arange(unit)).flatten().to(device)
+        x = self.patch_embed(pixel_values)[patch_order]
+        positions = vision_rope_positions(grid_thw, cfg.spatial_merge_size).to(device)[:, patch_order]
+        rotary = Rotary(self.inv_freq, (cfg.head_dim // 4, cfg.head_dim // 4))
+        window_mask = BlockDiagonalMask.from_seqlens(window_seqlens, device=device)
+        # Full-attention layers see whole frames; frames are contiguous in window order too, since windows
+        # never straddle frames.
+        frame_mask = BlockDiagonalMask.from_seqlens(vision_frame_seqlens(grid_thw), device=device)
+        positions = positions.unsqueeze(1)  # (2, 1, N): one packed sequence
+        for i, block in enumerate(self.blocks):
+            mask = frame_mask if i in cfg.fullatt_block_indexes else window_mask
+            x = block(ops, x, positions, rotary, mask)
+        merged = self.merger(ops, x)
+        return merged[torch.argsort(window_index.to(device))]
