@@ -1,0 +1,32 @@
+# Two commands set everything up on a fresh machine (Python >= 3.10 with venv):
+#   make demo   the main job: the tiny model through every available backend mix, as a table
+#   make test   the CPU test suite
+# Each creates its own virtual environment in $(VENV). TORCH picks the torch requirement: the default
+# pins the release CI uses; on a GPU machine pass the build that matches its CUDA.
+
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip install --disable-pip-version-check -q
+
+.PHONY: demo test clean
+
+$(VENV)/.runtime: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) "$(TORCH)"
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime
+	$(PIP) -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.runtime
+	$(VENV)/bin/qvl demo
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
