@@ -1,12 +1,13 @@
 # Two commands set everything up on a fresh machine (Python >= 3.10 with venv):
 #   make demo   the main job: the tiny model through every available backend mix, as a table
 #   make test   the CPU test suite
-# Each creates its own virtual environment in $(VENV). TORCH picks the torch requirement: the default
-# pins the release CI uses; on a GPU machine pass the build that matches its CUDA.
+# Each creates its own virtual environment in $(VENV). TORCH and TRITON pick those requirements: the
+# defaults pin the releases CI uses (triton as on the lent H100); on a GPU machine pass what matches its CUDA.
 
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
+TRITON ?= triton==3.6.0
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip install --disable-pip-version-check -q
 
@@ -14,7 +15,7 @@ PIP     = $(PY) -m pip install --disable-pip-version-check -q
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) "$(TORCH)"
+	$(PIP) "$(TORCH)" "$(TRITON)"
 	$(PIP) -e .
 	touch $@
 

@@ -140,7 +140,7 @@ def load_weights(model: Qwen25VL, directory: str) -> None:
     # lm_head.weight in a tied checkpoint is the embedding again; accept and skip it.
     optional = {"lm_head.weight"} if model.cfg.text.tie_word_embeddings else set()
     plan: list[tuple[str, str, str, int]] = []  # (file, checkpoint key, param, row)
-    unexpected, mismatched, seen = [], [], set()
+    unexpected, mismatched, duplicated, seen = [], [], [], set()
     for path in files:
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
@@ -149,6 +149,9 @@ def load_weights(model: Qwen25VL, directory: str) -> None:
                     continue
                 if canon not in wanted:
                     unexpected.append(key)
+                    continue
+                if canon in seen:
+                    duplicated.append(key)
                     continue
                 seen.add(canon)
                 name, row = wanted[canon]
@@ -161,12 +164,14 @@ def load_weights(model: Qwen25VL, directory: str) -> None:
                 else:
                     plan.append((path, key, name, row))
     missing = sorted(set(wanted) - seen)
-    if missing or unexpected or mismatched:
+    if missing or unexpected or mismatched or duplicated:
         parts = [f"checkpoint {directory!r} does not match the model built from its config.json:"]
         if missing:
             parts.append(f"  missing keys ({len(missing)}): {_shorten(missing)}")
         if unexpected:
             parts.append(f"  unexpected keys ({len(unexpected)}): {_shorten(sorted(unexpected))}")
+        if duplicated:
+            parts.append(f"  keys present twice (flat and nested layout) ({len(duplicated)}): {_shorten(sorted(duplicated))}")
         if mismatched:
             parts.append(f"  shape mismatches ({len(mismatched)}): {_shorten(mismatched)}")
         raise ValueError("\n".join(parts))
@@ -213,12 +218,26 @@ def from_pretrained(directory: str | os.PathLike, *, dtype: torch.dtype | None =
     return model
 
 
+def _remove_stale_weights(directory: str) -> None:
+    """Delete the weights of an earlier save (single file, index and every shard it names)."""
+    index = os.path.join(directory, INDEX)
+    stale = {WEIGHTS, INDEX}
+    if os.path.isfile(index):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            with open(index, encoding="utf-8") as f:
+                stale |= {os.path.basename(fn) for fn in json.load(f).get("weight_map", {}).values()}
+    for fn in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(directory, fn))
+
+
 def save_pretrained(model: Qwen25VL, directory: str | os.PathLike, *, max_shard_bytes: int | None = None) -> None:
     """Write config.json and safetensors weights in the flat HF layout (fused weights split again)."""
     from safetensors.torch import save_file
 
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
+    _remove_stale_weights(directory)
     params = dict(model.named_parameters())
     tensors = {}
     for name, srcs in checkpoint_sources(model).items():

@@ -146,7 +146,7 @@ def _coerce(cls, values: dict[str, Any], prefix: str) -> dict[str, Any]:
     out = {}
     for name, value in values.items():
         if name not in known:
-            raise ValueError(f"unknown config field {prefix}{name!r}; valid fields: {', '.join(sorted(known))}")
+            raise ValueError(f"unknown config field {prefix + name!r}; valid fields: {', '.join(sorted(known))}")
         out[name] = tuple(value) if isinstance(value, list) else value
     return out
 
@@ -331,6 +331,8 @@ def config_to_hf_dict(cfg: Qwen25VLConfig) -> dict[str, Any]:
             "out_hidden_size": v.out_hidden_size,
             "tokens_per_second": int(v.tokens_per_second) if float(v.tokens_per_second).is_integer() else v.tokens_per_second,
             "hidden_act": "silu",
+            "rms_norm_eps": v.rms_norm_eps,
+            "rope_parameters": {"rope_theta": v.rope_theta, "rope_type": "axial"},
         },
     }
 

@@ -1,6 +1,19 @@
 import os
 import sys
 
+import torch
+
 # Tests import the working tree, installed or not.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.pop("QVL_BACKENDS", None)  # a developer's shell setting must not change what the tests check
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Kernels run through the Triton interpreter on CPU: few examples there, more on a GPU.
+settings.register_profile("cpu", max_examples=12, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("gpu", max_examples=100, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("QVL_HYPOTHESIS_PROFILE", "gpu" if torch.cuda.is_available() else "cpu"))

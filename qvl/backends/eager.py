@@ -15,7 +15,7 @@ from .registry import Backend, OpImpl
 
 def rope_angles(positions: torch.Tensor, rotary: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (B, L, D/2) float32: pair j takes stream stream_of_pair[j]'s position times inv_freq[j]."""
-    stream = rotary.stream_of_pair.to(positions.device)
+    stream = rotary.stream_of_pair.to(device=positions.device, dtype=torch.long)
     pos = positions.to(torch.float32).index_select(0, stream)  # (D/2, B, L): each pair's own stream
     angles = pos.permute(1, 2, 0) * rotary.inv_freq.to(device=positions.device, dtype=torch.float32)
     return angles.cos(), angles.sin()

@@ -22,6 +22,7 @@ cache(q, k, v, positions, rotary, k_cache, v_cache, start) -> q'
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -98,9 +99,11 @@ class Rotary:
     sections: tuple[int, ...]
     uniform_streams: bool = False
 
-    @property
+    @functools.cached_property
     def stream_of_pair(self) -> torch.Tensor:
-        return torch.repeat_interleave(torch.arange(len(self.sections)), torch.tensor(self.sections))
+        """(D/2,) int32 on inv_freq's device: the position stream each rotated pair follows."""
+        table = torch.repeat_interleave(torch.arange(len(self.sections)), torch.tensor(self.sections))
+        return table.to(device=self.inv_freq.device, dtype=torch.int32)
 
 
 def check_attention_inputs(q, k, v, mask) -> None:

@@ -221,7 +221,10 @@ def parse_spec(spec: Any, *, source: str = "backends") -> dict[str, str]:
         if op not in OPERATORS:
             raise ValueError(f"{source}: unknown operator {op!r}; valid options are: {', '.join(OPERATORS)}")
         if name != AUTO:
-            get_backend(name)  # raises with the valid options
+            try:
+                get_backend(name)
+            except ValueError as e:
+                raise ValueError(f"{source}: {e}") from None
     return mapping
 
 

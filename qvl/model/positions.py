@@ -74,9 +74,9 @@ def left_padding(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -
         return None
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
-    m = attention_mask.to(torch.long)
-    if ((m != 0) & (m != 1)).any():
+    if not ((attention_mask == 0) | (attention_mask == 1)).all():
         raise ValueError("attention_mask must hold only 0 and 1")
+    m = attention_mask.to(torch.long)
     pad = (m == 0).sum(1)
     expected = torch.arange(m.shape[1], device=m.device)[None, :] >= pad[:, None]
     if not torch.equal(expected, m.bool()):

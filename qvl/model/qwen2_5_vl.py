@@ -49,12 +49,22 @@ class Qwen25VL(nn.Module):
         self.reset_rotary()
         self.set_backends(backends, fallback=fallback)
 
+    def _apply(self, fn, recurse=True):
+        # .to(dtype / device) would cast the float32 frequency buffers and leave the cached Rotary
+        # objects behind: rebuild both after every such move.
+        super()._apply(fn, recurse)
+        self.reset_rotary()
+        return self
+
     def reset_rotary(self) -> None:
         """(Re)compute the float32 rotary frequency buffers, e.g. after allocating on another device."""
         device = self.inv_freq.device
         if device.type == "meta":
             return
         self.inv_freq = inverse_frequencies(self.cfg.text.head_dim, self.cfg.text.rope_theta).to(device)
+        sections = tuple(self.cfg.text.mrope_section)
+        # Built once: backends may cache per-Rotary tables (e.g. the pair -> stream map on the device).
+        self._rotary = {uniform: Rotary(self.inv_freq, sections, uniform) for uniform in (False, True)}
         self.visual.reset_rotary()
 
     # --- backends --------------------------------------------------------------------------------------------
@@ -87,7 +97,8 @@ class Qwen25VL(nn.Module):
         return self.model.embed_tokens.weight if self.cfg.text.tie_word_embeddings else self.lm_head.weight
 
     def rotary(self, uniform_streams: bool) -> Rotary:
-        return Rotary(self.inv_freq, tuple(self.cfg.text.mrope_section), uniform_streams)
+        """Text M-RoPE; `uniform_streams` when every position stream is equal (text-only or decoding)."""
+        return self._rotary[uniform_streams]
 
     def vision_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         return self.visual(self.ops, pixel_values.to(self.device), grid_thw)
@@ -98,6 +109,8 @@ class Qwen25VL(nn.Module):
         cfg = self.cfg
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("input_ids must be a (batch, length) integer tensor")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be a (batch, length) integer tensor, got dtype {input_ids.dtype}")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty")
         if input_ids.min() < 0 or input_ids.max() >= cfg.text.vocab_size:

@@ -100,11 +100,19 @@ class VisionTower(nn.Module):
         self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
         self.reset_rotary()
 
+    def _apply(self, fn, recurse=True):
+        # .to(dtype / device) would cast the float32 frequency buffers and leave the cached Rotary
+        # objects behind: rebuild both after every such move.
+        super()._apply(fn, recurse)
+        self.reset_rotary()
+        return self
+
     def reset_rotary(self) -> None:
         if self.inv_freq.device.type == "meta":
             return
         half = inverse_frequencies(self.cfg.head_dim // 2, self.cfg.rope_theta)
         self.inv_freq = torch.cat([half, half]).to(self.inv_freq.device)
+        self.rotary = Rotary(self.inv_freq, (self.cfg.head_dim // 4, self.cfg.head_dim // 4))
 
     def forward(self, ops: Ops, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """(sum t*h*w, patch_dim) patches -> (sum t*h*w / merge^2, out_hidden_size) merged tokens."""
@@ -116,7 +124,7 @@ class VisionTower(nn.Module):
         patch_order = (window_index[:, None] * unit + torch.arange(unit)).flatten().to(device)
         x = self.patch_embed(pixel_values)[patch_order]
         positions = vision_rope_positions(grid_thw, cfg.spatial_merge_size).to(device)[:, patch_order]
-        rotary = Rotary(self.inv_freq, (cfg.head_dim // 4, cfg.head_dim // 4))
+        rotary = self.rotary
         window_mask = BlockDiagonalMask.from_seqlens(window_seqlens, device=device)
         # Full-attention layers see whole frames; frames are contiguous in window order too, since windows
         # never straddle frames.

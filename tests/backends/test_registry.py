@@ -196,7 +196,8 @@ def test_env_var_single_name_and_per_operator(monkeypatch, test_backends):
 
 def test_bad_env_var_names_the_variable(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "attention=nope")
-    with pytest.raises(ValueError, match=f"{ENV_VAR}.*unknown backend 'nope'|unknown backend 'nope'"):
+    # where the bad name came from matters: the user may not know the variable is set
+    with pytest.raises(ValueError, match=f"environment variable {ENV_VAR}.*unknown backend 'nope'"):
         resolve_plan()
     monkeypatch.setenv(ENV_VAR, "bogus=eager")
     with pytest.raises(ValueError, match=f"environment variable {ENV_VAR}: unknown operator 'bogus'"):
@@ -275,7 +276,7 @@ def test_set_backends_swaps_operators_without_touching_weights(tiny, test_backen
     out = tiny(**inputs)
     assert torch.equal(out, expected)
     # every operator really ran on test_a (vision tower and decoder)
-    assert set(test_backends.a) == {"attention", "rope", "norm", "mlp"}
+    assert {"attention", "rope", "norm", "mlp"} <= set(test_backends.a)
     assert sum(test_backends.b.values()) == 0
 
     tiny.set_backends({"attention": "test_b"})

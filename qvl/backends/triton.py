@@ -1,0 +1,95 @@
+"""The `triton` backend: qvl's own kernels (qvl/kernels) behind every operator.
+
+On a machine without a CUDA device the kernels run through the Triton interpreter on CPU tensors
+(`qvl backends` shows the backend as interpreted); on a GPU they compile for CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from ..kernels import DEVICE_TYPE, HAS_CUDA, INTERPRETED
+from ..kernels.activation import gelu, swiglu
+from ..kernels.attention import causal_attention, varlen_attention
+from ..kernels.decode_attention import decode_attention
+from ..kernels.rms_norm import rms_norm
+from ..kernels.rope import rope, rope_and_cache
+from .registry import Backend, OpImpl
+
+# Causal calls with at most this many queries against a longer key range are decode steps: split-KV.
+DECODE_MAX_QUERIES = 8
+MAX_HEAD_DIM = 256
+
+
+def _head_dim_ok(d: int) -> bool:
+    return d % 2 == 0 and d <= MAX_HEAD_DIM
+
+
+class _TritonOp(OpImpl):
+    devices = frozenset({DEVICE_TYPE})
+    head_dims = staticmethod(_head_dim_ok)
+    head_dims_text = f"even and at most {MAX_HEAD_DIM}"
+
+
+class TritonAttention(_TritonOp):
+    operator = "attention"
+    masks = frozenset({"causal", "block_diagonal"})
+
+    def __call__(self, q, k, v, mask, scale):
+        if mask.kind == "block_diagonal":
+            return varlen_attention(q, k, v, mask.cu_seqlens, mask.max_seqlen, scale)
+        if q.shape[1] <= DECODE_MAX_QUERIES and k.shape[1] > q.shape[1]:
+            return decode_attention(q, k, v, mask.pad, scale)
+        return causal_attention(q, k, v, mask.pad, scale)
+
+
+class TritonRope(_TritonOp):
+    operator = "rope"
+
+    def __call__(self, q, k, positions, rotary):
+        return rope(q, k, positions, rotary.inv_freq, rotary.stream_of_pair)
+
+
+class TritonCache(_TritonOp):
+    """RoPE on q and k fused with the cache write: k is stored rotated, in the same launch."""
+
+    operator = "cache"
+
+    def __call__(self, q, k, v, positions, rotary, k_cache, v_cache, start):
+        return rope_and_cache(q, k, v, positions, rotary.inv_freq, rotary.stream_of_pair, k_cache, v_cache, start)
+
+
+class TritonNorm(_TritonOp):
+    operator = "norm"
+
+    def __call__(self, x, weight, eps, residual=None):
+        return rms_norm(x, weight, eps, residual)
+
+
+class TritonMLP(_TritonOp):
+    """Projections on torch matmul (cuBLAS); the activation fused over the [gate | up] projection output."""
+
+    operator = "mlp"
+    activations = frozenset({"swiglu", "gelu"})
+
+    def __call__(self, x, w_in, b_in, w_out, b_out, activation):
+        h = F.linear(x, w_in, b_in)
+        h = swiglu(h) if activation == "swiglu" else gelu(h)
+        return F.linear(h, w_out, b_out)
+
+
+def _availability() -> list[str]:
+    if not HAS_CUDA and not INTERPRETED:
+        return ["no CUDA device, and TRITON_INTERPRET=0 forbids the interpreter"]
+    return []
+
+
+BACKEND = Backend(
+    "triton",
+    {"attention": TritonAttention(), "rope": TritonRope(), "norm": TritonNorm(), "mlp": TritonMLP(),
+     "cache": TritonCache()},
+    description="qvl's Triton kernels (qvl/kernels)" + (" through the Triton interpreter" if INTERPRETED else ""),
+    priority=20,
+    availability=_availability,
+    note=lambda: "interpreted" if INTERPRETED else "",
+)

@@ -1,0 +1,31 @@
+"""Triton kernels behind the `triton` backend.
+
+Importing this package decides how kernels run: compiled on a CUDA GPU, or through the Triton
+interpreter on a machine without one (qvl sets TRITON_INTERPRET=1 itself, before triton is imported).
+The interpreter runs the same kernel code with numpy on the CPU: slow, but exact enough to test against
+the eager backend.
+
+Conventions for every kernel here:
+- the `@triton.jit` functions and the thin launcher that validates strides and computes the grid live
+  in one file per operator; module code never imports triton;
+- every load is converted to float32 before arithmetic and every store converts back (fp32
+  accumulation, and the interpreter has no native bfloat16);
+- `tl.dot` takes float32 operands when interpreted (`DOT_F32`), the storage dtype on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DOT_F32 = INTERPRETED
+DEVICE_TYPE = "cpu" if INTERPRETED else "cuda"
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())

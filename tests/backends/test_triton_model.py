@@ -1,0 +1,79 @@
+"""The whole model with every operator on the triton backend against eager (interpreted on CPU).
+
+On a GPU the same tests run compiled, and the 3b preset with random bf16 weights is checked as well.
+"""
+
+import pytest
+import torch
+
+import qvl
+from qvl.backends import get_backend
+from qvl.demo import demo_prompt
+
+triton_reasons = get_backend("triton").unavailable_reasons()
+pytestmark = pytest.mark.skipif(bool(triton_reasons), reason=f"triton backend unavailable: {triton_reasons}")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel_err(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def perturbed(preset, dtype, seed=0):
+    model = qvl.from_config(preset, dtype=dtype, device=DEVICE, seed=seed)
+    g = torch.Generator(device=DEVICE).manual_seed(seed + 1)
+    with torch.no_grad():  # off-init norms and biases, and weights large enough for varied greedy tokens
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn(p.shape, generator=g, device=DEVICE).to(dtype) * 0.2)
+            elif preset == "tiny":
+                p.normal_(0.0, 0.15, generator=g)
+    return model
+
+
+def compare(model, inputs, tol, new_tokens):
+    model.set_backends("eager")
+    ref = model(**inputs)
+    ref_ids = model.generate(**inputs, max_new_tokens=new_tokens)
+    model.set_backends("triton")  # strict: every operator must run on triton
+    out = model(**inputs)
+    ids = model.generate(**inputs, max_new_tokens=new_tokens)
+    assert not model.fallbacks
+    assert rel_err(out, ref) <= tol
+    return ids, ref_ids
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_tiny_image_prompt_all_triton(dtype, tol):
+    model = perturbed("tiny", dtype)
+    inputs = demo_prompt(model.cfg)
+    ids, ref_ids = compare(model, inputs, tol, new_tokens=10)
+    if dtype == torch.float32:
+        assert ids.tolist() == ref_ids.tolist()
+
+
+def test_tiny_left_padded_batch_all_triton():
+    model = perturbed("tiny", torch.float32)
+    rows = [list(range(3, 15)), list(range(40, 45)), list(range(100, 109))]
+    length = max(map(len, rows))
+    ids = torch.tensor([[0] * (length - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
+    model.set_backends("eager")
+    ref = model(ids, attention_mask=mask)[mask.bool()]
+    ref_ids = model.generate(ids, attention_mask=mask, max_new_tokens=10)
+    model.set_backends("triton")
+    assert rel_err(model(ids, attention_mask=mask)[mask.bool()], ref) <= 1e-4
+    assert model.generate(ids, attention_mask=mask, max_new_tokens=10).tolist() == ref_ids.tolist()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the 3b preset needs a CUDA GPU")
+def test_3b_bf16_all_triton():
+    model = perturbed("3b", torch.bfloat16)
+    inputs = demo_prompt(model.cfg)
+    ids, ref_ids = compare(model, inputs, 3e-2, new_tokens=16)
+    # bf16 rounding may flip a near-tie later in a random model's greedy path; the first token is decided
+    # by the prefill logits, which the bound above already ties to eager.
+    start = inputs["input_ids"].shape[1]
+    assert ids[:, start].tolist() == ref_ids[:, start].tolist()
+    print("3b bf16 greedy agreement:", (ids[:, start:] == ref_ids[:, start:]).float().mean().item())
