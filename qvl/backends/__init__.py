@@ -30,6 +30,7 @@ from .registry import (
 register_backend(eager.BACKEND)
 # Optional backends import their packages only when first asked for; a failure becomes a reason.
 register_lazy_backend("triton", "qvl.backends.triton", priority=20)
+register_lazy_backend("xformers", "qvl.backends.xformers", priority=10)
 
 __all__ = [
     "OPERATORS", "BlockDiagonalMask", "CausalMask", "Rotary", "Ops", "ENV_VAR", "Backend", "BackendPlan",

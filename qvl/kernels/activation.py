@@ -1,0 +1,133 @@
+"""Elementwise MLP activations on the input projection's output.
+
+swiglu(h): h is (..., 2I) = [gate | up] along the last dim (the fused gate_up projection);
+    out = silu(gate) * up = gate * sigmoid(gate) * up        (..., I)
+    computed in float32 and rounded once to h.dtype. Eager rounds twice in bf16/fp16 (after silu and
+    after the product), so results differ from it by at most about one unit in the last place; in float32
+    they agree to rounding.
+gelu(h): exact (erf) GELU, torch's default F.gelu:  out = 0.5 * h * (1 + erf(h / sqrt(2))), float32 math,
+    one rounding (as torch does), in place or into a new tensor.
+
+Both tile a 2-D grid over (rows, columns) so any width works (e.g. I = 3420, 11008, 18944); rows go
+on grid axis 0 (no 65535 limit there), column tiles on axis 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import next_power_of_2
+from .rms_norm import as_rows, rows_view, to_storage
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BLOCK_COLS = 1024  # columns per tile: contiguous, vectorized loads
+TILE_ELEMENTS = 4096  # elements per program; rows per tile = TILE_ELEMENTS // column block
+NUM_WARPS = 8
+
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # jit functions may only read constexpr globals
+
+
+@triton.jit
+def _tile(pid_rows, pid_cols, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row indices (int64, so row * stride cannot overflow), column indices and the in-bounds mask."""
+    rows = pid_rows.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_cols * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return rows, cols, mask
+
+
+@triton.jit
+def _swiglu_fwd_kernel(
+    h_ptr, out_ptr,
+    n_rows, inner,
+    h_row_stride, out_row_stride,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows, cols, mask = _tile(tl.program_id(0), tl.program_id(1), n_rows, inner, BLOCK_M, BLOCK_N)
+    gate_ptrs = h_ptr + rows[:, None] * h_row_stride + cols[None, :]
+    gate = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_ptrs + inner, mask=mask, other=0.0).to(tl.float32)  # up starts I columns later
+    out = gate * tl.sigmoid(gate) * up
+    tl.store(out_ptr + rows[:, None] * out_row_stride + cols[None, :],
+             to_storage(out, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gelu_fwd_kernel(
+    x_ptr, out_ptr,
+    n_rows, n_cols,
+    x_row_stride, out_row_stride,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows, cols, mask = _tile(tl.program_id(0), tl.program_id(1), n_rows, n_cols, BLOCK_M, BLOCK_N)
+    x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    out = 0.5 * x * (1.0 + tl.math.erf(x * _SQRT1_2))
+    # In place, each element is read and written by the same program: no hazard.
+    tl.store(out_ptr + rows[:, None] * out_row_stride + cols[None, :],
+             to_storage(out, out_ptr.dtype.element_ty), mask=mask)
+
+
+def _grid_and_blocks(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int, int]:
+    block_n = min(next_power_of_2(n_cols), BLOCK_COLS)
+    block_m = min(next_power_of_2(n_rows), max(1, TILE_ELEMENTS // block_n))
+    return (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n)), block_m, block_n
+
+
+def _check(name: str, h: torch.Tensor) -> None:
+    if h.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name}: dtype {h.dtype} unsupported; use float32, float16 or bfloat16")
+    if h.dim() == 0:
+        raise ValueError(f"{name}: expected a tensor with a last (feature) dim, got a scalar")
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for h = [gate | up] (..., 2I) -> a new contiguous (..., I) tensor in h.dtype.
+
+    float32/float16/bfloat16, any leading dims. The last dim is read with unit stride and the leading dims
+    through one row stride, so a row-strided view (e.g. a slice of a wider buffer) is read in place; a
+    copy is made only when the leading dims cannot collapse to one stride.
+    """
+    _check("swiglu", h)
+    if h.shape[-1] % 2:
+        raise ValueError(f"swiglu: last dim {h.shape[-1]} must be even ([gate | up])")
+    inner = h.shape[-1] // 2
+    out = torch.empty((*h.shape[:-1], inner), dtype=h.dtype, device=h.device)
+    if out.numel() == 0:
+        return out
+    h_rows, out_rows = as_rows(h), out.view(-1, inner)
+    grid, block_m, block_n = _grid_and_blocks(h_rows.shape[0], inner)
+    _swiglu_fwd_kernel[grid](
+        h_rows, out_rows, h_rows.shape[0], inner, h_rows.stride(0), out_rows.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS,
+    )
+    return out
+
+
+def gelu(h: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Exact (erf) GELU of h, float32 math, rounded once to h.dtype.
+
+    float32/float16/bfloat16, any shape (last dim read with unit stride, leading dims through one row
+    stride; otherwise a copy is taken). inplace=True overwrites h and returns it; otherwise returns a
+    new contiguous tensor.
+    """
+    _check("gelu", h)
+    if h.numel() == 0:
+        return h if inplace else torch.empty_like(h, memory_format=torch.contiguous_format)
+    n_cols = h.shape[-1]
+    view = rows_view(h)
+    h_rows = view if view is not None else h.contiguous().view(-1, n_cols)
+    if inplace:
+        out, out_rows = h, h_rows  # h itself, or the private copy written back below
+    else:
+        out = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+        out_rows = out.view(-1, n_cols)
+    grid, block_m, block_n = _grid_and_blocks(h_rows.shape[0], n_cols)
+    _gelu_fwd_kernel[grid](
+        h_rows, out_rows, h_rows.shape[0], n_cols, h_rows.stride(0), out_rows.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS,
+    )
+    if inplace and view is None:
+        h.copy_(h_rows.view(h.shape))
+    return out

@@ -1,0 +1,230 @@
+"""Rotary embedding over several position streams (M-RoPE), alone or fused with the KV-cache write.
+
+Math, with D the head dim and pair j < D/2 coupling dims j and j + D/2 (rotate-half convention):
+
+    angle[j]    = float32(positions[stream_of_pair[j], b, l]) * inv_freq[j]
+    x'[j]       = x[j] cos(angle[j]) - x[j + D/2] sin(angle[j])
+    x'[j + D/2] = x[j + D/2] cos(angle[j]) + x[j] sin(angle[j])
+
+all in float32 and rounded once to the storage dtype, the formula of `qvl.backends.eager` (`rope_angles`,
+`rotate`). The angles come from the integer positions inside the kernel: no cos/sin tables go through
+memory. One program handles one token and a block of heads, either of q or of k, so a single launch
+rotates both; its cos/sin row (D/2 values) is shared by all heads of the block.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import next_power_of_2
+
+# Pairs per program (heads x pairs): 16 heads of head dim 128 (or 80, padded to 64 pairs), about 4 KiB
+# of bf16 in and out per program, enough work per program for a memory-bound op on the GPU.
+_TILE_PAIRS = 1024
+
+
+@triton.jit
+def _rope_angles(pos_ptr, stride_ps, inv_freq_ptr, stream_ptr, pairs, pair_mask):
+    """cos, sin (BLOCK_HALF,) float32 of one token; `pos_ptr` points at its (b, l) in stream 0."""
+    stream = tl.load(stream_ptr + pairs, mask=pair_mask, other=0).to(tl.int64)
+    pos = tl.load(pos_ptr + stream * stride_ps, mask=pair_mask, other=0)
+    inv_freq = tl.load(inv_freq_ptr + pairs, mask=pair_mask, other=0.0).to(tl.float32)
+    # Same rounding as eager: the position is converted to float32 first, then one float32 product.
+    angle = pos.to(tl.float32) * inv_freq
+    # On CUDA these lower to libdevice __nv_cosf / __nv_sinf (full range reduction, no .approx), so
+    # angles of tens of thousands of radians stay as accurate as torch's.
+    return tl.cos(angle), tl.sin(angle)
+
+
+@triton.jit
+def _rotate_heads(src_ptr, src_stride_h, src_stride_d, dst_ptr, dst_stride_h, dst_stride_d,
+                  first_head, n_heads, cos, sin,
+                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Rotate heads [first_head, first_head + BLOCK_H) of one token from src into dst."""
+    heads = first_head + tl.arange(0, BLOCK_H)
+    pairs = tl.arange(0, BLOCK_HALF)
+    mask = (heads < n_heads)[:, None] & (pairs < HALF)[None, :]
+    src = src_ptr + heads[:, None] * src_stride_h + pairs[None, :] * src_stride_d
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF * src_stride_d, mask=mask, other=0.0).to(tl.float32)
+    c = cos[None, :]
+    s = sin[None, :]
+    dst = dst_ptr + heads[:, None] * dst_stride_h + pairs[None, :] * dst_stride_d
+    tl.store(dst, (x1 * c - x2 * s).to(dst_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF * dst_stride_d, (x2 * c + x1 * s).to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _copy_heads(src_ptr, src_stride_h, src_stride_d, dst_ptr, dst_stride_h, dst_stride_d, first_head, n_heads,
+                HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Copy heads [first_head, first_head + BLOCK_H) of one token from src into dst, unchanged."""
+    heads = first_head + tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (heads < n_heads)[:, None] & (dims < HEAD_DIM)[None, :]
+    # Through float32: exact for every storage dtype, and the interpreter needs it for bfloat16.
+    x = tl.load(src_ptr + heads[:, None] * src_stride_h + dims[None, :] * src_stride_d, mask=mask).to(tl.float32)
+    tl.store(dst_ptr + heads[:, None] * dst_stride_h + dims[None, :] * dst_stride_d,
+             x.to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_fwd_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, inv_freq_ptr, stream_ptr,
+                     seq_len, n_q_heads, n_k_heads,
+                     stride_qb, stride_ql, stride_qh, stride_qd,
+                     stride_kb, stride_kl, stride_kh, stride_kd,
+                     stride_qob, stride_qol, stride_qoh,
+                     stride_kob, stride_kol, stride_koh,
+                     stride_ps, stride_pb, stride_pl,
+                     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Grid (B * L, q head blocks + k head blocks). Outputs have a unit stride along the head dim."""
+    token = tl.program_id(0)
+    head_block = tl.program_id(1)
+    b = (token // seq_len).to(tl.int64)  # int64 offsets: long sequences times wide rows overflow int32
+    l = (token % seq_len).to(tl.int64)
+    pairs = tl.arange(0, BLOCK_HALF)
+    cos, sin = _rope_angles(pos_ptr + b * stride_pb + l * stride_pl, stride_ps, inv_freq_ptr, stream_ptr,
+                            pairs, pairs < HALF)
+    n_q_blocks = tl.cdiv(n_q_heads, BLOCK_H)
+    if head_block < n_q_blocks:
+        _rotate_heads(q_ptr + b * stride_qb + l * stride_ql, stride_qh, stride_qd,
+                      q_out_ptr + b * stride_qob + l * stride_qol, stride_qoh, 1,
+                      head_block * BLOCK_H, n_q_heads, cos, sin, HALF, BLOCK_H, BLOCK_HALF)
+    else:
+        _rotate_heads(k_ptr + b * stride_kb + l * stride_kl, stride_kh, stride_kd,
+                      k_out_ptr + b * stride_kob + l * stride_kol, stride_koh, 1,
+                      (head_block - n_q_blocks) * BLOCK_H, n_k_heads, cos, sin, HALF, BLOCK_H, BLOCK_HALF)
+
+
+@triton.jit
+def _rope_cache_fwd_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
+                           pos_ptr, inv_freq_ptr, stream_ptr,
+                           seq_len, n_q_heads, n_k_heads, start,
+                           stride_qb, stride_ql, stride_qh, stride_qd,
+                           stride_kb, stride_kl, stride_kh, stride_kd,
+                           stride_vb, stride_vl, stride_vh, stride_vd,
+                           stride_qob, stride_qol, stride_qoh,
+                           stride_kcb, stride_kcl, stride_kch, stride_kcd,
+                           stride_vcb, stride_vcl, stride_vch, stride_vcd,
+                           stride_ps, stride_pb, stride_pl,
+                           HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Grid (B * L, q head blocks + kv head blocks). A q program writes rotated q to q_out; a kv program
+    writes its rotated k heads straight into k_cache slot start + l and copies the same v heads into
+    v_cache, so un-rotated k never reaches memory."""
+    token = tl.program_id(0)
+    head_block = tl.program_id(1)
+    b = (token // seq_len).to(tl.int64)
+    l = (token % seq_len).to(tl.int64)
+    pairs = tl.arange(0, BLOCK_HALF)
+    cos, sin = _rope_angles(pos_ptr + b * stride_pb + l * stride_pl, stride_ps, inv_freq_ptr, stream_ptr,
+                            pairs, pairs < HALF)
+    n_q_blocks = tl.cdiv(n_q_heads, BLOCK_H)
+    if head_block < n_q_blocks:
+        _rotate_heads(q_ptr + b * stride_qb + l * stride_ql, stride_qh, stride_qd,
+                      q_out_ptr + b * stride_qob + l * stride_qol, stride_qoh, 1,
+                      head_block * BLOCK_H, n_q_heads, cos, sin, HALF, BLOCK_H, BLOCK_HALF)
+    else:
+        first_head = (head_block - n_q_blocks) * BLOCK_H
+        slot = start + l
+        _rotate_heads(k_ptr + b * stride_kb + l * stride_kl, stride_kh, stride_kd,
+                      k_cache_ptr + b * stride_kcb + slot * stride_kcl, stride_kch, stride_kcd,
+                      first_head, n_k_heads, cos, sin, HALF, BLOCK_H, BLOCK_HALF)
+        _copy_heads(v_ptr + b * stride_vb + l * stride_vl, stride_vh, stride_vd,
+                    v_cache_ptr + b * stride_vcb + slot * stride_vcl, stride_vch, stride_vcd,
+                    first_head, n_k_heads, 2 * HALF, BLOCK_H, 2 * BLOCK_HALF)
+
+
+def _check_rope_args(q, k, positions, inv_freq, stream_of_pair) -> None:
+    if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"rope: q {tuple(q.shape)} and k {tuple(k.shape)} must be (B, L, H, D) with equal B, L, D")
+    d = q.shape[3]
+    if d % 2 or inv_freq.shape != (d // 2,) or stream_of_pair.shape != (d // 2,):
+        raise ValueError(f"rope: head dim {d} needs inv_freq and stream_of_pair of shape ({d // 2},); got "
+                         f"{tuple(inv_freq.shape)} and {tuple(stream_of_pair.shape)}")
+    if positions.dim() != 3 or positions.shape[1:] != q.shape[:2]:
+        raise ValueError(f"rope: positions must be (streams, B, L) = (S, {q.shape[0]}, {q.shape[1]}); "
+                         f"got {tuple(positions.shape)}")
+    if positions.is_floating_point() or stream_of_pair.is_floating_point():
+        raise ValueError("rope: positions and stream_of_pair must be integer tensors")
+    if q.dtype != k.dtype:
+        raise ValueError(f"rope: q and k dtypes differ: {q.dtype} vs {k.dtype}")
+    if len({t.device for t in (q, k, positions, inv_freq, stream_of_pair)}) != 1:
+        raise ValueError("rope: q, k, positions, inv_freq and stream_of_pair must be on one device")
+
+
+def _launch_config(head_dim: int, max_heads: int) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_HALF, num_warps): pairs padded to a power of two (80 -> 40 pairs -> 64)."""
+    block_half = next_power_of_2(head_dim // 2)
+    block_h = min(next_power_of_2(max_heads), max(1, _TILE_PAIRS // block_half))
+    tile = block_h * block_half
+    num_warps = 4 if tile >= 1024 else 2 if tile >= 256 else 1
+    return block_h, block_half, num_warps
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+         stream_of_pair: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of q (B, L, Hq, D) and k (B, L, Hk, D) in one launch; returns new contiguous tensors.
+
+    positions (S, B, L) integer, one row per position stream; inv_freq (D/2,) float32; stream_of_pair
+    (D/2,) integer, the stream (< S) each pair follows (`Rotary.stream_of_pair`). q, k and positions may be
+    any strided views (e.g. slices of a fused qkv projection).
+    """
+    _check_rope_args(q, k, positions, inv_freq, stream_of_pair)
+    b, seq_len, n_q, d = q.shape
+    n_k = k.shape[2]
+    q_out = torch.empty((b, seq_len, n_q, d), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((b, seq_len, n_k, d), dtype=k.dtype, device=k.device)
+    if b * seq_len == 0 or d == 0 or n_q + n_k == 0:
+        return q_out, k_out
+    block_h, block_half, num_warps = _launch_config(d, max(n_q, n_k))
+    grid = (b * seq_len, triton.cdiv(n_q, block_h) + triton.cdiv(n_k, block_h))
+    _rope_fwd_kernel[grid](
+        q, k, q_out, k_out, positions, inv_freq.contiguous(), stream_of_pair.contiguous(),
+        seq_len, n_q, n_k,
+        *q.stride(), *k.stride(), *q_out.stride()[:3], *k_out.stride()[:3], *positions.stride(),
+        HALF=d // 2, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=num_warps,
+    )
+    return q_out, k_out
+
+
+def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                   inv_freq: torch.Tensor, stream_of_pair: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, start: int) -> torch.Tensor:
+    """Rotate q and k, write rotated k and v into k_cache/v_cache (B, max_len, Hk, D) at slots
+    [start, start + L), and return rotated q (new, contiguous); one launch.
+
+    Arguments as for `rope`, plus v shaped like k; the caches may be any strided views of k's dtype
+    (e.g. one layer of a stacked cache). Slots outside [start, start + L) are left untouched.
+    """
+    _check_rope_args(q, k, positions, inv_freq, stream_of_pair)
+    if v.shape != k.shape:
+        raise ValueError(f"cache: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    if (k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[0] != k.shape[0]
+            or k_cache.shape[2:] != k.shape[2:]):
+        raise ValueError(f"cache: caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} "
+                         f"do not hold k {tuple(k.shape)}")
+    if not (k.dtype == v.dtype == k_cache.dtype == v_cache.dtype):
+        raise ValueError(f"cache: k, v and the caches must share a dtype; got {k.dtype}, {v.dtype}, "
+                         f"{k_cache.dtype}, {v_cache.dtype}")
+    if len({t.device for t in (q, v, k_cache, v_cache)}) != 1:
+        raise ValueError("cache: q, k, v and the caches must be on one device")
+    b, seq_len, n_q, d = q.shape
+    n_k = k.shape[2]
+    start = int(start)
+    if not 0 <= start <= k_cache.shape[1] - seq_len:
+        raise ValueError(f"cache: writing {seq_len} tokens at {start} overflows the cache of "
+                         f"{k_cache.shape[1]} positions")
+    q_out = torch.empty((b, seq_len, n_q, d), dtype=q.dtype, device=q.device)
+    if b * seq_len == 0 or d == 0 or n_q + n_k == 0:
+        return q_out
+    block_h, block_half, num_warps = _launch_config(d, max(n_q, n_k))
+    grid = (b * seq_len, triton.cdiv(n_q, block_h) + triton.cdiv(n_k, block_h))
+    _rope_cache_fwd_kernel[grid](
+        q, k, v, q_out, k_cache, v_cache, positions, inv_freq.contiguous(), stream_of_pair.contiguous(),
+        seq_len, n_q, n_k, start,
+        *q.stride(), *k.stride(), *v.stride(), *q_out.stride()[:3], *k_cache.stride(), *v_cache.stride(),
+        *positions.stride(),
+        HALF=d // 2, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=num_warps,
+    )
+    return q_out

@@ -1,0 +1,729 @@
+"""The xformers backend.
+
+On the CPU (CI): the translation of qvl's masks into xFormers bias objects (materialized by xFormers itself and
+compared with `mask.dense`, block by block over the exact packed layout the backend passes); every operator
+path end to end against eager with xFormers' kernel entry points replaced by small references that consume
+the same bias objects and tensors (the CUDA/Triton kernels cannot run here); the whole tiny model through those
+paths; and the availability reasons (not installed, failing import, broken compiled extension, no CUDA).
+
+On a CUDA GPU: every xFormers operator against eager, the support probe, and the tiny model with
+``backends="xformers", fallback="eager"`` against eager (logits and greedy tokens).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+import qvl
+from qvl.backends import (
+    OPERATORS,
+    Backend,
+    BackendUnsupportedError,
+    BlockDiagonalMask,
+    CallInfo,
+    CausalMask,
+    Ops,
+    Rotary,
+    get_backend,
+    registry,
+    resolve_plan,
+)
+from qvl.backends import xformers as xfb
+from qvl.demo import demo_prompt
+from qvl.model.layers import inverse_frequencies
+
+EAGER = get_backend("eager").impls
+HAS_XF = xfb.XF is not None
+CUDA = torch.cuda.is_available()
+needs_xf = pytest.mark.skipif(not HAS_XF, reason=f"xformers unavailable: {xfb.STATUS.missing}")
+needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+needs_attention_kernels = pytest.mark.skipif(CUDA and bool(xfb.STATUS.extension), reason=f"{xfb.STATUS.extension}")
+
+
+def rel_err(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+
+
+# --- references for xFormers' kernel entry points (CPU) -----------------------------------------------------------
+
+
+def ref_memory_efficient_attention_forward(query, key, value, attn_bias=None, p=0.0, scale=None, *, op=None,
+                                           output_dtype=None):
+    """softmax(q k^T * scale + attn_bias.materialize(...)) v over the very tensors the backend passes.
+
+    xFormers' own input validation runs first. Rows whose keys are all masked come out NaN, as a kernel's
+    might: the backend must zero them itself.
+    """
+    from xformers.ops.fmha.common import Inputs
+
+    Inputs(query=query, key=key, value=value, attn_bias=attn_bias, p=p, scale=scale).validate_inputs()
+    assert p == 0.0 and op is None and output_dtype is None
+    five = query.dim() == 5
+    q, k, v = (x if five else x.unsqueeze(3) for x in (query, key, value))  # (B, M, G, H, K)
+    b, mq, g, h, d = q.shape
+    scale = d**-0.5 if scale is None else scale
+    scores = torch.einsum("bqghd,bkghd->bghqk", q.float(), k.float()) * scale
+    if attn_bias is not None:
+        scores = scores + attn_bias.materialize((b, g, h, mq, k.shape[1]), dtype=torch.float32, device=q.device)
+    out = torch.einsum("bghqk,bkghd->bqghd", scores.softmax(-1), v.float()).to(query.dtype)
+    return out if five else out.squeeze(3)
+
+
+def ref_rope_padded(xq, xk, xv, cache_k, cache_v, attn_bias, *, theta=10000.0, linear_scale=1.0,
+                    use_dynamic_scaling=False, out_q=None, first_seqpos=None, seqpos=None, adjacents=True,
+                    internal_dtype="", **_dynamic):
+    """xformers/ops/_triton/rope_padded_kernels.py in torch (4-D inputs): the same checks, positions, frequencies
+    (pow(theta, -2j/D) in float32), pair layout and cache slots."""
+    assert not use_dynamic_scaling and out_q is None and internal_dtype == "" and xq.dim() == 4
+    assert first_seqpos is None or seqpos is None
+    qstart = attn_bias.q_seqinfo.seqstart_py
+    kstart, klen = attn_bias.k_seqinfo.seqstart_py, attn_bias.k_seqinfo.seqlen_py
+    n, dim, hkv = qstart[-1], xq.shape[-1], xk.shape[2]
+    assert xq.shape[:2] == (1, n) and xk.shape == xv.shape == (1, n, hkv, dim)
+    assert cache_k.shape == cache_v.shape == (1, kstart[-1], hkv, dim)
+    assert all(x.stride(-1) == 1 for x in (xq, xk, xv, cache_k, cache_v))
+    query_pos = torch.arange(n)
+    block = torch.bucketize(query_pos, torch.tensor(qstart[1:]), right=True)
+    end_q = torch.tensor(qstart[1:])[block]
+    cache_start = torch.tensor(kstart[:-1])[block]
+    cache_pos = cache_start + torch.tensor(list(klen))[block] - (end_q - query_pos)
+    if seqpos is not None:
+        assert seqpos.shape == (n,)
+        pos = seqpos.cpu()
+    else:
+        pos = cache_pos - cache_start + (0 if first_seqpos is None else first_seqpos.cpu()[block])
+    powers = torch.arange(dim // 2, dtype=torch.float32) * 2.0
+    freqs = torch.pow(torch.tensor(theta, dtype=torch.float32), powers / (-dim))
+    angle = pos.to(torch.float32)[:, None] * freqs / linear_scale
+    cos, sin = angle.cos()[:, None], angle.sin()[:, None]
+
+    def rotate(x):
+        x = x[0].float()
+        re_i, im_i = (slice(0, dim, 2), slice(1, dim, 2)) if adjacents else (slice(0, dim // 2), slice(dim // 2, dim))
+        out = torch.empty_like(x)
+        out[..., re_i] = x[..., re_i] * cos - x[..., im_i] * sin
+        out[..., im_i] = x[..., im_i] * cos + x[..., re_i] * sin
+        return out
+
+    cache_pos = cache_pos.to(cache_k.device)
+    cache_k[0, cache_pos] = rotate(xk).to(cache_k.dtype)
+    if cache_v.stride(1) != 0:  # a stride-0 scratch: the kernel's writes there are discarded
+        cache_v[0, cache_pos] = xv[0].to(cache_v.dtype)
+    return rotate(xq).to(xq.dtype)[None]
+
+
+def ref_rms_norm(x, weight, eps=1e-6):
+    assert x.is_contiguous() and weight.is_contiguous()
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+
+def ref_rms_norm_add(x, y, weight, eps=1e-6):
+    """Like the kernel: x += y in place (stored in x's dtype), then the norm of the stored sum."""
+    assert x.is_contiguous() and y.is_contiguous() and weight.is_contiguous()
+    a = x.float() + y.float()
+    x.copy_(a)
+    rstd = torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + eps)
+    return (x.float() * rstd * weight.float()).to(x.dtype)
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """xFormers' kernel entry points replaced by the references above (the backend looks them up per call)."""
+    monkeypatch.setattr(xfb.XF.ops, "memory_efficient_attention_forward", ref_memory_efficient_attention_forward)
+    monkeypatch.setattr(xfb.XF.ops, "rope_padded", ref_rope_padded)
+    monkeypatch.setattr(xfb.XF.rmsnorm, "rms_norm", ref_rms_norm)
+    monkeypatch.setattr(xfb.XF.rmsnorm, "rms_norm_add", ref_rms_norm_add)
+
+
+def allowed(bias, lq, lk):
+    """xFormers' own materialization of `bias` over (lq, lk): True where attention is allowed."""
+    return bias.materialize((lq, lk), dtype=torch.float32) == 0
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+
+
+# --- the mask translation, materialized by xFormers ---------------------------------------------------------------
+
+
+@needs_xf
+@pytest.mark.parametrize("group", [1, 2])
+def test_block_diagonal_bias_matches_mask(group):
+    mask = BlockDiagonalMask.from_seqlens([3, 5, 1, 4, 0, 2])
+    n = 15
+    q, k = randn(1, n, 2 * group, 8), randn(1, n, 2, 8, seed=1)
+    call = xfb.prepare_attention(q, k, k, mask)
+    assert type(call.bias).__name__ == "BlockDiagonalMask" and call.empty_rows is None
+    assert torch.equal(allowed(call.bias, call.query.shape[1], call.key.shape[1]), mask.dense(1, n, n)[0])
+    if group > 1:  # 5-D (B, M, G, H, K): K expanded over H with stride 0, the same memory as k
+        assert call.query.shape == (1, n, 2, group, 8) and call.key.shape == (1, n, 2, group, 8)
+        assert call.key.stride(3) == 0 and call.key.data_ptr() == k.data_ptr()
+    assert xfb.prepare_attention(q, k, k, mask).bias is call.bias  # built once per mask (one host sync)
+
+
+@needs_xf
+@pytest.mark.parametrize("lq,lk", [(6, 6), (1, 9), (3, 9)])
+def test_unpadded_causal_bias_matches_mask(lq, lk):
+    cache = randn(2, 12, 1, 8)
+    q, k = randn(2, lq, 4, 8), cache[:, :lk]
+    call = xfb.prepare_attention(q, k, k, CausalMask())
+    assert type(call.bias).__name__ == "LowerTriangularFromBottomRightMask" and call.empty_rows is None
+    dense = CausalMask().dense(2, lq, lk)
+    for b in range(2):
+        assert torch.equal(allowed(call.bias, lq, lk), dense[b])
+    assert call.key.shape == (2, lk, 1, 4, 8) and call.key.stride(3) == 0 and call.key.data_ptr() == cache.data_ptr()
+
+
+def _check_padded(pad, lq, lk, max_len, hq=4, hkv=2):
+    """The packed layout: queries of row b at [b*Lq, (b+1)*Lq), its keys read in place at b*pitch + j."""
+    batch = len(pad)
+    cache = randn(batch, max_len, hkv, 8)
+    k = cache[:, :lk]
+    q = randn(batch, lq, hq, 8, seed=1)
+    mask = CausalMask(torch.tensor(pad))
+    call = xfb.prepare_attention(q, k, k, mask)
+    assert type(call.bias).__name__ == "BlockDiagonalCausalWithOffsetGappyKeysMask"
+    total = (batch - 1) * max_len + lk
+    assert call.query.shape[:2] == (1, batch * lq) and call.key.shape[:2] == (1, total)
+    assert call.key.data_ptr() == cache.data_ptr()  # the cache itself, not a copy
+    got = allowed(call.bias, batch * lq, total)
+    dense = mask.dense(batch, lq, lk)
+    expected = torch.zeros(batch * lq, total, dtype=torch.bool)
+    keys = call.key[0] if call.key.dim() == 4 else call.key[0, :, :, 0]  # (total, Hkv, K)
+    for b in range(batch):
+        expected[b * lq:(b + 1) * lq, b * max_len:b * max_len + lk] = dense[b]
+        # and the key tensor the kernel reads at those slots is row b of the cache
+        assert torch.equal(keys[b * max_len:b * max_len + lk], k[b])
+    assert torch.equal(got, expected)
+    empty = ~dense.any(-1)
+    assert (call.empty_rows is None and not empty.any()) or torch.equal(call.empty_rows, empty)
+
+
+@needs_xf
+@pytest.mark.parametrize("pad,lq,lk,max_len", [
+    ([0, 2, 5], 7, 7, 7),  # prefill, no cache
+    ([0, 2, 5], 7, 7, 16),  # prefill into a cache
+    ([3, 0], 1, 9, 16),  # decode step against the cache
+    ([0, 6, 4], 3, 8, 10),  # a chunk of 3 queries: some rows see no key (pad > Lk - Lq)
+    ([1], 4, 4, 4),  # batch of one
+])
+def test_padded_causal_bias_matches_mask(pad, lq, lk, max_len):
+    _check_padded(pad, lq, lk, max_len)
+
+
+@needs_xf
+def test_padded_causal_bias_random_shapes():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        batch, lk = int(torch.randint(1, 4, (1,), generator=g)), int(torch.randint(1, 10, (1,), generator=g))
+        lq = int(torch.randint(1, lk + 1, (1,), generator=g))
+        max_len = lk + int(torch.randint(0, 4, (1,), generator=g))
+        pad = torch.randint(0, lk, (batch,), generator=g).tolist()
+        _check_padded(pad, lq, lk, max_len, hq=2, hkv=int(torch.randint(1, 3, (1,), generator=g)))
+
+
+@needs_xf
+def test_padded_bias_cached_per_mask_and_rebuilt_when_pad_changes():
+    pad = torch.tensor([0, 2])
+    mask = CausalMask(pad)
+    q, k = randn(2, 4, 2, 8), randn(2, 4, 2, 8)
+    first = xfb.prepare_attention(q, k, k, mask).bias
+    assert xfb.prepare_attention(q, k, k, mask).bias is first
+    pad[1] = 3  # in place: the cached bias must not be reused
+    again = xfb.prepare_attention(q, k, k, mask)
+    assert again.bias is not first and torch.equal(allowed(again.bias, 8, 8)[4:, 4:], mask.dense(2, 4, 4)[1])
+
+
+# --- every path end to end against eager, kernels replaced by the references --------------------------------------
+
+
+ATTENTION_CASES = {
+    # name: (batch, lq, lk, cache max_len or None, hq, hkv, mask builder)
+    "vision windows": (1, 13, 13, None, 2, 2, lambda: BlockDiagonalMask.from_seqlens([4, 4, 5])),
+    "windows gqa": (1, 13, 13, None, 4, 2, lambda: BlockDiagonalMask.from_seqlens([1, 7, 5])),
+    "prefill": (2, 6, 6, None, 4, 2, lambda: CausalMask()),
+    "prefill padded": (3, 6, 6, None, 4, 2, lambda: CausalMask(torch.tensor([0, 2, 5]))),
+    "prefill padded into cache": (3, 6, 6, 11, 4, 1, lambda: CausalMask(torch.tensor([0, 2, 5]))),
+    "decode": (2, 1, 8, 12, 4, 2, lambda: CausalMask()),
+    "decode padded": (3, 1, 8, 12, 4, 2, lambda: CausalMask(torch.tensor([3, 0, 6]))),
+    "chunk padded, empty rows": (2, 3, 8, 10, 4, 2, lambda: CausalMask(torch.tensor([7, 1]))),
+}
+
+
+@needs_xf
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_paths_against_eager(kernels, case, dtype):
+    batch, lq, lk, max_len, hq, hkv, make_mask = ATTENTION_CASES[case]
+    d = 16
+    q = randn(batch, lq, hq, d, dtype=dtype)
+    if max_len is None:
+        k, v = randn(batch, lk, hkv, d, dtype=dtype, seed=1), randn(batch, lk, hkv, d, dtype=dtype, seed=2)
+    else:  # slices of a cache, as the decoder passes them
+        k = randn(batch, max_len, hkv, d, dtype=dtype, seed=1)[:, :lk]
+        v = randn(batch, max_len, hkv, d, dtype=dtype, seed=2)[:, :lk]
+    mask = make_mask()
+    out = xfb.BACKEND.impls["attention"](q, k, v, mask, d**-0.5)
+    ref = EAGER["attention"](q, k, v, mask, d**-0.5)
+    assert out.shape == ref.shape and out.dtype == dtype and not out.isnan().any()
+    assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    if isinstance(mask, CausalMask) and mask.pad is not None:  # rows that see no key are exact zeros
+        empty = ~mask.dense(batch, lq, lk).any(-1)
+        assert torch.equal(out[empty], torch.zeros_like(out[empty]))
+
+
+def text_rotary(head_dim=16, theta=1e6, sections=(2, 3, 3), uniform=True):
+    return Rotary(inverse_frequencies(head_dim, theta), sections, uniform)
+
+
+def text_positions(batch, length, start=0, deltas=(0, -2, 5)):
+    pos = torch.arange(start, start + length)[None, :] + torch.tensor(deltas[:batch])[:, None]
+    return pos.unsqueeze(0).expand(3, -1, -1)
+
+
+@needs_xf
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_against_eager(kernels, dtype):
+    rotary = text_rotary()
+    qkv = randn(3, 5, 4 + 2 * 2, 16, dtype=dtype)  # q and k as views of one projection, like the decoder's
+    q, k = qkv[:, :, :4], qkv[:, :, 4:6]
+    before = qkv.clone()
+    positions = text_positions(3, 5, start=2)
+    out_q, out_k = xfb.BACKEND.impls["rope"](q, k, positions, rotary)
+    ref_q, ref_k = EAGER["rope"](q, k, positions, rotary)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(out_q, ref_q) < tol and rel_err(out_k, ref_k) < tol
+    assert torch.equal(qkv, before)  # inputs untouched
+
+
+@needs_xf
+@pytest.mark.parametrize("layout", ["contiguous", "rows not packable"])
+@pytest.mark.parametrize("start,length", [(0, 5), (5, 1), (3, 4)])
+def test_cache_against_eager(kernels, layout, start, length):
+    batch, hq, hkv, d, max_len = 3, 4, 2, 16, 12
+    rotary = text_rotary()
+    q, k, v = randn(batch, length, hq, d), randn(batch, length, hkv, d, seed=1), randn(batch, length, hkv, d, seed=2)
+    positions = text_positions(batch, length, start=start)
+
+    def caches():
+        if layout == "contiguous":
+            return torch.zeros(batch, max_len, hkv, d), torch.zeros(batch, max_len, hkv, d)
+        # rows interleaved in memory: not addressable as one packed sequence, so the copy path runs
+        return tuple(torch.zeros(max_len, batch, hkv, d).transpose(0, 1) for _ in range(2))
+
+    kc, vc = caches()
+    ref_kc, ref_vc = caches()
+    out_q = xfb.BACKEND.impls["cache"](q, k, v, positions, rotary, kc, vc, start)
+    ref_q = EAGER["cache"](q, k, v, positions, rotary, ref_kc, ref_vc, start)
+    assert rel_err(out_q, ref_q) < 1e-5
+    assert torch.allclose(kc, ref_kc, atol=1e-5) and torch.equal(vc, ref_vc)  # other slots untouched (zero)
+
+
+@needs_xf
+def test_rope_refuses_non_uniform_streams_and_non_ladder_frequencies():
+    impl = xfb.BACKEND.impls["rope"]
+    call = CallInfo("rope", "cuda", torch.bfloat16, (("head_dim", 128), ("sections", (16, 24, 24)),
+                                                      ("uniform_streams", False)))
+    assert any("rope_padded takes one position per token" in r for r in impl.not_supported_reasons(call))
+    assert any("rope_padded takes one position per token" in r
+               for r in xfb.BACKEND.impls["cache"].not_supported_reasons(call))
+    q, k = randn(1, 3, 2, 16), randn(1, 3, 2, 16)
+    with pytest.raises(BackendUnsupportedError, match="one position per token"):
+        impl(q, k, text_positions(1, 3), text_rotary(uniform=False))
+    half = inverse_frequencies(8, 10000.0)
+    vision = Rotary(torch.cat([half, half]), (4, 4), uniform_streams=True)  # restarts per stream: no theta
+    with pytest.raises(BackendUnsupportedError, match="not a theta"):
+        impl(q, k, text_positions(1, 3), vision)
+
+
+@pytest.mark.parametrize("theta", [10000.0, 1e6, 500000.0, 2.5e4])
+@pytest.mark.parametrize("dim", [8, 16, 80, 128])
+def test_rope_theta_recovered_from_inv_freq(theta, dim):
+    assert xfb.rope_theta(inverse_frequencies(dim, theta)) == theta
+
+
+def test_rope_theta_refuses_other_frequency_tables():
+    inv = inverse_frequencies(128, 1e6)
+    scaled = torch.where(torch.arange(64) > 40, inv / 8, inv)  # llama-3 style low-frequency scaling
+    assert xfb.rope_theta(scaled) is None
+    assert xfb.rope_theta(torch.cat([inverse_frequencies(64, 1e4)] * 2)) is None
+    assert xfb.rope_theta(inv * 0.5) is None
+
+
+@needs_xf
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_against_eager(kernels, dtype):
+    x, r, w = randn(3, 5, 64, dtype=dtype), randn(3, 5, 64, dtype=dtype, seed=1), 1 + randn(64, dtype=dtype, seed=2)
+    x0, r0 = x.clone(), r.clone()
+    impl = xfb.BACKEND.impls["norm"]
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert rel_err(impl(x, w, 1e-6), EAGER["norm"](x, w, 1e-6)) < tol
+    y, s = impl(x, w, 1e-6, r)
+    ref_y, ref_s = EAGER["norm"](x, w, 1e-6, r)
+    assert torch.equal(s, ref_s) and rel_err(y, ref_y) < tol
+    assert torch.equal(x, x0) and torch.equal(r, r0)  # rms_norm_add works in place, but on a copy
+    with pytest.raises(BackendUnsupportedError, match="output in the input dtype"):
+        impl(randn(2, 8, dtype=torch.bfloat16), torch.ones(8), 1e-6)
+
+
+@needs_xf
+@pytest.mark.parametrize("bias", [False, True])
+def test_mlp_swiglu_runs_xformers_swiglu_against_eager(bias):
+    # xformers.ops.swiglu itself runs here: 0.0.35 has no fused kernel and dispatches to F.linear + silu
+    x, w_in, w_out = randn(2, 3, 32), randn(128, 32, seed=1) * 0.1, randn(32, 64, seed=2) * 0.1
+    b_in, b_out = (randn(128, seed=3), randn(32, seed=4)) if bias else (None, None)
+    out = xfb.BACKEND.impls["mlp"](x, w_in, b_in, w_out, b_out, "swiglu")
+    assert rel_err(out, EAGER["mlp"](x, w_in, b_in, w_out, b_out, "swiglu")) < 1e-6
+
+
+@needs_xf
+def test_mlp_declares_gelu_unsupported():
+    call = CallInfo("mlp", "cuda", torch.bfloat16, (("activation", "gelu"), ("bias", True)))
+    assert xfb.BACKEND.impls["mlp"].not_supported_reasons(call) == [xfb.GELU_REASON]
+    with pytest.raises(BackendUnsupportedError, match="no GELU"):
+        xfb.BACKEND.impls["mlp"](randn(2, 8), randn(16, 8), None, randn(8, 16), None, "gelu")
+
+
+# --- the whole tiny model through those paths (CPU) ---------------------------------------------------------------
+
+
+@pytest.fixture
+def simulated(monkeypatch, kernels):
+    """The xformers implementations registered as 'xformers-sim' on the CPU, kernels replaced by references."""
+    monkeypatch.setattr(xfb, "STATUS", dataclasses.replace(xfb.STATUS, cuda="simulated", extension=None, triton=None))
+    calls = {op: 0 for op in OPERATORS}
+
+    def on_cpu(impl):
+        class Sim(type(impl)):
+            devices = frozenset({"cpu"})
+
+            def __call__(self, *args, **kwargs):
+                calls[self.operator] += 1
+                return super().__call__(*args, **kwargs)
+
+        return Sim()
+
+    backend = Backend("xformers-sim", {op: on_cpu(i) for op, i in xfb.BACKEND.impls.items()})
+    monkeypatch.setitem(registry._BACKENDS, backend.name, backend)
+    return calls
+
+
+# every fallback the model may take, by operator: the reasons the backend declares
+EXPECTED_FALLBACKS = {"rope": "one position per token", "cache": "one position per token", "mlp": "no GELU"}
+
+
+def check_fallbacks(model, allowed_fallbacks):
+    for fb in model.fallbacks:
+        assert fb.operator in allowed_fallbacks, str(fb)
+        assert any(allowed_fallbacks[fb.operator] in r for r in fb.reasons), str(fb)
+
+
+def perturbed(dtype, device, seed=0):
+    model = qvl.from_config("tiny", dtype=dtype, device=device, seed=seed)
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    with torch.no_grad():  # off-init norms and biases, weights large enough for varied greedy tokens
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn(p.shape, generator=g, device=device).to(dtype) * 0.2)
+            else:
+                p.normal_(0.0, 0.15, generator=g)
+    return model
+
+
+def padded_batch():
+    rows = [list(range(3, 15)), list(range(40, 45)), list(range(100, 109))]
+    length = max(map(len, rows))
+    ids = torch.tensor([[0] * (length - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def compare_model(model, inputs, backend, tol, new_tokens, allowed_fallbacks, exact_tokens=True):
+    model.set_backends("eager")
+    keep = inputs["attention_mask"].bool() if "attention_mask" in inputs else slice(None)
+    ref = model(**inputs)[keep]
+    ref_ids = model.generate(**inputs, max_new_tokens=new_tokens)
+    model.set_backends(backend, fallback="eager")
+    out = model(**inputs)[keep]
+    ids = model.generate(**inputs, max_new_tokens=new_tokens)
+    check_fallbacks(model, allowed_fallbacks)
+    assert rel_err(out, ref) <= tol
+    start = inputs["input_ids"].shape[1]
+    if exact_tokens:
+        assert ids.tolist() == ref_ids.tolist()
+    else:  # bf16 may flip a near-tie later on; the first token is decided by the prefill logits
+        assert ids[:, start].tolist() == ref_ids[:, start].tolist()
+
+
+@needs_xf
+def test_tiny_model_through_simulated_xformers(simulated):
+    model = perturbed(torch.float32, "cpu")
+    compare_model(model, demo_prompt(model.cfg), "xformers-sim", 1e-4, 6, EXPECTED_FALLBACKS)
+    compare_model(model, padded_batch(), "xformers-sim", 1e-4, 6, EXPECTED_FALLBACKS)
+    assert all(simulated[op] > 0 for op in OPERATORS), simulated  # every operator ran on the xformers paths
+
+
+# --- availability -------------------------------------------------------------------------------------------------
+
+
+def test_backend_registered_and_reasons_here():
+    backend = get_backend("xformers")
+    assert backend.name == "xformers" and backend.priority == 10
+    reasons = backend.unavailable_reasons()
+    if not HAS_XF:
+        assert reasons == [xfb.STATUS.missing]
+    elif not CUDA:
+        assert reasons[0].startswith("no CUDA device")
+        if xfb.STATUS.extension:
+            assert reasons[1] == xfb.STATUS.extension
+    with pytest.raises(BackendUnsupportedError, match="unavailable") if reasons else contextlib.nullcontext():
+        resolve_plan("xformers")
+
+
+@needs_xf
+@pytest.mark.skipif(xfb.STATUS.extension is None, reason="xformers' compiled extension loads here")
+def test_broken_extension_reports_xformers_explanation(capsys):
+    # The real situation on CI: the wheel's _C was built for another torch/python. Its own words are reported.
+    text = xfb.STATUS.extension
+    assert text.startswith("xformers' compiled extension did not load: ")
+    assert str(xfb.XF.xformers._cpp_lib._cpp_library_load_exception).split("\n")[0] in text
+    from qvl.cli import cmd_backends
+
+    cmd_backends(None)
+    assert "xformers' compiled extension did not load" in capsys.readouterr().out
+
+
+@needs_xf
+def test_extension_explanation_from_xformers(monkeypatch):
+    class Broken(Exception):
+        def __str__(self):
+            return "xFormers can't load C++/CUDA extensions. xFormers was built for:\n    PyTorch 9.9"
+
+    monkeypatch.setattr(xfb.XF.xformers._cpp_lib, "_cpp_library_load_exception", Broken())
+    assert xfb._extension_problem(xfb.XF) == ("xformers' compiled extension did not load: xFormers can't load "
+                                              "C++/CUDA extensions. xFormers was built for: PyTorch 9.9")
+    monkeypatch.setattr(xfb.XF.xformers._cpp_lib, "_cpp_library_load_exception", None)
+    monkeypatch.setattr(xfb.XF.xformers, "_has_cpp_library", True)
+    assert xfb._extension_problem(xfb.XF) is None
+
+
+def _fresh_module(monkeypatch, name="qvl.backends._xformers_probe"):
+    """A fresh copy of qvl/backends/xformers.py, so its import-time probing runs again."""
+    spec = importlib.util.spec_from_file_location(name, xfb.__file__)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _hide_xformers(monkeypatch):
+    for name in [m for m in sys.modules if m == "xformers" or m.startswith("xformers.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "xformers", None)  # `import xformers` now fails as if not installed
+
+
+def test_not_installed_is_a_reason_everywhere(monkeypatch, capsys):
+    _hide_xformers(monkeypatch)
+    module = _fresh_module(monkeypatch)
+    reason = "xformers is not installed (pip install xformers)"
+    assert module.XF is None and module.STATUS.missing == reason
+    assert module.BACKEND.unavailable_reasons() == [reason]
+    # through the registry: `qvl backends`, an explicit choice, and a fallback
+    monkeypatch.delitem(registry._LAZY, "xformers", raising=False)
+    monkeypatch.setitem(registry._BACKENDS, "xformers", module.BACKEND)
+    from qvl.cli import cmd_backends
+
+    cmd_backends(None)
+    assert reason in capsys.readouterr().out
+    with pytest.raises(BackendUnsupportedError, match="not installed"):
+        resolve_plan("xformers")
+    ops = Ops(resolve_plan({"attention": "xformers"}, fallback="eager"))
+    q = randn(1, 4, 2, 8)
+    ops.attention(q, q, q, CausalMask())
+    assert ops.fallbacks and reason in ops.fallbacks[0].reasons
+
+
+def test_failing_import_is_a_reason(monkeypatch):
+    _hide_xformers(monkeypatch)
+    monkeypatch.delitem(sys.modules, "xformers")
+
+    class Exploding:
+        def find_spec(self, name, path=None, target=None):
+            if name == "xformers":
+                raise RuntimeError("undefined symbol: _ZN2at4cuda")
+            return None
+
+    monkeypatch.setattr(sys, "meta_path", [Exploding()] + sys.meta_path)
+    status, mods = xfb.load()
+    assert mods is None and status.missing == "xformers failed to import: RuntimeError: undefined symbol: _ZN2at4cuda"
+
+
+@needs_xf
+def test_per_operator_reasons_with_cuda_but_no_extension(monkeypatch):
+    """On a GPU with a broken extension: attention is off with xFormers' words; Triton ops and swiglu run."""
+    ext = "xformers' compiled extension did not load: xFormers can't load C++/CUDA extensions."
+    monkeypatch.setattr(xfb, "STATUS", xfb.Status(version="0.0.35", extension=ext))
+    backend = xfb.make_backend()
+    assert backend.unavailable_reasons() == [] and "attention off" in backend.note()
+    attention = CallInfo("attention", "cuda", torch.bfloat16, (("gqa", 2), ("head_dim", 128), ("mask", "causal"),
+                                                                 ("padded", False)))
+    assert backend.reasons(attention) == [f"memory_efficient_attention needs the compiled extension: {ext}"]
+    norm = CallInfo("norm", "cuda", torch.bfloat16, (("hidden", 2048), ("residual", True)))
+    mlp = CallInfo("mlp", "cuda", torch.bfloat16, (("activation", "swiglu"), ("bias", False)))
+    assert backend.reasons(norm) == [] and backend.reasons(mlp) == []
+    monkeypatch.setattr(xfb, "STATUS", xfb.Status(version="0.0.35", triton="XFORMERS_FORCE_DISABLE_TRITON=1 ..."))
+    backend = xfb.make_backend()
+    assert backend.reasons(norm) == ["XFORMERS_FORCE_DISABLE_TRITON=1 ..."] and "norm/rope/cache off" in backend.note()
+
+
+@needs_xf
+def test_no_cuda_and_dtype_reasons(monkeypatch):
+    monkeypatch.setattr(xfb, "STATUS", xfb.Status(version="0.0.35", cuda="no CUDA device (x)"))
+    assert xfb.make_backend().unavailable_reasons() == ["no CUDA device (x)"]
+    monkeypatch.setattr(xfb, "STATUS", xfb.Status(version="0.0.35", cuda="no CUDA device (x)", extension="ext"))
+    assert xfb.make_backend().unavailable_reasons() == ["no CUDA device (x)", "ext"]
+    call = CallInfo("norm", "cpu", torch.float64, (("hidden", 8), ("residual", False)))
+    reasons = xfb.XformersNorm().not_supported_reasons(call)
+    assert any("device cpu not supported" in r for r in reasons) and any("dtype float64" in r for r in reasons)
+
+
+@needs_xf
+def test_attention_probe_turns_xformers_dispatch_refusal_into_a_reason():
+    # On the CPU xFormers' dispatcher finds no kernel: the probe (same layout and bias as the real call)
+    # must report that as one line rather than crash. On a GPU the same probe decides dtype/bias support.
+    xfb._probe_attention.cache_clear()
+    for mask, padded in (("causal", True), ("causal", False), ("block_diagonal", False)):
+        call = CallInfo("attention", "cpu", torch.float32, (("gqa", 2), ("head_dim", 64), ("mask", mask),
+                                                             ("padded", padded)))
+        (reason,) = xfb._probe_attention(call)
+        assert reason.startswith("memory_efficient_attention has no kernel for these inputs: `") and "\n" not in reason
+
+
+# --- on a CUDA GPU ------------------------------------------------------------------------------------------------
+
+GPU_TOL = {torch.float32: 2e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+GPU_ATTENTION_CASES = {
+    # name: (batch, lq, lk, cache max_len or None, hq, hkv, head_dim, mask builder)
+    "vision windows": (1, 244, 244, None, 16, 16, 80,
+                       lambda d: BlockDiagonalMask.from_seqlens([64, 64, 16, 100], device=d)),
+    "prefill gqa": (2, 37, 37, None, 16, 2, 128, lambda d: CausalMask()),
+    "prefill padded": (3, 37, 37, None, 16, 2, 128, lambda d: CausalMask(torch.tensor([0, 5, 30], device=d))),
+    "decode": (3, 1, 260, 300, 16, 2, 128, lambda d: CausalMask()),
+    "decode padded": (3, 1, 260, 300, 16, 2, 128, lambda d: CausalMask(torch.tensor([0, 7, 100], device=d))),
+    "chunk padded": (2, 5, 40, 64, 16, 2, 128, lambda d: CausalMask(torch.tensor([0, 38], device=d))),
+}
+
+
+@needs_gpu
+@needs_xf
+@needs_attention_kernels
+@pytest.mark.parametrize("case", GPU_ATTENTION_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_attention_against_eager(case, dtype):
+    batch, lq, lk, max_len, hq, hkv, d, make_mask = GPU_ATTENTION_CASES[case]
+    q = randn(batch, lq, hq, d, dtype=dtype, device="cuda")
+    rows = lk if max_len is None else max_len
+    k = randn(batch, rows, hkv, d, dtype=dtype, device="cuda", seed=1)[:, :lk]
+    v = randn(batch, rows, hkv, d, dtype=dtype, device="cuda", seed=2)[:, :lk]
+    mask = make_mask("cuda")
+    padded = getattr(mask, "pad", None) is not None
+    call = CallInfo.of("attention", q, head_dim=d, mask=mask.kind, gqa=hq // hkv, padded=padded)
+    reasons = get_backend("xformers").reasons(call)
+    if dtype == torch.float32 and padded:  # gappy keys: flash only, and flash has no float32
+        assert reasons and "no kernel" in reasons[0], reasons
+        return
+    assert reasons == []
+    out = Ops(resolve_plan("xformers")).attention(q, k, v, mask)
+    ref = EAGER["attention"](q, k, v, mask, d**-0.5)
+    assert not out.isnan().any() and rel_err(out, ref) < GPU_TOL[dtype]
+    if padded:
+        empty = ~mask.dense(batch, lq, lk, device="cuda").any(-1)
+        assert (out[empty] == 0).all()
+
+
+@needs_gpu
+@needs_xf
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_rope_and_cache_against_eager(dtype):
+    head_dim, batch = 128, 3
+    rotary = Rotary(inverse_frequencies(head_dim, 1e6).cuda(), (16, 24, 24), uniform_streams=True)
+    ops = Ops(resolve_plan("xformers"))
+    qkv = randn(batch, 7, 16 + 2 * 2, head_dim, dtype=dtype, device="cuda")
+    q, k, v = qkv[:, :, :16], qkv[:, :, 16:18], qkv[:, :, 18:]
+    positions = text_positions(batch, 7, start=300).cuda()
+    out_q, out_k = ops.rope(q, k, positions, rotary)
+    ref_q, ref_k = EAGER["rope"](q, k, positions, rotary)
+    assert rel_err(out_q, ref_q) < GPU_TOL[dtype] and rel_err(out_k, ref_k) < GPU_TOL[dtype]
+    for start, n in ((0, 7), (7, 1), (8, 3)):
+        kc, vc = (torch.zeros(batch, 16, 2, head_dim, dtype=dtype, device="cuda") for _ in range(2))
+        rkc, rvc = kc.clone(), vc.clone()
+        pos = text_positions(batch, n, start=start).cuda()
+        out = ops.cache(q[:, :n], k[:, :n], v[:, :n], pos, rotary, kc, vc, start)
+        ref = EAGER["cache"](q[:, :n], k[:, :n], v[:, :n], pos, rotary, rkc, rvc, start)
+        assert rel_err(out, ref) < GPU_TOL[dtype] and rel_err(kc, rkc) < GPU_TOL[dtype] and torch.equal(vc, rvc)
+    non_uniform = Rotary(rotary.inv_freq, rotary.sections)
+    call = CallInfo.of("cache", q, head_dim=head_dim, sections=non_uniform.sections, uniform_streams=False)
+    assert any("one position per token" in r for r in get_backend("xformers").reasons(call))
+
+
+@needs_gpu
+@needs_xf
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("hidden", [2048, 1000])
+def test_gpu_norm_against_eager(dtype, hidden):
+    ops = Ops(resolve_plan("xformers"))
+    x, r = randn(4, 9, hidden, dtype=dtype, device="cuda"), randn(4, 9, hidden, dtype=dtype, device="cuda", seed=1)
+    w = 1 + 0.1 * randn(hidden, dtype=dtype, device="cuda", seed=2)
+    x0, r0 = x.clone(), r.clone()
+    assert rel_err(ops.norm(x, w, 1e-6), EAGER["norm"](x, w, 1e-6)) < GPU_TOL[dtype]
+    y, s = ops.norm(x, w, 1e-6, r)
+    ref_y, ref_s = EAGER["norm"](x, w, 1e-6, r)
+    assert torch.equal(s, ref_s) and rel_err(y, ref_y) < GPU_TOL[dtype]
+    assert torch.equal(x, x0) and torch.equal(r, r0)
+
+
+@needs_gpu
+@needs_xf
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gpu_mlp_against_eager(dtype, bias):
+    ops = Ops(resolve_plan("xformers"))
+    x = randn(3, 17, 256, dtype=dtype, device="cuda")
+    w_in, w_out = 0.05 * randn(1024, 256, dtype=dtype, device="cuda", seed=1), 0.05 * randn(256, 512, dtype=dtype,
+                                                                                          device="cuda", seed=2)
+    b_in, b_out = (randn(1024, dtype=dtype, device="cuda", seed=3), randn(256, dtype=dtype, device="cuda", seed=4)) \
+        if bias else (None, None)
+    out = ops.mlp(x, w_in, b_in, w_out, b_out, "swiglu")
+    assert rel_err(out, EAGER["mlp"](x, w_in, b_in, w_out, b_out, "swiglu")) < GPU_TOL[dtype]
+    gelu = CallInfo.of("mlp", x, activation="gelu", bias=True)
+    assert get_backend("xformers").reasons(gelu) == [xfb.GELU_REASON]
+
+
+def _gpu_allowed_fallbacks(dtype):
+    allowed_fallbacks = dict(EXPECTED_FALLBACKS)
+    if xfb.STATUS.extension:
+        allowed_fallbacks["attention"] = "compiled extension"
+    elif dtype == torch.float32:
+        allowed_fallbacks["attention"] = "no kernel"  # padded causal attention in float32
+    return allowed_fallbacks
+
+
+@needs_gpu
+@needs_xf
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 3e-2)])
+def test_gpu_tiny_model_xformers_with_eager_fallback(dtype, tol):
+    model = perturbed(dtype, "cuda")
+    exact = dtype == torch.float32
+    compare_model(model, demo_prompt(model.cfg), "xformers", tol, 10, _gpu_allowed_fallbacks(dtype), exact)
+    compare_model(model, padded_batch(), "xformers", tol, 10, _gpu_allowed_fallbacks(dtype), exact)

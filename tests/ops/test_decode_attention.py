@@ -1,0 +1,140 @@
+"""Split-KV decode attention (qvl/kernels/decode_attention.py) against the eager attention operator."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qvl.backends.eager import EagerAttention
+from qvl.backends.interface import CausalMask
+from qvl.kernels import DEVICE_TYPE
+from qvl.kernels.decode_attention import (H100_SMS, MAX_SPLITS, MIN_BLOCKS_PER_SPLIT, choose_num_splits,
+                                          decode_attention)
+from tests.ops.compare import DTYPES, assert_close_rel
+
+GQA_GROUPS = [1, 2, 7, 8]
+HEAD_DIMS = [8, 16, 64, 80, 128]
+
+
+def _inputs(seed, batch, q_len, kv_len, kv_heads, group, head_dim, dtype, device, pad_values=None):
+    """q as a slice of a fused qkv projection; k, v as cache[:, :kv_len] of a larger preallocated cache."""
+    gen = torch.Generator().manual_seed(seed)
+    q_heads = kv_heads * group
+    qkv = torch.randn(batch, q_len, q_heads + 2 * kv_heads, head_dim, generator=gen)
+    k_cache = torch.randn(batch, kv_len + 13, kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(batch, kv_len + 13, kv_heads, head_dim, generator=gen)
+    qkv, k_cache, v_cache = (t.to(device=device, dtype=dtype) for t in (qkv, k_cache, v_cache))
+    q = qkv[:, :, :q_heads]
+    k, v = k_cache[:, :kv_len], v_cache[:, :kv_len]
+    pad = None if pad_values is None else torch.tensor(pad_values, dtype=torch.int64, device=device)
+    return q, k, v, pad
+
+
+def _reference(q, k, v, pad, scale):
+    return EagerAttention()(q, k, v, CausalMask(pad), scale)
+
+
+def _invisible_rows(batch, q_len, kv_len, pad, device):
+    """(B, Lq) bool: query rows that see no key, which must come out as exact zeros."""
+    return ~CausalMask(pad).dense(batch, q_len, kv_len, device=device).any(-1)
+
+
+@st.composite
+def decode_cases(draw, max_kv_len=300):
+    batch = draw(st.integers(1, 3))
+    q_len = draw(st.integers(1, 4))
+    kv_len = draw(st.integers(q_len, max_kv_len))
+    kv_heads = draw(st.integers(1, 2))
+    group = draw(st.sampled_from(GQA_GROUPS))
+    head_dim = draw(st.sampled_from(HEAD_DIMS))
+    dtype = draw(st.sampled_from(DTYPES))
+    padded = draw(st.booleans())
+    pad = draw(st.lists(st.integers(0, kv_len), min_size=batch, max_size=batch)) if padded else None
+    seed = draw(st.integers(0, 2**31 - 1))
+    return seed, batch, q_len, kv_len, kv_heads, group, head_dim, dtype, pad
+
+
+@given(case=decode_cases(), num_splits=st.sampled_from([None, 1, 2, 3, 5]))
+def test_decode_attention_matches_eager(case, num_splits):
+    device = DEVICE_TYPE  # not the fixture: hypothesis rejects function-scoped fixtures
+    seed, batch, q_len, kv_len, kv_heads, group, head_dim, dtype, pad_values = case
+    q, k, v, pad = _inputs(seed, batch, q_len, kv_len, kv_heads, group, head_dim, dtype, device, pad_values)
+    scale = head_dim ** -0.5
+    out = decode_attention(q, k, v, pad, scale, num_splits=num_splits)
+    assert out.is_contiguous()
+    assert_close_rel(out, _reference(q, k, v, pad, scale), dtype)
+    assert not out[_invisible_rows(batch, q_len, kv_len, pad, device)].any()
+
+
+@given(case=decode_cases(max_kv_len=200))
+def test_every_split_count_agrees(case):
+    """One split (phase 1 writes the output), several, more splits than key blocks (empty ones), automatic."""
+    device = DEVICE_TYPE
+    seed, batch, q_len, kv_len, kv_heads, group, head_dim, dtype, pad_values = case
+    q, k, v, pad = _inputs(seed, batch, q_len, kv_len, kv_heads, group, head_dim, dtype, device, pad_values)
+    scale = head_dim ** -0.5
+    ref = _reference(q, k, v, pad, scale)
+    more_than_key_blocks = kv_len // 32 + 2  # key blocks hold 32 or 64 keys
+    for num_splits in (1, 3, more_than_key_blocks, None):
+        out = decode_attention(q, k, v, pad, scale, num_splits=num_splits)
+        assert_close_rel(out, ref, dtype)
+
+
+@pytest.mark.parametrize("head_dim", [8, 16, 64, 80, 128, 256])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_head_dims(device, head_dim, dtype):
+    q, k, v, pad = _inputs(head_dim, 2, 2, 150, 2, 7, head_dim, dtype, device, pad_values=[0, 37])
+    scale = head_dim ** -0.5
+    for num_splits in (1, 3):
+        assert_close_rel(decode_attention(q, k, v, pad, scale, num_splits=num_splits),
+                         _reference(q, k, v, pad, scale), dtype)
+
+
+def test_fully_padded_rows_are_zero(device):
+    """Padding covers every key of batch 0, and the first queries of batch 1 (pad beyond their position)."""
+    q, k, v, pad = _inputs(0, 2, 4, 70, 2, 2, 16, torch.float32, device, pad_values=[70, 68])
+    for num_splits in (1, 2, 4):
+        out = decode_attention(q, k, v, pad, 0.25, num_splits=num_splits)
+        assert not out[0].any() and not out[1, :2].any()
+        assert out[1, 2:].abs().sum() > 0
+        assert_close_rel(out, _reference(q, k, v, pad, 0.25), torch.float32)
+
+
+def test_split_heuristic_fills_an_h100_for_one_long_sequence():
+    splits = choose_num_splits(programs=1 * 2, kv_len=32768, num_sms=H100_SMS)
+    assert 0.9 * H100_SMS <= 2 * splits <= H100_SMS
+
+
+@given(programs=st.integers(1, 4096), kv_len=st.integers(1, 200_000), num_sms=st.sampled_from([1, 78, 132]),
+       block_n=st.sampled_from([32, 64]))
+def test_split_heuristic_bounds(programs, kv_len, num_sms, block_n):
+    splits = choose_num_splits(programs, kv_len, num_sms, block_n)
+    key_blocks = -(-kv_len // block_n)
+    assert 1 <= splits <= MAX_SPLITS
+    assert splits <= max(1, key_blocks // MIN_BLOCKS_PER_SPLIT)  # every split gets enough keys
+    assert splits <= -(-num_sms // programs)  # no more programs than needed to fill the SMs
+    blocks_per_split = -(-key_blocks // splits)
+    assert (splits - 1) * blocks_per_split < key_blocks  # no empty split
+
+
+def test_rejects_bad_inputs(device):
+    q, k, v, pad = _inputs(0, 2, 3, 5, 1, 2, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="more queries"):
+        decode_attention(q, k[:, :2], v[:, :2], None, 1.0)
+    with pytest.raises(ValueError, match="pad"):
+        decode_attention(q, k, v, torch.zeros(3, dtype=torch.int64, device=device), 1.0)
+    with pytest.raises(ValueError, match="num_splits"):
+        decode_attention(q, k, v, None, 1.0, num_splits=0)
+    with pytest.raises(ValueError, match="head dim"):
+        big = torch.zeros(1, 1, 1, 264, device=device)
+        decode_attention(big, big, big, None, 1.0)
+    with pytest.raises(ValueError, match="kv heads|does not match"):
+        decode_attention(q, k.expand(-1, -1, 3, -1), v.expand(-1, -1, 3, -1), None, 1.0)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_large_groups_take_several_row_blocks(device, num_splits):
+    """24 query heads per kv head x 3 queries = 72 rows: more than one program's 64 rows."""
+    q, k, v, pad = _inputs(1, 2, 3, 90, 1, 24, 16, torch.float32, device, pad_values=[0, 50])
+    assert_close_rel(decode_attention(q, k, v, pad, 0.25, num_splits=num_splits),
+                     _reference(q, k, v, pad, 0.25), torch.float32)

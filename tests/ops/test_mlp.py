@@ -1,0 +1,161 @@
+"""The activation kernels (qvl.kernels.activation) alone and inside the `mlp` math, against eager."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qvl.backends.eager import EagerMLP
+from qvl.kernels import DEVICE_TYPE
+from qvl.kernels.activation import gelu, swiglu
+from tests.ops.compare import DTYPES, assert_close_rel, rel_err
+
+EAGER = EagerMLP()
+
+
+def randn(*shape, gen, dtype, scale=1.0):
+    return (torch.randn(*shape, generator=gen) * scale).to(device=DEVICE_TYPE, dtype=dtype)
+
+
+def triton_mlp(x, w_in, b_in, w_out, b_out, activation):
+    """The `mlp` operator as the triton backend computes it: torch projections around the kernels."""
+    h = F.linear(x, w_in, b_in)
+    h = swiglu(h) if activation == "swiglu" else gelu(h)
+    return F.linear(h, w_out, b_out)
+
+
+@given(
+    batch=st.integers(1, 2),
+    seq=st.one_of(st.just(1), st.integers(2, 20)),
+    hidden=st.integers(1, 72),
+    inner=st.integers(1, 90),
+    activation=st.sampled_from(["swiglu", "gelu"]),
+    bias_in=st.booleans(),
+    bias_out=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_mlp_matches_eager(batch, seq, hidden, inner, activation, bias_in, bias_out, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    rows_in = 2 * inner if activation == "swiglu" else inner
+    x = randn(batch, seq, hidden, gen=gen, dtype=dtype)
+    w_in = randn(rows_in, hidden, gen=gen, dtype=dtype, scale=hidden ** -0.5)
+    w_out = randn(hidden, inner, gen=gen, dtype=dtype, scale=inner ** -0.5)
+    b_in = randn(rows_in, gen=gen, dtype=dtype) if bias_in else None
+    b_out = randn(hidden, gen=gen, dtype=dtype) if bias_out else None
+    out = triton_mlp(x, w_in, b_in, w_out, b_out, activation)
+    ref = EAGER(x, w_in, b_in, w_out, b_out, activation)
+    assert_close_rel(out, ref, dtype, factor=down_projection_condition(x, w_in, b_in, w_out, b_out, activation, ref))
+
+
+def down_projection_condition(x, w_in, b_in, w_out, b_out, activation, ref):
+    """How much the down projection can amplify a relative difference in the activation (>= 1).
+
+    Both sides share the input projection; they differ only in the activation's last-bit rounding (the
+    kernel rounds once, eager twice for swiglu). Each output sums I products: where they cancel (a small
+    output from large terms, e.g. a single output row), those differences grow by ||(|a| |W_out|^T + |b|)||
+    / ||out||, which the tolerance must allow for.
+    """
+    h = F.linear(x, w_in, b_in).double()
+    a = F.silu(h.chunk(2, dim=-1)[0]) * h.chunk(2, dim=-1)[1] if activation == "swiglu" else F.gelu(h)
+    magnitude = a.abs() @ w_out.double().abs().T
+    if b_out is not None:
+        magnitude = magnitude + b_out.double().abs()
+    return max(1.0, (magnitude.norm() / ref.double().norm().clamp_min(1e-30)).item())
+
+
+LAYOUTS = ["contiguous", "row_strided", "transposed"]
+
+
+def make_h(lead, width, dtype, gen, layout, scale):
+    if layout == "row_strided":  # the projection output inside a wider buffer: read in place
+        t = torch.randn(*lead, width + 6, generator=gen)[..., 2:2 + width]
+    elif layout == "transposed" and len(lead) >= 2:  # leading dims that do not collapse: copied
+        t = torch.randn(lead[1], lead[0], *lead[2:], width, generator=gen).transpose(0, 1)
+    else:
+        t = torch.randn(*lead, width, generator=gen)
+    return (t * scale).to(device=DEVICE_TYPE, dtype=dtype)
+
+
+@given(
+    lead=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+    inner=st.one_of(st.integers(1, 300), st.sampled_from([1025, 1500])),
+    dtype=st.sampled_from(DTYPES),
+    layout=st.sampled_from(LAYOUTS),
+    scale=st.sampled_from([0.1, 1.0, 8.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_swiglu_matches_eager(lead, inner, dtype, layout, scale, seed):
+    gen = torch.Generator().manual_seed(seed)
+    h = make_h(lead, 2 * inner, dtype, gen, layout, scale)
+    gate, up = h.chunk(2, dim=-1)
+    assert_close_rel(swiglu(h), F.silu(gate) * up, dtype)
+
+
+@given(
+    lead=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+    width=st.one_of(st.integers(1, 300), st.sampled_from([1025, 1500])),
+    dtype=st.sampled_from(DTYPES),
+    layout=st.sampled_from(LAYOUTS),
+    inplace=st.booleans(),
+    scale=st.sampled_from([0.1, 1.0, 8.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_gelu_matches_eager(lead, width, dtype, layout, inplace, scale, seed):
+    gen = torch.Generator().manual_seed(seed)
+    h = make_h(lead, width, dtype, gen, layout, scale)
+    ref = F.gelu(h)
+    if inplace:
+        h_before = h
+        out = gelu(h, inplace=True)
+        assert out is h_before
+    else:
+        h_copy = h.clone()
+        out = gelu(h)
+        assert torch.equal(h, h_copy), "out of place gelu must leave its input alone"
+    assert_close_rel(out, ref, dtype)
+
+
+@pytest.mark.parametrize("layout", ["row_strided", "transposed", "strided_last"])
+def test_gelu_inplace_on_any_layout(layout):
+    """In place writes through h's own strides, or computes on a copy and writes it back into h."""
+    gen = torch.Generator().manual_seed(1)
+    if layout == "strided_last":
+        h = randn(3, 4, 40, gen=gen, dtype=torch.float32)[..., ::2]
+    else:
+        h = make_h([3, 4], 20, torch.float32, gen, layout, 2.0)
+    ref = F.gelu(h)
+    assert gelu(h, inplace=True) is h
+    assert_close_rel(h, ref, torch.float32)
+
+
+@pytest.mark.parametrize("inner", [3420, 11008, 18944])
+def test_wide_inner_sizes(inner):
+    """Qwen2.5-VL intermediate sizes (vision 3420, 7B 18944, 3B 11008): column tiles over the 2-D grid."""
+    gen = torch.Generator().manual_seed(inner)
+    h = randn(3, 2 * inner, gen=gen, dtype=torch.bfloat16, scale=3.0)
+    gate, up = h.chunk(2, dim=-1)
+    assert_close_rel(swiglu(h), F.silu(gate) * up, torch.bfloat16)
+    assert_close_rel(gelu(h[:, :inner]), F.gelu(h[:, :inner]), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_swiglu_single_rounding_is_more_accurate(dtype):
+    """The kernel rounds once (float32 math); eager rounds after silu and again after the product. Against a
+    float64 reference the kernel must be at least as accurate as eager."""
+    gen = torch.Generator().manual_seed(0)
+    h = randn(64, 2 * 257, gen=gen, dtype=dtype, scale=3.0)
+    gate, up = h.double().chunk(2, dim=-1)
+    exact = F.silu(gate) * up
+    eager = F.silu(h[:, :257]) * h[:, 257:]
+    assert rel_err(swiglu(h), exact) < rel_err(eager, exact)
+
+
+def test_empty_and_bad_inputs():
+    assert swiglu(torch.empty(0, 8, device=DEVICE_TYPE)).shape == (0, 4)
+    assert gelu(torch.empty(2, 0, device=DEVICE_TYPE)).shape == (2, 0)
+    with pytest.raises(ValueError, match="even"):
+        swiglu(torch.randn(2, 7, device=DEVICE_TYPE))
+    with pytest.raises(ValueError, match="unsupported"):
+        gelu(torch.randn(2, 8, device=DEVICE_TYPE, dtype=torch.float64))
