@@ -1,0 +1,226 @@
+"""`qvl generate`: a prompt with images and videos through a checkpoint (or a random-weight preset),
+the answer streamed as it is generated, then prefill time, decode speed and peak memory.
+
+Everything the user can get wrong (paths, corrupt files, a directory without tokenizer.json or weights, a
+tokenizer that does not belong to the model, an unavailable backend, a missing optional decoder) is
+checked before the weights are loaded where possible and reported as one line, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class GenerateResult:
+    tokens: list[int]  # the new tokens, EOS included when generation stopped on it
+    text: str
+    prompt_tokens: int
+    preprocess_s: float
+    prefill_s: float  # generate() call to the first new token: vision tower + prefill + first sample
+    decode_s: float  # first to last new token
+    peak_memory_mib: float
+    memory_kind: str
+    chunks: list[str] = field(default_factory=list)  # the streamed pieces, in order
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        n = len(self.tokens) - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else None
+
+
+class TextStream:
+    """Incremental detokenization: emit the new suffix of the decoded text, holding back a trailing
+    partial UTF-8 character (decoded as U+FFFD) until the next token completes it."""
+
+    def __init__(self, decode: Callable[[list[int]], str], write: Callable[[str], None]):
+        self.decode, self.write = decode, write
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token: int) -> None:
+        self.ids.append(token)
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        self._emit(text)
+
+    def finish(self) -> str:
+        text = self.decode(self.ids)
+        self._emit(text)
+        return text
+
+    def _emit(self, text: str) -> None:
+        if text.startswith(self.emitted) and len(text) > len(self.emitted):
+            self.write(text[len(self.emitted):])
+            self.emitted = text
+
+
+def resolve_model_source(name: str) -> tuple[str, object]:
+    """('dir', path) or ('preset', config); a clear error for anything else or a directory missing files."""
+    from .checkpoint import _weight_files
+    from .config import PRESETS, load_hf_config
+
+    if os.path.isdir(name):
+        cfg = load_hf_config(name)  # ValueError if config.json is missing or malformed
+        if not os.path.isfile(os.path.join(name, "tokenizer.json")):
+            raise ValueError(f"checkpoint directory {name!r} has no tokenizer.json: qvl generate needs the "
+                             "checkpoint's tokenizer.json next to its weights")
+        _weight_files(name)  # ValueError if there are no safetensors weights
+        return "dir", cfg
+    if name in PRESETS:
+        return "preset", PRESETS[name]
+    if os.path.exists(name):
+        raise ValueError(f"--model {name!r} is a file; pass the checkpoint directory")
+    raise ValueError(f"--model {name!r} is neither a checkpoint directory nor a preset name "
+                     f"({', '.join(PRESETS)}, random weights)")
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "CUDA memory allocated"
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    if sys.platform == "darwin":
+        rss_kib /= 1024  # bytes there
+    return rss_kib / 1024, "process RSS"
+
+
+def run_generate(model, processor, prompt: str, images=(), videos=(), *, max_new_tokens: int = 128,
+                 temperature: float = 0.0, seed: int | None = None, system: str | None = None,
+                 write: Callable[[str], None] | None = None, inputs: dict | None = None) -> GenerateResult:
+    """Process, generate with streaming, time. `inputs` skips processing (already-made model inputs)."""
+    chunks: list[str] = []
+
+    def emit(piece: str) -> None:
+        chunks.append(piece)
+        if write is not None:
+            write(piece)
+
+    t0 = time.perf_counter()
+    if inputs is None:
+        inputs = processor(prompt, images=list(images), videos=list(videos), system=system)
+    preprocess_s = time.perf_counter() - t0
+    device = model.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    stream = TextStream(processor.decode, emit)
+    stamps: list[float] = []
+    new_tokens: list[int] = []
+    stop = set(processor.stop_ids)
+
+    def on_token(tokens: torch.Tensor) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        stamps.append(time.perf_counter())
+        tok = int(tokens[0])
+        if new_tokens and new_tokens[-1] in stop:
+            return  # padding after EOS (batch of one: never reached, generate stops)
+        new_tokens.append(tok)
+        if tok not in stop:
+            stream.push(tok)
+
+    start = time.perf_counter()
+    model.generate(**inputs, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                   eos_token_id=list(processor.stop_ids), on_token=on_token)
+    text = stream.finish()
+    prefill_s = (stamps[0] - start) if stamps else time.perf_counter() - start
+    decode_s = (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+    mem, kind = peak_memory(device)
+    return GenerateResult(new_tokens, text, int(inputs["input_ids"].shape[1]), preprocess_s, prefill_s, decode_s,
+                          mem, kind, chunks)
+
+
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser(
+        "generate", help="answer a prompt about images/videos, streamed, then timing and peak memory",
+        description="Answer a prompt about images and videos with a Qwen2.5-VL checkpoint, streaming the answer to "
+                    "stdout; prefill time, decode tokens/s and peak memory follow on stderr.")
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory (config.json, safetensors weights, tokenizer.json, optional "
+                        "preprocessor_config.json) or a preset name (tiny, 3b, ...: random weights, for smoke tests)")
+    p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image file; repeat for several")
+    p.add_argument("--video", action="append", default=[], metavar="PATH",
+                   help="a video file (needs PyAV: pip install av) or a folder of frame images; repeatable")
+    p.add_argument("--prompt", required=True, help="the user's text")
+    p.add_argument("--system", default=None, help="system message (default: the template's own)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (temperature > 0)")
+    p.add_argument("--backends", default=None, metavar="SPEC",
+                   help="operator backends, e.g. 'eager' or 'attention=triton,norm=eager' (see `qvl backends`)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's dtype")
+    p.add_argument("--fps", type=float, default=None, help="video frames sampled per second (default 2)")
+    p.add_argument("--max-frames", type=int, default=None, help="most video frames kept (default 768)")
+    p.add_argument("--min-pixels", type=int, default=None, help="override the image min_pixels")
+    p.add_argument("--max-pixels", type=int, default=None, help="override the image max_pixels")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .backends import BackendUnsupportedError
+    from .checkpoint import from_config, from_pretrained
+    from .processing import OptionalDependencyError, Processor
+
+    if args.max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be at least 1")
+    if args.temperature < 0:
+        raise ValueError("--temperature must be >= 0")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {args.device!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    overrides = {"min_pixels": args.min_pixels, "max_pixels": args.max_pixels, "video_fps": args.fps,
+                 "video_max_frames": args.max_frames}
+    try:
+        kind, cfg = resolve_model_source(args.model)
+        processor = (Processor.from_pretrained(args.model, cfg, **overrides) if kind == "dir"
+                     else Processor.for_config(cfg, **overrides))
+        # the inputs first: a bad image fails before gigabytes of weights are read
+        t0 = time.perf_counter()
+        inputs = processor(args.prompt, images=args.image, videos=args.video, system=args.system)
+        preprocess_s = time.perf_counter() - t0
+        dtype = DTYPES[args.dtype] if args.dtype else None
+        if kind == "dir":
+            model = from_pretrained(args.model, dtype=dtype, device=device, backends=args.backends)
+        else:
+            model = from_config(cfg, dtype=dtype or torch.float32, device=device, backends=args.backends)
+    except (OptionalDependencyError, BackendUnsupportedError) as e:
+        raise ValueError(str(e)) from None
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    try:
+        result = run_generate(model, processor, args.prompt, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, seed=args.seed, write=write, inputs=inputs)
+    except KeyboardInterrupt:
+        print("\nqvl generate: interrupted", file=sys.stderr)
+        return 130
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    speed = result.decode_tokens_per_s
+    print(f"prompt {result.prompt_tokens} tokens ({len(args.image)} images, {len(args.video)} videos), "
+          f"preprocess {preprocess_s * 1e3:.1f} ms", file=sys.stderr)
+    print(f"prefill {result.prefill_s * 1e3:.1f} ms (vision + prompt + first token)", file=sys.stderr)
+    print(f"decode {len(result.tokens)} tokens, " + (f"{speed:.1f} tokens/s" if speed else "n/a tokens/s")
+          + " (after the first)", file=sys.stderr)
+    print(f"peak memory {result.peak_memory_mib:.0f} MiB ({result.memory_kind}, {device})", file=sys.stderr)
+    return 0
+
+
+__all__ = ["add_generate_parser", "cmd_generate", "run_generate", "GenerateResult", "TextStream",
+           "resolve_model_source"]

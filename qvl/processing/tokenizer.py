@@ -1,0 +1,227 @@
+"""The checkpoint's ``tokenizer.json`` (through the ``tokenizers`` library) and the Qwen2.5-VL chat template.
+
+`render_chat` writes the text the published ``chat_template.json`` renders (ChatML turns, a default system
+turn, ``<|vision_start|><|image_pad|><|vision_end|>`` per image and ``...<|video_pad|>...`` per video);
+`expand_vision_placeholders` then repeats each pad token once per merged patch
+(``grid_t * grid_h * grid_w / merge_size**2``), as Qwen2.5-VL's processor does before tokenizing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from ..config import Qwen25VLConfig
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
+ENDOFTEXT = "<|endoftext|>"
+DEFAULT_SYSTEM = "You are a helpful assistant."
+SPECIAL_TOKENS = (IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD, ENDOFTEXT)
+# the model config field each special token must agree with
+CONFIG_FIELDS = {IMAGE_PAD: "image_token_id", VIDEO_PAD: "video_token_id", VISION_START: "vision_start_token_id",
+                 VISION_END: "vision_end_token_id"}
+
+
+def _tokenizers():
+    try:
+        import tokenizers
+    except ImportError as e:
+        from .image import OptionalDependencyError
+
+        raise OptionalDependencyError("text input needs the `tokenizers` package: pip install tokenizers") from e
+    return tokenizers
+
+
+# --- chat template ------------------------------------------------------------------------------------------------
+
+
+def _kind(item: Any) -> str | None:
+    """How the template classifies one content item (the same tests, in the same order)."""
+    if not isinstance(item, dict):
+        raise ValueError(f"message content items must be dicts like {{'type': 'text', 'text': ...}}, got {item!r}")
+    if item.get("type") == "image" or "image" in item or "image_url" in item:
+        return "image"
+    if item.get("type") == "video" or "video" in item:
+        return "video"
+    if "text" in item:
+        return "text"
+    return None
+
+
+def render_chat(messages: Sequence[dict], add_generation_prompt: bool = True, add_vision_id: bool = False) -> str:
+    """The Qwen2.5-VL chat template, in Python.
+
+    `messages` are ``{"role": ..., "content": str | [items]}``; an item is ``{"type": "image"}``,
+    ``{"type": "video"}`` or ``{"type": "text", "text": ...}`` (also recognised: an ``image``,
+    ``image_url`` or ``video`` key, as the template does). A system turn "You are a helpful assistant."
+    is added when the first message is not a system message.
+    """
+    if not messages:
+        raise ValueError("no messages to render")
+    out, images, videos = [], 0, 0
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {message!r}")
+        role, content = message["role"], message["content"]
+        if i == 0 and role != "system":
+            out.append(f"{IM_START}system\n{DEFAULT_SYSTEM}{IM_END}\n")
+        out.append(f"{IM_START}{role}\n")
+        if isinstance(content, str):
+            out.append(f"{content}{IM_END}\n")
+            continue
+        for item in content:
+            kind = _kind(item)
+            if kind == "image":
+                images += 1
+                out.append((f"Picture {images}: " if add_vision_id else "") + f"{VISION_START}{IMAGE_PAD}{VISION_END}")
+            elif kind == "video":
+                videos += 1
+                out.append((f"Video {videos}: " if add_vision_id else "") + f"{VISION_START}{VIDEO_PAD}{VISION_END}")
+            elif kind == "text":
+                out.append(str(item["text"]))
+        out.append(f"{IM_END}\n")
+    if add_generation_prompt:
+        out.append(f"{IM_START}assistant\n")
+    return "".join(out)
+
+
+def expand_vision_placeholders(text: str, image_tokens: Sequence[int] = (), video_tokens: Sequence[int] = ()) -> str:
+    """Repeat the n-th ``<|image_pad|>`` ``image_tokens[n]`` times (likewise videos); counts must match."""
+    pieces = []
+    counts = {IMAGE_PAD: list(image_tokens), VIDEO_PAD: list(video_tokens)}
+    found = {IMAGE_PAD: text.count(IMAGE_PAD), VIDEO_PAD: text.count(VIDEO_PAD)}
+    for token, what in ((IMAGE_PAD, "image"), (VIDEO_PAD, "video")):
+        if found[token] != len(counts[token]):
+            raise ValueError(f"the prompt has {found[token]} {what} placeholder(s) ({token}) but "
+                             f"{len(counts[token])} {what}(s) were given")
+    used = {IMAGE_PAD: 0, VIDEO_PAD: 0}
+    rest = text
+    while True:
+        positions = [(rest.find(t), t) for t in (IMAGE_PAD, VIDEO_PAD) if rest.find(t) >= 0]
+        if not positions:
+            pieces.append(rest)
+            break
+        at, token = min(positions)
+        pieces.append(rest[:at])
+        pieces.append(token * counts[token][used[token]])
+        used[token] += 1
+        rest = rest[at + len(token):]
+    return "".join(pieces)
+
+
+# --- tokenizer ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    im_start: int
+    im_end: int
+    vision_start: int
+    vision_end: int
+    image_pad: int
+    video_pad: int
+    endoftext: int | None
+
+
+class QwenTokenizer:
+    """A ``tokenizers.Tokenizer`` with the Qwen2.5-VL special tokens looked up and checked."""
+
+    def __init__(self, tokenizer, source: str = "tokenizer"):
+        self.tok = tokenizer
+        self.source = source
+        ids = {}
+        for token in SPECIAL_TOKENS:
+            ids[token] = tokenizer.token_to_id(token)
+        missing = [t for t in SPECIAL_TOKENS if ids[t] is None and t != ENDOFTEXT]
+        if missing:
+            raise ValueError(f"{source} lacks the Qwen2.5-VL special token(s) {', '.join(missing)}; "
+                             "it is not a Qwen2.5-VL tokenizer")
+        self.special = SpecialIds(ids[IM_START], ids[IM_END], ids[VISION_START], ids[VISION_END], ids[IMAGE_PAD],
+                                  ids[VIDEO_PAD], ids[ENDOFTEXT])
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "QwenTokenizer":
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"no tokenizer.json at {path}: qvl reads the checkpoint's tokenizer.json "
+                             "(the fast-tokenizer file); copy it into the checkpoint directory")
+        try:
+            tok = _tokenizers().Tokenizer.from_file(path)
+        except Exception as e:  # tokenizers raises its own Exception type for malformed files
+            raise ValueError(f"cannot load {path}: {e}") from None
+        return cls(tok, source=path)
+
+    @classmethod
+    def synthetic(cls, cfg: Qwen25VLConfig) -> "QwenTokenizer":
+        """A byte-level tokenizer (256 byte tokens, no merges) with the special tokens at `cfg`'s ids.
+
+        For random-weight presets, which come without a tokenizer.json: text round-trips, ids match the
+        config. ``<|endoftext|>`` is the config's bos id, ``<|im_end|>`` its first eos id.
+        """
+        tk = _tokenizers()
+        fixed = {IMAGE_PAD: cfg.image_token_id, VIDEO_PAD: cfg.video_token_id, VISION_START: cfg.vision_start_token_id,
+                 VISION_END: cfg.vision_end_token_id, ENDOFTEXT: cfg.bos_token_id, IM_END: cfg.eos_token_id[0]}
+        used = set(fixed.values()) | set(range(256))
+        im_start = fixed[IM_END] - 1
+        if im_start in used or im_start < 0:
+            im_start = next(i for i in range(256, cfg.text.vocab_size) if i not in used)
+        fixed[IM_START] = im_start
+        if len(set(fixed.values())) != len(fixed) or max(fixed.values()) >= cfg.text.vocab_size:
+            raise ValueError(f"cannot place the special tokens at the config's ids {fixed} in a vocabulary of "
+                             f"{cfg.text.vocab_size}")
+        vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+        vocab.update(fixed)
+        tok = tk.Tokenizer(tk.models.BPE(vocab=vocab, merges=[]))
+        tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = tk.decoders.ByteLevel()
+        tok.add_special_tokens([tk.AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+        return cls(tok, source="synthetic byte-level tokenizer")
+
+    def check_config(self, cfg: Qwen25VLConfig) -> None:
+        """Refuse a tokenizer whose vision tokens sit at other ids than the model config says."""
+        problems = []
+        for token, field in CONFIG_FIELDS.items():
+            tid, want = self.tok.token_to_id(token), getattr(cfg, field)
+            if tid != want:
+                problems.append(f"{token} is {tid} in the tokenizer but {field} is {want} in the config")
+        top = max(v for v in vars(self.special).values() if v is not None)
+        if top >= cfg.text.vocab_size:
+            problems.append(f"special token id {top} is outside the model vocabulary ({cfg.text.vocab_size})")
+        if problems:
+            raise ValueError(f"{self.source} does not match the model config: " + "; ".join(problems))
+
+    def stop_ids(self, cfg: Qwen25VLConfig, extra: Iterable[int] = ()) -> tuple[int, ...]:
+        """The config's EOS ids, ``<|im_end|>`` (end of the assistant turn) and any `extra`, in order."""
+        out: list[int] = []
+        for i in (*cfg.eos_token_id, self.special.im_end, *extra):
+            if i is not None and int(i) not in out:
+                out.append(int(i))
+        return tuple(out)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=True).ids)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (the ByteLevel pre-tokenizer's alphabet), byte order."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), 256))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + n)
+            n += 1
+    return chars
+
+
+__all__ = ["QwenTokenizer", "SpecialIds", "render_chat", "expand_vision_placeholders", "SPECIAL_TOKENS",
+           "IM_START", "IM_END", "VISION_START", "VISION_END", "IMAGE_PAD", "VIDEO_PAD", "ENDOFTEXT", "DEFAULT_SYSTEM"]

@@ -1,0 +1,172 @@
+"""`qvl generate` end to end on a tiny random checkpoint written here (save_pretrained + tokenizer.json).
+
+It must run, stream the answer piece by piece, print the statistics, and generate exactly the tokens
+`model.generate` gives for the processor's inputs. User mistakes end with one error line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import qvl
+from qvl.cli import main
+from qvl.config import PRESETS
+from qvl.generate_cli import TextStream, run_generate
+from qvl.processing import Processor
+from tests.processing.helpers import textured, write_tokenizer
+
+PIL = pytest.importorskip("PIL.Image")
+pytest.importorskip("tokenizers")
+TINY = PRESETS["tiny"]
+NEW_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_ckpt")
+    model = qvl.from_config("tiny", seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # larger weights than init so greedy decoding does not repeat one token
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 1.0 if "embed" in name else 0.15, generator=g)
+    qvl.save_pretrained(model, d)
+    write_tokenizer(d, TINY)
+    (d / "preprocessor_config.json").write_text(json.dumps(
+        {"min_pixels": 3136, "max_pixels": 28 * 28 * 16, "patch_size": 14, "temporal_patch_size": 2,
+         "merge_size": 2, "image_processor_type": "Qwen2VLImageProcessor"}))
+    return d
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    paths = []
+    for i, (h, w) in enumerate([(61, 97), (150, 40)]):
+        p = d / f"img{i}.{'png' if i == 0 else 'jpg'}"
+        PIL.fromarray(textured(h, w, seed=i)).save(p)
+        paths.append(str(p))
+    frames = d / "frames"
+    frames.mkdir()
+    for i in range(5):
+        PIL.fromarray(textured(50, 70, seed=9, frame=i)).save(frames / f"{i:03d}.png")
+    return {"images": paths, "video": str(frames)}
+
+
+def reference(ckpt, prompt, images=(), videos=(), **gen):
+    model = qvl.from_pretrained(ckpt)
+    processor = Processor.from_pretrained(ckpt, model.cfg)
+    inputs = processor(prompt, images=list(images), videos=list(videos))
+    ids = model.generate(**inputs, max_new_tokens=NEW_TOKENS, **gen)
+    return model, processor, inputs, ids[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_generate_streams_and_matches_model_generate(ckpt, media, capsys):
+    prompt = "Compare the two pictures."
+    model, processor, inputs, expected = reference(ckpt, prompt, media["images"])
+    assert len(expected) >= 4 and len(set(expected)) > 1
+
+    written = []
+    result = run_generate(model, processor, prompt, media["images"], max_new_tokens=NEW_TOKENS, write=written.append)
+    assert result.tokens == expected
+    assert result.text == processor.decode(expected)
+    assert len(written) > 1 and "".join(written) == result.text  # streamed in pieces, nothing lost
+    assert result.prompt_tokens == inputs["input_ids"].shape[1]
+
+    rc = main(["generate", "--model", str(ckpt), "--image", media["images"][0], "--image", media["images"][1],
+               "--prompt", prompt, "--max-new-tokens", str(NEW_TOKENS), "--backends", "eager"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert out == result.text + "\n"
+    assert "prefill" in err and "tokens/s" in err and "peak memory" in err and "MiB" in err
+
+
+def test_generate_with_video_and_sampling(ckpt, media, capsys):
+    prompt = "What is happening in this video?"
+    model, processor, inputs, expected = reference(ckpt, prompt, media["images"][:1], [media["video"]],
+                                                   temperature=0.8, seed=3)
+    assert inputs["second_per_grid_ts"].tolist() == [1.0]  # frames without a rate: taken at 2 fps
+    result = run_generate(model, processor, prompt, media["images"][:1], [media["video"]],
+                          max_new_tokens=NEW_TOKENS, temperature=0.8, seed=3)
+    assert result.tokens == expected
+    rc = main(["generate", "--model", str(ckpt), "--image", media["images"][0], "--video", media["video"],
+               "--prompt", prompt, "--max-new-tokens", str(NEW_TOKENS), "--temperature", "0.8", "--seed", "3"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert out == result.text + "\n"
+
+
+def test_generate_on_a_preset(media, capsys):
+    rc = main(["generate", "--model", "tiny", "--image", media["images"][0], "--prompt", "hi",
+               "--max-new-tokens", "3"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "decode" in err
+
+
+def test_text_stream_holds_back_partial_characters():
+    from qvl.processing import QwenTokenizer
+
+    tok = QwenTokenizer.synthetic(TINY)
+    pieces = []
+    stream = TextStream(tok.decode, pieces.append)
+    for t in tok.encode("a€b"):  # '€' is three byte tokens
+        stream.push(t)
+    assert stream.finish() == "a€b"
+    assert pieces == ["a", "€", "b"]
+
+
+# --- user mistakes: one line, exit code 2, no traceback ----------------------------------------------------------
+
+
+def run_cli(capsys, *args):
+    rc = main(["generate", *args])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return rc, err
+
+
+def test_errors(ckpt, media, tmp_path, capsys):
+    base = ["--prompt", "hi", "--max-new-tokens", "2"]
+
+    no_tok = tmp_path / "no_tokenizer"
+    shutil.copytree(ckpt, no_tok)
+    (no_tok / "tokenizer.json").unlink()
+    rc, err = run_cli(capsys, "--model", str(no_tok), *base)
+    assert rc == 2 and "has no tokenizer.json" in err
+
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(ckpt / name, no_weights / name)
+    rc, err = run_cli(capsys, "--model", str(no_weights), *base)
+    assert rc == 2 and "no weights" in err
+
+    rc, err = run_cli(capsys, "--model", "not-a-model", *base)
+    assert rc == 2 and "neither a checkpoint directory nor a preset" in err
+
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 50)
+    rc, err = run_cli(capsys, "--model", str(ckpt), "--image", str(corrupt), *base)
+    assert rc == 2 and "qvl generate: error: cannot read image" in err
+
+    rc, err = run_cli(capsys, "--model", str(ckpt), "--image", str(tmp_path / "missing.png"), *base)
+    assert rc == 2 and "image file not found" in err
+
+    thin = tmp_path / "thin.png"
+    PIL.fromarray(np.zeros((10, 1500, 3), np.uint8)).save(thin)
+    rc, err = run_cli(capsys, "--model", str(ckpt), "--image", str(thin), "--max-pixels", "3136", *base)
+    assert rc == 2 and "cannot be resized within max_pixels=3136" in err
+
+    empty = tmp_path / "empty_video"
+    empty.mkdir()
+    rc, err = run_cli(capsys, "--model", str(ckpt), "--video", str(empty), *base)
+    assert rc == 2 and "no frame images" in err
+
+    rc, err = run_cli(capsys, "--model", str(ckpt), "--backends", "nonsense", *base)
+    assert rc == 2 and "error" in err
