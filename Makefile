@@ -11,7 +11,7 @@ TRITON ?= triton==3.6.0
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: demo test clean
+.PHONY: demo test bench-check bench-baseline clean
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ demo: $(VENV)/.runtime
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests
+
+# Performance regressions: run the benchmark suites and compare with benchmarks/baselines/<machine>.json
+bench-check: $(VENV)/.test
+	$(PY) benchmarks/regress.py check
+
+bench-baseline: $(VENV)/.test
+	$(PY) benchmarks/regress.py update
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

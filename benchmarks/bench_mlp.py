@@ -1,0 +1,48 @@
+"""The SwiGLU MLP (fused gate/up projection, activation, down projection) and its activation alone."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks import harness
+
+DT = torch.bfloat16 if harness.CUDA else torch.float32
+# (tokens, hidden, intermediate): 3b and 7b decoders, the vision MLP
+SHAPES = [(4096, 2048, 11008), (4096, 3584, 18944), (4096, 1280, 3420)] if harness.FULL else [(32, 64, 96)]
+OPS = harness.backend_ops()
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("impl", list(OPS))
+def test_swiglu_mlp(measure, impl, shape):
+    tokens, hidden, inner = shape
+    dev = harness.DEVICE
+    x = torch.randn(tokens, hidden, device=dev, dtype=DT)
+    w_in = torch.randn(2 * inner, hidden, device=dev, dtype=DT) * hidden**-0.5
+    w_out = torch.randn(hidden, inner, device=dev, dtype=DT) * inner**-0.5
+    ops = OPS[impl]
+    measure(lambda: ops.mlp(x, w_in, None, w_out, None, "swiglu"), flops=2 * tokens * hidden * inner * 3)
+
+
+def activation_impls():
+    out = {"eager": lambda h: (lambda g, u: F.silu(g) * u)(*h.chunk(2, -1))}
+    try:
+        from qvl.kernels.activation import swiglu
+
+        out["triton"] = swiglu
+    except ImportError:
+        pass
+    if (c := harness.compiled(out["eager"])) is not None:
+        out["torch.compile"] = c
+    if (liger := harness.optional("liger_kernel.ops.swiglu")) is not None and harness.CUDA:
+        out["liger"] = lambda h: liger.LigerSiLUMulFunction.apply(*h.chunk(2, -1))
+    return out
+
+
+@pytest.mark.parametrize("shape", [(16384, 11008)] if harness.FULL else [(32, 300)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("impl", list(activation_impls()))
+def test_silu_mul(measure, impl, shape):
+    rows, inner = shape
+    h = torch.randn(rows, 2 * inner, device=harness.DEVICE, dtype=DT)
+    fn = activation_impls()[impl]
+    measure(lambda: fn(h), nbytes=3 * rows * inner * h.element_size())

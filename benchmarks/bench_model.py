@@ -1,0 +1,58 @@
+"""End to end: vision tower, prefill (time to first token), one decode step, decode tokens/s."""
+
+import pytest
+import torch
+
+import qvl
+from benchmarks import harness
+from qvl.demo import demo_prompt
+
+PRESET = "3b" if harness.FULL else "tiny"
+DT = torch.bfloat16 if harness.CUDA else torch.float32
+BACKENDS = list(harness.backend_ops())
+
+
+@pytest.fixture(scope="module")
+def model():
+    return qvl.from_config(PRESET, dtype=DT, device=harness.DEVICE, seed=0)
+
+
+def weight_bytes(model):
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("visual."))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vision_tower(measure, model, backend):
+    model.set_backends(backend)
+    inputs = demo_prompt(model.cfg)
+    measure(lambda: model.vision_features(inputs["pixel_values"], inputs["image_grid_thw"]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefill(measure, model, backend):
+    model.set_backends(backend)
+    inputs = demo_prompt(model.cfg)
+    cache = model.new_cache(1, inputs["input_ids"].shape[1] + 8)
+
+    def prefill():
+        return model.prefill(model.prepare(**inputs), cache)
+
+    measure(prefill)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_step(measure, model, backend):
+    """One token at batch 1 reads every decoder weight once: bandwidth = weight bytes / step time."""
+    model.set_backends(backend)
+    inputs = demo_prompt(model.cfg)
+    prompt = model.prepare(**inputs)
+    cache = model.new_cache(1, inputs["input_ids"].shape[1] + 64)
+    model.prefill(prompt, cache)
+    start = cache.length
+    token = torch.zeros(1, dtype=torch.long, device=harness.DEVICE)
+
+    def step():
+        cache.length = start  # the same slot every round: a fixed-size workload
+        return model.decode_step(token, prompt, cache)
+
+    measure(step, nbytes=weight_bytes(model))

@@ -1,0 +1,50 @@
+"""M-RoPE on q and k (text), 2-D RoPE (vision), and the fused rope + KV-cache write of a decode step."""
+
+import pytest
+import torch
+
+from benchmarks import harness
+from qvl.backends import Rotary
+
+DT = torch.bfloat16 if harness.CUDA else torch.float32
+OPS = harness.backend_ops()
+# (tokens, q heads, kv heads, head dim, sections)
+TEXT = [(4096, 16, 2, 128, (16, 24, 24)), (4096, 28, 4, 128, (16, 24, 24))] if harness.FULL else [(16, 4, 2, 16, (2, 3, 3))]
+VISION = [(16384, 16, 16, 80, (20, 20))] if harness.FULL else [(32, 2, 2, 16, (4, 4))]
+
+
+def rotary(head_dim, sections, vision):
+    dev = harness.DEVICE
+    if vision:
+        half = 1.0 / (1e4 ** (torch.arange(0, head_dim // 2, 2, device=dev, dtype=torch.float32) / (head_dim // 2)))
+        return Rotary(torch.cat([half, half]), sections)
+    return Rotary(1.0 / (1e6 ** (torch.arange(0, head_dim, 2, device=dev, dtype=torch.float32) / head_dim)), sections)
+
+
+@pytest.mark.parametrize("shape", TEXT + VISION, ids=lambda s: f"L{s[0]}-h{s[1]}/{s[2]}-d{s[3]}-{len(s[4])}streams")
+@pytest.mark.parametrize("impl", list(OPS))
+def test_rope(measure, impl, shape):
+    tokens, hq, hk, d, sections = shape
+    dev = harness.DEVICE
+    q = torch.randn(1, tokens, hq, d, device=dev, dtype=DT)
+    k = torch.randn(1, tokens, hk, d, device=dev, dtype=DT)
+    pos = torch.randint(0, tokens, (len(sections), 1, tokens), device=dev)
+    rot = rotary(d, sections, vision=len(sections) == 2)
+    ops = OPS[impl]
+    measure(lambda: ops.rope(q, k, pos, rot), nbytes=2 * (q.numel() + k.numel()) * q.element_size())
+
+
+@pytest.mark.parametrize("cache_len", [4096, 32768] if harness.FULL else [64])
+@pytest.mark.parametrize("impl", list(OPS))
+def test_rope_and_cache_write(measure, impl, cache_len):
+    hq, hk, d, sections = (16, 2, 128, (16, 24, 24)) if harness.FULL else (4, 2, 16, (2, 3, 3))
+    dev = harness.DEVICE
+    q = torch.randn(1, 1, hq, d, device=dev, dtype=DT)
+    k, v = torch.randn(1, 1, hk, d, device=dev, dtype=DT), torch.randn(1, 1, hk, d, device=dev, dtype=DT)
+    kc = torch.zeros(1, cache_len, hk, d, device=dev, dtype=DT)
+    vc = torch.zeros_like(kc)
+    pos = torch.full((3, 1, 1), cache_len - 1, device=dev)
+    rot = Rotary(rotary(d, sections, False).inv_freq, sections, uniform_streams=True)
+    ops = OPS[impl]
+    measure(lambda: ops.cache(q, k, v, pos, rot, kc, vc, cache_len - 1),
+            nbytes=(2 * q.numel() + 3 * k.numel() * 2) * q.element_size())

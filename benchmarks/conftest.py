@@ -1,0 +1,51 @@
+"""pytest-benchmark wiring: session-wide device limits and calibration, a helper that runs and annotates."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+from benchmarks import harness  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def limits():
+    return {"copy_bytes_per_s": harness.copy_bandwidth(), "matmul_flops_per_s": harness.matmul_rate(),
+            "calibration_s": harness.calibration_seconds()}
+
+
+@pytest.fixture
+def measure(benchmark, limits):
+    """measure(fn, bytes=None, flops=None): time fn with pytest-benchmark and store the derived figures."""
+
+    def run(fn, *, nbytes: float | None = None, flops: float | None = None):
+        def timed():
+            out = fn()
+            harness.sync()
+            return out
+
+        rounds = 20 if harness.CUDA else 5
+        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
+        median = benchmark.stats.stats.median
+        info = benchmark.extra_info
+        info["device"] = harness.device_name()
+        info["calibration_s"] = limits["calibration_s"]
+        info["normalized"] = median / limits["calibration_s"]
+        info["per_s"] = 1.0 / median
+        if nbytes:
+            info["TB/s"] = nbytes / median / 1e12
+            info["of_copy_bandwidth"] = nbytes / median / limits["copy_bytes_per_s"]
+        if flops:
+            info["TFLOP/s"] = flops / median / 1e12
+            info["of_matmul_rate"] = flops / median / limits["matmul_flops_per_s"]
+
+    return run

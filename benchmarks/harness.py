@@ -1,0 +1,178 @@
+"""Shared pieces of the benchmark suites: shapes, timing, device limits, calibration, launch counting.
+
+Every figure is stored with what it needs to be read later: time, bytes or FLOPs, the device's copy
+bandwidth and matmul rate measured in the same run, and a calibration time used to normalize timings on
+noisy shared CPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+# On the CPU the triton backend runs interpreted: shapes shrink so the CI subset stays within minutes.
+FULL = CUDA
+
+
+@dataclass(frozen=True)
+class AttnShape:
+    name: str
+    batch: int
+    q_len: int
+    kv_len: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if CUDA else "cpu (triton interpreted)"
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn: Callable[[], object], reps: int = 7, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def calibration_seconds() -> float:
+    """A fixed mixed workload (Python dispatch + small matmuls) timed now: the unit timings are divided by.
+
+    It moves with the machine's speed and load the way the CPU subset's figures do, so the ratio is far
+    steadier across runs than raw seconds.
+    """
+    a = torch.randn(96, 96, device=DEVICE)
+
+    def work():
+        x = a
+        for _ in range(200):
+            x = torch.tanh(x @ a) * 0.5
+        return x
+
+    return min(median_seconds(work, reps=5) for _ in range(3))
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a device copy (read + write), the memory-bound ceiling measured in this run."""
+    n = (1 << 26) if CUDA else (1 << 22)
+    src = torch.empty(n, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    return 2 * n / median_seconds(lambda: dst.copy_(src), reps=10)
+
+
+def matmul_rate() -> float:
+    """FLOP/s of a square bf16 (GPU) / fp32 (CPU) matmul, the compute ceiling measured in this run."""
+    n = 8192 if CUDA else 512
+    a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16 if CUDA else torch.float32)
+    return 2 * n**3 / median_seconds(lambda: a @ a, reps=10)
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts device work items: aten ops dispatched and Triton kernel launches.
+
+    On a GPU each aten compute op is (at least) one kernel launch; on the CPU the counts are the same by
+    construction, so they are deterministic figures the regression check holds exactly. Work done inside
+    the Triton interpreter (numpy copies) is not counted: one launch is one launch.
+    """
+
+    # Ops that only reinterpret metadata launch nothing.
+    FREE = {"view", "_unsafe_view", "reshape", "expand", "permute", "transpose", "t", "unsqueeze", "squeeze",
+            "slice", "select", "split", "split_with_sizes", "unbind", "as_strided", "alias", "detach", "chunk",
+            "_reshape_alias", "lift_fresh", "empty", "empty_strided", "empty_like", "new_empty", "size", "stride",
+            "is_same_size", "sym_size", "sym_stride", "sym_numel", "numel", "dim", "_local_scalar_dense"}
+
+    def __init__(self):
+        super().__init__()
+        self.aten = 0
+        self.triton = 0
+        self._inside_kernel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self._inside_kernel and func.__name__.split(".")[0] not in self.FREE:
+            self.aten += 1
+        return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def counting(self):
+        with self, _count_triton_launches(self):
+            yield self
+
+    @property
+    def total(self) -> int:
+        return self.aten + self.triton
+
+
+@contextlib.contextmanager
+def _count_triton_launches(counter: LaunchCounter):
+    """Count `kernel[grid](...)` launches of compiled and interpreted Triton kernels.
+
+    Compiled, interpreted, autotuned and heuristic kernels all launch through KernelInterface.__getitem__
+    (the wrappers then call the inner kernel's run directly), so one patch counts each launch once.
+    """
+    try:
+        from triton.runtime.jit import KernelInterface
+    except ImportError:
+        yield
+        return
+    original = KernelInterface.__getitem__
+
+    def getitem(kernel, grid):
+        launcher = original(kernel, grid)
+
+        def launch(*args, **kwargs):
+            counter.triton += 1
+            counter._inside_kernel += 1
+            try:
+                return launcher(*args, **kwargs)
+            finally:
+                counter._inside_kernel -= 1
+
+        return launch
+
+    KernelInterface.__getitem__ = getitem
+    try:
+        yield
+    finally:
+        KernelInterface.__getitem__ = original
+
+
+def backend_ops() -> dict[str, object]:
+    """Ops for every backend usable on this machine (strict plans: an unsupported call is an error)."""
+    from qvl.backends import Ops, all_backends, resolve_plan
+
+    return {b.name: Ops(resolve_plan(b.name)) for b in all_backends() if not b.unavailable_reasons()}
+
+
+def optional(module: str):
+    """Import an optional peer package; None if it is missing or broken."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except Exception:
+        return None
+
+
+def compiled(fn):
+    """torch.compile of `fn` on the GPU (the peer users reach for); None on the CPU subset."""
+    return torch.compile(fn) if CUDA else None

@@ -1,0 +1,204 @@
+"""Performance regression tracking against committed per-machine baselines.
+
+    python benchmarks/regress.py check  [--machine cpu]   # run the suite, compare with the baseline, exit 1 on regression
+    python benchmarks/regress.py update [--machine cpu]   # run the suite and rewrite benchmarks/baselines/<machine>.json
+    python benchmarks/regress.py compare CURRENT.json BASELINE.json [--threshold 0.25]
+
+Two kinds of figures:
+- timings: each benchmark's median divided by a calibration workload timed in the same run (noise on a
+  shared machine moves both), compared as a ratio with a per-machine threshold;
+- deterministic figures: kernel launches per decoder layer and per decode step (aten ops + Triton
+  launches), and on a GPU the peak memory of a fixed workload. These must not rise at all without a
+  baseline update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+BASELINES = os.path.join(ROOT, "benchmarks", "baselines")
+# Timings may move this much (normalized ratio - 1) before the check fails.
+THRESHOLDS = {"cpu": 0.25, "h100": 0.10}
+
+
+def run_suite(select: str | None) -> dict:
+    """Run the pytest-benchmark suites and the deterministic counts; return one results document."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "bench.json")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(ROOT, "benchmarks"),
+               "-o", "python_files=bench_*.py", f"--benchmark-json={out}", "--benchmark-disable-gc"]
+        if select:
+            cmd += ["-k", select]
+        proc = subprocess.run(cmd, cwd=ROOT)
+        if proc.returncode not in (0, 5):
+            raise SystemExit(f"benchmark suite failed (pytest exit {proc.returncode})")
+        with open(out) as f:
+            raw = json.load(f)
+    timings, figures = {}, {}
+    for b in raw["benchmarks"]:
+        timings[b["fullname"]] = b["extra_info"]["normalized"]
+        figures[b["fullname"]] = {k: v for k, v in b["extra_info"].items()} | {"median_s": b["stats"]["median"]}
+    return {"meta": metadata(), "timings": timings, "figures": figures, "counts": deterministic_counts()}
+
+
+def metadata() -> dict:
+    import torch
+
+    from benchmarks import harness
+
+    meta = {"device": harness.device_name(), "torch": torch.__version__, "python": sys.version.split()[0],
+            "date": datetime.date.today().isoformat()}
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        meta["triton"] = None
+    try:
+        meta["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                        check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        meta["commit"] = "unknown"
+    return meta
+
+
+def deterministic_counts() -> dict:
+    """Launches per decoder layer (prefill and decode) and per decode step, per backend; peak GPU memory."""
+    import torch
+
+    import qvl
+    from benchmarks import harness
+    from qvl.backends import CausalMask
+    from qvl.demo import demo_prompt
+
+    preset = "3b" if harness.FULL else "tiny"
+    model = qvl.from_config(preset, dtype=torch.bfloat16 if harness.CUDA else torch.float32,
+                            device=harness.DEVICE, seed=0)
+    inputs = demo_prompt(model.cfg)
+    counts = {}
+    for backend in harness.backend_ops():
+        model.set_backends(backend)
+        prompt = model.prepare(**inputs)
+        cache = model.new_cache(1, inputs["input_ids"].shape[1] + 4)
+        model.prefill(prompt, cache)
+        token = torch.zeros(1, dtype=torch.long, device=harness.DEVICE)
+        model.decode_step(token, prompt, cache)  # warm: first calls may build caches
+        with harness.LaunchCounter().counting() as step:
+            model.decode_step(token, prompt, cache)
+        layer = model.model.layers[0]
+        kv = cache.layer(0)
+        n = prompt.embeds.shape[1]
+        rotary = model.rotary(not prompt.has_vision)
+        with harness.LaunchCounter().counting() as prefill_layer:
+            layer(model.ops, prompt.embeds, None, prompt.positions, rotary, CausalMask(prompt.pad), kv, 0)
+        emb = model.model.embed_tokens(token[:, None])
+        from qvl.model.positions import decode_positions
+
+        pos = decode_positions(n, 1, prompt.deltas)
+        with harness.LaunchCounter().counting() as decode_layer:
+            layer(model.ops, emb, emb, pos, model.rotary(True), CausalMask(prompt.pad), kv, n)
+        counts[f"launches/decode_step[{backend}]"] = step.total
+        counts[f"launches/decoder_layer_prefill[{backend}]"] = prefill_layer.total
+        counts[f"launches/decoder_layer_decode[{backend}]"] = decode_layer.total
+        if harness.CUDA:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            model.generate(**inputs, max_new_tokens=8)
+            counts[f"peak_bytes/generate_8_tokens[{backend}]"] = torch.cuda.max_memory_allocated()
+    return counts
+
+
+def compare(current: dict, baseline: dict, threshold: float) -> tuple[bool, str]:
+    """(ok, table): timings beyond `threshold` and any rise of a deterministic figure are regressions."""
+    rows, ok = [], True
+    for name, base in sorted(baseline.get("timings", {}).items()):
+        if name not in current.get("timings", {}):
+            rows.append((name, f"{base:.3g}", "-", "-", "missing"))
+            continue
+        now = current["timings"][name]
+        ratio = now / base
+        status = "REGRESSION" if ratio > 1 + threshold else ("faster" if ratio < 1 - threshold else "ok")
+        ok &= status != "REGRESSION"
+        rows.append((name, f"{base:.3g}", f"{now:.3g}", f"{ratio - 1:+.0%}", status))
+    for name in sorted(set(current.get("timings", {})) - set(baseline.get("timings", {}))):
+        rows.append((name, "-", f"{current['timings'][name]:.3g}", "-", "new"))
+    for name, base in sorted(baseline.get("counts", {}).items()):
+        now = current.get("counts", {}).get(name)
+        if now is None:
+            rows.append((name, str(base), "-", "-", "missing"))
+            continue
+        status = "REGRESSION" if now > base else ("lower" if now < base else "ok")
+        ok &= status != "REGRESSION"
+        rows.append((name, str(base), str(now), f"{now - base:+d}", status))
+    for name in sorted(set(current.get("counts", {})) - set(baseline.get("counts", {}))):
+        rows.append((name, "-", str(current["counts"][name]), "-", "new"))
+    width = max([len(r[0]) for r in rows] + [9])
+    lines = [f"{'benchmark':<{width}}  {'baseline':>10}  {'current':>10}  {'change':>8}  status",
+             "-" * (width + 46)]
+    lines += [f"{r[0]:<{width}}  {r[1]:>10}  {r[2]:>10}  {r[3]:>8}  {r[4]}" for r in rows]
+    lines.append(f"timing threshold {threshold:.0%} (normalized by the calibration workload); "
+                 "launch counts and peak memory must not rise")
+    return ok, "\n".join(lines)
+
+
+def baseline_path(machine: str) -> str:
+    return os.path.join(BASELINES, f"{machine}.json")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("check", "update"):
+        p = sub.add_parser(name)
+        p.add_argument("--machine", default=None, help="baseline name (default: h100 on CUDA, else cpu)")
+        p.add_argument("-k", dest="select", default=None, help="pytest -k selection of benchmarks")
+        p.add_argument("--threshold", type=float, default=None)
+        p.add_argument("--save", default=None, help="also write this run's results here")
+    p = sub.add_parser("compare")
+    p.add_argument("current")
+    p.add_argument("baseline")
+    p.add_argument("--threshold", type=float, default=THRESHOLDS["cpu"])
+    args = ap.parse_args(argv)
+
+    if args.cmd == "compare":
+        with open(args.current) as f, open(args.baseline) as g:
+            ok, table = compare(json.load(f), json.load(g), args.threshold)
+        print(table)
+        return 0 if ok else 1
+
+    import torch
+
+    machine = args.machine or ("h100" if torch.cuda.is_available() else "cpu")
+    threshold = args.threshold if args.threshold is not None else THRESHOLDS.get(machine, 0.25)
+    current = run_suite(args.select)
+    current["machine"] = machine
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump(current, f, indent=1, sort_keys=True)
+    if args.cmd == "update":
+        os.makedirs(BASELINES, exist_ok=True)
+        with open(baseline_path(machine), "w") as f:
+            json.dump(current, f, indent=1, sort_keys=True)
+            f.write("\n")
+        print(f"wrote {baseline_path(machine)}; review `git diff {os.path.relpath(baseline_path(machine), ROOT)}`")
+        return 0
+    path = baseline_path(machine)
+    if not os.path.exists(path):
+        print(f"no baseline for machine {machine!r} at {path}: run `python benchmarks/regress.py update`")
+        return 1
+    with open(path) as f:
+        ok, table = compare(current, json.load(f), threshold)
+    print(table)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
