@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import next_power_of_2
-from .rms_norm import as_rows, rows_view, to_storage
+from .common import as_rows, rows_view, to_storage
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK_COLS = 1024  # columns per tile: contiguous, vectorized loads

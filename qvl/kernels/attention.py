@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from . import DOT_F32, INTERPRETED, next_power_of_2
+from .common import to_storage
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -131,7 +132,7 @@ def _attend_range(acc, row_sum, row_max, q, query_pos, k_base, v_base, stride_kl
 def _store_normalized(out_ptrs, acc, row_sum, rows_valid, dims_valid):
     """out = acc / l, and 0 for rows that saw no key (their acc is 0 too)."""
     out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
-    tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=rows_valid[:, None] & dims_valid[None, :])
+    tl.store(out_ptrs, to_storage(out, out_ptrs.dtype.element_ty), mask=rows_valid[:, None] & dims_valid[None, :])
 
 
 @triton.jit

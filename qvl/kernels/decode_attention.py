@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from . import DOT_F32, INTERPRETED, next_power_of_2
+from .common import to_storage
 
 BLOCK_N = 64  # keys per inner-loop step
 MAX_ROWS = 64  # query rows (group * Lq) per program; larger groups take several programs per kv head
@@ -147,7 +148,7 @@ def _decode_attention_fwd_kernel(
     if SINGLE_SPLIT:
         out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
         out_offsets = batch * stride_ob + query[:, None] * stride_ol + head[:, None] * stride_oh + dims[None, :]
-        tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+        tl.store(out_ptr + out_offsets, to_storage(out, out_ptr.dtype.element_ty), mask=q_mask)
     else:
         # Partials are laid out (B, Hq, Lq, num_splits, [D]): phase 2 reads one row's splits contiguously.
         num_q_heads = num_kv_heads * group
@@ -192,7 +193,7 @@ def _decode_attention_combine_kernel(
 
     out = tl.where(denom > 0, acc / tl.where(denom > 0, denom, 1.0), 0.0)
     out_offsets = batch * stride_ob + query * stride_ol + head * stride_oh + dims
-    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=dim_valid)
+    tl.store(out_ptr + out_offsets, to_storage(out, out_ptr.dtype.element_ty), mask=dim_valid)
 
 
 @functools.lru_cache(maxsize=None)

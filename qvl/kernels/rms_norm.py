@@ -21,40 +21,14 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETED, next_power_of_2
+from . import next_power_of_2
+from .common import as_rows, round_to, rows_view, to_storage
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Rows up to this many elements are normalized from registers in one pass (16 warps: <= 32 floats/thread).
 MAX_ONE_PASS_HIDDEN = 16384
 # Chunk width of the two-pass loop for wider rows.
 CHUNK_HIDDEN = 4096
-
-# The interpreter casts float32 -> bfloat16 by truncation; the GPU rounds to nearest even. Rounding in
-# software first makes the interpreter reproduce torch's (and the GPU's) bf16 values exactly.
-_SOFTWARE_BF16_ROUNDING = tl.constexpr(INTERPRETED)
-
-
-@triton.jit
-def _round_bf16_rne(x):
-    """float32 -> the nearest bfloat16 value (ties to even), still held as float32."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = bits + 0x7FFF + ((bits >> 16) & 1)
-    return (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def to_storage(x, DTYPE: tl.constexpr):
-    """Cast float32 values to the storage dtype with round-to-nearest-even, interpreted or compiled."""
-    if _SOFTWARE_BF16_ROUNDING and DTYPE == tl.bfloat16:
-        x = _round_bf16_rne(x)
-    return x.to(DTYPE)
-
-
-@triton.jit
-def round_to(x, DTYPE: tl.constexpr):
-    """float32 values rounded to DTYPE's precision, kept in float32 (an intermediate rounding step)."""
-    return to_storage(x, DTYPE).to(tl.float32)
-
 
 @triton.jit
 def _load_row_sum(x_row_ptr, res_row_ptr, offs, mask, STORE_DTYPE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
@@ -112,24 +86,6 @@ def _rms_norm_fwd_kernel(
             w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             y = w * round_to(s * rstd, X_DTYPE)
             tl.store(y_row + cols, to_storage(y, Y_DTYPE), mask=mask)
-
-
-def rows_view(t: torch.Tensor) -> torch.Tensor | None:
-    """(..., N) as a (rows, N) view with unit stride along N, or None when the layout has none (leading
-    dims that do not collapse to one row stride, or a strided last dim). Contiguous tensors and last-dim
-    slices of a wider tensor (q/k/v of a fused projection, gate/up halves) have one."""
-    n = t.shape[-1]
-    try:
-        rows = t.view(-1, n)
-    except RuntimeError:
-        return None
-    return rows if n <= 1 or rows.stride(1) == 1 else None
-
-
-def as_rows(t: torch.Tensor) -> torch.Tensor:
-    """`rows_view(t)`, or a contiguous (rows, N) copy when t has no such view."""
-    rows = rows_view(t)
-    return rows if rows is not None else t.contiguous().view(-1, t.shape[-1])
 
 
 def _num_warps(block: int) -> int:

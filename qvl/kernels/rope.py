@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from . import next_power_of_2
+from .common import to_storage
 
 # Pairs per program (heads x pairs): 16 heads of head dim 128 (or 80, padded to 64 pairs), about 4 KiB
 # of bf16 in and out per program, enough work per program for a memory-bound op on the GPU.
@@ -52,8 +53,8 @@ def _rotate_heads(src_ptr, src_stride_h, src_stride_d, dst_ptr, dst_stride_h, ds
     c = cos[None, :]
     s = sin[None, :]
     dst = dst_ptr + heads[:, None] * dst_stride_h + pairs[None, :] * dst_stride_d
-    tl.store(dst, (x1 * c - x2 * s).to(dst_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + HALF * dst_stride_d, (x2 * c + x1 * s).to(dst_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst, to_storage(x1 * c - x2 * s, dst_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF * dst_stride_d, to_storage(x2 * c + x1 * s, dst_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
