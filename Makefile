@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine (Python >= 3.10 with venv):
-#   make demo   the main job: the tiny model through every available backend mix, as a table
-#   make test   the CPU test suite
+#   make ablate  the main job: `qvl ablate` with the default for this machine (table, results/, report, plot)
+#   make test    the CPU test suite
+# Also: make demo (every backend mix on the tiny model), make bench-check / bench-baseline.
 # Each creates its own virtual environment in $(VENV). TORCH and TRITON pick those requirements: the
 # defaults pin the releases CI uses (triton as on the lent H100); on a GPU machine pass what matches its CUDA.
 
@@ -11,7 +12,7 @@ TRITON ?= triton==3.6.0
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: demo test bench-check bench-baseline clean
+.PHONY: ablate demo test bench-check bench-baseline clean
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,9 @@ $(VENV)/.runtime: pyproject.toml
 $(VENV)/.test: $(VENV)/.runtime
 	$(PIP) -e ".[test]"
 	touch $@
+
+ablate: $(VENV)/.runtime
+	$(VENV)/bin/qvl ablate $(CONFIG)
 
 demo: $(VENV)/.runtime
 	$(VENV)/bin/qvl demo

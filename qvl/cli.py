@@ -1,4 +1,4 @@
-"""The `qvl` command: `qvl backends`, `qvl demo`."""
+"""The `qvl` command: `qvl backends`, `qvl demo`, `qvl ablate`, `qvl report`, `qvl generate`."""
 
 from __future__ import annotations
 
@@ -10,13 +10,25 @@ def cmd_backends(args: argparse.Namespace) -> int:
     from .backends import all_backends, availability_table
 
     backends = all_backends()
-    rows = availability_table()
     names = [b.name for b in backends]
-    print(f"{'operator':<10} " + " ".join(f"{n:<24}" for n in names))
-    for row in rows:
-        print(f"{row['operator']:<10} " + " ".join(f"{row[n]:<24}" for n in names))
+    notes: dict[str, int] = {}  # reason text -> footnote number, shared by identical cells
+
+    def cell(text: str) -> str:
+        if text == "ok" or text.startswith("ok ("):
+            return text
+        number = notes.setdefault(text, len(notes) + 1)
+        return f"unavailable [{number}]"
+
+    rows = [[row["operator"]] + [cell(row[n]) for n in names] for row in availability_table()]
+    widths = [max(len(r[i]) for r in rows + [["operator"] + names]) for i in range(len(names) + 1)]
+    print("  ".join(h.ljust(w) for h, w in zip(["operator"] + names, widths)))
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    for text, number in notes.items():
+        print(f"\n[{number}] {text}")
+    print()
     for b in backends:
-        print(f"\n{b.name}: {b.description}")
+        print(f"{b.name}: {b.description}")
     return 0
 
 
@@ -30,6 +42,61 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 1 if any("error" in r for r in rows) else 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from .ablate import AblationRun, default_config, format_table, load_config
+
+    config = load_config(args.config) if args.config else default_config(args.device or "auto")
+    if args.preset:
+        from .ablate.config import with_preset
+
+        config = with_preset(config, args.preset)
+    if args.check:
+        print(f"{config.path or 'built-in default'}: ok: {config.name}, {config.model.describe()}, "
+              f"{len(config.variants)} variants ({', '.join(v.name for v in config.variants)}), "
+              f"reference {config.reference}")
+        return 0
+    run = AblationRun(config, results_root=args.results_dir, device=args.device, repeats=args.repeats,
+                      warmup=args.warmup, quiet=args.quiet)
+    if not args.quiet:
+        print(f"qvl ablate: {config.name} on {run.device}: {len(config.variants)} variants, {run.warmup} warm-up + "
+              f"{run.repeats} repeats each; results in {run.dir}", file=sys.stderr)
+    try:
+        results = run.execute()
+    except KeyboardInterrupt:
+        print(f"\nqvl ablate: interrupted; what was measured is in {run.dir}", file=sys.stderr)
+        return 130
+    print(format_table(results))
+    plot = results.get("plot") or {}
+    print(f"\nresults: {run.dir}/results.json, report.md" + (", plot.png" if plot.get("file") else
+                                                             f" (plot skipped: {plot.get('skipped')})"))
+    return 1 if any(v["status"] != "ok" for v in results["variants"]) else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .ablate import compare_runs, format_table, load_results, render_run
+
+    runs = [load_results(d) for d in args.dirs]
+    if len(runs) == 1 and not args.out:
+        results, directory = runs[0]
+        print(f"{results['name']} ({directory}): {results['status']}")
+        print(format_table(results))
+        if not args.no_write:
+            plot = render_run(results, directory)
+            print(f"\nrendered {directory}/report.md" + (", plot.png" if plot.get("file") else
+                                                          f" (plot skipped: {plot.get('skipped')})"))
+        return 0
+    print(compare_runs(runs))
+    if args.out:
+        import os
+
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "compare.md")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(compare_runs(runs, style="md"))
+        print(f"\nwrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qvl", description="Qwen2.5-VL with interchangeable operator backends")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,10 +107,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("ablate", help="run an ablation config (ablations/*.toml); no config: a default for this machine",
+                       description="Measure every variant of an ablation config (speed, memory, error and token "
+                                   "agreement against the reference variant) and write "
+                                   "RESULTS_DIR/<config name>/<timestamp>/{results.json,report.md,plot.png}.")
+    p.add_argument("config", nargs="?", help="an ablations/*.toml file (default: tiny preset on a CPU, 3b on a GPU)")
+    p.add_argument("--results-dir", default="results", help="root folder for results (default: results)")
+    p.add_argument("--device", help="override the config's device (auto, cpu, cuda, cuda:N)")
+    p.add_argument("--preset", help="run the config on another preset (tiny, 3b, 7b, 32b, 72b)")
+    p.add_argument("--repeats", type=int, help="timed repeats per variant (default: the config's, else 3 on a CPU, 10 on a GPU)")
+    p.add_argument("--warmup", type=int, help="warm-up runs per variant (default: the config's, else 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-variant lines")
+    p.add_argument("--check", action="store_true", help="only parse and check the config")
+    p.set_defaults(func=cmd_ablate)
+    p = sub.add_parser("report", help="render stored ablation results again; several runs: side by side",
+                       description="DIR: a run folder (results/<name>/<timestamp>), a config's folder of runs (the "
+                                   "latest is taken) or a results.json. One DIR: print the table and rewrite its "
+                                   "report.md and plot.png. Several: compare them variant by variant.")
+    p.add_argument("dirs", nargs="+", metavar="DIR")
+    p.add_argument("--out", help="write the comparison to OUT/compare.md")
+    p.add_argument("--no-write", action="store_true", help="one DIR: print only, do not rewrite report.md and plot.png")
+    p.set_defaults(func=cmd_report)
+    from .generate_cli import add_generate_parser
+
+    add_generate_parser(sub)  # qvl generate
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as e:  # input mistakes: a message, not a traceback
+    except (ValueError, FileNotFoundError) as e:  # input mistakes: a message, not a traceback
         print(f"qvl {args.command}: error: {e}", file=sys.stderr)
         return 2
 

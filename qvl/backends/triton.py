@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..kernels import DEVICE_TYPE, HAS_CUDA, INTERPRETED
+from ..kernels import DEVICE_TYPE, HAS_CUDA, INTERPRETED, TRITON_IMPORTED_TOO_EARLY
 from ..kernels.activation import gelu, swiglu
 from ..kernels.attention import causal_attention, varlen_attention
 from ..kernels.decode_attention import decode_attention
@@ -81,6 +81,9 @@ class TritonMLP(_TritonOp):
 def _availability() -> list[str]:
     if not HAS_CUDA and not INTERPRETED:
         return ["no CUDA device, and TRITON_INTERPRET=0 forbids the interpreter"]
+    if TRITON_IMPORTED_TOO_EARLY:
+        return ["no CUDA device, and triton was imported before qvl with the interpreter off: set "
+                "TRITON_INTERPRET=1 before importing triton, or import qvl first"]
     return []
 
 

@@ -1,7 +1,8 @@
 """Triton kernels behind the `triton` backend.
 
 Importing this package decides how kernels run: compiled on a CUDA GPU, or through the Triton
-interpreter on a machine without one (qvl sets TRITON_INTERPRET=1 itself, before triton is imported).
+interpreter on a machine without one (`qvl._env` sets TRITON_INTERPRET=1 when qvl is imported, before
+triton is).
 The interpreter runs the same kernel code with numpy on the CPU: slow, but exact enough to test against
 the eager backend.
 
@@ -17,11 +18,8 @@ from __future__ import annotations
 
 import os
 
-import torch
+from .._env import HAS_CUDA, TRITON_IMPORTED_TOO_EARLY
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DOT_F32 = INTERPRETED
 DEVICE_TYPE = "cpu" if INTERPRETED else "cuda"

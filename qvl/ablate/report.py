@@ -1,0 +1,360 @@
+"""Render ablation results: the terminal table, report.md, the speed/error plot, and side-by-side comparisons.
+
+Everything here reads the stored results.json, so `qvl report DIR` renders a past run exactly as the run did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+FIGURES_TEXT = """\
+- **vision ms**: the vision tower alone (`model.vision_features` on every image and video of the batch).
+- **prefill ms**: time to first token: `prepare` (vision tower, embeddings, 3-D positions) + `prefill` of the
+  whole prompt into a fresh KV cache + argmax of the last position. Includes the vision tower.
+- **decode tok/s**: batch x (decode tokens - 1) / time of the greedy `decode_step` loop after the prefill (the
+  first new token comes out of the prefill). EOS does not stop the loop.
+- Timings: median over the repeats after the warm-up runs, with [min-max] (the terminal shows +-half the range
+  as a percentage of the median). CUDA events on a GPU, `time.perf_counter` on a CPU.
+- **peak MiB**: `torch.cuda.max_memory_allocated` over the variant's runs (weights, activations, KV cache) on a
+  GPU. Not measured on a CPU (results.json keeps the process's max RSS so far, which only grows).
+- **rel err / max err**: the variant's logits at every decoded step against the reference's, in float32:
+  ||L - L_ref|| / ||L_ref|| (Frobenius over batch x steps x vocab) and max |L - L_ref|. The variant is
+  teacher-forced with the reference's greedy tokens, so each step sees the same context. For architecture
+  (window size, rope) or dtype variants the weights are the same where shapes agree, so the error is the
+  effect of the ablation itself, not noise.
+- **agree**: the fraction of the variant's own greedy tokens (free running) equal to the reference's;
+  **first div**: the first step where any row differs (0 = the token out of the prefill), "-" if none.
+- **fallbacks**: distinct calls the registry routed to the fallback backend because the chosen one could not
+  run them (listed below the table)."""
+
+
+# --- reading ------------------------------------------------------------------------------------------------------
+
+
+def load_results(path: str) -> tuple[dict, str]:
+    """A results.json, a run folder, or a config's folder of runs (the latest run is taken)."""
+    if os.path.isfile(path):
+        file = path
+    elif os.path.isfile(os.path.join(path, "results.json")):
+        file = os.path.join(path, "results.json")
+    elif os.path.isdir(path):
+        runs = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "results.json")))
+        if not runs:
+            raise ValueError(f"{path}: no results.json here or in its subfolders")
+        file = os.path.join(path, runs[-1], "results.json")
+    else:
+        raise ValueError(f"{path}: no such file or folder")
+    try:
+        with open(file, encoding="utf-8") as f:
+            results = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: cannot read results: {e}") from None
+    if not isinstance(results, dict) or "variants" not in results:
+        raise ValueError(f"{file}: not a qvl ablation results file")
+    return results, os.path.dirname(file)
+
+
+# --- numbers ------------------------------------------------------------------------------------------------------
+
+
+def _median(stat) -> float | None:
+    return stat["median"] if isinstance(stat, dict) else None
+
+
+def _num(x: Any, fmt: str) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, str):  # "nan", "inf" as stored
+        return x
+    return format(x, fmt)
+
+
+def _timing(stat, fmt: str, style: str) -> str:
+    if not isinstance(stat, dict):
+        return "-"
+    med = stat["median"]
+    if style == "md":
+        return f"{med:{fmt}} [{stat['min']:{fmt}}-{stat['max']:{fmt}}]"
+    spread = (stat["max"] - stat["min"]) / 2 / med * 100 if med else 0.0
+    return f"{med:{fmt}} ±{spread:.0f}%"
+
+
+def _err(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, str):
+        return x
+    return "0" if x == 0 else f"{x:.2e}"
+
+
+def variant_cells(e: dict, style: str = "text") -> dict[str, str]:
+    f, c = e.get("figures") or {}, e.get("comparison") or {}
+    name = e["name"] + (" (ref)" if e.get("reference") else "")
+    agree = c.get("token_agreement")
+    return {
+        "variant": name,
+        "status": e["status"],
+        "vision ms": _timing(f.get("vision_ms"), ".1f", style),
+        "prefill ms": _timing(f.get("prefill_ms"), ".1f", style),
+        "decode tok/s": _timing(f.get("decode_tok_s"), ".1f", style),
+        "peak MiB": _num(f.get("peak_memory_mib"), ".0f"),
+        "rel err": _err(c.get("logits_rel_err")),
+        "max err": _err(c.get("logits_max_err")),
+        "agree": "-" if agree is None else (agree if isinstance(agree, str) else f"{agree:.0%}"),
+        "first div": "-" if c.get("first_divergence") is None else str(c["first_divergence"]),
+        "fallbacks": str(len(e.get("fallbacks") or [])),
+    }
+
+
+COLUMNS = ["variant", "status", "vision ms", "prefill ms", "decode tok/s", "peak MiB", "rel err", "max err",
+           "agree", "first div", "fallbacks"]
+
+
+def _grid(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def format_table(results: dict) -> str:
+    """The terminal table, failures and fallbacks under it."""
+    rows = []
+    for e in results["variants"]:
+        cells = variant_cells(e)
+        rows.append([cells[c] for c in COLUMNS])
+    out = [_grid(COLUMNS, rows)]
+    failed = [f"  {e['name']}: {e['error'].splitlines()[0] if e['error'] else ''}" for e in results["variants"]
+              if e["status"] in ("failed", "interrupted") and e.get("error")]
+    if failed:
+        out.append("failed:\n" + "\n".join(failed))
+    notes = [f"  {e['name']}: {e['comparison']['note']}" for e in results["variants"]
+             if (e.get("comparison") or {}).get("compared_to") is None and (e.get("comparison") or {}).get("note")]
+    if notes:
+        out.append("not compared:\n" + "\n".join(notes))
+    fb = [f"  {e['name']}: {f['operator']} {f['requested']} -> {f['used']} ({f['call']}): {'; '.join(f['reasons'])}"
+          for e in results["variants"] for f in e.get("fallbacks") or []]
+    if fb:
+        out.append("fallbacks:\n" + "\n".join(fb))
+    return "\n".join(out)
+
+
+# --- report.md ----------------------------------------------------------------------------------------------------
+
+
+def render_markdown(results: dict, plot_file: str | None = None, plot_note: str | None = None) -> str:
+    env, run, cfg = results.get("environment") or {}, results.get("run") or {}, results.get("config") or {}
+    model, work = cfg.get("model") or {}, results.get("workload") or {}
+    git = env.get("git") or {}
+    lines = [f"# Ablation: {results['name']}", ""]
+    if results.get("description"):
+        lines += [results["description"], ""]
+    src = f"preset `{model.get('preset')}`" if model.get("preset") else f"checkpoint `{model.get('checkpoint')}`"
+    overrides = model.get("overrides") or {}
+    lines += [
+        f"- status: **{results['status']}** (started {results.get('started')}, finished {results.get('finished') or '-'})",
+        f"- config: `{results.get('config_path') or 'built in'}`; reference variant: `{results['reference']}`",
+        f"- model: {src}, {model.get('dtype')}, device {run.get('device')}"
+        + (f", overrides {_inline(overrides)}" if overrides else ""),
+        f"- runs: {run.get('warmup')} warm-up, {run.get('repeats')} timed repeats; timer: {env.get('timer')}; "
+        f"peak memory: {env.get('peak_memory')}",
+    ]
+    if work:
+        vis = []
+        if work.get("image_grids_thw"):
+            vis.append("images (t, h, w patches) " + ", ".join(str(tuple(g)) for g in work["image_grids_thw"]))
+        if work.get("video_grids_thw"):
+            vis.append("videos " + ", ".join(str(tuple(g)) for g in work["video_grids_thw"]))
+        lines.append(f"- workload: batch {work['batch_size']}, prompt {work['prompt_length']} tokens "
+                     f"({work['text_tokens']} text, {work['vision_tokens']} vision placeholders), "
+                     f"{work['decode_tokens']} new tokens" + (f"; {'; '.join(vis)}" if vis else ""))
+    lines.append(f"- environment: {env.get('device_name')}; python {env.get('python')}, torch {env.get('torch')}, "
+                 f"triton {env.get('triton') or 'not installed'}"
+                 + (" (interpreted)" if env.get("triton_interpret") else "")
+                 + f", xformers {env.get('xformers') or 'not installed'}, qvl {env.get('qvl')}; "
+                 f"git {git.get('commit', 'unknown')}" + (" (uncommitted changes)" if git.get("dirty") else ""))
+    lines += ["", "## Results", ""]
+    header = ["variant", "backends", "dtype", "status"] + COLUMNS[2:]
+    rows = []
+    for e in results["variants"]:
+        cells = variant_cells(e, "md")
+        req = e.get("requested") or {}
+        extra = f"; overrides {_inline(req['overrides'])}" if req.get("overrides") else ""
+        rows.append([cells["variant"], f"`{e.get('backends')}`{extra}", str(req.get("dtype", "")), cells["status"]]
+                    + [cells[c] for c in COLUMNS[2:]])
+    lines.append(_md_table(header, rows))
+    lines += ["", "Timings: median [min-max]."]
+    failed = [e for e in results["variants"] if e["status"] in ("failed", "interrupted", "pending", "running")]
+    if failed:
+        lines += ["", "## Not measured", ""]
+        for e in failed:
+            lines.append(f"- `{e['name']}`: {e['status']}" + (f": {_code(e['error'])}" if e.get("error") else ""))
+    notes = [e for e in results["variants"] if (e.get("comparison") or {}).get("compared_to") is None
+             and (e.get("comparison") or {}).get("note")]
+    if notes:
+        lines += ["", "## Not compared", ""] + [f"- `{e['name']}`: {e['comparison']['note']}" for e in notes]
+    with_fb = [e for e in results["variants"] if e.get("fallbacks")]
+    if with_fb:
+        lines += ["", "## Fallbacks", ""]
+        for e in with_fb:
+            for f in e["fallbacks"]:
+                lines.append(f"- `{e['name']}`: {f['operator']} {f['requested']} -> {f['used']} "
+                             f"({f['call']}): {'; '.join(f['reasons'])}")
+    lines += ["", "## Plans", ""]
+    for e in results["variants"]:
+        plan = (e.get("plan") or {}).get("text")
+        weights = (e.get("model") or {}).get("weights")
+        lines.append(f"- `{e['name']}`: {plan or 'not resolved'}" + (f"; weights {weights}" if weights else ""))
+    lines += ["", "## Plot", ""]
+    lines.append(f"![speed and error per variant]({plot_file})" if plot_file else f"No plot: {plot_note}")
+    lines += ["", "## What the figures mean", "", FIGURES_TEXT, ""]
+    return "\n".join(lines)
+
+
+def _inline(d: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in d.items())
+
+
+def _code(text: str) -> str:
+    first = text.splitlines()[0] if text else ""
+    return "`" + first.replace("`", "'") + "`"
+
+
+# --- the plot -----------------------------------------------------------------------------------------------------
+
+
+def plot_results(results: dict, path: str) -> str | None:
+    """Speed and error per variant as one PNG. Returns None when written, else why it was skipped."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        return f"matplotlib is not installed ({e}); pip install matplotlib"
+    variants = results["variants"]
+    names = [e["name"] + (" (ref)" if e.get("reference") else "") for e in variants]
+    panels = [("vision tower ms", "vision_ms", False), ("prefill ms (time to first token)", "prefill_ms", False),
+              ("decode tokens/s", "decode_tok_s", False), ("logits rel. error vs reference", "logits_rel_err", True)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.9 + 0.45 * len(variants)), sharey=True)
+    ys = list(range(len(variants)))
+    for ax, (title, key, log) in zip(axes, panels):
+        for y, e in zip(ys, variants):
+            if e["status"] != "ok":
+                ax.text(0.02, y, e["status"], va="center", ha="left", color="tab:red", transform=ax.get_yaxis_transform())
+                continue
+            if key == "logits_rel_err":
+                value = (e.get("comparison") or {}).get(key)
+                if not isinstance(value, (int, float)) or value <= 0:
+                    label = "ref" if e.get("reference") else ("0" if value == 0 else (value or "n/a"))
+                    ax.text(0.02, y, str(label), va="center", ha="left", color="gray", transform=ax.get_yaxis_transform())
+                    continue
+                ax.barh(y, value, color="tab:orange")
+            else:
+                stat = (e.get("figures") or {}).get(key)
+                if not isinstance(stat, dict):
+                    ax.text(0.02, y, "n/a", va="center", ha="left", color="gray", transform=ax.get_yaxis_transform())
+                    continue
+                med = stat["median"]
+                ax.barh(y, med, xerr=[[med - stat["min"]], [stat["max"] - med]], color="tab:blue", capsize=3)
+        ax.set_title(title, fontsize=10)
+        values = [v for v in _panel_values(variants, key) if v > 0]
+        if log or (values and max(values) / min(values) > 50):  # e.g. interpreted Triton next to eager
+            ax.set_xscale("log")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(ys)
+    axes[0].set_yticklabels(names, fontsize=9)
+    axes[0].invert_yaxis()
+    env = results.get("environment") or {}
+    fig.suptitle(f"{results['name']}: {env.get('device_name', '')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def _panel_values(variants: list[dict], key: str) -> list[float]:
+    out = []
+    for e in variants:
+        if e["status"] != "ok":
+            continue
+        if key == "logits_rel_err":
+            value = (e.get("comparison") or {}).get(key)
+        else:
+            value = _median((e.get("figures") or {}).get(key))
+        if isinstance(value, (int, float)):
+            out.append(float(value))
+    return out
+
+
+def render_run(results: dict, directory: str) -> dict:
+    """Write plot.png and report.md into `directory`; returns what happened to the plot."""
+    plot_path = os.path.join(directory, "plot.png")
+    try:
+        skipped = plot_results(results, plot_path)
+    except Exception as e:  # a plotting problem must never cost the measurements
+        skipped = f"plotting failed: {type(e).__name__}: {e}"
+    info = {"file": "plot.png"} if skipped is None else {"skipped": skipped}
+    md = render_markdown(results, "plot.png" if skipped is None else None, skipped)
+    tmp = os.path.join(directory, "report.md.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(md)
+    os.replace(tmp, os.path.join(directory, "report.md"))
+    return info
+
+
+# --- comparing runs -----------------------------------------------------------------------------------------------
+
+
+def run_label(results: dict, directory: str) -> str:
+    return f"{results['name']}/{os.path.basename(os.path.normpath(directory))}"
+
+
+def compare_runs(runs: list[tuple[dict, str]], style: str = "text") -> str:
+    """Variants of several runs side by side: one row per (variant, run), speed relative to the first run."""
+    header = ["variant", "run", "device", "status", "vision ms", "prefill ms", "decode tok/s", "rel err", "agree",
+              "prefill vs first"]
+    names: list[str] = []
+    for results, _ in runs:
+        for e in results["variants"]:
+            if e["name"] not in names:
+                names.append(e["name"])
+    rows = []
+    for name in names:
+        base = None
+        for results, directory in runs:
+            e = next((x for x in results["variants"] if x["name"] == name), None)
+            if e is None:
+                continue
+            cells = variant_cells(e, "md" if style == "md" else "text")
+            prefill = _median((e.get("figures") or {}).get("prefill_ms"))
+            if base is None and prefill:
+                base, ratio = prefill, "1.00x"
+            else:
+                ratio = f"{prefill / base:.2f}x" if prefill and base else "-"
+            rows.append([name, run_label(results, directory), (results.get("environment") or {}).get("device_name", "-")
+                         if style == "md" else (results.get("run") or {}).get("device", "-"), e["status"],
+                         cells["vision ms"], cells["prefill ms"], cells["decode tok/s"], cells["rel err"],
+                         cells["agree"], ratio])
+    if style == "md":
+        intro = ["# Ablation runs compared", ""] + [f"- `{run_label(r, d)}`: {r.get('status')}, "
+                                                    f"{(r.get('environment') or {}).get('device_name')}, "
+                                                    f"git {((r.get('environment') or {}).get('git') or {}).get('commit')}"
+                                                    for r, d in runs]
+        return "\n".join(intro + ["", _md_table(header, rows), "",
+                                  "prefill vs first: this run's median prefill time over the first listed run's "
+                                  "for the same variant.", ""])
+    return _grid(header, rows)
+
+
+__all__ = ["compare_runs", "format_table", "load_results", "plot_results", "render_markdown", "render_run"]

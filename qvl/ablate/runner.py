@@ -1,0 +1,499 @@
+"""Run an ablation: build the model once, measure every variant, compare each with the reference.
+
+Per variant (warm-up runs first, then `repeats` timed runs; median and min/max reported):
+  vision_ms      the vision tower alone (`model.vision_features` on every image and video)
+  prefill_ms     time to first token: `prepare` (vision tower, embedding, positions) + `prefill` into a
+                 fresh KV cache + argmax of the last position
+  decode_tok_s   batch * (decode_tokens - 1) / time of the greedy `decode_step` loop after the prefill
+  peak_memory    torch.cuda.max_memory_allocated over the variant on a GPU; not measured on a CPU
+Then one more, untimed pass compares with the reference variant (which runs first):
+  logits_rel_err ||L - L_ref|| / ||L_ref|| (Frobenius, float32) over the logits of all decode_tokens steps
+  logits_max_err max |L - L_ref|
+                 the variant is teacher-forced with the reference's greedy tokens, so every step sees the
+                 same context and its logits are comparable even after the free-running tokens diverge
+  token_agreement  fraction of the variant's own greedy tokens (timed runs) equal to the reference's
+  first_divergence the first step (0 = the token out of the prefill) where any row differs, or None
+Variants with architecture overrides or another dtype get their own model, with the same weights wherever
+parameter shapes agree (copied, cast to the variant's dtype, from the base model), so their error is the
+effect of the ablation itself. Variants whose prompt differs from the reference's (other patch or merge
+size) or whose vocabulary differs are not compared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from dataclasses import fields
+from typing import Any
+
+import torch
+
+from ..backends import BackendUnsupportedError, get_backend
+from ..checkpoint import from_config, from_pretrained
+from .config import DTYPES, AblationConfig, Variant
+from .measure import Clock, PeakMemory, Progress, environment, summarize
+from .workload import Workload, build_workload
+
+FORMAT = "qvl-ablation/1"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested, but CUDA is not available on this machine "
+                             "(use device = \"auto\" or \"cpu\", or --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} requested, but only {torch.cuda.device_count()} CUDA devices exist")
+    return device
+
+
+def make_run_dir(root: str, name: str) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = os.path.join(root, name, stamp)
+    path, n = base, 1
+    while True:
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            n += 1
+            path = f"{base}-{n}"
+
+
+def write_json(path: str, data: Any) -> None:
+    """Atomic: a reader (or an interrupted run) sees the previous file or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(_plain(data), f, indent=2, allow_nan=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _plain(x: Any) -> Any:
+    """JSON-safe: non-finite floats as strings ("nan", "inf"), tuples as lists, dtypes and devices as text."""
+    if isinstance(x, float):
+        return x if x == x and x not in (float("inf"), float("-inf")) else str(x)
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (torch.dtype, torch.device)):
+        return str(x)
+    return x
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _order(config: AblationConfig) -> list[Variant]:
+    """The reference first (every comparison needs it), then the others as listed."""
+    ref = config.variant(config.reference)
+    return [ref] + [v for v in config.variants if v.name != config.reference]
+
+
+# --- one variant --------------------------------------------------------------------------------------------------
+
+
+def _check_backends(variant: Variant) -> None:
+    """A backend that cannot run on this machine at all fails the variant, fallback or not."""
+    for op, name in variant.backends.items():
+        if name == "auto":
+            continue
+        reasons = get_backend(name).unavailable_reasons()  # ValueError for a backend qvl does not know here
+        if reasons:
+            raise BackendUnsupportedError(f"{op}: backend {name!r} is unavailable on this machine: "
+                                          + "; ".join(reasons))
+
+
+def _run_vision(model, work: Workload) -> None:
+    x = work.inputs
+    if x.get("pixel_values") is not None:
+        model.vision_features(x["pixel_values"], x["image_grid_thw"])
+    if x.get("pixel_values_videos") is not None:
+        model.vision_features(x["pixel_values_videos"], x["video_grid_thw"])
+
+
+def _generation_pass(model, work: Workload, forced: torch.Tensor | None = None, keep_logits: bool = False):
+    """Prefill then greedy decode; `forced` (B, N) feeds those tokens instead of the model's own.
+
+    Returns (tokens (B, N), logits (B, N, V) float32 on the CPU or None)."""
+    cache = model.new_cache(work.batch_size, work.total_length)
+    prompt = model.prepare(**work.inputs)
+    logits = model.prefill(prompt, cache)
+    tokens, kept = [logits.argmax(-1)], [logits.float().cpu()] if keep_logits else None
+    for step in range(1, work.decode_tokens):
+        feed = forced[:, step - 1].to(model.device) if forced is not None else tokens[-1]
+        logits = model.decode_step(feed, prompt, cache)
+        tokens.append(logits.argmax(-1))
+        if keep_logits:
+            kept.append(logits.float().cpu())
+    return torch.stack(tokens, 1).cpu(), (torch.stack(kept, 1) if keep_logits else None)
+
+
+def _timed_generation(model, work: Workload, clock: Clock):
+    """One timed run: (tokens, time to first token ms, decode loop ms)."""
+    cache = model.new_cache(work.batch_size, work.total_length)  # allocated outside the timed region
+
+    def first():
+        prompt = model.prepare(**work.inputs)
+        return prompt, model.prefill(prompt, cache).argmax(-1)
+
+    (prompt, token), ttft_ms = clock.time(first)
+
+    def rest():
+        tokens = [token]
+        for _ in range(work.decode_tokens - 1):
+            tokens.append(model.decode_step(tokens[-1], prompt, cache).argmax(-1))
+        return torch.stack(tokens, 1)
+
+    tokens, decode_ms = clock.time(rest)
+    return tokens.cpu(), ttft_ms, decode_ms
+
+
+def measure_timings(model, work: Workload, clock: Clock, warmup: int, repeats: int, tick) -> tuple[dict, torch.Tensor]:
+    """Warm-up then timed runs; `tick(label or None, steps done)` reports progress. Returns the figures and the
+    greedy tokens of the last run."""
+    vision, ttft, decode = [], [], []
+    tokens = None
+    for i in range(warmup + repeats):
+        timed = i >= warmup
+        tick(f"repeat {i - warmup + 1}/{repeats}" if timed else f"warm-up {i + 1}/{warmup}", 0)
+        if work.has_vision:
+            _, ms = clock.time(lambda: _run_vision(model, work))
+            if timed:
+                vision.append(ms)
+        tokens, ttft_ms, decode_ms = _timed_generation(model, work, clock)
+        if timed:
+            ttft.append(ttft_ms)
+            decode.append(decode_ms)
+        tick(None, 1)
+    steps = work.decode_tokens - 1
+    figures = {"vision_ms": summarize(vision), "prefill_ms": summarize(ttft),
+               "decode_tok_s": summarize([work.batch_size * steps / (ms / 1e3) for ms in decode if ms > 0])
+               if steps else None,
+               "decode_ms_per_step": summarize([ms / steps for ms in decode]) if steps else None}
+    return figures, tokens
+
+
+def compare(tokens: torch.Tensor, logits: torch.Tensor, ref_tokens: torch.Tensor, ref_logits: torch.Tensor) -> dict:
+    diff = (logits - ref_logits).abs()
+    ref_norm = ref_logits.norm().item()
+    agree = tokens == ref_tokens
+    differing_steps = (~agree).any(0).nonzero().flatten().tolist()
+    return {"logits_rel_err": (logits - ref_logits).norm().item() / ref_norm if ref_norm else float("nan"),
+            "logits_max_err": diff.max().item(),
+            "token_agreement": agree.float().mean().item(),
+            "first_divergence": differing_steps[0] if differing_steps else None}
+
+
+# --- the run ------------------------------------------------------------------------------------------------------
+
+
+class AblationRun:
+    """Create the results folder at construction (so `dir` is known), then `execute()`."""
+
+    def __init__(self, config: AblationConfig, *, results_root: str = "results", device: str | None = None,
+                 repeats: int | None = None, warmup: int | None = None, quiet: bool = False,
+                 progress: bool | None = None):
+        self.config = config
+        self.device = resolve_device(device or config.model.device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)
+        cuda = self.device.type == "cuda"
+        self.repeats = repeats or config.run.repeats or (10 if cuda else 3)
+        self.warmup = config.run.warmup if warmup is None else warmup
+        if self.repeats < 1 or self.warmup < 0:
+            raise ValueError("repeats must be >= 1 and warmup >= 0")
+        self.quiet = quiet
+        self.clock, self.memory = Clock(self.device), PeakMemory(self.device)
+        self.order = _order(config)
+        self.progress = Progress(len(self.order) * (self.warmup + self.repeats + 1),
+                                 enabled=False if quiet else progress)
+        self.dir = make_run_dir(results_root, config.name)
+        self._models: dict[Any, Any] = {}
+        self._model_info: dict[Any, dict] = {}
+        self._base_key = None
+        self._workloads: dict[Any, Workload] = {}
+        self._ref: dict[str, Any] | None = None
+        self.results = {
+            "format": FORMAT,
+            "name": config.name,
+            "description": config.description,
+            "status": "running",
+            "started": _now(),
+            "finished": None,
+            "results_dir": self.dir,
+            "config_path": config.path,
+            "config": config.to_dict(),
+            "config_source": config.source,
+            "run": {"device": str(self.device), "repeats": self.repeats, "warmup": self.warmup},
+            "environment": environment(self.device, self.clock, self.memory),
+            "reference": config.reference,
+            "workload": None,
+            "variants": [self._pending(v) for v in config.variants],
+            "plot": None,
+        }
+        self.save()
+
+    # -- bookkeeping -------------------------------------------------------------------------------------------
+
+    def _pending(self, v: Variant) -> dict:
+        return {"name": v.name, "status": "pending", "reference": v.name == self.config.reference,
+                "description": v.description, "backends": v.spec,
+                "requested": {"backends": v.backends, "fallback": v.fallback, "dtype": self.config.dtype_of(v),
+                              "overrides": v.overrides},
+                "plan": None, "model": None, "workload": None, "figures": None, "comparison": None,
+                "fallbacks": [], "error": None, "traceback": None, "seconds": None}
+
+    def _entry(self, name: str) -> dict:
+        return next(e for e in self.results["variants"] if e["name"] == name)
+
+    def save(self) -> None:
+        write_json(os.path.join(self.dir, "results.json"), self.results)
+
+    def _say(self, text: str) -> None:
+        if not self.quiet:
+            self.progress.message(text)
+
+    # -- models and workloads ----------------------------------------------------------------------------------
+
+    def _key(self, v: Variant | None):
+        cfg = self.config.model_config(v)
+        return cfg, self.config.dtype_of(v) if v else self.config.model.dtype
+
+    def _model(self, v: Variant):
+        """The model for a variant: built once per (architecture, dtype), reused by every variant that shares it."""
+        key = self._key(v)
+        if key not in self._models:
+            m = self.config.model
+            cfg, dtype = key
+            if m.checkpoint:
+                start = time.perf_counter()
+                overrides = {**m.overrides, **v.overrides}
+                model = from_pretrained(m.checkpoint, dtype=DTYPES[dtype], device=self.device, backends="eager",
+                                        overrides=overrides or None)
+                self._store(key, model, "loaded from the checkpoint", start)
+            else:
+                base = self._base_model()
+                if key != self._base_key:
+                    start = time.perf_counter()
+                    model = from_config(cfg, dtype=DTYPES[dtype], device=self.device, seed=m.seed, backends="eager")
+                    self._store(key, model, self._share_weights(base, model), start)
+            return self._models[key], dict(self._model_info[key])
+        info = dict(self._model_info[key], build_s=0.0)
+        info["weights"] += " (the model of an earlier variant)"
+        return self._models[key], info
+
+    def _base_model(self):
+        """Presets: the model as [model] describes it, the weight source of every other build."""
+        if self._base_key is None:
+            self._base_key = self._key(None)
+        if self._base_key not in self._models:
+            start = time.perf_counter()
+            cfg, dtype = self._base_key
+            model = from_config(cfg, dtype=DTYPES[dtype], device=self.device, seed=self.config.model.seed,
+                                backends="eager")
+            self._store(self._base_key, model, f"seed {self.config.model.seed}", start)
+        return self._models[self._base_key]
+
+    def _store(self, key, model, weights: str, start: float) -> None:
+        cfg, dtype = key
+        self._models[key] = model
+        self._model_info[key] = {
+            "source": self.config.model.describe(), "dtype": dtype,
+            "architecture_overrides": {**self.config.model.overrides, **_config_diff(cfg, self.config.model_config())},
+            "weights": weights, "parameters": sum(p.numel() for p in model.parameters()),
+            "build_s": time.perf_counter() - start}
+
+    @staticmethod
+    def _share_weights(base, model) -> str:
+        src = dict(base.named_parameters())
+        fresh = []
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                s = src.get(name)
+                if s is not None and s.shape == p.shape:
+                    p.copy_(s)
+                else:
+                    fresh.append(name)
+        text = f"copied from the base model ({str(base.dtype).removeprefix('torch.')})"
+        if fresh:
+            text += (f"; {len(fresh)} parameters with other shapes drawn fresh: " + ", ".join(fresh[:6])
+                     + (" ..." if len(fresh) > 6 else ""))
+        return text
+
+    def _workload(self, v: Variant) -> Workload:
+        cfg = self.config.model_config(v)
+        vis = cfg.vision  # what the pixel rows and placeholder counts depend on
+        key = (vis.patch_size, vis.temporal_patch_size, vis.spatial_merge_size, vis.in_channels, cfg.image_token_id,
+               cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.bos_token_id,
+               cfg.eos_token_id, cfg.pad_token_id, cfg.text.vocab_size, cfg.text.max_position_embeddings)
+        if key not in self._workloads:
+            self._workloads[key] = build_workload(self.config.workload, cfg).to(self.device)
+        return self._workloads[key]
+
+    def _release_unneeded(self, remaining: list[Variant]) -> None:
+        needed = {self._key(v) for v in remaining}
+        if self.config.model.preset and any(k != self._base_key for k in needed):
+            needed.add(self._base_key)  # still the weight source
+        for key in [k for k in self._models if k not in needed]:
+            del self._models[key]
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- running -----------------------------------------------------------------------------------------------
+
+    def execute(self) -> dict:
+        try:
+            with torch.no_grad():
+                for i, v in enumerate(self.order):
+                    self._run_variant(v, i)
+                    self._release_unneeded(self.order[i + 1:])
+        except KeyboardInterrupt:
+            for e in self.results["variants"]:
+                if e["status"] == "running":
+                    e["status"], e["error"] = "interrupted", "KeyboardInterrupt: the run was interrupted here"
+            self.results["status"] = "interrupted"
+            self._finish()
+            raise
+        self.results["status"] = "complete"
+        self._finish()
+        return self.results
+
+    def _finish(self) -> None:
+        from .report import render_run
+
+        self.progress.close()
+        self._models.clear()
+        self.results["finished"] = _now()
+        self.save()
+        self.results["plot"] = render_run(self.results, self.dir)
+        self.save()
+
+    def _run_variant(self, v: Variant, index: int) -> None:
+        entry = self._entry(v.name)
+        entry["status"] = "running"
+        self.save()
+        per_variant = self.warmup + self.repeats + 1
+        done_before = self.progress.done
+        label = f"{index + 1}/{len(self.order)} {v.name}"
+        start = time.perf_counter()
+        model = None
+        try:
+            self.progress.update(f"{label}: building")
+            _check_backends(v)
+            model, info = self._model(v)
+            entry["model"] = info
+            model.set_backends(v.backends, fallback=v.fallback)
+            entry["plan"] = {"choices": model.plan.as_dict(), "fallback": model.plan.fallback, "text": str(model.plan)}
+            work = self._workload(v)
+            entry["workload"] = work.describe()
+            if v.name == self.config.reference:
+                self.results["workload"] = work.describe()
+
+            self.memory.reset()
+            figures, tokens = measure_timings(model, work, self.clock, self.warmup, self.repeats,
+                                              lambda what, n: self.progress.update(
+                                                  None if what is None else f"{label}: {what}", advance=n))
+            figures["peak_memory_mib"] = self.memory.read_mib()
+            figures["process_max_rss_mib"] = self.memory.process_max_rss_mib()
+            figures["model_mib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+            entry["figures"] = figures
+
+            self.progress.update(f"{label}: comparing with {self.config.reference}")
+            entry["comparison"] = self._compare(v, model, work, tokens)
+            self.progress.update(advance=1)
+            entry["fallbacks"] = _fallbacks(model)
+            entry["status"] = "ok"
+            self._say(f"[{index + 1}/{len(self.order)}] {v.name}: " + _one_line(entry))
+        except KeyboardInterrupt:
+            entry["fallbacks"] = _fallbacks(model) if model is not None else []
+            raise
+        except Exception as e:  # out of memory, unsupported call in strict mode, a kernel bug: record, go on
+            entry["status"] = "failed"
+            entry["error"] = f"{type(e).__name__}: {e}"
+            entry["traceback"] = traceback.format_exc(limit=-12)
+            if model is not None:
+                entry["fallbacks"] = _fallbacks(model)
+            if v.name == self.config.reference:
+                self._ref = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self._say(f"[{index + 1}/{len(self.order)}] {v.name}: FAILED: {entry['error'].splitlines()[0]}")
+            self.progress.update(advance=max(0, done_before + per_variant - self.progress.done))
+        finally:
+            entry["seconds"] = time.perf_counter() - start
+            self.save()
+
+    def _compare(self, v: Variant, model, work: Workload, tokens: torch.Tensor) -> dict:
+        ref_name = self.config.reference
+        if v.name == ref_name:
+            ref_tokens, ref_logits = _generation_pass(model, work, keep_logits=True)
+            self._ref = {"tokens": ref_tokens, "logits": ref_logits, "workload": work}
+            return {"compared_to": ref_name, "logits_rel_err": 0.0, "logits_max_err": 0.0, "token_agreement": 1.0,
+                    "first_divergence": None, "note": "the reference", "deterministic":
+                        bool(torch.equal(tokens, ref_tokens))}
+        ref = self._ref
+        if ref is None:
+            return {"compared_to": None, "note": f"not compared: the reference variant {ref_name!r} failed"}
+        if not work.same_prompt(ref["workload"]):
+            return {"compared_to": None, "note": "not compared: this architecture gives another prompt (placeholder "
+                                                 "count or pixel layout) than the reference's"}
+        if model.cfg.text.vocab_size != ref["logits"].shape[-1]:
+            return {"compared_to": None, "note": f"not compared: vocabulary {model.cfg.text.vocab_size} vs "
+                                                 f"{ref['logits'].shape[-1]} in the reference"}
+        _, logits = _generation_pass(model, work, forced=ref["tokens"], keep_logits=True)
+        out = {"compared_to": ref_name, **compare(tokens, logits, ref["tokens"], ref["logits"])}
+        out["note"] = "teacher-forced logits, free-running tokens"
+        return out
+
+
+def _config_diff(cfg, base) -> dict[str, Any]:
+    """Dotted names and values of the fields where `cfg` differs from `base`."""
+    out = {}
+    for prefix, a, b in (("", cfg, base), ("text.", cfg.text, base.text), ("vision.", cfg.vision, base.vision)):
+        for f in fields(a):
+            if f.name not in ("text", "vision") and getattr(a, f.name) != getattr(b, f.name):
+                out[prefix + f.name] = getattr(a, f.name)
+    return out
+
+
+def _fallbacks(model) -> list[dict]:
+    seen, out = set(), []
+    for f in model.fallbacks:
+        key = (f.operator, f.requested, f.used, f.call, f.reasons)
+        if key not in seen:
+            seen.add(key)
+            out.append({"operator": f.operator, "requested": f.requested, "used": f.used, "call": f.call,
+                        "reasons": list(f.reasons)})
+    return out
+
+
+def _one_line(entry: dict) -> str:
+    f, c = entry["figures"] or {}, entry["comparison"] or {}
+    parts = []
+    if f.get("prefill_ms"):
+        parts.append(f"prefill {f['prefill_ms']['median']:.1f} ms")
+    if f.get("decode_tok_s"):
+        parts.append(f"decode {f['decode_tok_s']['median']:.1f} tok/s")
+    if c.get("logits_rel_err") is not None:
+        parts.append(f"rel err {c['logits_rel_err']:.2e}")
+    if entry["fallbacks"]:
+        parts.append(f"{len(entry['fallbacks'])} fallbacks")
+    return ", ".join(parts)
+
+
+def run_ablation(config: AblationConfig, **kwargs) -> dict:
+    """Run and return the results (also in results/<name>/<timestamp>/results.json)."""
+    return AblationRun(config, **kwargs).execute()
+
+
+__all__ = ["AblationRun", "run_ablation", "resolve_device", "write_json", "compare"]
