@@ -24,6 +24,8 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import qvl  # noqa: E402,F401  (first: it switches on the Triton interpreter before anything imports triton)
+
 BASELINES = os.path.join(ROOT, "benchmarks", "baselines")
 # Timings may move this much (normalized ratio - 1) before the check fails.
 THRESHOLDS = {"cpu": 0.25, "h100": 0.10}
