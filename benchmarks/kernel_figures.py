@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from qvl.backends import BlockDiagonalMask, CausalMask, Rotary  # noqa: E402
+from qvl.backends import BlockDiagonalMask, Rotary  # noqa: E402
 from qvl.backends import eager  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -48,7 +48,6 @@ def peers(name: str):
     """Optional packages: (module or None, reason)."""
     try:
         if name == "liger":
-            import liger_kernel.ops as mod  # noqa: F401
             import liger_kernel
             return liger_kernel, ""
         if name == "xformers":

@@ -76,7 +76,6 @@ def deterministic_counts() -> dict:
     """Launches per decoder layer (prefill and decode) and per decode step, per backend; peak GPU memory."""
     import torch
 
-    import qvl
     from benchmarks import harness
     from qvl.backends import CausalMask
     from qvl.demo import demo_prompt

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from ..backends import OPERATORS, backend_names
+from ..backends import OPERATORS, backend_names, parse_spec
 from ..config import Qwen25VLConfig, TextConfig, VisionConfig, get_preset, load_hf_config, PRESETS
 
 try:  # Python >= 3.11
@@ -273,31 +273,15 @@ def _backend_choices(include_auto: bool = True) -> list[str]:
 
 def _backends(where: _Where, key: str, v: Any) -> tuple[dict[str, str], str]:
     """A backend spec -> (a full plan: every operator named, unnamed ones on eager, the spec as written)."""
-    choices = _backend_choices()
-    if isinstance(v, str):
-        items = [p.strip() for p in v.split(",") if p.strip()]
-        if not items:
-            raise where.error(key, "must name a backend, e.g. \"eager\" or \"attention=triton,norm=eager\"")
-        if len(items) == 1 and "=" not in items[0]:
-            mapping = {op: items[0] for op in OPERATORS}
-        else:
-            mapping = {}
-            for item in items:
-                op, sep, name = item.partition("=")
-                if not sep:
-                    raise where.error(key, f"{item!r} is not operator=backend; write \"attention=triton,norm=eager\" "
-                                           "or one backend name for every operator")
-                mapping[op.strip()] = name.strip()
-        spec = v
-    elif isinstance(v, dict):
-        mapping, spec = dict(v), ",".join(f"{op}={name}" for op, name in v.items())
-    else:
+    if isinstance(v, str) and not v.strip():
+        raise where.error(key, "must name a backend, e.g. \"eager\" or \"attention=triton,norm=eager\"")
+    if not isinstance(v, (str, dict)) or (isinstance(v, dict) and not all(isinstance(x, str) for x in v.values())):
         raise where.error(key, f"must be a backend name, an \"operator=backend,...\" string or a table; got {_show(v)}")
-    for op, name in mapping.items():
-        if op not in OPERATORS:
-            raise where.error(key, f"unknown operator {op!r}; operators: {', '.join(OPERATORS)}")
-        if not isinstance(name, str) or name not in choices:
-            raise where.error(key, f"{op}: unknown backend {_show(name)}; backends: {', '.join(choices)}")
+    try:  # the registry's own parser: the same spellings and names as everywhere else
+        mapping = parse_spec(v, source="backends")
+    except ValueError as e:
+        raise where.error(key, str(e).removeprefix("backends: ")) from None
+    spec = v if isinstance(v, str) else ",".join(f"{op}={name}" for op, name in v.items())
     full = {op: "eager" for op in OPERATORS}
     full.update(mapping)
     return full, spec

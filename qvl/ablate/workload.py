@@ -13,35 +13,16 @@ pixels but the same layout, so no padding is needed.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from ..config import Qwen25VLConfig
+from ..processing.image import smart_resize  # the processor's own sizing rule
 from .config import ImageSpec, VideoSpec, WorkloadSpec
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
-                 max_pixels: int = 12845056) -> tuple[int, int]:
-    """The Qwen2-VL / Qwen2.5-VL processor's target size: sides multiples of `factor`, area within bounds
-    (transformers' ``smart_resize`` arithmetic)."""
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"image {height}x{width}: aspect ratio above 200 is not supported by the processor")
-    h = round(height / factor) * factor  # Python's round-half-even, as transformers
-    w = round(width / factor) * factor
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * beta / factor) * factor
-        w = math.ceil(width * beta / factor) * factor
-    return h, w
 
 
 def normalize(frames: torch.Tensor) -> torch.Tensor:

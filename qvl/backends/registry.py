@@ -324,7 +324,7 @@ class Dispatcher:
             raise BackendUnsupportedError(
                 f"{call.operator}: backend {requested!r} cannot run this call ({call.describe()}):\n  - "
                 + "\n  - ".join(reasons)
-                + f"\nPass fallback='eager' (or another backend) to route such calls, or choose another backend.")
+                + "\nPass fallback='eager' (or another backend) to route such calls, or choose another backend.")
         fb = get_backend(self.plan.fallback)
         fb_reasons = fb.reasons(call)
         if fb_reasons:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-from .._env import HAS_CUDA, TRITON_IMPORTED_TOO_EARLY
+from .._env import HAS_CUDA, TRITON_IMPORTED_TOO_EARLY  # noqa: F401  (re-exported for the backend)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DOT_F32 = INTERPRETED

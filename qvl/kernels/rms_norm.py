@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import next_power_of_2
-from .common import as_rows, round_to, rows_view, to_storage
+from .common import as_rows, round_to, to_storage
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Rows up to this many elements are normalized from registers in one pass (16 warps: <= 32 floats/thread).

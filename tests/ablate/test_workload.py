@@ -22,7 +22,7 @@ TINY = get_preset("tiny")
     ((12, 1200), (28, 560)),         # a side rounding to 0: the area rule scales both up
 ])
 def test_smart_resize(size, expected):
-    h, w = smart_resize(*size)
+    h, w = smart_resize(*size, max_pixels=12845056)  # the published checkpoints' preprocessor_config.json
     assert (h, w) == expected
     assert h % 28 == 0 and w % 28 == 0 and 56 * 56 <= h * w <= 12845056
 
