@@ -9,6 +9,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 TRITON ?= triton==3.6.0
+TORCHVISION ?= torchvision==0.28.0
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip install --disable-pip-version-check -q
 
@@ -22,6 +23,8 @@ $(VENV)/.runtime: pyproject.toml
 
 $(VENV)/.test: $(VENV)/.runtime
 	$(PIP) -e ".[test]"
+	# transformers' video processor (a test reference) needs torchvision; --no-deps keeps the torch above
+	$(PIP) --no-deps "$(TORCHVISION)"
 	touch $@
 
 ablate: $(VENV)/.runtime

@@ -17,3 +17,12 @@ settings.register_profile("cpu", max_examples=12, deadline=None, derandomize=Tru
 settings.register_profile("gpu", max_examples=100, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("QVL_HYPOTHESIS_PROFILE", "gpu" if torch.cuda.is_available() else "cpu"))
+
+# transformers imports torchvision whenever it is installed; the PyPI wheel needs its op schemas declared
+# to import beside a CPU-only torch (see tests/processing/helpers.py).
+import importlib.util  # noqa: E402
+
+if importlib.util.find_spec("torchvision") is not None:
+    from tests.processing.helpers import _define_torchvision_ops
+
+    _define_torchvision_ops()

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
+import torch
 import pytest
 
 CORPUS = [
@@ -78,9 +80,34 @@ def hf_tokenizer(path):
     return PreTrainedTokenizerFast(tokenizer_file=os.fspath(path))
 
 
+_TORCHVISION_OPS = None
+
+
+def _define_torchvision_ops() -> None:
+    """Let the PyPI torchvision wheel import beside a CPU-only torch build.
+
+    That wheel's compiled ops are built against CUDA torch and do not load here; its Python layer then
+    registers meta kernels for `torchvision::nms`/`qnms`, which fails unless the op schemas exist. The tests
+    only use its pure-Python transforms (resize, normalize), so declaring the two schemas is enough.
+    """
+    global _TORCHVISION_OPS
+    if _TORCHVISION_OPS is not None or "torchvision" in sys.modules:
+        return
+    try:
+        torch.ops.torchvision.nms  # noqa: B018  (already defined by a working build)
+    except (AttributeError, RuntimeError):
+        _TORCHVISION_OPS = torch.library.Library("torchvision", "DEF")
+        _TORCHVISION_OPS.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _TORCHVISION_OPS.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+
+
 def torchvision_or_skip():
     """transformers' torchvision-backed processors (its only video processor) need a working torchvision."""
     try:
+        import importlib.util
+
+        if importlib.util.find_spec("torchvision") is not None:
+            _define_torchvision_ops()
         import torchvision  # noqa: F401
         from torchvision.transforms.v2 import functional  # noqa: F401
     except Exception as e:  # missing, or a build that does not match the installed torch
