@@ -558,9 +558,7 @@ def _description() -> str:
     text = (f"xFormers {STATUS.version}: memory_efficient_attention, rms_norm/rms_norm_add, rope_padded (RoPE + cache "
             f"write), swiglu (dispatched to xFormers' '{swiglu}' SwiGLU op"
             + (": F.linear + silu, this release has no fused SwiGLU kernel)" if swiglu == "eager" else ")"))
-    if STATUS.extension:
-        text += f"; {STATUS.extension}"
-    return text
+    return text  # why something is off (e.g. the compiled extension) is in the availability reasons
 
 
 def make_backend() -> Backend:
