@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One device-tool call on the lent H100/H200: install the carried wheels, run the whole test suite
-# compiled (hypothesis gpu profile), the first kernel figures, the H100 benchmark baseline and the default
-# ablation; everything lands under $OUT. Run from the repo root with `.whl` carried (see ../shared/GPU.md):
-#   bash benchmarks/gpu_session.sh
+# GPU work on the lent H100/H200, one stage per device-tool call (each fits its 10-minute limit):
+#   bash benchmarks/gpu_session.sh tests      # whole suite compiled, hypothesis gpu profile
+#   bash benchmarks/gpu_session.sh figures    # kernel table vs peers + the H100 benchmark baseline
+#   bash benchmarks/gpu_session.sh ablate     # the default ablation (3b, every backend mix)
+# Everything lands under $OUT. Run from the repo root with `.whl` carried (see ../shared/GPU.md).
 # The LD_LIBRARY_PATH line is the lent machine's workaround for xformers' CUDA 12 runtime; qvl itself
 # never needs it.
 set -uo pipefail
@@ -21,11 +22,20 @@ fi
   python3 -c "import liger_kernel; print('liger-kernel ok')" 2>&1 | tail -1
   python3 -m qvl backends
 } > "$OUT/environment.txt" 2>&1
-QVL_HYPOTHESIS_PROFILE=gpu timeout 420 python3 -m pytest -q tests -x -p no:cacheprovider \
+STAGE=${1:-tests}
+case $STAGE in
+tests)
+QVL_HYPOTHESIS_PROFILE=gpu timeout 540 python3 -m pytest -q tests -x -p no:cacheprovider \
   --junitxml="$OUT/junit.xml" > "$OUT/pytest.txt" 2>&1
 echo "pytest exit $?" >> "$OUT/pytest.txt"
-timeout 300 python3 benchmarks/kernel_figures.py --out "$OUT" > "$OUT/kernel_figures.log" 2>&1
-timeout 600 python3 benchmarks/regress.py update --machine h100 --save "$OUT/h100.json" > "$OUT/regress.log" 2>&1
+tail -5 "$OUT/pytest.txt" ;;
+figures)
+timeout 240 python3 benchmarks/kernel_figures.py --out "$OUT" > "$OUT/kernel_figures.log" 2>&1
+timeout 300 python3 benchmarks/regress.py update --machine h100 --save "$OUT/h100.json" > "$OUT/regress.log" 2>&1
 cp benchmarks/baselines/h100.json "$OUT/" 2>/dev/null
-timeout 600 python3 -m qvl ablate --results-dir "$OUT/results" > "$OUT/ablate.txt" 2>&1
-tail -3 "$OUT/pytest.txt"; cat "$OUT/kernel_figures.md" 2>/dev/null; tail -15 "$OUT/ablate.txt"
+cat "$OUT/kernel_figures.md" ;;
+ablate)
+timeout 540 python3 -m qvl ablate --results-dir "$OUT/results" > "$OUT/ablate.txt" 2>&1
+tail -15 "$OUT/ablate.txt" ;;
+*) echo "stages: tests figures ablate"; exit 2 ;;
+esac
