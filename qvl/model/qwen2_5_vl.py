@@ -22,6 +22,7 @@ from ..config import Qwen25VLConfig
 from .cache import StaticKVCache
 from .layers import inverse_frequencies
 from .positions import check_grids, decode_positions, left_padding, mrope_positions
+from .sampling import Sampler
 from .text import TextDecoder
 from .vision import VisionTower
 
@@ -201,8 +202,6 @@ class Qwen25VL(nn.Module):
         first EOS) and generation stops when every row has finished. `on_token(tokens)` is called with each
         new (B,) step, for streaming.
         """
-        from .sampling import Sampler
-
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
         sampler = Sampler(temperature, top_k, top_p, seed, self.device)
