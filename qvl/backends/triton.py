@@ -92,7 +92,9 @@ BACKEND = Backend(
     {"attention": TritonAttention(), "rope": TritonRope(), "norm": TritonNorm(), "mlp": TritonMLP(),
      "cache": TritonCache()},
     description="qvl's Triton kernels (qvl/kernels)" + (" through the Triton interpreter" if INTERPRETED else ""),
-    priority=20,
+    # `auto` prefers compiled kernels over everything, but never the interpreter over eager: interpreted
+    # kernels are for checking correctness on a CPU, hundreds of times slower than plain PyTorch there.
+    priority=-10 if INTERPRETED else 20,
     availability=_availability,
     note=lambda: "interpreted" if INTERPRETED else "",
 )

@@ -77,3 +77,14 @@ def test_3b_bf16_all_triton():
     start = inputs["input_ids"].shape[1]
     assert ids[:, start].tolist() == ref_ids[:, start].tolist()
     print("3b bf16 greedy agreement:", (ids[:, start:] == ref_ids[:, start:]).float().mean().item())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels are compiled and auto should take them")
+def test_auto_prefers_eager_over_the_interpreter():
+    from qvl.backends import CallInfo, Ops, get_backend, resolve_plan
+
+    ops = Ops(resolve_plan("auto"))
+    call = CallInfo.of("norm", torch.randn(2, 8), hidden=8, residual=False)
+    assert ops._dispatch.select(call) is get_backend("eager").impls["norm"]
+    # ...while triton itself would run it: auto chose, the interpreter was not refused.
+    assert not get_backend("triton").reasons(call)
