@@ -71,35 +71,7 @@ def _copy_heads(src_ptr, src_stride_h, src_stride_d, dst_ptr, dst_stride_h, dst_
 
 
 @triton.jit
-def _rope_fwd_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, inv_freq_ptr, stream_ptr,
-                     seq_len, n_q_heads, n_k_heads,
-                     stride_qb, stride_ql, stride_qh, stride_qd,
-                     stride_kb, stride_kl, stride_kh, stride_kd,
-                     stride_qob, stride_qol, stride_qoh,
-                     stride_kob, stride_kol, stride_koh,
-                     stride_ps, stride_pb, stride_pl,
-                     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """Grid (B * L, q head blocks + k head blocks). Outputs have a unit stride along the head dim."""
-    token = tl.program_id(0)
-    head_block = tl.program_id(1)
-    b = (token // seq_len).to(tl.int64)  # int64 offsets: long sequences times wide rows overflow int32
-    l = (token % seq_len).to(tl.int64)
-    pairs = tl.arange(0, BLOCK_HALF)
-    cos, sin = _rope_angles(pos_ptr + b * stride_pb + l * stride_pl, stride_ps, inv_freq_ptr, stream_ptr,
-                            pairs, pairs < HALF)
-    n_q_blocks = tl.cdiv(n_q_heads, BLOCK_H)
-    if head_block < n_q_blocks:
-        _rotate_heads(q_ptr + b * stride_qb + l * stride_ql, stride_qh, stride_qd,
-                      q_out_ptr + b * stride_qob + l * stride_qol, stride_qoh, 1,
-                      head_block * BLOCK_H, n_q_heads, cos, sin, HALF, BLOCK_H, BLOCK_HALF)
-    else:
-        _rotate_heads(k_ptr + b * stride_kb + l * stride_kl, stride_kh, stride_kd,
-                      k_out_ptr + b * stride_kob + l * stride_kol, stride_koh, 1,
-                      (head_block - n_q_blocks) * BLOCK_H, n_k_heads, cos, sin, HALF, BLOCK_H, BLOCK_HALF)
-
-
-@triton.jit
-def _rope_cache_fwd_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
+def _rope_fwd_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
                            pos_ptr, inv_freq_ptr, stream_ptr,
                            seq_len, n_q_heads, n_k_heads, start,
                            stride_qb, stride_ql, stride_qh, stride_qd,
@@ -109,10 +81,12 @@ def _rope_cache_fwd_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache_
                            stride_kcb, stride_kcl, stride_kch, stride_kcd,
                            stride_vcb, stride_vcl, stride_vch, stride_vcd,
                            stride_ps, stride_pb, stride_pl,
-                           HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                           HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                           HAS_V: tl.constexpr):
     """Grid (B * L, q head blocks + kv head blocks). A q program writes rotated q to q_out; a kv program
-    writes its rotated k heads straight into k_cache slot start + l and copies the same v heads into
-    v_cache, so un-rotated k never reaches memory."""
+    writes its rotated k heads straight into k_cache slot start + l and, with HAS_V, copies the same v
+    heads into v_cache, so un-rotated k never reaches memory. `rope` alone is this kernel with k_cache a
+    fresh (B, L, Hk, D) output, start 0 and no v."""
     token = tl.program_id(0)
     head_block = tl.program_id(1)
     b = (token // seq_len).to(tl.int64)
@@ -131,9 +105,10 @@ def _rope_cache_fwd_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache_
         _rotate_heads(k_ptr + b * stride_kb + l * stride_kl, stride_kh, stride_kd,
                       k_cache_ptr + b * stride_kcb + slot * stride_kcl, stride_kch, stride_kcd,
                       first_head, n_k_heads, cos, sin, HALF, BLOCK_H, BLOCK_HALF)
-        _copy_heads(v_ptr + b * stride_vb + l * stride_vl, stride_vh, stride_vd,
-                    v_cache_ptr + b * stride_vcb + slot * stride_vcl, stride_vch, stride_vcd,
-                    first_head, n_k_heads, 2 * HALF, BLOCK_H, 2 * BLOCK_HALF)
+        if HAS_V:
+            _copy_heads(v_ptr + b * stride_vb + l * stride_vl, stride_vh, stride_vd,
+                        v_cache_ptr + b * stride_vcb + slot * stride_vcl, stride_vch, stride_vcd,
+                        first_head, n_k_heads, 2 * HALF, BLOCK_H, 2 * BLOCK_HALF)
 
 
 def _check_rope_args(q, k, positions, inv_freq, stream_of_pair) -> None:
@@ -163,6 +138,24 @@ def _launch_config(head_dim: int, max_heads: int) -> tuple[int, int, int]:
     return block_h, block_half, num_warps
 
 
+def _launch(q, k, v, q_out, k_dst, v_dst, positions, inv_freq, stream_of_pair, start: int) -> None:
+    """Rotate q into q_out and k into k_dst slots [start, start + L); copy v into v_dst unless v is None."""
+    b, seq_len, n_q, d = q.shape
+    n_k = k.shape[2]
+    has_v = v is not None
+    if not has_v:  # the pointers are never read: any tensor of the right dtype stands in
+        v, v_dst = k, k_dst
+    block_h, block_half, num_warps = _launch_config(d, max(n_q, n_k))
+    grid = (b * seq_len, triton.cdiv(n_q, block_h) + triton.cdiv(n_k, block_h))
+    _rope_fwd_kernel[grid](
+        q, k, v, q_out, k_dst, v_dst, positions, inv_freq.contiguous(), stream_of_pair.contiguous(),
+        seq_len, n_q, n_k, start,
+        *q.stride(), *k.stride(), *v.stride(), *q_out.stride()[:3], *k_dst.stride(), *v_dst.stride(),
+        *positions.stride(),
+        HALF=d // 2, BLOCK_H=block_h, BLOCK_HALF=block_half, HAS_V=has_v, num_warps=num_warps,
+    )
+
+
 def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
          stream_of_pair: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding of q (B, L, Hq, D) and k (B, L, Hk, D) in one launch; returns new contiguous tensors.
@@ -178,14 +171,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: to
     k_out = torch.empty((b, seq_len, n_k, d), dtype=k.dtype, device=k.device)
     if b * seq_len == 0 or d == 0 or n_q + n_k == 0:
         return q_out, k_out
-    block_h, block_half, num_warps = _launch_config(d, max(n_q, n_k))
-    grid = (b * seq_len, triton.cdiv(n_q, block_h) + triton.cdiv(n_k, block_h))
-    _rope_fwd_kernel[grid](
-        q, k, q_out, k_out, positions, inv_freq.contiguous(), stream_of_pair.contiguous(),
-        seq_len, n_q, n_k,
-        *q.stride(), *k.stride(), *q_out.stride()[:3], *k_out.stride()[:3], *positions.stride(),
-        HALF=d // 2, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=num_warps,
-    )
+    _launch(q, k, None, q_out, k_out, None, positions, inv_freq, stream_of_pair, 0)
     return q_out, k_out
 
 
@@ -219,13 +205,5 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
     q_out = torch.empty((b, seq_len, n_q, d), dtype=q.dtype, device=q.device)
     if b * seq_len == 0 or d == 0 or n_q + n_k == 0:
         return q_out
-    block_h, block_half, num_warps = _launch_config(d, max(n_q, n_k))
-    grid = (b * seq_len, triton.cdiv(n_q, block_h) + triton.cdiv(n_k, block_h))
-    _rope_cache_fwd_kernel[grid](
-        q, k, v, q_out, k_cache, v_cache, positions, inv_freq.contiguous(), stream_of_pair.contiguous(),
-        seq_len, n_q, n_k, start,
-        *q.stride(), *k.stride(), *v.stride(), *q_out.stride()[:3], *k_cache.stride(), *v_cache.stride(),
-        *positions.stride(),
-        HALF=d // 2, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=num_warps,
-    )
+    _launch(q, k, v, q_out, k_cache, v_cache, positions, inv_freq, stream_of_pair, start)
     return q_out

@@ -9,15 +9,12 @@ import torch
 import qvl
 from qvl.backends import get_backend
 from qvl.demo import demo_prompt
+from tests.ops.compare import rel_err
 
 triton_reasons = get_backend("triton").unavailable_reasons()
 pytestmark = pytest.mark.skipif(bool(triton_reasons), reason=f"triton backend unavailable: {triton_reasons}")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def rel_err(out, ref):
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def perturbed(preset, dtype, seed=0):
