@@ -16,6 +16,8 @@ def cmd_backends(args: argparse.Namespace) -> int:
     def cell(text: str) -> str:
         if text == "ok" or text.startswith("ok ("):
             return text
+        if text.startswith("no ") and text.endswith(" implementation"):
+            return "-"  # the backend does not implement this operator: nothing to explain
         number = notes.setdefault(text, len(notes) + 1)
         return f"unavailable [{number}]"
 

@@ -57,7 +57,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # qvl's documented backends that configs may name before they are registered on this machine: a variant
 # naming one that is missing then fails at run time with the registry's error, the other variants run.
-KNOWN_BACKENDS = ("eager", "triton", "xformers")
+KNOWN_BACKENDS = ("eager", "triton", "triton-gemm", "xformers")
 STRICT = "none"
 # Qwen2.5-VL's preprocessor_config.json bounds on resized image area (pixels).
 MIN_PIXELS = 56 * 56

@@ -31,6 +31,7 @@ register_backend(eager.BACKEND)
 # Optional backends import their packages only when first asked for; a failure becomes a reason.
 register_lazy_backend("triton", "qvl.backends.triton", priority=20)
 register_lazy_backend("xformers", "qvl.backends.xformers", priority=10)
+register_lazy_backend("triton-gemm", "qvl.backends.triton_gemm", priority=15)
 
 __all__ = [
     "OPERATORS", "BlockDiagonalMask", "CausalMask", "Rotary", "Ops", "ENV_VAR", "Backend", "BackendPlan",

@@ -10,7 +10,8 @@ Selection (highest precedence first, merged per operator):
   3. the ``QVL_BACKENDS`` environment variable, e.g. ``attention=triton,norm=eager`` or ``triton``;
   4. ``eager``.
 A spec is a backend name for every operator (``"triton"``), a per-operator string
-(``"attention=triton,norm=eager"``) or mapping (``{"attention": "triton"}``). The name ``auto`` walks the
+(``"attention=triton,norm=eager"``), the two combined (``"triton,mlp=triton-gemm"``: every operator on triton
+but the MLP) or a mapping (``{"attention": "triton"}``). The name ``auto`` walks the
 backends by priority and takes the first that supports each call.
 
 An explicit choice that cannot run a call raises `BackendUnsupportedError` naming the operator, the backend
@@ -204,15 +205,16 @@ def parse_spec(spec: Any, *, source: str = "backends") -> dict[str, str]:
         return dict(spec.choices)
     if isinstance(spec, str):
         items = [p.strip() for p in spec.split(",") if p.strip()]
-        if len(items) == 1 and "=" not in items[0]:
-            mapping = {op: items[0] for op in OPERATORS}
-        else:
-            mapping = {}
-            for item in items:
-                op, sep, name = item.partition("=")
-                if not sep:
-                    raise ValueError(f"{source}: {item!r} is not operator=backend (in {spec!r})")
+        mapping = {}
+        for i, item in enumerate(items):
+            op, sep, name = item.partition("=")
+            if sep:
                 mapping[op.strip()] = name.strip()
+            elif i == 0:  # a bare name first: every operator, then the overrides that follow
+                mapping = {o: item for o in OPERATORS}
+            else:
+                raise ValueError(f"{source}: {item!r} is not operator=backend (a bare backend name, for every "
+                                 f"operator, may only come first) in {spec!r}")
     elif isinstance(spec, dict):
         mapping = {str(k): str(v) for k, v in spec.items()}
     else:

@@ -78,7 +78,7 @@ class TritonMLP(_TritonOp):
         return F.linear(h, w_out, b_out)
 
 
-def _availability() -> list[str]:
+def availability() -> list[str]:
     if not HAS_CUDA and not INTERPRETED:
         return ["no CUDA device, and TRITON_INTERPRET=0 forbids the interpreter"]
     if TRITON_IMPORTED_TOO_EARLY:
@@ -95,6 +95,6 @@ BACKEND = Backend(
     # `auto` prefers compiled kernels over everything, but never the interpreter over eager: interpreted
     # kernels are for checking correctness on a CPU, hundreds of times slower than plain PyTorch there.
     priority=-10 if INTERPRETED else 20,
-    availability=_availability,
+    availability=availability,
     note=lambda: "interpreted" if INTERPRETED else "",
 )

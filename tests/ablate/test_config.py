@@ -153,7 +153,7 @@ overrides = { "text.mrope_section" = [2, 3, 3], "vision.fullatt_block_indexes" =
     ('reference = "eager"\n[[variants]]\nname = "eager"\nbackends = "atention=triton"',
      "variants[0] (eager) backends: unknown operator 'atention'; valid options are: attention, rope, norm, mlp, cache"),
     ('reference = "eager"\n[[variants]]\nname = "eager"\nbackends = "cuda"',
-     "variants[0] (eager) backends: unknown backend 'cuda'; valid options are: eager, triton, xformers, auto"),
+     "variants[0] (eager) backends: unknown backend 'cuda'; valid options are: eager, triton, triton-gemm, xformers, auto"),
     ('reference = "eager"\n[[variants]]\nname = "eager"\nbackends = "attention=triton,norm"',
      "variants[0] (eager) backends: 'norm' is not operator=backend"),
     ('reference = "eager"\n[[variants]]\nname = "eager"\nbackends = 3',

@@ -166,9 +166,16 @@ def test_unknown_backend_lists_valid_backends(spec, test_backends):
         assert name in msg
 
 
+def test_bare_name_then_overrides(test_backends):
+    """"triton,mlp=triton-gemm": a bare backend name sets every operator, the pairs after it override."""
+    assert parse_spec("test_a, norm=test_b") == {op: ("test_b" if op == "norm" else "test_a") for op in OPERATORS}
+
+
 def test_malformed_specs():
     with pytest.raises(ValueError, match="'norm' is not operator=backend"):
         parse_spec("attention=eager,norm")
+    with pytest.raises(ValueError, match="may only come first"):
+        parse_spec("eager,norm=eager,test_a")
     with pytest.raises(ValueError, match="expected a backend name"):
         parse_spec(42)
 

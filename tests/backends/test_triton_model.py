@@ -29,11 +29,15 @@ def perturbed(preset, dtype, seed=0):
     return model
 
 
-def compare(model, inputs, tol, new_tokens):
+# Every operator on triton; and the same with the MLP on the Triton GEMM instead of cuBLAS + the activation kernel.
+SPECS = ["triton", "triton,mlp=triton-gemm"]
+
+
+def compare(model, inputs, tol, new_tokens, spec):
     model.set_backends("eager")
     ref = model(**inputs)
     ref_ids = model.generate(**inputs, max_new_tokens=new_tokens)
-    model.set_backends("triton")  # strict: every operator must run on triton
+    model.set_backends(spec)  # strict: every operator must run where the spec says
     out = model(**inputs)
     ids = model.generate(**inputs, max_new_tokens=new_tokens)
     assert not model.fallbacks
@@ -41,11 +45,12 @@ def compare(model, inputs, tol, new_tokens):
     return ids, ref_ids
 
 
+@pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
-def test_tiny_image_prompt_all_triton(dtype, tol):
+def test_tiny_image_prompt_all_triton(dtype, tol, spec):
     model = perturbed("tiny", dtype)
     inputs = demo_prompt(model.cfg)
-    ids, ref_ids = compare(model, inputs, tol, new_tokens=10)
+    ids, ref_ids = compare(model, inputs, tol, new_tokens=10, spec=spec)
     if dtype == torch.float32:
         assert ids.tolist() == ref_ids.tolist()
 
@@ -65,15 +70,16 @@ def test_tiny_left_padded_batch_all_triton():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the 3b preset needs a CUDA GPU")
-def test_3b_bf16_all_triton():
+@pytest.mark.parametrize("spec", SPECS)
+def test_3b_bf16_all_triton(spec):
     model = perturbed("3b", torch.bfloat16)
     inputs = demo_prompt(model.cfg)
-    ids, ref_ids = compare(model, inputs, 3e-2, new_tokens=16)
+    ids, ref_ids = compare(model, inputs, 3e-2, new_tokens=16, spec=spec)
     # bf16 rounding may flip a near-tie later in a random model's greedy path; the first token is decided
     # by the prefill logits, which the bound above already ties to eager.
     start = inputs["input_ids"].shape[1]
     assert ids[:, start].tolist() == ref_ids[:, start].tolist()
-    print("3b bf16 greedy agreement:", (ids[:, start:] == ref_ids[:, start:]).float().mean().item())
+    print(f"3b bf16 greedy agreement ({spec}):", (ids[:, start:] == ref_ids[:, start:]).float().mean().item())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels are compiled and auto should take them")
