@@ -8,7 +8,7 @@ from benchmarks import harness
 from qvl.backends import BlockDiagonalMask, CausalMask
 
 DT = torch.bfloat16 if harness.CUDA else torch.float32
-OPS = harness.backend_ops()
+OPS = harness.backend_ops("attention")
 PREFILL = [512, 2048, 8192] if harness.FULL else [48]
 DECODE = [1024, 8192, 32768] if harness.FULL else [96]
 HEADS = (16, 2, 128) if harness.FULL else (4, 2, 16)  # 3b: 16 query heads, 2 kv heads, head dim 128

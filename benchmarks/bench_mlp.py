@@ -1,4 +1,5 @@
-"""The SwiGLU MLP (fused gate/up projection, activation, down projection) and its activation alone."""
+"""The SwiGLU MLP (fused gate/up projection, activation, down projection), its projections one at a time (cuBLAS
+against qvl's Triton GEMM: the choice the `triton` and `triton-gemm` backends differ in), and its activation alone."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from benchmarks import harness
 DT = torch.bfloat16 if harness.CUDA else torch.float32
 # (tokens, hidden, intermediate): 3b and 7b decoders, the vision MLP
 SHAPES = [(4096, 2048, 11008), (4096, 3584, 18944), (4096, 1280, 3420)] if harness.FULL else [(32, 64, 96)]
-OPS = harness.backend_ops()
+OPS = harness.backend_ops("mlp")
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -46,3 +47,38 @@ def test_silu_mul(measure, impl, shape):
     h = torch.randn(rows, 2 * inner, device=harness.DEVICE, dtype=DT)
     fn = activation_impls()[impl]
     measure(lambda: fn(h), nbytes=3 * rows * inner * h.element_size())
+
+
+# (rows, K, N, activation): 3b gate/up (SwiGLU fused) and down projections at prefill and at decode, 7b gate/up.
+PROJECTIONS = ([(4096, 2048, 22016, "swiglu"), (4096, 11008, 2048, "none"), (1, 2048, 22016, "swiglu"),
+                (1, 11008, 2048, "none"), (4096, 3584, 37888, "swiglu")] if harness.FULL
+               else [(16, 64, 192, "swiglu"), (1, 96, 64, "none")])
+
+
+def projection_impls():
+    """cuBLAS (F.linear, then the activation kernel) against the Triton GEMM with the activation in its epilogue."""
+    try:
+        from qvl.kernels.activation import swiglu
+        from qvl.kernels.gemm import linear
+    except ImportError:
+        return {}
+
+    def cublas(x, w, activation):
+        h = F.linear(x, w)
+        return swiglu(h) if activation == "swiglu" else h
+
+    return {"torch matmul": cublas, "triton gemm": lambda x, w, activation: linear(x, w, None, activation)}
+
+
+@pytest.mark.parametrize("shape", PROJECTIONS, ids=lambda s: f"M{s[0]}-K{s[1]}-N{s[2]}-{s[3]}")
+@pytest.mark.parametrize("impl", list(projection_impls()))
+def test_projection(measure, impl, shape):
+    """Prefill rows are compute-bound (TFLOP/s); a decode row reads the weight once (TB/s)."""
+    rows, k_dim, n, activation = shape
+    x = torch.randn(rows, k_dim, device=harness.DEVICE, dtype=DT)
+    w = torch.randn(n, k_dim, device=harness.DEVICE, dtype=DT) * k_dim**-0.5
+    fn = projection_impls()[impl]
+    if rows <= 64:
+        measure(lambda: fn(x, w, activation), nbytes=w.numel() * w.element_size())
+    else:
+        measure(lambda: fn(x, w, activation), flops=2 * rows * k_dim * n)

@@ -8,7 +8,7 @@ from benchmarks import harness
 
 DT = torch.bfloat16 if harness.CUDA else torch.float32
 SHAPES = [(16384, 2048), (16384, 3584), (4096, 1280)] if harness.FULL else [(64, 256)]
-OPS = harness.backend_ops()
+OPS = harness.backend_ops("norm")
 
 
 def inputs(rows, hidden):

@@ -7,7 +7,8 @@ from benchmarks import harness
 from qvl.backends import Rotary
 
 DT = torch.bfloat16 if harness.CUDA else torch.float32
-OPS = harness.backend_ops()
+OPS = harness.backend_ops("rope")
+CACHE_OPS = harness.backend_ops("cache")
 # (tokens, q heads, kv heads, head dim, sections)
 TEXT = [(4096, 16, 2, 128, (16, 24, 24)), (4096, 28, 4, 128, (16, 24, 24))] if harness.FULL else [(16, 4, 2, 16, (2, 3, 3))]
 VISION = [(16384, 16, 16, 80, (20, 20))] if harness.FULL else [(32, 2, 2, 16, (4, 4))]
@@ -35,7 +36,7 @@ def test_rope(measure, impl, shape):
 
 
 @pytest.mark.parametrize("cache_len", [4096, 32768] if harness.FULL else [64])
-@pytest.mark.parametrize("impl", list(OPS))
+@pytest.mark.parametrize("impl", list(CACHE_OPS))
 def test_rope_and_cache_write(measure, impl, cache_len):
     hq, hk, d, sections = (16, 2, 128, (16, 24, 24)) if harness.FULL else (4, 2, 16, (2, 3, 3))
     dev = harness.DEVICE
@@ -45,6 +46,6 @@ def test_rope_and_cache_write(measure, impl, cache_len):
     vc = torch.zeros_like(kc)
     pos = torch.full((3, 1, 1), cache_len - 1, device=dev)
     rot = Rotary(rotary(d, sections, False).inv_freq, sections, uniform_streams=True)
-    ops = OPS[impl]
+    ops = CACHE_OPS[impl]
     measure(lambda: ops.cache(q, k, v, pos, rot, kc, vc, cache_len - 1),
             nbytes=(2 * q.numel() + 3 * k.numel() * 2) * q.element_size())

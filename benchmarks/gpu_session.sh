@@ -1,41 +1,86 @@
 #!/usr/bin/env bash
-# GPU work on the lent H100/H200, one stage per device-tool call (each fits its 10-minute limit):
-#   bash benchmarks/gpu_session.sh tests      # whole suite compiled, hypothesis gpu profile
-#   bash benchmarks/gpu_session.sh figures    # kernel table vs peers + the H100 benchmark baseline
+# GPU work on the lent H100/H200. Run from the repo root with `.whl` carried (see ../shared/GPU.md):
+#   bash benchmarks/gpu_session.sh lease      # everything below in one call, each stage boxed to a deadline
+#   bash benchmarks/gpu_session.sh tests      # whole suite compiled (xdist), hypothesis gpu profile
+#   bash benchmarks/gpu_session.sh figures    # kernel table vs peers (benchmarks/kernel_figures.py)
 #   bash benchmarks/gpu_session.sh ablate     # the default ablation (3b, every backend mix)
-# Everything lands under $OUT. Run from the repo root with `.whl` carried (see ../shared/GPU.md).
-# The LD_LIBRARY_PATH line is the lent machine's workaround for xformers' CUDA 12 runtime; qvl itself
-# never needs it.
+#   bash benchmarks/gpu_session.sh baseline   # the benchmark suite, written as this GPU's baseline
+# Results land under $OUT: a few summaries plus everything in results.tar.gz (the device tool returns at
+# most 8 files). The LD_LIBRARY_PATH line is the lent machine's workaround for xformers' CUDA 12 runtime;
+# qvl itself never needs it.
 set -uo pipefail
 OUT=${OUT:-/tmp/qvl-gpu}
-mkdir -p "$OUT"
+BUDGET_S=${BUDGET_S:-570}   # lease: the whole call's deadline, packing included
+EXAMPLES=${QVL_HYPOTHESIS_EXAMPLES:-30}
+START=$(date +%s)
+FULL=$OUT/full
+mkdir -p "$FULL"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD LD_LIBRARY_PATH=/tmp/site/nvidia/cuda_runtime/lib:${LD_LIBRARY_PATH:-}
 else
   export PYTHONPATH=$PWD
 fi
+export PYTHONUNBUFFERED=1
 {
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   python3 -c "import xformers; print('xformers', xformers.__version__)" 2>&1 | tail -1
   python3 -c "import liger_kernel; print('liger-kernel ok')" 2>&1 | tail -1
+  python3 -c "import transformers; print('transformers', transformers.__version__)" 2>&1 | tail -1
   python3 -m qvl backends
 } > "$OUT/environment.txt" 2>&1
-STAGE=${1:-tests}
+
+left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+# box CAP SECONDS: at most CAP, and never past the deadline (leaving 15 s to pack)
+box() { local l=$(( $(left) - 15 )); (( l < $1 )) && echo $(( l > 0 ? l : 1 )) || echo "$1"; }
+log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
+
+stage_figures() {
+  log "figures (<= $(box "$1") s)"
+  timeout "$(box "$1")" python3 benchmarks/kernel_figures.py --out "$FULL" > "$FULL/kernel_figures.log" 2>&1
+  log "figures exit $?"
+  cp "$FULL/kernel_figures.md" "$OUT/" 2>/dev/null
+}
+
+stage_tests() {
+  log "tests (<= $(box "$1") s, $EXAMPLES hypothesis examples, 12 workers)"
+  QVL_HYPOTHESIS_PROFILE=gpu QVL_HYPOTHESIS_EXAMPLES=$EXAMPLES timeout "$(box "$1")" \
+    python3 -m pytest tests -n 12 -rfEs -v -p no:cacheprovider --durations=20 \
+    --junitxml="$FULL/junit.xml" > "$FULL/pytest.txt" 2>&1
+  log "pytest exit $?"
+  { grep -E "^(FAILED|ERROR)" "$FULL/pytest.txt" | head -40; tail -3 "$FULL/pytest.txt"; } >> "$OUT/summary.txt"
+}
+
+stage_ablate() {
+  log "ablate (<= $(box "$1") s)"
+  timeout "$(box "$1")" python3 -m qvl ablate --repeats "${ABLATE_REPEATS:-3}" --quiet \
+    --results-dir "$FULL/results" > "$FULL/ablate.txt" 2>&1
+  log "ablate exit $?"
+  cp "$FULL/ablate.txt" "$OUT/"
+}
+
+stage_baseline() {
+  local machine
+  machine=$(python3 -c "from benchmarks.regress import default_machine; print(default_machine())")
+  log "baseline $machine (<= $(box "$1") s)"
+  timeout "$(box "$1")" python3 benchmarks/regress.py update --machine "$machine" \
+    --save "$FULL/bench-$machine.json" > "$FULL/regress.log" 2>&1
+  log "baseline exit $?"
+  cp "benchmarks/baselines/$machine.json" "$FULL/" 2>/dev/null
+  tail -5 "$FULL/regress.log" >> "$OUT/summary.txt"
+}
+
+STAGE=${1:-lease}
 case $STAGE in
-tests)
-QVL_HYPOTHESIS_PROFILE=gpu timeout 540 python3 -m pytest -q tests -x -p no:cacheprovider \
-  --junitxml="$OUT/junit.xml" > "$OUT/pytest.txt" 2>&1
-echo "pytest exit $?" >> "$OUT/pytest.txt"
-tail -5 "$OUT/pytest.txt" ;;
-figures)
-timeout 240 python3 benchmarks/kernel_figures.py --out "$OUT" > "$OUT/kernel_figures.log" 2>&1
-timeout 300 python3 benchmarks/regress.py update --machine h100 --save "$OUT/h100.json" > "$OUT/regress.log" 2>&1
-cp benchmarks/baselines/h100.json "$OUT/" 2>/dev/null
-cat "$OUT/kernel_figures.md" ;;
-ablate)
-timeout 540 python3 -m qvl ablate --results-dir "$OUT/results" > "$OUT/ablate.txt" 2>&1
-tail -15 "$OUT/ablate.txt" ;;
-*) echo "stages: tests figures ablate"; exit 2 ;;
+lease) stage_figures 110; stage_tests 230; stage_ablate 150; stage_baseline 600 ;;
+tests) BUDGET_S=580 stage_tests 560 ;;
+figures) BUDGET_S=580 stage_figures 560 ;;
+ablate) BUDGET_S=580 stage_ablate 560 ;;
+baseline) BUDGET_S=580 stage_baseline 560 ;;
+*) echo "stages: lease tests figures ablate baseline"; exit 2 ;;
 esac
+tar -czf "$OUT/results.tar.gz" -C "$FULL" . && rm -rf "$FULL"
+cat "$OUT/kernel_figures.md" 2>/dev/null
+cat "$OUT/summary.txt"

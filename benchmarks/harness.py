@@ -158,11 +158,26 @@ def _count_triton_launches(counter: LaunchCounter):
         KernelInterface.__getitem__ = original
 
 
-def backend_ops() -> dict[str, object]:
-    """Ops for every backend usable on this machine (strict plans: an unsupported call is an error)."""
+def backend_ops(operator: str) -> dict[str, object]:
+    """Ops for every backend usable on this machine that implements `operator` (strict plans: an unsupported
+    call is an error)."""
     from qvl.backends import Ops, all_backends, resolve_plan
 
-    return {b.name: Ops(resolve_plan(b.name)) for b in all_backends() if not b.unavailable_reasons()}
+    return {b.name: Ops(resolve_plan(b.name)) for b in all_backends()
+            if not b.unavailable_reasons() and operator in b.impls}
+
+
+def model_specs() -> list[str]:
+    """Whole-model backend specs for the end-to-end figures: each usable backend that implements every operator,
+    and each partial one (triton-gemm: the MLP only) on top of triton, e.g. "triton,mlp=triton-gemm"."""
+    from qvl.backends import OPERATORS, all_backends
+
+    usable = [b for b in all_backends() if not b.unavailable_reasons()]
+    specs = [b.name for b in usable if set(OPERATORS) <= set(b.impls)]
+    if "triton" in specs:
+        specs += ["triton," + ",".join(f"{op}={b.name}" for op in b.impls)
+                  for b in usable if not set(OPERATORS) <= set(b.impls)]
+    return specs
 
 
 def optional(module: str):

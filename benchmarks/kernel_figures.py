@@ -75,6 +75,7 @@ def main() -> int:
     from qvl.kernels.activation import swiglu
     from qvl.kernels.attention import causal_attention, varlen_attention
     from qvl.kernels.decode_attention import decode_attention
+    from qvl.kernels.gemm import linear
     from qvl.kernels.rms_norm import rms_norm
     from qvl.kernels.rope import rope, rope_and_cache
 
@@ -121,6 +122,10 @@ def main() -> int:
     if xf is not None and CUDA:
         from xformers.ops import rmsnorm
         run("norm", "xformers", shape, lambda: rmsnorm.rms_norm(x, w, 1e-6), nbytes=nb)
+    liger, why = peers("liger")
+    if liger is not None and CUDA:
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+        run("norm", "liger", shape, lambda: LigerRMSNormFunction.apply(x, w, 1e-6), nbytes=nb)
     run("norm", "triton", shape, lambda: rms_norm(x, w, 1e-6), nbytes=nb)
     r = torch.randn_like(x)
     run("norm+residual", "eager", shape, lambda: ref(x, w, 1e-6, r), nbytes=2 * nb)
@@ -139,13 +144,43 @@ def main() -> int:
     run("swiglu", "eager", shape, silu_mul, nbytes=nb)
     if CUDA and (c := compiled(silu_mul)):
         run("swiglu", "torch.compile(eager)", shape, c, nbytes=nb)
-    liger, why = peers("liger")
     if liger is not None and CUDA:
         from liger_kernel.ops.swiglu import LigerSiLUMulFunction
         g, u = h.chunk(2, -1)
         g, u = g.contiguous(), u.contiguous()
         run("swiglu", "liger (separate gate, up)", shape, lambda: LigerSiLUMulFunction.apply(g, u), nbytes=nb)
     run("swiglu", "triton", shape, lambda: swiglu(h), nbytes=nb)
+
+    # projections: torch matmul (cuBLAS) around the SiLU*up kernel, against qvl's GEMM with the activation in
+    # its epilogue (issue 3 leaves the choice to this measurement). 3b text MLP and the vision MLP's down (K=3420)
+    m = 8192 if not small else 64
+    b_ = torch.randn(m, m, device=DEV, dtype=dt)
+    run("gemm", "torch matmul", f"{m}^3", lambda: F.linear(a[:m, :m], b_), flops=2 * m**3)
+    run("gemm", "triton gemm", f"{m}^3", lambda: linear(a[:m, :m], b_), flops=2 * m**3)
+    hidden, inner = (2048, 11008) if not small else (64, 96)
+    w_gu = torch.randn(2 * inner, hidden, device=DEV, dtype=dt) * hidden**-0.5
+    w_down = torch.randn(hidden, inner, device=DEV, dtype=dt) * inner**-0.5
+    for tokens in ((4096, 1) if not small else (40, 1)):
+        xt = torch.randn(tokens, hidden, device=DEV, dtype=dt)
+        gu_flops = 2 * tokens * hidden * 2 * inner
+        # few rows are bound by reading the weights: count bytes there, FLOPs for prefill
+        kw = dict(nbytes=w_gu.numel() * 2) if tokens <= 64 else dict(flops=gu_flops)
+        shape = f"{tokens} tokens, {hidden}->2x{inner}"
+        run("mlp gate_up+SiLU*up", "torch matmul + triton swiglu", shape, lambda: swiglu(F.linear(xt, w_gu)), **kw)
+        run("mlp gate_up+SiLU*up", "triton gemm, fused epilogue", shape,
+            lambda: linear(xt, w_gu, activation="swiglu"), **kw)
+        xi = torch.randn(tokens, inner, device=DEV, dtype=dt)
+        kw = dict(nbytes=w_down.numel() * 2) if tokens <= 64 else dict(flops=2 * tokens * inner * hidden)
+        shape = f"{tokens} tokens, {inner}->{hidden}"
+        run("mlp down", "torch matmul", shape, lambda: F.linear(xi, w_down), **kw)
+        run("mlp down", "triton gemm", shape, lambda: linear(xi, w_down), **kw)
+    v_hidden, v_inner, v_tokens = (1280, 3420, 16384) if not small else (80, 60, 32)
+    xv = torch.randn(v_tokens, v_inner, device=DEV, dtype=dt)
+    wv = torch.randn(v_hidden, v_inner, device=DEV, dtype=dt) * v_inner**-0.5
+    shape = f"{v_tokens} tokens, {v_inner}->{v_hidden}"
+    run("vision mlp down", "torch matmul", shape, lambda: F.linear(xv, wv), flops=2 * v_tokens * v_inner * v_hidden)
+    run("vision mlp down", "triton gemm", shape, lambda: linear(xv, wv), flops=2 * v_tokens * v_inner * v_hidden)
+    del a, b_, w_gu, w_down, xv, wv
 
     # M-RoPE on q and k
     seq, hq, hk, d = (4096, 16, 2, 128) if not small else (16, 4, 2, 16)
@@ -183,6 +218,20 @@ def main() -> int:
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     run("attention causal", "SDPA", shape,
         lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True), flops=flops)
+    if CUDA:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def sdpa_flash():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+        run("attention causal", "SDPA FlashAttention-2", shape, sdpa_flash, flops=flops)
+    if xf is not None and CUDA:
+        q5 = q.view(1, seq, hk, hq // hk, d)
+        k5 = k.view(1, seq, hk, 1, d).expand(1, seq, hk, hq // hk, d)
+        v5 = v.view(1, seq, hk, 1, d).expand(1, seq, hk, hq // hk, d)
+        causal = xf.fmha.attn_bias.LowerTriangularMask()
+        run("attention causal", "xformers", shape,
+            lambda: xf.memory_efficient_attention(q5, k5, v5, attn_bias=causal), flops=flops)
     run("attention causal", "triton", shape, lambda: causal_attention(q, k, v, None, d**-0.5), flops=flops)
 
     # vision windows: block-diagonal, head dim 80

@@ -28,7 +28,7 @@ import qvl  # noqa: E402,F401  (first: it switches on the Triton interpreter bef
 
 BASELINES = os.path.join(ROOT, "benchmarks", "baselines")
 # Timings may move this much (normalized ratio - 1) before the check fails.
-THRESHOLDS = {"cpu": 0.25, "h100": 0.10}
+THRESHOLDS = {"cpu": 0.25, "h100": 0.10, "h200": 0.10}
 
 
 def run_suite(select: str | None) -> dict:
@@ -85,8 +85,8 @@ def deterministic_counts() -> dict:
                             device=harness.DEVICE, seed=0)
     inputs = demo_prompt(model.cfg)
     counts = {}
-    for backend in harness.backend_ops():
-        model.set_backends(backend)
+    for backend in harness.model_specs():
+        model.set_backends(backend, fallback="eager")
         prompt = model.prepare(**inputs)
         cache = model.new_cache(1, inputs["input_ids"].shape[1] + 4)
         model.prefill(prompt, cache)
@@ -150,6 +150,16 @@ def compare(current: dict, baseline: dict, threshold: float) -> tuple[bool, str]
     return ok, "\n".join(lines)
 
 
+def default_machine() -> str:
+    """The baseline's name for this machine: the GPU's model (h100, h200, ...) or cpu."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name().lower()
+    return next((kind for kind in ("h100", "h200") if kind in name), name.split()[-1])
+
+
 def baseline_path(machine: str) -> str:
     return os.path.join(BASELINES, f"{machine}.json")
 
@@ -159,7 +169,7 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("check", "update"):
         p = sub.add_parser(name)
-        p.add_argument("--machine", default=None, help="baseline name (default: h100 on CUDA, else cpu)")
+        p.add_argument("--machine", default=None, help="baseline name (default: the GPU model, e.g. h100, else cpu)")
         p.add_argument("-k", dest="select", default=None, help="pytest -k selection of benchmarks")
         p.add_argument("--threshold", type=float, default=None)
         p.add_argument("--save", default=None, help="also write this run's results here")
@@ -177,7 +187,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    machine = args.machine or ("h100" if torch.cuda.is_available() else "cpu")
+    machine = args.machine or default_machine()
     threshold = args.threshold if args.threshold is not None else THRESHOLDS.get(machine, 0.25)
     current = run_suite(args.select)
     current["machine"] = machine

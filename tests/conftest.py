@@ -11,10 +11,11 @@ if not torch.cuda.is_available():
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-# Kernels run through the Triton interpreter on CPU: few examples there, more on a GPU.
+# Kernels run through the Triton interpreter on CPU: few examples there, more on a GPU
+# (QVL_HYPOTHESIS_EXAMPLES sizes the GPU profile to a lease's time; each new shape is a Triton compile).
 settings.register_profile("cpu", max_examples=12, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("gpu", max_examples=100, deadline=None,
+settings.register_profile("gpu", max_examples=int(os.environ.get("QVL_HYPOTHESIS_EXAMPLES", 100)), deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("QVL_HYPOTHESIS_PROFILE", "gpu" if torch.cuda.is_available() else "cpu"))
 
