@@ -91,8 +91,8 @@ def _define_torchvision_ops() -> None:
     only use its pure-Python transforms (resize, normalize), so declaring the two schemas is enough.
     """
     global _TORCHVISION_OPS
-    if _TORCHVISION_OPS is not None or "torchvision" in sys.modules:
-        return
+    if _TORCHVISION_OPS is not None or "torchvision" in sys.modules or torch.version.cuda is not None:
+        return  # a CUDA torch has the build the wheel was made for: its own ops load
     try:
         torch.ops.torchvision.nms  # noqa: B018  (already defined by a working build)
     except (AttributeError, RuntimeError):
