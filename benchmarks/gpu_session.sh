@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU work on the lent H100/H200. Run from the repo root with `.whl` carried (see ../shared/GPU.md):
 #   bash benchmarks/gpu_session.sh lease      # everything below in one call, each stage boxed to a deadline
+#       PLAN="tests:110 ablate:300" TESTS="tests/model" BUDGET_S=400 ...   # a shorter lease: stage:cap seconds
 #   bash benchmarks/gpu_session.sh tests      # whole suite compiled (xdist), hypothesis gpu profile
 #   bash benchmarks/gpu_session.sh figures    # kernel table vs peers (benchmarks/kernel_figures.py)
 #   bash benchmarks/gpu_session.sh ablate     # the default ablation (3b, every backend mix)
@@ -47,10 +48,12 @@ stage_figures() {
 stage_tests() {
   log "tests (<= $(box "$1") s, $EXAMPLES hypothesis examples, 12 workers)"
   QVL_HYPOTHESIS_PROFILE=gpu QVL_HYPOTHESIS_EXAMPLES=$EXAMPLES timeout "$(box "$1")" \
-    python3 -m pytest tests -n 12 -rfEs -v -p no:cacheprovider --durations=20 \
-    --junitxml="$FULL/junit.xml" > "$FULL/pytest.txt" 2>&1
+    python3 -m pytest ${TESTS:-tests} -n 12 -rfEs -v -p no:cacheprovider --durations=20 \
+    --tb=short --junitxml="$FULL/junit.xml" > "$FULL/pytest.txt" 2>&1
   log "pytest exit $?"
-  { grep -E "^(FAILED|ERROR)" "$FULL/pytest.txt" | head -40; tail -3 "$FULL/pytest.txt"; } >> "$OUT/summary.txt"
+  { grep -E "FAILED|ERROR" "$FULL/pytest.txt" | sed -E 's/^\[gw[0-9]+\] \[ *[0-9]+%\] //' | sort -u | head -40
+    tail -3 "$FULL/pytest.txt"; } >> "$OUT/summary.txt"
+  cp "$FULL/pytest.txt" "$OUT/"
 }
 
 stage_ablate() {
@@ -74,7 +77,7 @@ stage_baseline() {
 
 STAGE=${1:-lease}
 case $STAGE in
-lease) stage_figures 110; stage_tests 230; stage_ablate 150; stage_baseline 600 ;;
+lease) for step in ${PLAN:-figures:110 tests:230 ablate:150 baseline:600}; do "stage_${step%%:*}" "${step##*:}"; done ;;
 tests) BUDGET_S=580 stage_tests 560 ;;
 figures) BUDGET_S=580 stage_figures 560 ;;
 ablate) BUDGET_S=580 stage_ablate 560 ;;

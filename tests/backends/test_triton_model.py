@@ -72,14 +72,31 @@ def test_tiny_left_padded_batch_all_triton():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the 3b preset needs a CUDA GPU")
 @pytest.mark.parametrize("spec", SPECS)
 def test_3b_bf16_all_triton(spec):
+    """Held to the float32 model, as close as eager bf16 is.
+
+    bf16 rounding, amplified through 36 random layers, moves this model's logits by about 5% whichever
+    backend rounds (on an H200 every single operator swapped to triton or xformers gave 0.035-0.052 against
+    eager bf16), so a fixed bound against eager bf16 says little. Both bf16 runs are measured against the
+    same weights in float32 instead: the kernels must not be further from it than eager bf16, in logits and
+    in the greedy token at every prompt position.
+    """
     model = perturbed("3b", torch.bfloat16)
     inputs = demo_prompt(model.cfg)
-    ids, ref_ids = compare(model, inputs, 3e-2, new_tokens=16, spec=spec)
-    # bf16 rounding may flip a near-tie later in a random model's greedy path; the first token is decided
-    # by the prefill logits, which the bound above already ties to eager.
-    start = inputs["input_ids"].shape[1]
-    assert ids[:, start].tolist() == ref_ids[:, start].tolist()
-    print(f"3b bf16 greedy agreement ({spec}):", (ids[:, start:] == ref_ids[:, start:]).float().mean().item())
+    model.set_backends("eager")
+    eager16 = model(**inputs).float()
+    model.set_backends(spec)  # strict: every operator must run where the spec says
+    out16 = model(**inputs).float()
+    assert not model.fallbacks
+    model.to(torch.float32).set_backends("eager")
+    ref = model(**inputs)
+    err_eager, err_spec = rel_err(eager16, ref), rel_err(out16, ref)
+    top = ref.argmax(-1)
+    agree_eager = (eager16.argmax(-1) == top).float().mean().item()
+    agree_spec = (out16.argmax(-1) == top).float().mean().item()
+    print(f"3b vs float32 ({spec}): rel err {err_spec:.4f} (eager bf16 {err_eager:.4f}); "
+          f"greedy agreement {agree_spec:.3f} (eager bf16 {agree_eager:.3f})")
+    assert err_spec <= 1.25 * err_eager
+    assert agree_spec >= agree_eager - 0.02
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels are compiled and auto should take them")
