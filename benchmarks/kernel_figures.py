@@ -65,6 +65,20 @@ def compiled(fn):
         return None
 
 
+def graphed(fn):
+    """fn captured in a CUDA graph: replaying it shows the GPU time without the per-launch CPU cost, which
+    for microsecond kernels (decode, one cache write) can exceed the kernel itself."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # compile and autotune outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, any device")
@@ -97,6 +111,14 @@ def main() -> int:
             record(op, impl, shape, bench(fn, args.reps), **kw)
         except Exception as e:  # a failing peer must not hide the rest
             rows.append({"op": op, "impl": impl, "shape": shape, "error": f"{type(e).__name__}: {e}"[:200]})
+
+    def run_graphed(op, impl, shape, fn, **kw):
+        try:
+            replay = graphed(fn)
+        except Exception as e:
+            rows.append({"op": op, "impl": impl, "shape": shape, "error": f"{type(e).__name__}: {e}"[:200]})
+            return
+        run(op, impl, shape, replay, **kw)
 
     # device limits measured in this run
     n = (1 << 14, 2048) if not small else (64, 256)
@@ -180,7 +202,6 @@ def main() -> int:
     shape = f"{v_tokens} tokens, {v_inner}->{v_hidden}"
     run("vision mlp down", "torch matmul", shape, lambda: F.linear(xv, wv), flops=2 * v_tokens * v_inner * v_hidden)
     run("vision mlp down", "triton gemm", shape, lambda: linear(xv, wv), flops=2 * v_tokens * v_inner * v_hidden)
-    del a, b_, w_gu, w_down, xv, wv
 
     # M-RoPE on q and k
     seq, hq, hk, d = (4096, 16, 2, 128) if not small else (16, 4, 2, 16)
@@ -257,6 +278,12 @@ def main() -> int:
         lambda: F.scaled_dot_product_attention(q1.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
                                                enable_gqa=True), nbytes=nb)
     run("attention decode", "triton", shape, lambda: decode_attention(q1, kc, vc, None, d**-0.5), nbytes=nb)
+    if CUDA:  # launch cost apart: the same calls replayed from CUDA graphs
+        sdpa_decode = lambda: F.scaled_dot_product_attention(  # noqa: E731
+            q1.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), enable_gqa=True)
+        run_graphed("attention decode", "SDPA, CUDA graph", shape, sdpa_decode, nbytes=nb)
+        run_graphed("attention decode", "triton, CUDA graph", shape,
+                    lambda: decode_attention(q1, kc, vc, None, d**-0.5), nbytes=nb)
 
     # rope + cache write for one decode step
     kn, vn = torch.randn(1, 1, hk, d, device=DEV, dtype=dt), torch.randn(1, 1, hk, d, device=DEV, dtype=dt)
@@ -267,6 +294,9 @@ def main() -> int:
     run("cache (rope+write)", "eager", "1 token", lambda: eager.EagerCache()(q1, kn, vn, p1, rot, kc, vc, cache_len - 1))
     run("cache (rope+write)", "triton", "1 token",
         lambda: rope_and_cache(q1, kn, vn, p1, inv, rot.stream_of_pair, kc, vc, cache_len - 1))
+    if CUDA:
+        run_graphed("cache (rope+write)", "triton, CUDA graph", "1 token",
+                    lambda: rope_and_cache(q1, kn, vn, p1, inv, rot.stream_of_pair, kc, vc, cache_len - 1))
 
     copy = next((r["TB/s"] for r in rows if r.get("impl") == "copy" and "TB/s" in r), None)
     mm = next((r["TFLOP/s"] for r in rows if r.get("impl") == "matmul" and "TFLOP/s" in r), None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 
@@ -44,6 +45,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 1 if any("error" in r for r in rows) else 0
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def cmd_ablate(args: argparse.Namespace) -> int:
     from .ablate import AblationRun, default_config, format_table, load_config
 
@@ -62,11 +67,16 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"qvl ablate: {config.name} on {run.device}: {len(config.variants)} variants, {run.warmup} warm-up + "
               f"{run.repeats} repeats each; results in {run.dir}", file=sys.stderr)
+    # A scheduler's or `timeout`'s SIGTERM ends the run like Ctrl-C: the variant in flight is marked
+    # interrupted and results.json, report.md and the plot are written for what was measured.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         results = run.execute()
     except KeyboardInterrupt:
         print(f"\nqvl ablate: interrupted; what was measured is in {run.dir}", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(format_table(results))
     plot = results.get("plot") or {}
     print(f"\nresults: {run.dir}/results.json, report.md" + (", plot.png" if plot.get("file") else

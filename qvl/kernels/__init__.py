@@ -1,4 +1,4 @@
-"""Triton kernels behind the `triton` backend.
+"""Triton kernels behind the `triton` backend (and `triton-gemm`: gemm.py, the GEMM with a fused activation).
 
 Importing this package decides how kernels run: compiled on a CUDA GPU, or through the Triton
 interpreter on a machine without one (`qvl._env` sets TRITON_INTERPRET=1 when qvl is imported, before

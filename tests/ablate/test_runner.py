@@ -4,6 +4,7 @@ keep every other variant's results; `qvl report` renders and compares stored run
 import glob
 import json
 import os
+import signal
 
 import pytest
 import torch
@@ -206,6 +207,23 @@ backends = "mlp=eager"
     assert "oom" in format_table(results) and "OutOfMemoryError" in format_table(results)
 
 
+def keyboard_interrupt():
+    raise KeyboardInterrupt
+
+
+def interrupt_second_measurement(monkeypatch, stop):
+    """Call `stop()` when the second variant starts measuring."""
+    real, calls = runner_module.measure_timings, []
+
+    def measure(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            stop()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "measure_timings", measure)
+
+
 def test_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch, capsys):
     config = write_config(tmp_path, "stop", """
 [[variants]]
@@ -217,16 +235,7 @@ backends = "attention=eager"
 name = "third"
 backends = "norm=eager"
 """)
-    real = runner_module.measure_timings
-    calls = []
-
-    def measure(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(runner_module, "measure_timings", measure)
+    interrupt_second_measurement(monkeypatch, stop=keyboard_interrupt)
     root = str(tmp_path / "results")
     assert main(["ablate", str(config), "--results-dir", root, "--quiet"]) == 130
     assert "interrupted; what was measured is in" in capsys.readouterr().err
@@ -297,3 +306,22 @@ backends = "triton"
         pytest.skip(f"triton backend fails on this machine: {v['triton']['error'][:200]}")
     c = v["triton"]["comparison"]
     assert c["logits_rel_err"] < 1e-3 and c["token_agreement"] == 1.0
+
+
+def test_sigterm_ends_the_run_like_an_interrupt(tmp_path, monkeypatch):
+    """`timeout` or a job scheduler stops a run with SIGTERM: what was measured is still written."""
+    config = write_config(tmp_path, "term", """
+[[variants]]
+name = "eager"
+[[variants]]
+name = "second"
+backends = "attention=eager"
+""")
+    interrupt_second_measurement(monkeypatch, stop=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    before = signal.getsignal(signal.SIGTERM)
+    root = str(tmp_path / "results")
+    assert main(["ablate", str(config), "--results-dir", root, "--quiet"]) == 130
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler lives only as long as the run
+    results = read(run_dir(root, "term"))
+    assert results["status"] == "interrupted"
+    assert [v["status"] for v in results["variants"]] == ["ok", "interrupted"]

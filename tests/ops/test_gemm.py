@@ -7,11 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qvl.backends import Ops, resolve_plan
-from qvl.backends.eager import EagerMLP
 from qvl.kernels import DEVICE_TYPE
 from qvl.kernels.gemm import INTERPRETER_CONFIG, linear
 from tests.ops.compare import DTYPES, assert_close_rel, rel_err
-from tests.ops.test_mlp import down_projection_condition, randn
+from tests.ops.test_mlp import MLP_CASES, check_mlp, randn
 
 BLOCK_K = INTERPRETER_CONFIG["BLOCK_K"]
 
@@ -65,29 +64,11 @@ def test_linear_matches_eager(lead, k_dim, n_out, activation, bias, dtype, layou
 # (row alignment, bias, activation) that each compile every tile config of a family; `linear` itself is covered
 # by the test above, this one checks the backend's composition through the registry.
 @settings(max_examples=12)
-@given(
-    batch=st.integers(1, 2),
-    seq=st.one_of(st.just(1), st.integers(2, 20)),
-    hidden=st.integers(1, 72),
-    inner=st.integers(1, 90),
-    activation=st.sampled_from(["swiglu", "gelu"]),
-    bias_in=st.booleans(),
-    bias_out=st.booleans(),
-    dtype=st.sampled_from(DTYPES),
-    seed=st.integers(0, 2**31 - 1),
-)
+@given(**MLP_CASES)
 def test_triton_gemm_mlp_matches_eager(batch, seq, hidden, inner, activation, bias_in, bias_out, dtype, seed):
     """The `mlp` operator on the `triton-gemm` backend, called through the registry like the model calls it."""
-    gen = torch.Generator().manual_seed(seed)
-    rows_in = 2 * inner if activation == "swiglu" else inner
-    x = randn(batch, seq, hidden, gen=gen, dtype=dtype)
-    w_in = randn(rows_in, hidden, gen=gen, dtype=dtype, scale=hidden ** -0.5)
-    w_out = randn(hidden, inner, gen=gen, dtype=dtype, scale=inner ** -0.5)
-    b_in = randn(rows_in, gen=gen, dtype=dtype) if bias_in else None
-    b_out = randn(hidden, gen=gen, dtype=dtype) if bias_out else None
-    out = Ops(resolve_plan("mlp=triton-gemm")).mlp(x, w_in, b_in, w_out, b_out, activation)
-    ref = EagerMLP()(x, w_in, b_in, w_out, b_out, activation)
-    assert_close_rel(out, ref, dtype, factor=down_projection_condition(x, w_in, b_in, w_out, b_out, activation, ref))
+    check_mlp(Ops(resolve_plan("mlp=triton-gemm")).mlp, batch, seq, hidden, inner, activation, bias_in, bias_out,
+              dtype, seed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -25,7 +25,8 @@ def triton_mlp(x, w_in, b_in, w_out, b_out, activation):
     return F.linear(h, w_out, b_out)
 
 
-@given(
+# Random MLPs for `check_mlp`: odd sizes, one-token rows, with and without biases.
+MLP_CASES = dict(
     batch=st.integers(1, 2),
     seq=st.one_of(st.just(1), st.integers(2, 20)),
     hidden=st.integers(1, 72),
@@ -36,7 +37,15 @@ def triton_mlp(x, w_in, b_in, w_out, b_out, activation):
     dtype=st.sampled_from(DTYPES),
     seed=st.integers(0, 2**31 - 1),
 )
+
+
+@given(**MLP_CASES)
 def test_mlp_matches_eager(batch, seq, hidden, inner, activation, bias_in, bias_out, dtype, seed):
+    check_mlp(triton_mlp, batch, seq, hidden, inner, activation, bias_in, bias_out, dtype, seed)
+
+
+def check_mlp(mlp, batch, seq, hidden, inner, activation, bias_in, bias_out, dtype, seed):
+    """`mlp(x, w_in, b_in, w_out, b_out, activation)` against eager on random weights of these sizes."""
     gen = torch.Generator().manual_seed(seed)
     rows_in = 2 * inner if activation == "swiglu" else inner
     x = randn(batch, seq, hidden, gen=gen, dtype=dtype)
@@ -44,7 +53,7 @@ def test_mlp_matches_eager(batch, seq, hidden, inner, activation, bias_in, bias_
     w_out = randn(hidden, inner, gen=gen, dtype=dtype, scale=inner ** -0.5)
     b_in = randn(rows_in, gen=gen, dtype=dtype) if bias_in else None
     b_out = randn(hidden, gen=gen, dtype=dtype) if bias_out else None
-    out = triton_mlp(x, w_in, b_in, w_out, b_out, activation)
+    out = mlp(x, w_in, b_in, w_out, b_out, activation)
     ref = EAGER(x, w_in, b_in, w_out, b_out, activation)
     assert_close_rel(out, ref, dtype, factor=down_projection_condition(x, w_in, b_in, w_out, b_out, activation, ref))
 
