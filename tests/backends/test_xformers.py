@@ -37,6 +37,7 @@ from qvl.backends import (
 )
 from qvl.backends import xformers as xfb
 from qvl.demo import demo_prompt
+from tests.backends import model_checks as checks
 from qvl.model.layers import inverse_frequencies
 
 EAGER = get_backend("eager").impls
@@ -422,8 +423,8 @@ def simulated(monkeypatch, kernels):
 EXPECTED_FALLBACKS = {"rope": "one position per token", "cache": "one position per token", "mlp": "no GELU"}
 
 
-def check_fallbacks(model, allowed_fallbacks):
-    for fb in model.fallbacks:
+def check_fallbacks(fallbacks, allowed_fallbacks):
+    for fb in fallbacks:
         assert fb.operator in allowed_fallbacks, str(fb)
         assert any(allowed_fallbacks[fb.operator] in r for r in fb.reasons), str(fb)
 
@@ -456,7 +457,7 @@ def compare_model(model, inputs, backend, tol, new_tokens, allowed_fallbacks, ex
     model.set_backends(backend, fallback="eager")
     out = model(**inputs)[keep]
     ids = model.generate(**inputs, max_new_tokens=new_tokens)
-    check_fallbacks(model, allowed_fallbacks)
+    check_fallbacks(model.fallbacks, allowed_fallbacks)
     assert rel_err(out, ref) <= tol
     start = inputs["input_ids"].shape[1]
     if exact_tokens:
@@ -727,3 +728,14 @@ def test_gpu_tiny_model_xformers_with_eager_fallback(dtype, tol):
     exact = dtype == torch.float32
     compare_model(model, demo_prompt(model.cfg), "xformers", tol, 10, _gpu_allowed_fallbacks(dtype), exact)
     compare_model(model, padded_batch(), "xformers", tol, 10, _gpu_allowed_fallbacks(dtype), exact)
+
+
+@needs_gpu
+@needs_xf
+def test_gpu_3b_bf16_xformers_with_eager_fallback():
+    """The 3b preset with random bf16 weights on xformers (what it cannot run on eager), held to float32."""
+    model = checks.perturbed("3b", torch.bfloat16)
+    fallbacks = checks.assert_as_close_to_float32_as_eager(model, demo_prompt(model.cfg), "xformers", "eager")
+    check_fallbacks(fallbacks, _gpu_allowed_fallbacks(torch.bfloat16))
+    if not xfb.STATUS.extension:  # with the compiled extension, attention and norm ran on xformers
+        assert {fb.operator for fb in fallbacks} <= {"rope", "cache", "mlp"}
