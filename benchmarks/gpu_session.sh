@@ -71,7 +71,8 @@ stage_baseline() {
   timeout "$(box "$1")" python3 benchmarks/regress.py update --machine "$machine" \
     --save "$FULL/bench-$machine.json" > "$FULL/regress.log" 2>&1
   log "baseline exit $?"
-  cp "benchmarks/baselines/$machine.json" "$FULL/" 2>/dev/null
+  cp "benchmarks/baselines/$machine.json" "$FULL/" 2>/dev/null &&
+    python3 benchmarks/regress.py table "$FULL/$machine.json" > "$OUT/baseline-table.md"
   tail -5 "$FULL/regress.log" >> "$OUT/summary.txt"
 }
 

@@ -2,6 +2,7 @@
 
     python benchmarks/regress.py check  [--machine cpu]   # run the suite, compare with the baseline, exit 1 on regression
     python benchmarks/regress.py update [--machine cpu]   # run the suite and rewrite benchmarks/baselines/<machine>.json
+    python benchmarks/regress.py table RESULTS.json       # a baseline or saved run as a markdown table
     python benchmarks/regress.py compare CURRENT.json BASELINE.json [--threshold 0.25]
 
 Two kinds of figures:
@@ -150,6 +151,25 @@ def compare(current: dict, baseline: dict, threshold: float) -> tuple[bool, str]
     return ok, "\n".join(lines)
 
 
+def results_table(results: dict) -> str:
+    """One results document (a baseline or --save output) as a markdown table for benchmarks/README.md:
+    the run's device, versions and date, then per benchmark its median time and achieved rate, and the
+    deterministic counts."""
+    meta = results["meta"]
+    lines = [f"Device: {meta['device']}; torch {meta['torch']}; triton {meta.get('triton')}; python "
+             f"{meta['python']}; {meta['date']}; commit {meta['commit'][:10]}", "",
+             "| benchmark | median ms | rate | of limit |", "| --- | --- | --- | --- |"]
+    for name, fig in sorted(results["figures"].items()):
+        short = name.removeprefix("benchmarks/").replace(".py::test_", ": ")
+        rate = " ".join(f"{fig[unit]:.3g} {unit}" for unit in ("TB/s", "TFLOP/s", "tok/s") if unit in fig)
+        limit = " ".join(f"{fig[key]:.0%} {key.removeprefix('of_').replace('_', ' ')}"
+                         for key in ("of_copy_bandwidth", "of_matmul_rate") if key in fig)
+        lines.append(f"| {short} | {fig['median_s'] * 1e3:.4g} | {rate} | {limit} |")
+    lines += ["", "| deterministic figure | value |", "| --- | --- |"]
+    lines += [f"| {name} | {value} |" for name, value in sorted(results["counts"].items())]
+    return "\n".join(lines) + "\n"
+
+
 def default_machine() -> str:
     """The baseline's name for this machine: the GPU's model (h100, h200, ...) or cpu."""
     import torch
@@ -173,12 +193,18 @@ def main(argv=None) -> int:
         p.add_argument("-k", dest="select", default=None, help="pytest -k selection of benchmarks")
         p.add_argument("--threshold", type=float, default=None)
         p.add_argument("--save", default=None, help="also write this run's results here")
+    p = sub.add_parser("table", help="print a results document as a markdown table")
+    p.add_argument("results", help="e.g. benchmarks/baselines/h100.json")
     p = sub.add_parser("compare")
     p.add_argument("current")
     p.add_argument("baseline")
     p.add_argument("--threshold", type=float, default=THRESHOLDS["cpu"])
     args = ap.parse_args(argv)
 
+    if args.cmd == "table":
+        with open(args.results) as f:
+            print(results_table(json.load(f)), end="")
+        return 0
     if args.cmd == "compare":
         with open(args.current) as f, open(args.baseline) as g:
             ok, table = compare(json.load(f), json.load(g), args.threshold)

@@ -74,3 +74,20 @@ def test_launch_counter_counts_a_triton_launch_once():
         _double_kernel[(1,)](x, 5, BLOCK=8)
     assert c.triton == 1 and c.aten == 0
     assert x.tolist() == [2.0] * 5
+
+
+def test_results_table_names_the_run_and_every_figure():
+    results = {
+        "meta": {"device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "python": "3.12.3",
+                 "date": "2026-11-26", "commit": "0123456789abcdef"},
+        "figures": {"benchmarks/bench_norm.py::test_norm[qvl[triton]-16384x2048]":
+                    {"median_s": 3.7e-5, "TB/s": 3.58, "of_copy_bandwidth": 0.97},
+                    "benchmarks/bench_model.py::test_prefill[eager]": {"median_s": 0.0686}},
+        "counts": {"launches/decoder_layer_decode[triton]": 11},
+    }
+    table = regress.results_table(results)
+    assert table.startswith("Device: NVIDIA H200; torch 2.11.0; triton 3.6.0; python 3.12.3; 2026-11-26; "
+                            "commit 0123456789")
+    assert "| bench_norm: norm[qvl[triton]-16384x2048] | 0.037 | 3.58 TB/s | 97% copy bandwidth |" in table
+    assert "| bench_model: prefill[eager] | 68.6 |  |  |" in table
+    assert "| launches/decoder_layer_decode[triton] | 11 |" in table
