@@ -173,13 +173,13 @@ def model_specs(partial: bool = FULL) -> list[str]:
 
     On the CPU the partial ones are left out of the timed suite by default: the interpreted GEMM takes ~10 s a
     model call at the tiny preset and says nothing about speed; its launch counts are still tracked."""
-    from qvl.backends import OPERATORS, all_backends
+    from qvl.backends import all_backends
 
     usable = [b for b in all_backends() if not b.unavailable_reasons()]
-    specs = [b.name for b in usable if set(OPERATORS) <= set(b.impls)]
+    specs = [b.name for b in usable if b.covers_all_operators]
     if partial and "triton" in specs:
         specs += ["triton," + ",".join(f"{op}={b.name}" for op in b.impls)
-                  for b in usable if not set(OPERATORS) <= set(b.impls)]
+                  for b in usable if not b.covers_all_operators]
     return specs
 
 

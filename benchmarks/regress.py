@@ -161,7 +161,7 @@ def results_table(results: dict) -> str:
              "| benchmark | median ms | rate | of limit |", "| --- | --- | --- | --- |"]
     for name, fig in sorted(results["figures"].items()):
         short = name.removeprefix("benchmarks/").replace(".py::test_", ": ")
-        rate = " ".join(f"{fig[unit]:.3g} {unit}" for unit in ("TB/s", "TFLOP/s", "tok/s") if unit in fig)
+        rate = " ".join(f"{fig[unit]:.3g} {unit}" for unit in ("TB/s", "TFLOP/s") if unit in fig)
         limit = " ".join(f"{fig[key]:.0%} {key.removeprefix('of_').replace('_', ' ')}"
                          for key in ("of_copy_bandwidth", "of_matmul_rate") if key in fig)
         lines.append(f"| {short} | {fig['median_s'] * 1e3:.4g} | {rate} | {limit} |")

@@ -14,15 +14,16 @@ def cmd_backends(args: argparse.Namespace) -> int:
     names = [b.name for b in backends]
     notes: dict[str, int] = {}  # reason text -> footnote number, shared by identical cells
 
-    def cell(text: str) -> str:
+    def cell(operator: str, backend, text: str) -> str:
+        if operator not in backend.impls:
+            return "-"  # a partial backend (triton-gemm): nothing to explain
         if text == "ok" or text.startswith("ok ("):
             return text
-        if text.startswith("no ") and text.endswith(" implementation"):
-            return "-"  # the backend does not implement this operator: nothing to explain
         number = notes.setdefault(text, len(notes) + 1)
         return f"unavailable [{number}]"
 
-    rows = [[row["operator"]] + [cell(row[n]) for n in names] for row in availability_table()]
+    rows = [[row["operator"]] + [cell(row["operator"], b, row[b.name]) for b in backends]
+            for row in availability_table()]
     widths = [max(len(r[i]) for r in rows + [["operator"] + names]) for i in range(len(names) + 1)]
     print("  ".join(h.ljust(w) for h, w in zip(["operator"] + names, widths)))
     for r in rows:

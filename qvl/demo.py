@@ -34,7 +34,7 @@ def backend_mixes() -> list[tuple[str, dict[str, str]]]:
     for backend in all_backends():
         if backend.name == "eager" or backend.unavailable_reasons():
             continue
-        if all(op in backend.impls for op in OPERATORS):  # a partial backend (triton-gemm) only per operator
+        if backend.covers_all_operators:  # a partial backend (triton-gemm) only per operator
             mixes.append((f"all {backend.name}", {op: backend.name for op in OPERATORS}))
         for op in OPERATORS:
             if op in backend.impls:

@@ -112,6 +112,11 @@ class Backend:
         self._availability, self._note = availability, note
         self._unavailable: list[str] | None = None
 
+    @property
+    def covers_all_operators(self) -> bool:
+        """Implements every operator (a partial backend, e.g. triton-gemm, only overrides some)."""
+        return set(OPERATORS) <= set(self.impls)
+
     def unavailable_reasons(self) -> list[str]:
         """Reasons the whole backend cannot run on this machine (package missing, no device); cached."""
         if self._unavailable is None:

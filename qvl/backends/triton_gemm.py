@@ -3,8 +3,9 @@ with the activation fused into the input projection's epilogue, instead of cuBLA
 
 It implements only `mlp`, and stands apart from `triton` because the issue leaves the choice to measurement
 ("torch matmul or a Triton GEMM, whichever measures faster"): with both registered, `mlp=triton` against
-`mlp=triton-gemm` is one benchmark row or one ablation variant. `auto` ranks it below `triton`, so it is
-used only when asked for until measurements say otherwise.
+`mlp=triton-gemm` is one benchmark row or one ablation variant. Measured on an H200, cuBLAS won at the 3b
+text MLP and end to end (benchmarks/gpu/h200-2026-11-26), so `auto` ranks this below `triton` and it runs
+only when asked for.
 """
 
 from __future__ import annotations

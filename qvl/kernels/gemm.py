@@ -14,7 +14,8 @@ Why fuse: for SwiGLU one program holds two accumulators, the gate and the up til
 columns, so the (M, 2I) projection output never reaches memory. The unfused path writes it and reads it back:
 for the 3b decoder at M = 8192 tokens that is 2 x 360 MB of traffic, about a quarter of the GEMM's own time
 on an H100 at cuBLAS's rate. Whether that outweighs cuBLAS's faster main loop is measured by the benchmarks
-(bench_mlp, kernel_figures), which is why this is a separate backend and not the `triton` default.
+(bench_mlp, kernel_figures), which is why this is a separate backend. On an H200 it did not at the 3b text
+MLP's shapes, only at the vision MLP's K=3420 (benchmarks/gpu/h200-2026-11-26), so `triton` keeps cuBLAS.
 
 Tiles: a (BLOCK_M, BLOCK_N) output tile per program, K walked in BLOCK_K steps, programs ordered in groups of
 GROUP_M row tiles so that neighbouring programs share weight tiles in L2. Rows and columns past the edge are

@@ -562,3 +562,30 @@ def test_plan_is_hashable_and_printable():
     assert hash(plan) == hash(resolve_plan({"norm": "eager"}, fallback="eager"))
     assert str(plan).startswith("attention=eager,rope=eager,norm=eager,mlp=eager,cache=eager")
     assert plan["norm"] == "eager"
+
+
+def test_backends_table_marks_operators_a_partial_backend_lacks(capsys):
+    """`qvl backends`: '-' where a backend has no implementation (available or not), reasons elsewhere."""
+    from qvl.cli import main
+
+    eager_norm = get_backend("eager").impls["norm"]
+    register_backend(Backend("test_partial", {"norm": eager_norm}))
+    register_backend(Backend("test_partial_off", {"norm": eager_norm}, availability=lambda: ["no test device"]))
+    assert main(["backends"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+
+    names, starts = lines[0].split(), []
+    for name in names:  # the table is padded to fixed widths: cut each row at the header's columns
+        starts.append(lines[0].index(name, starts[-1] if starts else 0))
+    rows = {line.split()[0]: {n: line[a:b].strip() for n, a, b in zip(names, starts, starts[1:] + [None])}
+            for line in lines[1:len(OPERATORS) + 1]}
+
+    def column(name):
+        return {op: rows[op][name] for op in OPERATORS}
+
+    partial, off = column("test_partial"), column("test_partial_off")
+    assert partial["norm"] == "ok" and all(partial[op] == "-" for op in OPERATORS if op != "norm")
+    assert off["norm"].startswith("unavailable [") and all(off[op] == "-" for op in OPERATORS if op != "norm")
+    number = off["norm"].removeprefix("unavailable ")
+    assert f"{number} no test device" in lines
+    assert not get_backend("test_partial").covers_all_operators and get_backend("eager").covers_all_operators

