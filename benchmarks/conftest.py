@@ -1,7 +1,13 @@
-"""pytest-benchmark wiring: session-wide device limits and calibration, a helper that runs and annotates."""
+"""pytest-benchmark wiring: session-wide device limits and calibration, a helper that runs and annotates.
+
+With QVL_BENCH_ROWS set (benchmarks/regress.py sets it), every benchmark's outcome is appended to that file
+as one JSON line the moment it is known: its figures when measured, the reason when it failed or was
+skipped. A run that fails halfway or is stopped by a time box keeps every row it finished.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -15,6 +21,25 @@ if "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"
 
 from benchmarks import harness  # noqa: E402
+from qvl.backends import BackendUnsupportedError  # noqa: E402
+
+
+def record(row: dict) -> None:
+    path = os.environ.get(harness.ROWS_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def pytest_runtest_logreport(report):
+    """Failures (in any phase) and skips, with their one-line reason; measured rows are recorded by `measure`."""
+    if report.failed:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        reason = crash.message if crash is not None else str(report.longrepr).strip().splitlines()[-1]
+        record({"name": report.nodeid, "outcome": "failed", "reason": f"{report.when}: {reason}"})
+    elif report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        record({"name": report.nodeid, "outcome": "skipped", "reason": reason.removeprefix("Skipped: ")})
 
 
 @pytest.fixture(scope="session")
@@ -23,8 +48,11 @@ def limits():
 
 
 @pytest.fixture
-def measure(benchmark, limits):
-    """measure(fn, bytes=None, flops=None): time fn with pytest-benchmark and store the derived figures."""
+def measure(request, benchmark, limits):
+    """measure(fn, bytes=None, flops=None): time fn with pytest-benchmark and store the derived figures.
+
+    A call the backend declares unsupported (xformers given M-RoPE sections, say) skips the row with the
+    backend's reason: the suite measures what each backend can run, as strict plans define it."""
 
     def run(fn, *, nbytes: float | None = None, flops: float | None = None):
         def timed():
@@ -34,7 +62,10 @@ def measure(benchmark, limits):
 
         # Microsecond-scale calls are repeated within a round (each round >= MIN_ROUND_S), so a round's
         # time is not dominated by timer and scheduler jitter; the stats are per call either way.
-        once = harness.median_seconds(timed, reps=3)
+        try:
+            once = harness.median_seconds(timed, reps=3)
+        except BackendUnsupportedError as e:
+            pytest.skip(f"unsupported: {e}")
         iterations = max(1, int(harness.MIN_ROUND_S / max(once, 1e-9)))
         # Slow calls (interpreted Triton on the CPU) vary little relative to their length: fewer rounds.
         rounds = 20 if harness.CUDA else (7 if once < 0.2 else 3)
@@ -55,5 +86,6 @@ def measure(benchmark, limits):
         if flops:
             info["TFLOP/s"] = flops / median / 1e12
             info["of_matmul_rate"] = flops / median / limits["matmul_flops_per_s"]
+        record({"name": request.node.nodeid, "outcome": "passed", "figures": dict(info) | {"median_s": median}})
 
     return run

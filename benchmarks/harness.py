@@ -20,6 +20,8 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 # On the CPU the triton backend runs interpreted: shapes shrink so the CI subset stays within minutes.
 FULL = CUDA
+# benchmarks/regress.py names a file here; the suites append each benchmark's outcome to it (conftest.py).
+ROWS_ENV = "QVL_BENCH_ROWS"
 # Shortest round of a timed benchmark: quick calls are repeated within a round up to this.
 MIN_ROUND_S = 2e-3 if CUDA else 5e-3
 

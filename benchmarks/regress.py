@@ -19,6 +19,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,24 +33,57 @@ BASELINES = os.path.join(ROOT, "benchmarks", "baselines")
 THRESHOLDS = {"cpu": 0.25, "h100": 0.10, "h200": 0.10}
 
 
-def run_suite(select: str | None) -> dict:
-    """Run the pytest-benchmark suites and the deterministic counts; return one results document."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "bench.json")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(ROOT, "benchmarks"),
-               "-o", "python_files=bench_*.py", f"--benchmark-json={out}", "--benchmark-disable-gc"]
-        if select:
-            cmd += ["-k", select]
-        proc = subprocess.run(cmd, cwd=ROOT)
-        if proc.returncode not in (0, 5):
-            raise SystemExit(f"benchmark suite failed (pytest exit {proc.returncode})")
-        with open(out) as f:
-            raw = json.load(f)
-    timings, figures = {}, {}
-    for b in raw["benchmarks"]:
-        timings[b["fullname"]] = b["extra_info"]["normalized"]
-        figures[b["fullname"]] = {k: v for k, v in b["extra_info"].items()} | {"median_s": b["stats"]["median"]}
-    return {"meta": metadata(), "timings": timings, "figures": figures, "counts": deterministic_counts()}
+SUITE = os.path.join(ROOT, "benchmarks")
+
+
+def run_suite(select: str | None, suite: str = SUITE) -> dict:
+    """Run the deterministic counts, then the pytest-benchmark suites; return one results document.
+
+    Every benchmark's outcome reaches the document as it happens (benchmarks/conftest.py appends it to a
+    rows file), so a failing row, or an interruption (Ctrl-C, or SIGTERM from `timeout`), loses nothing that
+    was measured. `failed` and `skipped` map benchmarks to their reasons; `complete` is false when the run
+    was interrupted before the suite's end.
+    """
+    from benchmarks.harness import ROWS_ENV
+    from qvl.cli import sigterm_as_interrupt
+
+    results = {"meta": metadata(), "timings": {}, "figures": {}, "counts": {}, "failed": {}, "skipped": {},
+               "complete": False}
+    with tempfile.TemporaryDirectory() as tmp, sigterm_as_interrupt():
+        rows = os.path.join(tmp, "rows.jsonl")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", suite, "-o", "python_files=bench_*.py",
+               "--benchmark-disable-gc"] + (["-k", select] if select else [])
+        proc = None
+        try:
+            # First: cheap, and the figures that must not move at all.
+            results["counts"] = deterministic_counts()
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | {ROWS_ENV: rows})
+            code = proc.wait()
+            if code not in (0, 1, 5):  # 1: some benchmarks failed (each is listed); 5: none selected
+                results["failed"]["pytest"] = f"the benchmark session exited {code}"
+            results["complete"] = True  # the suite ran to its end
+        except KeyboardInterrupt:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGINT)  # pytest stops after the running benchmark
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        _read_rows(rows, results)
+    return results
+
+
+def _read_rows(path: str, results: dict) -> None:
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                row = json.loads(line)
+                name = row["name"]
+                if row["outcome"] == "passed":
+                    results["figures"][name] = row["figures"]
+                    results["timings"][name] = row["figures"]["normalized"]
+                else:
+                    results[row["outcome"]][name] = row["reason"]
 
 
 def metadata() -> dict:
@@ -119,9 +153,17 @@ def deterministic_counts() -> dict:
 
 
 def compare(current: dict, baseline: dict, threshold: float) -> tuple[bool, str]:
-    """(ok, table): timings beyond `threshold` and any rise of a deterministic figure are regressions."""
+    """(ok, table): timings beyond `threshold`, any rise of a deterministic figure and any benchmark that
+    failed to run are regressions. Benchmarks only in one document are listed as missing or new."""
     rows, ok = [], True
+    failed = current.get("failed", {})
+    for name, reason in sorted(failed.items()):
+        base = baseline.get("timings", {}).get(name)
+        rows.append((name, "-" if base is None else f"{base:.3g}", "-", "-", f"FAILED: {reason}"))
+        ok = False
     for name, base in sorted(baseline.get("timings", {}).items()):
+        if name in failed:
+            continue
         if name not in current.get("timings", {}):
             rows.append((name, f"{base:.3g}", "-", "-", "missing"))
             continue
@@ -160,14 +202,23 @@ def results_table(results: dict) -> str:
              f"{meta['python']}; {meta['date']}; commit {meta['commit'][:10]}", "",
              "| benchmark | median ms | rate | of limit |", "| --- | --- | --- | --- |"]
     for name, fig in sorted(results["figures"].items()):
-        short = name.removeprefix("benchmarks/").replace(".py::test_", ": ")
         rate = " ".join(f"{fig[unit]:.3g} {unit}" for unit in ("TB/s", "TFLOP/s") if unit in fig)
         limit = " ".join(f"{fig[key]:.0%} {key.removeprefix('of_').replace('_', ' ')}"
                          for key in ("of_copy_bandwidth", "of_matmul_rate") if key in fig)
-        lines.append(f"| {short} | {fig['median_s'] * 1e3:.4g} | {rate} | {limit} |")
+        lines.append(f"| {_short(name)} | {fig['median_s'] * 1e3:.4g} | {rate} | {limit} |")
     lines += ["", "| deterministic figure | value |", "| --- | --- |"]
     lines += [f"| {name} | {value} |" for name, value in sorted(results["counts"].items())]
+    for outcome in ("failed", "skipped"):
+        if results.get(outcome):
+            lines += ["", f"| {outcome} | reason |", "| --- | --- |"]
+            lines += [f"| {_short(name)} | {reason} |" for name, reason in sorted(results[outcome].items())]
+    if results.get("complete") is False:
+        lines += ["", "Interrupted before the suite's end: the rows above are what it measured."]
     return "\n".join(lines) + "\n"
+
+
+def _short(name: str) -> str:
+    return name.removeprefix("benchmarks/").replace(".py::test_", ": ")
 
 
 def default_machine() -> str:
@@ -216,15 +267,17 @@ def main(argv=None) -> int:
     current = run_suite(args.select)
     current["machine"] = machine
     if args.save:
-        with open(args.save, "w") as f:
-            json.dump(current, f, indent=1, sort_keys=True)
+        write_json(args.save, current)
+    unfinished = [f"{len(current['failed'])} benchmarks failed"] if current["failed"] else []
+    if not current["complete"]:
+        unfinished.append("the run was interrupted")
     if args.cmd == "update":
-        os.makedirs(BASELINES, exist_ok=True)
-        with open(baseline_path(machine), "w") as f:
-            json.dump(current, f, indent=1, sort_keys=True)
-            f.write("\n")
+        # Written even when unfinished: what was measured is kept, and the document says what is missing.
+        write_json(baseline_path(machine), current)
         print(f"wrote {baseline_path(machine)}; review `git diff {os.path.relpath(baseline_path(machine), ROOT)}`")
-        return 0
+        if unfinished:
+            print(f"baseline {machine} is partial: {'; '.join(unfinished)} (see its 'failed' and 'complete')")
+        return 1 if unfinished else 0
     path = baseline_path(machine)
     if not os.path.exists(path):
         print(f"no baseline for machine {machine!r} at {path}: run `python benchmarks/regress.py update`")
@@ -232,7 +285,16 @@ def main(argv=None) -> int:
     with open(path) as f:
         ok, table = compare(current, json.load(f), threshold)
     print(table)
-    return 0 if ok else 1
+    if not current["complete"]:
+        print("check incomplete: the run was interrupted")
+    return 0 if ok and current["complete"] else 1
+
+
+def write_json(path: str, document: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(document, f, indent=1, sort_keys=True)
+        f.write("\n")
 
 
 if __name__ == "__main__":

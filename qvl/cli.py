@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 
@@ -50,6 +51,17 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block a scheduler's or `timeout`'s SIGTERM raises KeyboardInterrupt, as Ctrl-C does, so
+    long work can write what it has measured before it stops."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def cmd_ablate(args: argparse.Namespace) -> int:
     from .ablate import AblationRun, default_config, format_table, load_config
 
@@ -58,8 +70,12 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         from .ablate.config import with_preset
 
         config = with_preset(config, args.preset)
+    if args.dtype:
+        from .ablate.config import with_dtype
+
+        config = with_dtype(config, args.dtype)
     if args.check:
-        print(f"{config.path or 'built-in default'}: ok: {config.name}, {config.model.describe()}, "
+        print(f"{config.path or 'built-in default'}: ok: {config.name}, {config.model.describe()} in {config.model.dtype}, "
               f"{len(config.variants)} variants ({', '.join(v.name for v in config.variants)}), "
               f"reference {config.reference}")
         return 0
@@ -68,16 +84,14 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"qvl ablate: {config.name} on {run.device}: {len(config.variants)} variants, {run.warmup} warm-up + "
               f"{run.repeats} repeats each; results in {run.dir}", file=sys.stderr)
-    # A scheduler's or `timeout`'s SIGTERM ends the run like Ctrl-C: the variant in flight is marked
-    # interrupted and results.json, report.md and the plot are written for what was measured.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # SIGTERM ends the run like Ctrl-C: the variant in flight is marked interrupted and results.json,
+    # report.md and the plot are written for what was measured.
     try:
-        results = run.execute()
+        with sigterm_as_interrupt():
+            results = run.execute()
     except KeyboardInterrupt:
         print(f"\nqvl ablate: interrupted; what was measured is in {run.dir}", file=sys.stderr)
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     print(format_table(results))
     plot = results.get("plot") or {}
     print(f"\nresults: {run.dir}/results.json, report.md" + (", plot.png" if plot.get("file") else
@@ -128,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-dir", default="results", help="root folder for results (default: results)")
     p.add_argument("--device", help="override the config's device (auto, cpu, cuda, cuda:N)")
     p.add_argument("--preset", help="run the config on another preset (tiny, 3b, 7b, 32b, 72b)")
+    p.add_argument("--dtype", help="override the config's model dtype (float32, float16, bfloat16); variants "
+                   "that set their own keep it")
     p.add_argument("--repeats", type=int, help="timed repeats per variant (default: the config's, else 3 on a CPU, 10 on a GPU)")
     p.add_argument("--warmup", type=int, help="warm-up runs per variant (default: the config's, else 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-variant lines")

@@ -91,3 +91,78 @@ def test_results_table_names_the_run_and_every_figure():
     assert "| bench_norm: norm[qvl[triton]-16384x2048] | 0.037 | 3.58 TB/s | 97% copy bandwidth |" in table
     assert "| bench_model: prefill[eager] | 68.6 |  |  |" in table
     assert "| launches/decoder_layer_decode[triton] | 11 |" in table
+
+
+def test_failed_and_skipped_rows_are_listed_and_a_failure_fails_the_check():
+    current = doc({"bench_a": 1.0}) | {"failed": {"bench_b": "call: RuntimeError: boom"},
+                                       "skipped": {"bench_c": "unsupported: rope: xformers backend cannot ..."}}
+    ok, table = regress.compare(current, doc({"bench_a": 1.0, "bench_b": 2.0}), THRESHOLD)
+    assert not ok
+    assert "FAILED: call: RuntimeError: boom" in table and "missing" not in table
+    results = current | {"meta": {"device": "cpu", "torch": "2", "python": "3", "date": "d", "commit": "c"},
+                         "figures": {"bench_a": {"median_s": 1.0}}, "complete": False}
+    table = regress.results_table(results)
+    assert "| bench_b | call: RuntimeError: boom |" in table
+    assert "| bench_c | unsupported: rope: xformers backend cannot ... |" in table
+    assert "Interrupted before the suite's end" in table
+
+
+# A suite of its own, wired with the real benchmarks/conftest.py: one row measured, one the backend cannot run,
+# one failing, one that interrupts the run the way `timeout` does (SIGTERM to regress.py) and then hangs.
+PLANTED_SUITE = '''
+import os, signal, time
+import pytest
+from qvl.backends import BackendUnsupportedError
+
+def test_measured(measure):
+    measure(lambda: sum(range(100)))
+
+def test_unsupported(measure):
+    def call():
+        raise BackendUnsupportedError("rope: planted backend cannot run this call")
+    measure(call)
+
+def test_failing(measure):
+    assert 1 + 1 == 3, "planted failure"
+
+def test_zz_interrupted(measure):
+    if os.environ.get("PLANTED_INTERRUPT"):
+        os.kill(os.getppid(), signal.SIGTERM)
+        time.sleep(60)
+'''
+
+
+def planted_suite(tmp_path):
+    (tmp_path / "conftest.py").write_text("from benchmarks.conftest import limits, measure, pytest_runtest_logreport\n")
+    (tmp_path / "bench_planted.py").write_text(PLANTED_SUITE)
+    return str(tmp_path)
+
+
+def by_test(rows: dict) -> dict:
+    return {name.split("::")[-1]: value for name, value in rows.items()}
+
+
+def test_a_failing_row_loses_nothing_and_unsupported_calls_are_skipped(monkeypatch, tmp_path):
+    monkeypatch.setattr(regress, "deterministic_counts", lambda: {"launches/planted": 3})
+    results = regress.run_suite(None, suite=planted_suite(tmp_path))
+    assert results["complete"] and results["counts"] == {"launches/planted": 3}
+    assert list(by_test(results["timings"])) == ["test_measured"]
+    assert by_test(results["skipped"]) == {"test_unsupported": "unsupported: rope: planted backend cannot run this call"}
+    failed = by_test(results["failed"])
+    assert list(failed) == ["test_failing"] and "planted failure" in failed["test_failing"]
+
+
+def test_sigterm_keeps_the_rows_measured_so_far(monkeypatch, tmp_path):
+    import signal
+    import time
+
+    monkeypatch.setattr(regress, "deterministic_counts", lambda: {})
+    monkeypatch.setenv("PLANTED_INTERRUPT", "1")
+    before = signal.getsignal(signal.SIGTERM)
+    start = time.monotonic()
+    results = regress.run_suite(None, suite=planted_suite(tmp_path))
+    assert time.monotonic() - start < 50  # the hanging benchmark was stopped, not waited for
+    assert not results["complete"]
+    assert list(by_test(results["timings"])) == ["test_measured"]
+    assert "test_failing" in by_test(results["failed"])
+    assert signal.getsignal(signal.SIGTERM) is before
