@@ -6,6 +6,9 @@ import torch
 # Tests import the working tree, installed or not.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.pop("QVL_BACKENDS", None)  # a developer's shell setting must not change what the tests check
+# The Triton GEMM runs its first candidate tile instead of autotuning every new shape: tests check results,
+# and each candidate is checked once by tests/ops/test_gemm.py (qvl/kernels/gemm.py, AUTOTUNE).
+os.environ["QVL_GEMM_AUTOTUNE"] = "0"
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 

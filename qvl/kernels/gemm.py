@@ -27,6 +27,7 @@ interpreter runs one small configuration.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -173,13 +174,18 @@ _FAMILIES = {
     "fp32": [_config(32, 32, 32, 4, 2), _config(32, 64, 32, 8, 2), _config(64, 64, 32, 8, 2)],
 }
 FEW_ROWS = 64  # row counts up to this use the "few rows" families
+# QVL_GEMM_AUTOTUNE=0 runs each family's first candidate instead of tuning: the test suite sets it, since every
+# new shape of a property test would otherwise compile and time every candidate (a test of correctness, not of
+# tile choice; each candidate is checked once on its own, tests/ops/test_gemm.py).
+AUTOTUNE = os.environ.get("QVL_GEMM_AUTOTUNE", "1") != "0"
 _TUNED = {} if INTERPRETED else {
     family: triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "ACTIVATION", "HAS_BIAS"])(_linear_kernel)
     for family, configs in _FAMILIES.items()
 }
 
 
-def _family(dtype: torch.dtype, rows: int, activation: str) -> str:
+def family_of(dtype: torch.dtype, rows: int, activation: str) -> str:
+    """The candidate family (a key of _FAMILIES) a call with this dtype, row count and activation is tuned in."""
     if dtype == torch.float32:
         return "fp32"
     if rows <= FEW_ROWS:
@@ -189,12 +195,14 @@ def _family(dtype: torch.dtype, rows: int, activation: str) -> str:
 
 # --- launcher ------------------------------------------------------------------------------------------------------
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, activation: str = "none") -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, activation: str = "none",
+           config: triton.Config | None = None) -> torch.Tensor:
     """activation(x W^T + b) in one kernel; see the module docstring. Returns a new contiguous tensor.
 
     x (..., K): the leading dims must collapse to one row stride (contiguous tensors, row slices), otherwise x
     is copied. w (N, K) or, for "swiglu", (2I, K) holding [W_gate; W_up]; any strides. b: (N,) / (2I,) or None.
-    x, w and b share one of float32/float16/bfloat16.
+    x, w and b share one of float32/float16/bfloat16. `config` runs that tile configuration instead of the
+    tuned (or, interpreted, the fixed) one; tests use it to check every candidate.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"linear: unknown activation {activation!r}; valid options are {', '.join(ACTIVATIONS)}")
@@ -225,13 +233,14 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, acti
     flags = dict(ACTIVATION=activation, HAS_BIAS=b is not None, ROW_ALIGN=_power_of_two_dividing(
                      x_rows.stride(0), w.stride(0), cap=16), DOT_F32=DOT_F32,
                  INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", WHILE_LOOP=INTERPRETED)
-    if INTERPRETED:
-        config = INTERPRETER_CONFIG
-        grid = (triton.cdiv(rows, config["BLOCK_M"]) * triton.cdiv(n_out, config["BLOCK_N"]),)
-        _linear_kernel[grid](*args, **flags, **config)
-    else:
-        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
-        _TUNED[_family(x.dtype, rows, activation)][grid](*args, **flags)
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
+    if config is None and AUTOTUNE and not INTERPRETED:
+        _TUNED[family_of(x.dtype, rows, activation)][grid](*args, **flags)
+        return out
+    if config is None:
+        config = INTERPRETER_CONFIG if INTERPRETED else _FAMILIES[family_of(x.dtype, rows, activation)][0]
+    launch = config if isinstance(config, dict) else config.all_kwargs()
+    _linear_kernel[grid](*args, **flags, **launch)
     return out
 
 

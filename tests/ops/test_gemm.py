@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from qvl.backends import Ops, resolve_plan
 from qvl.kernels import DEVICE_TYPE
+from qvl.kernels import gemm
 from qvl.kernels.gemm import INTERPRETER_CONFIG, linear
 from tests.ops.compare import DTYPES, assert_close_rel, rel_err
 from tests.ops.test_mlp import MLP_CASES, check_mlp, randn
@@ -60,9 +61,31 @@ def test_linear_matches_eager(lead, k_dim, n_out, activation, bias, dtype, layou
     assert_close_rel(out, reference(x, w, b, activation), dtype)
 
 
-# At most 12 examples on a GPU too: every new shape there is autotuned, and odd sizes bring new specializations
-# (row alignment, bias, activation) that each compile every tile config of a family; `linear` itself is covered
-# by the test above, this one checks the backend's composition through the registry.
+def test_tests_run_untuned():
+    """tests/conftest.py switches autotuning off (each candidate is checked below instead)."""
+    assert not gemm.AUTOTUNE
+
+
+# One shape per family that lands in it (a partial K step, edge tiles in both directions), every candidate tile.
+FAMILY_CASES = {"16bit": (70, "none"), "16bit gelu": (70, "gelu"), "16bit swiglu": (70, "swiglu"),
+                "16bit few rows": (3, "gelu"), "16bit few rows swiglu": (3, "swiglu"), "fp32": (70, "swiglu")}
+
+
+@pytest.mark.parametrize("family, index", [(f, i) for f, configs in gemm._FAMILIES.items() for i in range(len(configs))])
+def test_every_tile_config_matches_eager(family, index):
+    rows, activation = FAMILY_CASES[family]
+    dtype = torch.float32 if family == "fp32" else torch.bfloat16
+    assert gemm.family_of(dtype, rows, activation) == family
+    gen = torch.Generator().manual_seed(index)
+    x = randn(rows, 150, gen=gen, dtype=dtype)
+    w = randn(2 * 75 if activation == "swiglu" else 75, 150, gen=gen, dtype=dtype, scale=150 ** -0.5)
+    b = randn(w.shape[0], gen=gen, dtype=dtype)
+    out = linear(x, w, b, activation, config=gemm._FAMILIES[family][index])
+    assert_close_rel(out, reference(x, w, b, activation), dtype)
+
+
+# At most 12 examples on a GPU too: odd sizes bring new specializations (row alignment, bias, activation), each
+# a compile; `linear` itself is covered above, this one checks the backend's composition through the registry.
 @settings(max_examples=12)
 @given(**MLP_CASES)
 def test_triton_gemm_mlp_matches_eager(batch, seq, hidden, inner, activation, bias_in, bias_out, dtype, seed):
