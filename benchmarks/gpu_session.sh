@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # GPU work on the lent H100/H200. Run from the repo root with `.whl` carried (see ../shared/GPU.md):
-#   bash benchmarks/gpu_session.sh lease      # everything below in one call, each stage boxed to a deadline
+#   bash benchmarks/gpu_session.sh lease      # several stages in one call (default: tests, baseline), each boxed
 #       PLAN="tests:110 ablate:300" TESTS="tests/model" BUDGET_S=400 ...   # a shorter lease: stage:cap seconds
 #   bash benchmarks/gpu_session.sh tests      # whole suite compiled (xdist), hypothesis gpu profile
 #   bash benchmarks/gpu_session.sh figures    # kernel table vs peers (benchmarks/kernel_figures.py)
 #   bash benchmarks/gpu_session.sh ablate     # the default ablation (3b, every backend mix)
+#   bash benchmarks/gpu_session.sh configs    # the shipped ablations/*.toml at the 3b preset (bf16 but dtype.toml)
 #   bash benchmarks/gpu_session.sh baseline   # the benchmark suite, written as this GPU's baseline
 # Results land under $OUT: a few summaries plus everything in results.tar.gz (the device tool returns at
 # most 8 files). The LD_LIBRARY_PATH line is the lent machine's workaround for xformers' CUDA 12 runtime;
@@ -64,6 +65,24 @@ stage_ablate() {
   cp "$FULL/ablate.txt" "$OUT/"
 }
 
+# The CPU-sized shipped configs at the real size: bfloat16 (dtype.toml sweeps dtypes from float32 weights itself);
+# long_prompt_prefill.toml is 3b already. The stage's cap is shared out evenly among the configs left.
+stage_configs() {
+  local configs=(backend_mix backend_per_operator vision_window_size dtype long_prompt_prefill) cap=$1 i=0
+  for name in "${configs[@]}"; do
+    local args=(--preset 3b --dtype bfloat16) share=$(( cap / (${#configs[@]} - i) ))
+    [[ $name == dtype ]] && args=(--preset 3b)
+    [[ $name == long_prompt_prefill ]] && args=()
+    local start=$(date +%s)
+    log "config $name (<= $(box "$share") s)"
+    timeout "$(box "$share")" python3 -m qvl ablate "ablations/$name.toml" "${args[@]}" \
+      --repeats "${ABLATE_REPEATS:-3}" --quiet --results-dir "$FULL/results" > "$FULL/config-$name.txt" 2>&1
+    log "config $name exit $?"
+    cap=$(( cap - ($(date +%s) - start) )); i=$(( i + 1 ))
+  done
+  cat "$FULL"/config-*.txt > "$OUT/configs.txt"
+}
+
 stage_baseline() {
   local machine
   machine=$(python3 -c "from benchmarks.regress import default_machine; print(default_machine())")
@@ -78,12 +97,13 @@ stage_baseline() {
 
 STAGE=${1:-lease}
 case $STAGE in
-lease) for step in ${PLAN:-figures:110 tests:230 ablate:150 baseline:600}; do "stage_${step%%:*}" "${step##*:}"; done ;;
+lease) for step in ${PLAN:-tests:240 baseline:330}; do "stage_${step%%:*}" "${step##*:}"; done ;;
 tests) BUDGET_S=580 stage_tests 560 ;;
 figures) BUDGET_S=580 stage_figures 560 ;;
 ablate) BUDGET_S=580 stage_ablate 560 ;;
 baseline) BUDGET_S=580 stage_baseline 560 ;;
-*) echo "stages: lease tests figures ablate baseline"; exit 2 ;;
+configs) BUDGET_S=580 stage_configs 560 ;;
+*) echo "stages: lease tests figures ablate configs baseline"; exit 2 ;;
 esac
 tar -czf "$OUT/results.tar.gz" -C "$FULL" . && rm -rf "$FULL"
 cat "$OUT/kernel_figures.md" 2>/dev/null

@@ -506,6 +506,13 @@ def with_preset(config: AblationConfig, preset: str) -> AblationConfig:
     return new
 
 
+def with_dtype(config: AblationConfig, dtype: str) -> AblationConfig:
+    """The same ablation with another model dtype (variants that set their own dtype keep it)."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; dtypes: {', '.join(DTYPES)}")
+    return replace(config, model=replace(config.model, dtype=dtype))
+
+
 def _check_architectures(cfg: AblationConfig, path: str) -> None:
     """Apply every override to the model's config now, so contradictions fail before anything runs."""
     try:
@@ -521,4 +528,5 @@ def _check_architectures(cfg: AblationConfig, path: str) -> None:
 
 
 __all__ = ["AblationConfig", "ConfigError", "ImageSpec", "ModelSpec", "RunSpec", "Variant", "VideoSpec",
-           "WorkloadSpec", "DTYPES", "load_config", "parse_config", "with_preset", "tomllib"]
+           "WorkloadSpec", "DTYPES", "load_config", "parse_config", "with_dtype", "with_preset",
+           "tomllib"]

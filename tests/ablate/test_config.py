@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from qvl.ablate.config import ConfigError, load_config, parse_config, with_preset
+from qvl.ablate.config import ConfigError, load_config, parse_config, with_dtype, with_preset
 from qvl.backends import OPERATORS
 from qvl.cli import main
 
@@ -201,11 +201,21 @@ def test_with_preset_revalidates():
         with_preset(bad, "3b")  # fine for tiny's head_dim, not for 3b's
 
 
+def test_with_dtype_keeps_variants_that_set_their_own():
+    cfg = with_dtype(load_config(os.path.join(ROOT, "ablations", "dtype.toml")), "bfloat16")
+    assert cfg.model.dtype == "bfloat16"
+    assert {v.name: cfg.dtype_of(v) for v in cfg.variants}["eager float16"] == "float16"
+    with pytest.raises(ConfigError, match="unknown dtype 'fp8'; dtypes: float32, float16, bfloat16"):
+        with_dtype(cfg, "fp8")
+
+
 def test_cli_check(tmp_path, capsys):
     good = tmp_path / "good.toml"
     good.write_text(MINIMAL)
     assert main(["ablate", str(good), "--check"]) == 0
-    assert "ok: good" in capsys.readouterr().out
+    assert "ok: good, preset tiny in float32" in capsys.readouterr().out
+    assert main(["ablate", str(good), "--check", "--preset", "3b", "--dtype", "bfloat16"]) == 0
+    assert "ok: good, preset 3b in bfloat16" in capsys.readouterr().out
     bad = tmp_path / "bad.toml"
     bad.write_text(MINIMAL + 'dtype = "fp4"\n')
     assert main(["ablate", str(bad), "--check"]) == 2
