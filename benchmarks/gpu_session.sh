@@ -4,6 +4,7 @@
 #       PLAN="tests:110 ablate:300" TESTS="tests/model" BUDGET_S=400 ...   # a shorter lease: stage:cap seconds
 #   bash benchmarks/gpu_session.sh tests      # whole suite compiled (xdist), hypothesis gpu profile
 #   bash benchmarks/gpu_session.sh figures    # kernel table vs peers (benchmarks/kernel_figures.py)
+#   bash benchmarks/gpu_session.sh decode     # decode attention's launch configuration swept (decode_sweep.py)
 #   bash benchmarks/gpu_session.sh ablate     # the default ablation (3b, every backend mix)
 #   bash benchmarks/gpu_session.sh configs    # the shipped ablations/*.toml at the 3b preset (bf16 but dtype.toml)
 #   bash benchmarks/gpu_session.sh baseline   # the benchmark suite, written as this GPU's baseline
@@ -44,6 +45,13 @@ stage_figures() {
   timeout "$(box "$1")" python3 benchmarks/kernel_figures.py --out "$FULL" > "$FULL/kernel_figures.log" 2>&1
   log "figures exit $?"
   cp "$FULL/kernel_figures.md" "$OUT/" 2>/dev/null
+}
+
+stage_decode() {
+  log "decode sweep (<= $(box "$1") s)"
+  timeout "$(box "$1")" python3 benchmarks/decode_sweep.py --out "$FULL" > "$FULL/decode_sweep.log" 2>&1
+  log "decode sweep exit $?"
+  cp "$FULL/decode_sweep.md" "$OUT/" 2>/dev/null
 }
 
 stage_tests() {
@@ -103,8 +111,9 @@ figures) BUDGET_S=580 stage_figures 560 ;;
 ablate) BUDGET_S=580 stage_ablate 560 ;;
 baseline) BUDGET_S=580 stage_baseline 560 ;;
 configs) BUDGET_S=580 stage_configs 560 ;;
-*) echo "stages: lease tests figures ablate configs baseline"; exit 2 ;;
+decode) BUDGET_S=580 stage_decode 560 ;;
+*) echo "stages: lease tests figures decode ablate configs baseline"; exit 2 ;;
 esac
 tar -czf "$OUT/results.tar.gz" -C "$FULL" . && rm -rf "$FULL"
-cat "$OUT/kernel_figures.md" 2>/dev/null
+cat "$OUT/kernel_figures.md" "$OUT/decode_sweep.md" 2>/dev/null
 cat "$OUT/summary.txt"

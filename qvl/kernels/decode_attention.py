@@ -51,6 +51,9 @@ MIN_BLOCKS_PER_SPLIT = 4  # at least 4 * BLOCK_N = 256 keys per split, so a spli
 MAX_SPLITS = 128
 H100_SMS = 132  # what the interpreter assumes, so CPU tests exercise the same choices as the GPU
 LOG2E = 1.4426950408889634
+# The launch defaults decode_attention's tuning overrides replace, as benchmarks/decode_sweep.py reports them.
+DEFAULT_TILES = {"block_n": f"{BLOCK_N} ({BLOCK_N // 2} for head dims > 128)", "num_stages": 3,
+                 "num_warps": "4 (8 when BLOCK_M x BLOCK_D > 64 x 128)", "num_splits": "choose_num_splits"}
 
 
 @triton.jit
@@ -224,14 +227,17 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor | None, scale: float,
-                     num_splits: int | None = None) -> torch.Tensor:
+                     num_splits: int | None = None, *, block_n: int | None = None, num_warps: int | None = None,
+                     num_stages: int | None = None) -> torch.Tensor:
     """Causal (bottom-right) attention of few queries against a KV cache, split over the keys.
 
     q (B, Lq, Hq, D); k, v (B, Lk, Hkv, D) with Lq <= Lk and Hq % Hkv == 0; pad (B,) integer left padding or
     None. Any strides (e.g. k = cache[:, :length]); a last dim that is not contiguous is copied first.
     fp32 / fp16 / bf16, D <= 256. Returns (B, Lq, Hq, D) contiguous in q.dtype.
     num_splits None chooses automatically (`choose_num_splits`); an explicit value is used as given, even
-    when it exceeds the number of key blocks (the extra splits are empty).
+    when it exceeds the number of key blocks (the extra splits are empty). block_n (keys per inner step, a
+    power of two >= 16), num_warps and num_stages override the defaults (DEFAULT_TILES) for tuning
+    (benchmarks/decode_sweep.py); None keeps them.
     """
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise ValueError(f"decode_attention: q (B, Lq, Hq, D) and k, v (B, Lk, Hkv, D) expected; "
@@ -250,6 +256,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: tor
         raise ValueError(f"decode_attention: pad must be ({batch},), got {tuple(pad.shape)}")
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"decode_attention: num_splits must be >= 1, got {num_splits}")
+    if block_n is not None and (block_n < 16 or block_n & (block_n - 1)):
+        raise ValueError(f"decode_attention: block_n must be a power of two >= 16, got {block_n}")
 
     out = torch.empty((batch, q_len, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
@@ -262,7 +270,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: tor
     block_m = min(max(16, next_power_of_2(rows)), MAX_ROWS)  # tl.dot needs >= 16 rows
     row_blocks = triton.cdiv(rows, block_m)
     block_d = max(16, next_power_of_2(head_dim))
-    block_n = BLOCK_N if block_d <= 128 else BLOCK_N // 2  # keep K + V tiles (and their pipeline stages) in smem
+    if block_n is None:
+        block_n = BLOCK_N if block_d <= 128 else BLOCK_N // 2  # keep K + V tiles (and their pipeline stages) in smem
     programs = batch * num_kv_heads * row_blocks
     if num_splits is None:
         num_splits = choose_num_splits(programs, kv_len, _num_sms(q.device), block_n)
@@ -276,7 +285,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: tor
         part_sum = torch.empty_like(part_max)
         part_acc = torch.empty((*part_max.shape, head_dim), dtype=torch.float32, device=q.device)
 
-    num_warps = 4 if block_m * block_d <= 64 * 128 else 8
+    if num_warps is None:
+        num_warps = 4 if block_m * block_d <= 64 * 128 else 8
+    if INTERPRETED or num_stages is None:
+        num_stages = 1 if INTERPRETED else 3
     _decode_attention_fwd_kernel[(programs, num_splits)](
         q, k, v, pad_arg, out, part_acc, part_max, part_sum,
         q.stride(0), q.stride(1), q.stride(2),
@@ -286,7 +298,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: tor
         num_kv_heads, group, q_len, kv_len, float(scale) * LOG2E, blocks_per_split, num_splits,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, ROW_BLOCKS=row_blocks,
         HAS_PAD=pad is not None, SINGLE_SPLIT=single, DOT_F32=DOT_F32, WHILE_LOOP=INTERPRETED,
-        num_warps=num_warps, num_stages=1 if INTERPRETED else 3,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if not single:
         block_s = next_power_of_2(num_splits)

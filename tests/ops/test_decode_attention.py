@@ -125,6 +125,8 @@ def test_rejects_bad_inputs(device):
         decode_attention(q, k, v, torch.zeros(3, dtype=torch.int64, device=device), 1.0)
     with pytest.raises(ValueError, match="num_splits"):
         decode_attention(q, k, v, None, 1.0, num_splits=0)
+    with pytest.raises(ValueError, match="block_n must be a power of two >= 16, got 48"):
+        decode_attention(q, k, v, None, 1.0, block_n=48)
     with pytest.raises(ValueError, match="head dim"):
         big = torch.zeros(1, 1, 1, 264, device=device)
         decode_attention(big, big, big, None, 1.0)
@@ -138,3 +140,13 @@ def test_large_groups_take_several_row_blocks(device, num_splits):
     q, k, v, pad = _inputs(1, 2, 3, 90, 1, 24, 16, torch.float32, device, pad_values=[0, 50])
     assert_close_rel(decode_attention(q, k, v, pad, 0.25, num_splits=num_splits),
                      _reference(q, k, v, pad, 0.25), torch.float32)
+
+
+@pytest.mark.parametrize("block_n, num_warps, num_stages", [(16, 2, 2), (32, 4, 4), (128, 8, 5)])
+def test_tuning_overrides_keep_the_result(device, block_n, num_warps, num_stages):
+    """The launch knobs benchmarks/decode_sweep.py turns change speed only (a partial last key block, padding)."""
+    q, k, v, pad = _inputs(2, 2, 2, 333, 2, 8, 128, torch.bfloat16, device, pad_values=[0, 90])
+    for num_splits in (1, 6):
+        out = decode_attention(q, k, v, pad, 0.1, num_splits, block_n=block_n, num_warps=num_warps,
+                               num_stages=num_stages)
+        assert_close_rel(out, _reference(q, k, v, pad, 0.1), torch.bfloat16)
