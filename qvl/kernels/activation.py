@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import next_power_of_2
+from . import cdiv, next_power_of_2
 from .common import as_rows, rows_view, to_storage
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -72,7 +72,7 @@ def _gelu_fwd_kernel(
 def _grid_and_blocks(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int, int]:
     block_n = min(next_power_of_2(n_cols), BLOCK_COLS)
     block_m = min(next_power_of_2(n_rows), max(1, TILE_ELEMENTS // block_n))
-    return (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n)), block_m, block_n
+    return (cdiv(n_rows, block_m), cdiv(n_cols, block_n)), block_m, block_n
 
 
 def _check(name: str, h: torch.Tensor) -> None:

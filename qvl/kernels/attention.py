@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import DOT_F32, INTERPRETED, next_power_of_2
+from . import DOT_F32, INTERPRETED, cdiv, next_power_of_2
 from .common import to_storage
 
 LOG2E = 1.4426950408889634
@@ -327,7 +327,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: tor
     pad_arg = q if pad is None else pad.to(device=q.device, dtype=torch.int64).contiguous()  # q: unread placeholder
 
     config = _launch_config(q_len, head_dim, q.dtype)
-    num_q_blocks = triton.cdiv(q_len, config["BLOCK_M"])
+    num_q_blocks = cdiv(q_len, config["BLOCK_M"])
     num_batch_heads = batch * num_q_heads
     _causal_attention_fwd_kernel[(num_q_blocks * num_batch_heads,)](
         q, k, v, pad_arg, out,
@@ -366,7 +366,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
 
     config = _launch_config(max_seqlen, head_dim, q.dtype)
-    num_q_blocks = triton.cdiv(max_seqlen, config["BLOCK_M"])
+    num_q_blocks = cdiv(max_seqlen, config["BLOCK_M"])
     _varlen_attention_fwd_kernel[(num_q_blocks * num_segments * num_q_heads,)](
         q, k, v, cu_seqlens, out,
         *q.stride()[1:], *k.stride()[1:], *v.stride()[1:], *out.stride()[1:3],

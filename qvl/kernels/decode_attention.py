@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import DOT_F32, INTERPRETED, next_power_of_2
+from . import DOT_F32, INTERPRETED, cdiv, next_power_of_2
 from .common import to_storage
 
 BLOCK_N = 64  # keys per inner-loop step
@@ -215,11 +215,11 @@ def choose_num_splits(programs: int, kv_len: int, num_sms: int = H100_SMS, block
     that would get none: e.g. B=1, Hkv=2, Lk=32768 on an H100 -> 66 wanted, 8 blocks each -> 64 splits,
     128 programs on 132 SMs. Large batches (programs >= num_sms) get 1 split: no merge pass at all.
     """
-    key_blocks = triton.cdiv(max(kv_len, 1), block_n)
-    wanted = triton.cdiv(num_sms, max(programs, 1))
+    key_blocks = cdiv(max(kv_len, 1), block_n)
+    wanted = cdiv(num_sms, max(programs, 1))
     splits = max(1, min(wanted, key_blocks // MIN_BLOCKS_PER_SPLIT, MAX_SPLITS))
-    blocks_per_split = triton.cdiv(key_blocks, splits)
-    return triton.cdiv(key_blocks, blocks_per_split)
+    blocks_per_split = cdiv(key_blocks, splits)
+    return cdiv(key_blocks, blocks_per_split)
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -268,14 +268,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: tor
     group = num_q_heads // num_kv_heads
     rows = group * q_len
     block_m = min(max(16, next_power_of_2(rows)), MAX_ROWS)  # tl.dot needs >= 16 rows
-    row_blocks = triton.cdiv(rows, block_m)
+    row_blocks = cdiv(rows, block_m)
     block_d = max(16, next_power_of_2(head_dim))
     if block_n is None:
         block_n = BLOCK_N if block_d <= 128 else BLOCK_N // 2  # keep K + V tiles (and their pipeline stages) in smem
     programs = batch * num_kv_heads * row_blocks
     if num_splits is None:
         num_splits = choose_num_splits(programs, kv_len, _num_sms(q.device), block_n)
-    blocks_per_split = triton.cdiv(triton.cdiv(kv_len, block_n), num_splits)
+    blocks_per_split = cdiv(cdiv(kv_len, block_n), num_splits)
     single = num_splits == 1
 
     if single:

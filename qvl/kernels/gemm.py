@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import DOT_F32, INTERPRETED, next_power_of_2
+from . import DOT_F32, INTERPRETED, cdiv, next_power_of_2
 from .common import round_to, to_storage
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -233,7 +233,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, acti
     flags = dict(ACTIVATION=activation, HAS_BIAS=b is not None, ROW_ALIGN=_power_of_two_dividing(
                      x_rows.stride(0), w.stride(0), cap=16), DOT_F32=DOT_F32,
                  INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", WHILE_LOOP=INTERPRETED)
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(rows, meta["BLOCK_M"]) * cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
     if config is None and AUTOTUNE and not INTERPRETED:
         _TUNED[family_of(x.dtype, rows, activation)][grid](*args, **flags)
         return out

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import next_power_of_2
+from . import cdiv, next_power_of_2
 from .common import as_rows, round_to, to_storage
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -128,7 +128,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         x_rows, res_rows, weight, y_rows, s_rows,
         x_rows.stride(0), res_rows.stride(0), y_rows.stride(0), s_rows.stride(0),
         hidden, float(eps),
-        HAS_RESIDUAL=residual is not None, NUM_CHUNKS=triton.cdiv(hidden, block), BLOCK_H=block,
+        HAS_RESIDUAL=residual is not None, NUM_CHUNKS=cdiv(hidden, block), BLOCK_H=block,
         num_warps=_num_warps(block),
     )
     return (y, s) if residual is not None else y

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import next_power_of_2
+from . import cdiv, next_power_of_2
 from .common import to_storage
 
 # Pairs per program (heads x pairs): 16 heads of head dim 128 (or 80, padded to 64 pairs), about 4 KiB
@@ -146,7 +146,7 @@ def _launch(q, k, v, q_out, k_dst, v_dst, positions, inv_freq, stream_of_pair, s
     if not has_v:  # the pointers are never read: any tensor of the right dtype stands in
         v, v_dst = k, k_dst
     block_h, block_half, num_warps = _launch_config(d, max(n_q, n_k))
-    grid = (b * seq_len, triton.cdiv(n_q, block_h) + triton.cdiv(n_k, block_h))
+    grid = (b * seq_len, cdiv(n_q, block_h) + cdiv(n_k, block_h))
     _rope_fwd_kernel[grid](
         q, k, v, q_out, k_dst, v_dst, positions, inv_freq.contiguous(), stream_of_pair.contiguous(),
         seq_len, n_q, n_k, start,
