@@ -176,6 +176,9 @@ def cases(quick: bool):
         kc, vc = t(1, 4096, 2, 128, dtype=dt), t(1, 4096, 2, 128, dtype=dt)
         out.append((f"rope+cache {name} d=128", lambda q=q, k=k, kc=kc, vc=vc: rope_and_cache(
             q, k, k, pos, text.inv_freq, text.stream_of_pair, kc, vc, 0)))
+        slot = torch.tensor(100)  # a decode step for CUDA-graph capture: the slot is read on the device
+        out.append((f"rope+cache {name} d=128, start on device", lambda q=q, k=k, kc=kc, vc=vc: rope_and_cache(
+            q[:, :1], k[:, :1], k[:, :1], pos[:, :, :1], text.inv_freq, text.stream_of_pair, kc, vc, slot)))
         out.append((f"rope {name} d=80 (vision)", lambda qv=qv: rope(
             qv, qv, pos[:2], vision.inv_freq, vision.stream_of_pair)))
 
@@ -189,6 +192,9 @@ def cases(quick: bool):
             kc = t(1, 32768, heads[1], d, dtype=dt)
             out.append((f"decode attention {name} d={d} 32k cache",
                         lambda q=q, kc=kc, d=d: decode_attention(q[:, :1], kc, kc, None, d ** -0.5)))
+            out.append((f"decode attention {name} d={d} 32k cache, length on device",
+                        lambda q=q, kc=kc, d=d: decode_attention(q[:, :1], kc, kc, None, d ** -0.5,
+                                                                 kv_len=torch.tensor(20000))))
         for d in (80, 64, 128):
             qv = t(1, 1024, 16, d, dtype=dt)
             mask = BlockDiagonalMask.from_seqlens([64] * 16)

@@ -39,12 +39,18 @@ class EagerRope(OpImpl):
 
 class EagerCache(OpImpl):
     operator = "cache"
+    device_lengths = True
 
     def __call__(self, q, k, v, positions, rotary, k_cache, v_cache, start):
         cos, sin = rope_angles(positions, rotary)
-        end = start + k.shape[1]
-        k_cache[:, start:end] = rotate(k, cos, sin)
-        v_cache[:, start:end] = v
+        if isinstance(start, torch.Tensor):  # a slot held on the device: index, never read it back
+            slots = start + torch.arange(k.shape[1], device=k_cache.device)
+            k_cache.index_copy_(1, slots, rotate(k, cos, sin))
+            v_cache.index_copy_(1, slots, v)
+        else:
+            end = start + k.shape[1]
+            k_cache[:, start:end] = rotate(k, cos, sin)
+            v_cache[:, start:end] = v
         return rotate(q, cos, sin)
 
 
@@ -77,6 +83,7 @@ class EagerAttention(OpImpl):
     """Materializes the (Lq, Lk) score matrix: the reference, not the fast path."""
 
     operator = "attention"
+    device_lengths = True  # CausalMask.dense builds the mask from kv_len on the device
 
     def __call__(self, q, k, v, mask, scale):
         b, lq, hq, d = q.shape

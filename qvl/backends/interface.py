@@ -18,6 +18,11 @@ mlp(x, w_in, b_in, w_out, b_out, activation) -> (..., H_out)
 cache(q, k, v, positions, rotary, k_cache, v_cache, start) -> q'
     Rotate q and k, write rotated k and v into the static cache at [:, start:start + L]; return rotated q.
     Caches are (B, max_len, Hkv, D).
+
+Lengths on the device. A decode step replayed from a CUDA graph cannot take the cache length as a Python
+number: `start` may be a 0-dim integer tensor, and attention may run over the whole static cache with
+`CausalMask.kv_len` (a 0-dim tensor) saying how many keys are there. Backends declare whether they accept
+this (`OpImpl.device_lengths`); values held on the device are not range-checked (that would synchronize).
 """
 
 from __future__ import annotations
@@ -38,14 +43,19 @@ class CausalMask:
     Query i of Lq sits at key position Lk - Lq + i and sees keys j with pad[b] <= j <= Lk - Lq + i.
     `pad` (B,) int64 counts the padding tokens at the left of each sequence (None: no padding).
     Query rows that see no key (padding queries) produce zeros.
+    `kv_len` (a 0-dim integer tensor on the device, or None): how many of the Lk keys are present, when k and
+    v are a whole static cache whose later slots are not written yet; it then takes Lk's place above
+    (query i at kv_len - Lq + i) and keys at or past it are never seen.
     """
 
     pad: torch.Tensor | None = None
+    kv_len: torch.Tensor | None = None
     kind: str = field(default="causal", init=False)
 
     def dense(self, batch: int, lq: int, lk: int, device=None) -> torch.Tensor:
-        """(B, Lq, Lk) boolean: True where attention is allowed. For tests and debugging."""
-        qpos = torch.arange(lq, device=device)[:, None] + (lk - lq)
+        """(B, Lq, Lk) boolean: True where attention is allowed. The eager backend's mask."""
+        present = lk if self.kv_len is None else self.kv_len.to(device)
+        qpos = torch.arange(lq, device=device)[:, None] + (present - lq)
         kpos = torch.arange(lk, device=device)[None, :]
         allowed = (kpos <= qpos).expand(batch, lq, lk)
         if self.pad is not None:
@@ -128,6 +138,8 @@ def check_attention_inputs(q, k, v, mask) -> None:
             raise ValueError(f"attention: causal attention with more queries ({q.shape[1]}) than keys ({k.shape[1]})")
         if mask.pad is not None and tuple(mask.pad.shape) != (q.shape[0],):
             raise ValueError(f"attention: CausalMask.pad must be ({q.shape[0]},), got {tuple(mask.pad.shape)}")
+        if mask.kv_len is not None:
+            _check_device_length("attention", "CausalMask.kv_len", mask.kv_len, q.device)
     else:
         raise ValueError(f"attention: mask must be a CausalMask or BlockDiagonalMask, got {type(mask).__name__}")
 
@@ -167,6 +179,14 @@ def check_cache_inputs(q, k, v, positions, rotary, k_cache, v_cache, start) -> N
         raise ValueError(f"cache: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
     if k_cache.shape != v_cache.shape or k_cache.shape[0] != k.shape[0] or k_cache.shape[2:] != k.shape[2:]:
         raise ValueError(f"cache: cache {tuple(k_cache.shape)} does not hold k {tuple(k.shape)}")
-    if not 0 <= start <= k_cache.shape[1] - k.shape[1]:
+    if isinstance(start, torch.Tensor):
+        _check_device_length("cache", "start", start, k_cache.device)
+    elif not 0 <= start <= k_cache.shape[1] - k.shape[1]:
         raise ValueError(f"cache: writing {k.shape[1]} tokens at {start} overflows the cache of "
                          f"{k_cache.shape[1]} positions; build the cache with a larger max_len")
+
+
+def _check_device_length(operator: str, name: str, value: torch.Tensor, device: torch.device) -> None:
+    if value.dim() != 0 or value.is_floating_point() or value.is_complex() or value.device != device:
+        raise ValueError(f"{operator}: {name} must be a 0-dim integer tensor on {device}; got "
+                         f"{tuple(value.shape)} {value.dtype} on {value.device}")

@@ -26,8 +26,9 @@ class Ops:
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: I.AttentionMask,
                   scale: float | None = None) -> torch.Tensor:
         I.check_attention_inputs(q, k, v, mask)
-        call = CallInfo.of("attention", q, head_dim=q.shape[-1], mask=mask.kind,
-                           gqa=q.shape[2] // k.shape[2], padded=getattr(mask, "pad", None) is not None)
+        call = CallInfo.of("attention", q, head_dim=q.shape[-1], mask=mask.kind, gqa=q.shape[2] // k.shape[2],
+                           padded=getattr(mask, "pad", None) is not None,
+                           **_device_lengths(getattr(mask, "kv_len", None) is not None))
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         return self._dispatch.select(call)(q, k, v, mask, scale)
 
@@ -52,5 +53,10 @@ class Ops:
               k_cache: torch.Tensor, v_cache: torch.Tensor, start: int) -> torch.Tensor:
         I.check_cache_inputs(q, k, v, positions, rotary, k_cache, v_cache, start)
         call = CallInfo.of("cache", q, head_dim=q.shape[-1], sections=rotary.sections,
-                           uniform_streams=rotary.uniform_streams)
+                           uniform_streams=rotary.uniform_streams, **_device_lengths(isinstance(start, torch.Tensor)))
         return self._dispatch.select(call)(q, k, v, positions, rotary, k_cache, v_cache, start)
+
+
+def _device_lengths(held_on_device: bool) -> dict[str, bool]:
+    """The call feature only when set, so ordinary calls describe themselves as before."""
+    return {"device_lengths": True} if held_on_device else {}

@@ -76,6 +76,8 @@ class OpImpl:
     head_dims_text: ClassVar[str] = ""
     masks: ClassVar[frozenset[str] | None] = None  # attention mask kinds
     activations: ClassVar[frozenset[str] | None] = None  # mlp activations
+    # accepts lengths held on the device (CausalMask.kv_len, a tensor cache start): see qvl.backends.interface
+    device_lengths: ClassVar[bool] = False
 
     def not_supported_reasons(self, call: CallInfo) -> list[str]:
         reasons = []
@@ -93,6 +95,8 @@ class OpImpl:
         act = call.get("activation")
         if self.activations is not None and act is not None and act not in self.activations:
             reasons.append(f"activation {act} not supported (supports {', '.join(sorted(self.activations))})")
+        if call.get("device_lengths") and not self.device_lengths:
+            reasons.append("lengths held on the device (a decode step for CUDA-graph capture) not supported")
         return reasons
 
     def __call__(self, *args, **kwargs):  # pragma: no cover - interface

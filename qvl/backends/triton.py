@@ -34,12 +34,13 @@ class _TritonOp(OpImpl):
 class TritonAttention(_TritonOp):
     operator = "attention"
     masks = frozenset({"causal", "block_diagonal"})
+    device_lengths = True  # a static cache's length on the device: the split-KV kernel reads it
 
     def __call__(self, q, k, v, mask, scale):
         if mask.kind == "block_diagonal":
             return varlen_attention(q, k, v, mask.cu_seqlens, mask.max_seqlen, scale)
-        if q.shape[1] <= DECODE_MAX_QUERIES and k.shape[1] > q.shape[1]:
-            return decode_attention(q, k, v, mask.pad, scale)
+        if mask.kv_len is not None or (q.shape[1] <= DECODE_MAX_QUERIES and k.shape[1] > q.shape[1]):
+            return decode_attention(q, k, v, mask.pad, scale, kv_len=mask.kv_len)
         return causal_attention(q, k, v, mask.pad, scale)
 
 
@@ -54,6 +55,7 @@ class TritonCache(_TritonOp):
     """RoPE on q and k fused with the cache write: k is stored rotated, in the same launch."""
 
     operator = "cache"
+    device_lengths = True  # the kernel reads a tensor start
 
     def __call__(self, q, k, v, positions, rotary, k_cache, v_cache, start):
         return rope_and_cache(q, k, v, positions, rotary.inv_freq, rotary.stream_of_pair, k_cache, v_cache, start)

@@ -89,7 +89,7 @@ def _attend_block(q, k_base, v_base, stride_kl, stride_vl, start, hi, pad, last_
 # kv_len grows every decode step: no recompiling when it crosses a multiple of 16.
 @triton.jit(do_not_specialize=["kv_len", "blocks_per_split", "num_splits"])
 def _decode_attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, pad_ptr, out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+    q_ptr, k_ptr, v_ptr, pad_ptr, kv_len_ptr, out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
@@ -97,9 +97,11 @@ def _decode_attention_fwd_kernel(
     num_kv_heads, group, q_len, kv_len, qk_scale_log2, blocks_per_split, num_splits,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ROW_BLOCKS: tl.constexpr, HAS_PAD: tl.constexpr, SINGLE_SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
-    WHILE_LOOP: tl.constexpr,
+    WHILE_LOOP: tl.constexpr, KV_LEN_FROM_PTR: tl.constexpr,
 ):
-    """Phase 1: one (batch, kv head, row block) x one split of the key range."""
+    """Phase 1: one (batch, kv head, row block) x one split of the key range. KV_LEN_FROM_PTR: the number of
+    keys present is read from kv_len_ptr (a static cache's length held on the device); the splits still cover
+    the whole cache (kv_len is then its size), and those past the length find no key."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     row_block = pid % ROW_BLOCKS
@@ -119,6 +121,9 @@ def _decode_attention_fwd_kernel(
         q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0).to(tl.float32)
     else:
         q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0)
+
+    if KV_LEN_FROM_PTR:
+        kv_len = tl.minimum(tl.load(kv_len_ptr).to(tl.int32), kv_len)
 
     # Keys this split owns, skipping whole blocks of left padding.
     lo = split * blocks_per_split * BLOCK_N
@@ -227,7 +232,8 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor | None, scale: float,
-                     num_splits: int | None = None, *, block_n: int | None = None, num_warps: int | None = None,
+                     num_splits: int | None = None, *, kv_len: torch.Tensor | None = None,
+                     block_n: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None) -> torch.Tensor:
     """Causal (bottom-right) attention of few queries against a KV cache, split over the keys.
 
@@ -235,7 +241,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: tor
     None. Any strides (e.g. k = cache[:, :length]); a last dim that is not contiguous is copied first.
     fp32 / fp16 / bf16, D <= 256. Returns (B, Lq, Hq, D) contiguous in q.dtype.
     num_splits None chooses automatically (`choose_num_splits`); an explicit value is used as given, even
-    when it exceeds the number of key blocks (the extra splits are empty). block_n (keys per inner step, a
+    when it exceeds the number of key blocks (the extra splits are empty). kv_len: a 0-dim integer tensor on
+    q's device, the number of keys present when k, v are a whole static cache (CausalMask.kv_len); read by
+    the kernel, so a CUDA graph can replay the call as the cache fills; clamped to Lk. block_n (keys per inner step, a
     power of two >= 16), num_warps and num_stages override the defaults (DEFAULT_TILES) for tuning
     (benchmarks/decode_sweep.py); None keeps them.
     """
@@ -243,11 +251,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: tor
         raise ValueError(f"decode_attention: q (B, Lq, Hq, D) and k, v (B, Lk, Hkv, D) expected; "
                          f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     batch, q_len, num_q_heads, head_dim = q.shape
-    kv_len, num_kv_heads = k.shape[1], k.shape[2]
+    num_keys, num_kv_heads = k.shape[1], k.shape[2]
     if k.shape[0] != batch or k.shape[3] != head_dim or num_kv_heads == 0 or num_q_heads % num_kv_heads:
         raise ValueError(f"decode_attention: q {tuple(q.shape)} does not match k {tuple(k.shape)}")
-    if q_len > kv_len:
-        raise ValueError(f"decode_attention: more queries ({q_len}) than keys ({kv_len})")
+    if q_len > num_keys:
+        raise ValueError(f"decode_attention: more queries ({q_len}) than keys ({num_keys})")
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"decode_attention: head dim {head_dim} > {MAX_HEAD_DIM}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -256,6 +264,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: tor
         raise ValueError(f"decode_attention: pad must be ({batch},), got {tuple(pad.shape)}")
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"decode_attention: num_splits must be >= 1, got {num_splits}")
+    if kv_len is not None and (kv_len.dim() != 0 or kv_len.is_floating_point() or kv_len.device != q.device):
+        raise ValueError(f"decode_attention: kv_len must be a 0-dim integer tensor on {q.device}; got "
+                         f"{tuple(kv_len.shape)} {kv_len.dtype} on {kv_len.device}")
     if block_n is not None and (block_n < 16 or block_n & (block_n - 1)):
         raise ValueError(f"decode_attention: block_n must be a power of two >= 16, got {block_n}")
 
@@ -274,8 +285,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: tor
         block_n = BLOCK_N if block_d <= 128 else BLOCK_N // 2  # keep K + V tiles (and their pipeline stages) in smem
     programs = batch * num_kv_heads * row_blocks
     if num_splits is None:
-        num_splits = choose_num_splits(programs, kv_len, _num_sms(q.device), block_n)
-    blocks_per_split = cdiv(cdiv(kv_len, block_n), num_splits)
+        num_splits = choose_num_splits(programs, num_keys, _num_sms(q.device), block_n)
+    blocks_per_split = cdiv(cdiv(num_keys, block_n), num_splits)
     single = num_splits == 1
 
     if single:
@@ -290,14 +301,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: tor
     if INTERPRETED or num_stages is None:
         num_stages = 1 if INTERPRETED else 3
     _decode_attention_fwd_kernel[(programs, num_splits)](
-        q, k, v, pad_arg, out, part_acc, part_max, part_sum,
+        q, k, v, pad_arg, q if kv_len is None else kv_len, out, part_acc, part_max, part_sum,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        num_kv_heads, group, q_len, kv_len, float(scale) * LOG2E, blocks_per_split, num_splits,
+        num_kv_heads, group, q_len, num_keys, float(scale) * LOG2E, blocks_per_split, num_splits,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, ROW_BLOCKS=row_blocks,
         HAS_PAD=pad is not None, SINGLE_SPLIT=single, DOT_F32=DOT_F32, WHILE_LOOP=INTERPRETED,
+        KV_LEN_FROM_PTR=kv_len is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     if not single:

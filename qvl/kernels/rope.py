@@ -72,8 +72,8 @@ def _copy_heads(src_ptr, src_stride_h, src_stride_d, dst_ptr, dst_stride_h, dst_
 
 @triton.jit
 def _rope_fwd_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
-                           pos_ptr, inv_freq_ptr, stream_ptr,
-                           seq_len, n_q_heads, n_k_heads, start,
+                           pos_ptr, inv_freq_ptr, stream_ptr, start_ptr,
+                           seq_len, n_q_heads, n_k_heads, start, cache_len,
                            stride_qb, stride_ql, stride_qh, stride_qd,
                            stride_kb, stride_kl, stride_kh, stride_kd,
                            stride_vb, stride_vl, stride_vh, stride_vd,
@@ -82,11 +82,12 @@ def _rope_fwd_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
                            stride_vcb, stride_vcl, stride_vch, stride_vcd,
                            stride_ps, stride_pb, stride_pl,
                            HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                           HAS_V: tl.constexpr):
+                           HAS_V: tl.constexpr, START_FROM_PTR: tl.constexpr):
     """Grid (B * L, q head blocks + kv head blocks). A q program writes rotated q to q_out; a kv program
     writes its rotated k heads straight into k_cache slot start + l and, with HAS_V, copies the same v
     heads into v_cache, so un-rotated k never reaches memory. `rope` alone is this kernel with k_cache a
-    fresh (B, L, Hk, D) output, start 0 and no v."""
+    fresh (B, L, Hk, D) output, start 0 and no v. START_FROM_PTR: the start slot is read from start_ptr (a
+    length held on the device), and slots past cache_len are not written (it was not range-checked)."""
     token = tl.program_id(0)
     head_block = tl.program_id(1)
     b = (token // seq_len).to(tl.int64)
@@ -101,7 +102,11 @@ def _rope_fwd_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
                       head_block * BLOCK_H, n_q_heads, cos, sin, HALF, BLOCK_H, BLOCK_HALF)
     else:
         first_head = (head_block - n_q_blocks) * BLOCK_H
-        slot = start + l
+        if START_FROM_PTR:
+            slot = tl.load(start_ptr).to(tl.int64) + l
+            n_k_heads = tl.where((slot >= 0) & (slot < cache_len), n_k_heads, 0)  # out of range: no head stored
+        else:
+            slot = start + l
         _rotate_heads(k_ptr + b * stride_kb + l * stride_kl, stride_kh, stride_kd,
                       k_cache_ptr + b * stride_kcb + slot * stride_kcl, stride_kch, stride_kcd,
                       first_head, n_k_heads, cos, sin, HALF, BLOCK_H, BLOCK_HALF)
@@ -138,8 +143,9 @@ def _launch_config(head_dim: int, max_heads: int) -> tuple[int, int, int]:
     return block_h, block_half, num_warps
 
 
-def _launch(q, k, v, q_out, k_dst, v_dst, positions, inv_freq, stream_of_pair, start: int) -> None:
-    """Rotate q into q_out and k into k_dst slots [start, start + L); copy v into v_dst unless v is None."""
+def _launch(q, k, v, q_out, k_dst, v_dst, positions, inv_freq, stream_of_pair, start: int | torch.Tensor) -> None:
+    """Rotate q into q_out and k into k_dst slots [start, start + L); copy v into v_dst unless v is None.
+    A tensor `start` is read by the kernel."""
     b, seq_len, n_q, d = q.shape
     n_k = k.shape[2]
     has_v = v is not None
@@ -147,12 +153,15 @@ def _launch(q, k, v, q_out, k_dst, v_dst, positions, inv_freq, stream_of_pair, s
         v, v_dst = k, k_dst
     block_h, block_half, num_warps = _launch_config(d, max(n_q, n_k))
     grid = (b * seq_len, cdiv(n_q, block_h) + cdiv(n_k, block_h))
+    on_device = isinstance(start, torch.Tensor)
     _rope_fwd_kernel[grid](
         q, k, v, q_out, k_dst, v_dst, positions, inv_freq.contiguous(), stream_of_pair.contiguous(),
-        seq_len, n_q, n_k, start,
+        start if on_device else positions,  # positions: an unread placeholder
+        seq_len, n_q, n_k, 0 if on_device else start, k_dst.shape[1],
         *q.stride(), *k.stride(), *v.stride(), *q_out.stride()[:3], *k_dst.stride(), *v_dst.stride(),
         *positions.stride(),
-        HALF=d // 2, BLOCK_H=block_h, BLOCK_HALF=block_half, HAS_V=has_v, num_warps=num_warps,
+        HALF=d // 2, BLOCK_H=block_h, BLOCK_HALF=block_half, HAS_V=has_v, START_FROM_PTR=on_device,
+        num_warps=num_warps,
     )
 
 
@@ -177,12 +186,14 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: to
 
 def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                    inv_freq: torch.Tensor, stream_of_pair: torch.Tensor, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, start: int) -> torch.Tensor:
+                   v_cache: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
     """Rotate q and k, write rotated k and v into k_cache/v_cache (B, max_len, Hk, D) at slots
     [start, start + L), and return rotated q (new, contiguous); one launch.
 
     Arguments as for `rope`, plus v shaped like k; the caches may be any strided views of k's dtype
-    (e.g. one layer of a stacked cache). Slots outside [start, start + L) are left untouched.
+    (e.g. one layer of a stacked cache). Slots outside [start, start + L) are left untouched. `start` may be
+    a 0-dim integer tensor on the caches' device, read by the kernel (for CUDA-graph capture): it is not
+    range-checked, and slots it puts past the cache's end are not written.
     """
     _check_rope_args(q, k, positions, inv_freq, stream_of_pair)
     if v.shape != k.shape:
@@ -198,8 +209,11 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
         raise ValueError("cache: q, k, v and the caches must be on one device")
     b, seq_len, n_q, d = q.shape
     n_k = k.shape[2]
-    start = int(start)
-    if not 0 <= start <= k_cache.shape[1] - seq_len:
+    if isinstance(start, torch.Tensor):
+        if start.dim() != 0 or start.is_floating_point() or start.device != k_cache.device:
+            raise ValueError(f"cache: a tensor start must be a 0-dim integer on {k_cache.device}; got "
+                             f"{tuple(start.shape)} {start.dtype} on {start.device}")
+    elif not 0 <= (start := int(start)) <= k_cache.shape[1] - seq_len:
         raise ValueError(f"cache: writing {seq_len} tokens at {start} overflows the cache of "
                          f"{k_cache.shape[1]} positions")
     q_out = torch.empty((b, seq_len, n_q, d), dtype=q.dtype, device=q.device)

@@ -99,3 +99,42 @@ def test_cache_rejects_bad_inputs(device):
         rope_and_cache(q, k, v, positions, *args, k_cache.half(), v_cache.half(), 0)
     with pytest.raises(ValueError, match="differ"):
         rope_and_cache(q, k, v[:, :, :, :8], positions, *args, k_cache, v_cache, 0)
+
+
+@given(**case_args, start=st.integers(0, 12), spare=st.integers(0, 6))
+def test_start_on_device_writes_what_the_int_start_writes(mode, head_dim, batch, seq_len, kv_heads, ratio, max_pos,
+                                                          layout, start, spare, seed):
+    """A 0-dim tensor start (a decode step for CUDA-graph capture), read on the device: the same slots,
+    bit for bit, in the kernel and in eager."""
+    device, dtype = DEVICE_TYPE, torch.bfloat16
+    gen = torch.Generator().manual_seed(seed)
+    rotary = make_rotary(mode, head_dim, gen, device)
+    positions = make_positions(len(rotary.sections), batch, seq_len, max_pos, layout != "contiguous", gen, device)
+    (q, k, v), _ = make_heads(batch, seq_len, [kv_heads * ratio, kv_heads, kv_heads], head_dim, layout, dtype,
+                              gen, device)
+    _, k_cache = make_cache(batch, start + seq_len + spare, kv_heads, head_dim, "layer", dtype, gen, device)
+    _, v_cache = make_cache(batch, start + seq_len + spare, kv_heads, head_dim, "layer", dtype, gen, device)
+    on_device = torch.tensor(start, device=device)
+    for write in (EagerCache(), lambda *a: rope_and_cache(*a[:3], a[3], a[4].inv_freq, a[4].stream_of_pair, *a[5:])):
+        k_int, v_int, k_dev, v_dev = k_cache.clone(), v_cache.clone(), k_cache.clone(), v_cache.clone()
+        q_int = write(q, k, v, positions, rotary, k_int, v_int, start)
+        q_dev = write(q, k, v, positions, rotary, k_dev, v_dev, on_device)
+        assert torch.equal(q_int, q_dev) and torch.equal(k_int, k_dev) and torch.equal(v_int, v_dev)
+
+
+def test_kernel_start_on_device_past_the_end_writes_nothing(device):
+    """Values on the device are not range-checked (that would synchronize): the kernel drops such slots."""
+    gen = torch.Generator().manual_seed(0)
+    rotary = make_rotary("text", 16, gen, device)
+    (q, k, v), _ = make_heads(1, 1, [2, 1, 1], 16, "fused", torch.float32, gen, device)
+    positions = make_positions(3, 1, 1, 10, False, gen, device)
+    _, k_cache = make_cache(1, 8, 1, 16, "layer", torch.float32, gen, device)
+    _, v_cache = make_cache(1, 8, 1, 16, "layer", torch.float32, gen, device)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    for start in (8, 100, -1):
+        rope_and_cache(q, k, v, positions, rotary.inv_freq, rotary.stream_of_pair, k_cache, v_cache,
+                       torch.tensor(start, device=device))
+    assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
+    with pytest.raises(ValueError, match="0-dim integer"):
+        rope_and_cache(q, k, v, positions, rotary.inv_freq, rotary.stream_of_pair, k_cache, v_cache,
+                       torch.tensor([3], device=device))

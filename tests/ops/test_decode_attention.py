@@ -150,3 +150,38 @@ def test_tuning_overrides_keep_the_result(device, block_n, num_warps, num_stages
         out = decode_attention(q, k, v, pad, 0.1, num_splits, block_n=block_n, num_warps=num_warps,
                                num_stages=num_stages)
         assert_close_rel(out, _reference(q, k, v, pad, 0.1), torch.bfloat16)
+
+
+@given(case=decode_cases(max_kv_len=200), unwritten=st.integers(0, 150), num_splits=st.sampled_from([None, 1, 4]))
+def test_kv_len_on_device_matches_the_sliced_cache(case, unwritten, num_splits):
+    """Attention over a whole static cache whose last `unwritten` slots hold garbage, the written length read
+    on the device (CausalMask.kv_len), equals attention over the written slice; and eager agrees."""
+    device = DEVICE_TYPE
+    seed, batch, q_len, kv_len, kv_heads, group, head_dim, dtype, pad_values = case
+    q, k, v, pad = _inputs(seed, batch, q_len, kv_len + unwritten, kv_heads, group, head_dim, dtype, device,
+                           pad_values)
+    scale = head_dim ** -0.5
+    length = torch.tensor(kv_len, device=device)
+    sliced = decode_attention(q, k[:, :kv_len], v[:, :kv_len], pad, scale, num_splits=num_splits)
+    whole = decode_attention(q, k, v, pad, scale, num_splits=num_splits, kv_len=length)
+    if num_splits == 1:  # one split walks the same key blocks either way: bit for bit
+        assert torch.equal(whole, sliced)
+    assert_close_rel(whole, sliced, dtype)
+    eager = EagerAttention()(q, k, v, CausalMask(pad, kv_len=length), scale)
+    assert_close_rel(whole, eager, dtype)
+    assert not whole[_invisible_rows(batch, q_len, kv_len, pad, device)].any()
+
+
+def test_dense_mask_with_kv_len_is_the_written_slice_then_nothing():
+    pad = torch.tensor([0, 3])
+    for lq in (1, 2):
+        whole = CausalMask(pad, kv_len=torch.tensor(6)).dense(2, lq, 10)
+        assert torch.equal(whole[..., :6], CausalMask(pad).dense(2, lq, 6))
+        assert not whole[..., 6:].any()
+
+
+def test_kv_len_must_be_a_0_dim_integer_on_the_device(device):
+    q, k, v, _ = _inputs(0, 1, 1, 20, 1, 2, 16, torch.float32, device)
+    for bad in (torch.tensor([5], device=device), torch.tensor(5.0, device=device)):
+        with pytest.raises(ValueError, match="kv_len must be a 0-dim integer tensor"):
+            decode_attention(q, k, v, None, 1.0, kv_len=bad)
