@@ -6,6 +6,7 @@ import torch
 import qvl
 from benchmarks import harness
 from qvl.demo import demo_prompt
+from qvl.model.graphs import DecodeGraph
 
 PRESET = "3b" if harness.FULL else "tiny"
 DT = torch.bfloat16 if harness.CUDA else torch.float32
@@ -41,9 +42,8 @@ def test_prefill(measure, model, backend):
     measure(prefill)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_decode_step(measure, model, backend):
-    """One token at batch 1 reads every decoder weight once: bandwidth = weight bytes / step time."""
+def decode_step_at_fixed_slot(model, backend, cuda_graph):
+    """A decode step after the demo prompt's prefill, always at the same cache slot: a fixed-size workload."""
     model.set_backends(backend, fallback="eager")
     inputs = demo_prompt(model.cfg)
     prompt = model.prepare(**inputs)
@@ -51,9 +51,24 @@ def test_decode_step(measure, model, backend):
     model.prefill(prompt, cache)
     start = cache.length
     token = torch.zeros(1, dtype=torch.long, device=harness.DEVICE)
+    decode = DecodeGraph(model, prompt, cache).step if cuda_graph else (
+        lambda t: model.decode_step(t, prompt, cache))
 
     def step():
-        cache.length = start  # the same slot every round: a fixed-size workload
-        return model.decode_step(token, prompt, cache)
+        cache.length = start
+        return decode(token)
 
-    measure(step, nbytes=weight_bytes(model))
+    return step
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_step(measure, model, backend):
+    """One token at batch 1 reads every decoder weight once: bandwidth = weight bytes / step time."""
+    measure(decode_step_at_fixed_slot(model, backend, cuda_graph=False), nbytes=weight_bytes(model))
+
+
+@pytest.mark.skipif(not harness.CUDA, reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_step_cuda_graph(measure, model, backend):
+    """The same step replayed from a CUDA graph: no per-launch host cost, so the kernels' own time shows."""
+    measure(decode_step_at_fixed_slot(model, backend, cuda_graph=True), nbytes=weight_bytes(model))

@@ -35,6 +35,7 @@ ever evaluated. Every mistake is a `ConfigError` naming the file, the key and wh
     name = "eager"
     backends = "eager"                # a backend for every operator, "attention=triton,norm=eager", or a table
     # fallback, dtype, overrides, description: optional, per variant
+    # cuda_graph = true               # decode steps replayed from a CUDA graph (CUDA only; qvl.model.graphs)
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ class Variant:
     dtype: str | None = None  # None: the model's dtype
     overrides: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    cuda_graph: bool = False  # decode steps replayed from a CUDA graph
 
 
 @dataclass(frozen=True)
@@ -357,7 +359,8 @@ IMAGE_KEYS = {"size": "[height, width] in pixels", "file": "an image file (needs
 VIDEO_KEYS = {"size": "[height, width] in pixels", "frames": "integer >= 1", "fps": "positive number"}
 RUN_KEYS = {"warmup": "integer >= 0", "repeats": "integer >= 1", "fallback": "none or a backend name"}
 VARIANT_KEYS = {"name": "unique string", "backends": "backend spec", "fallback": "none or a backend name",
-                "dtype": ", ".join(DTYPES), "overrides": "table of dotted config fields", "description": "free text"}
+                "dtype": ", ".join(DTYPES), "overrides": "table of dotted config fields", "description": "free text",
+                "cuda_graph": "true or false: decode steps replayed from a CUDA graph (CUDA devices only)"}
 
 
 def load_config(path: str | os.PathLike) -> AblationConfig:
@@ -492,9 +495,12 @@ def _parse_variant(w: _Where, t: Any, run: RunSpec) -> Variant:
     backends, spec = _backends(w, "backends", t.get("backends", "eager"))
     fallback = _fallback(w, "fallback", t["fallback"]) if "fallback" in t else run.fallback
     dtype = _choice(w, "dtype", t["dtype"], list(DTYPES)) if "dtype" in t else None
+    cuda_graph = t.get("cuda_graph", False)
+    if not isinstance(cuda_graph, bool):
+        raise w.error("cuda_graph", f"must be true or false, got {_show(cuda_graph)}")
     return Variant(name=name, backends=backends, spec=spec, fallback=fallback, dtype=dtype,
                    overrides=_overrides(w, "overrides", t.get("overrides", {})),
-                   description=_str(w, "description", t.get("description", "")))
+                   description=_str(w, "description", t.get("description", "")), cuda_graph=cuda_graph)
 
 
 def with_preset(config: AblationConfig, preset: str) -> AblationConfig:

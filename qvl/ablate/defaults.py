@@ -1,8 +1,8 @@
 """`qvl ablate` with no config: a default that fits the machine.
 
 CPU: the tiny preset, eager (the reference) against the Triton kernels (interpreted) and xformers when it
-is available here. GPU: the 3b preset in bfloat16 with every backend mix `qvl demo` knows, against eager
-in float32 on the same weights.
+is available here. GPU: the 3b preset in bfloat16 with every backend mix `qvl demo` knows, and all eager
+and all triton with decode steps replayed from a CUDA graph, against eager in float32 on the same weights.
 """
 
 from __future__ import annotations
@@ -48,6 +48,11 @@ def default_config(device: str = "auto") -> AblationConfig:
     for name, mapping in backend_mixes():
         if all(b in usable for b in mapping.values()):
             variants.append(_variant(name, mapping, "eager"))
+    # At batch 1 decoding is bound by launching kernels: the same backends with the step replayed from a graph.
+    for name in ("eager", "triton"):
+        if name in usable:
+            variants.append(replace(_variant(f"{name}, CUDA graph", {op: name for op in OPERATORS}, "eager"),
+                                    cuda_graph=True))
     return AblationConfig(
         name="default_gpu", reference=reference.name,
         description="The 3b preset (random weights) in bfloat16 on the GPU through every backend mix, against "

@@ -4,7 +4,9 @@ Per variant (warm-up runs first, then `repeats` timed runs; median and min/max r
   vision_ms      the vision tower alone (`model.vision_features` on every image and video)
   prefill_ms     time to first token: `prepare` (vision tower, embedding, positions) + `prefill` into a
                  fresh KV cache + argmax of the last position
-  decode_tok_s   batch * (decode_tokens - 1) / time of the greedy `decode_step` loop after the prefill
+  decode_tok_s   batch * (decode_tokens - 1) / time of the greedy `decode_step` loop after the prefill; a
+                 variant with cuda_graph = true replays the step from a CUDA graph, captured after the
+                 prefill and outside the timed loop (two warm-up steps and the capture, per run)
   peak_memory    torch.cuda.max_memory_allocated over the variant on a GPU; not measured on a CPU
 Then one more, untimed pass compares with the reference variant (which runs first):
   logits_rel_err ||L - L_ref|| / ||L_ref|| (Frobenius, float32) over the logits of all decode_tokens steps
@@ -121,24 +123,26 @@ def _run_vision(model, work: Workload) -> None:
         model.vision_features(x["pixel_values_videos"], x["video_grid_thw"])
 
 
-def _generation_pass(model, work: Workload, forced: torch.Tensor | None = None, keep_logits: bool = False):
+def _generation_pass(model, work: Workload, forced: torch.Tensor | None = None, keep_logits: bool = False,
+                     cuda_graph: bool = False):
     """Prefill then greedy decode; `forced` (B, N) feeds those tokens instead of the model's own.
 
     Returns (tokens (B, N), logits (B, N, V) float32 on the CPU or None)."""
     cache = model.new_cache(work.batch_size, work.total_length)
     prompt = model.prepare(**work.inputs)
     logits = model.prefill(prompt, cache)
+    decode = model.decoder(prompt, cache, cuda_graph)
     tokens, kept = [logits.argmax(-1)], [logits.float().cpu()] if keep_logits else None
     for step in range(1, work.decode_tokens):
         feed = forced[:, step - 1].to(model.device) if forced is not None else tokens[-1]
-        logits = model.decode_step(feed, prompt, cache)
+        logits = decode(feed)
         tokens.append(logits.argmax(-1))
         if keep_logits:
             kept.append(logits.float().cpu())
     return torch.stack(tokens, 1).cpu(), (torch.stack(kept, 1) if keep_logits else None)
 
 
-def _timed_generation(model, work: Workload, clock: Clock):
+def _timed_generation(model, work: Workload, clock: Clock, cuda_graph: bool):
     """One timed run: (tokens, time to first token ms, decode loop ms)."""
     cache = model.new_cache(work.batch_size, work.total_length)  # allocated outside the timed region
 
@@ -147,18 +151,20 @@ def _timed_generation(model, work: Workload, clock: Clock):
         return prompt, model.prefill(prompt, cache).argmax(-1)
 
     (prompt, token), ttft_ms = clock.time(first)
+    decode = model.decoder(prompt, cache, cuda_graph)  # a graph is captured here, untimed
 
     def rest():
         tokens = [token]
         for _ in range(work.decode_tokens - 1):
-            tokens.append(model.decode_step(tokens[-1], prompt, cache).argmax(-1))
+            tokens.append(decode(tokens[-1]).argmax(-1))
         return torch.stack(tokens, 1)
 
     tokens, decode_ms = clock.time(rest)
     return tokens.cpu(), ttft_ms, decode_ms
 
 
-def measure_timings(model, work: Workload, clock: Clock, warmup: int, repeats: int, tick) -> tuple[dict, torch.Tensor]:
+def measure_timings(model, work: Workload, clock: Clock, warmup: int, repeats: int, tick,
+                    cuda_graph: bool = False) -> tuple[dict, torch.Tensor]:
     """Warm-up then timed runs; `tick(label or None, steps done)` reports progress. Returns the figures and the
     greedy tokens of the last run."""
     vision, ttft, decode = [], [], []
@@ -170,7 +176,7 @@ def measure_timings(model, work: Workload, clock: Clock, warmup: int, repeats: i
             _, ms = clock.time(lambda: _run_vision(model, work))
             if timed:
                 vision.append(ms)
-        tokens, ttft_ms, decode_ms = _timed_generation(model, work, clock)
+        tokens, ttft_ms, decode_ms = _timed_generation(model, work, clock, cuda_graph)
         if timed:
             ttft.append(ttft_ms)
             decode.append(decode_ms)
@@ -249,7 +255,7 @@ class AblationRun:
         return {"name": v.name, "status": "pending", "reference": v.name == self.config.reference,
                 "description": v.description, "backends": v.spec,
                 "requested": {"backends": v.backends, "fallback": v.fallback, "dtype": self.config.dtype_of(v),
-                              "overrides": v.overrides},
+                              "overrides": v.overrides, "cuda_graph": v.cuda_graph},
                 "plan": None, "model": None, "workload": None, "figures": None, "comparison": None,
                 "fallbacks": [], "error": None, "traceback": None, "seconds": None}
 
@@ -402,7 +408,8 @@ class AblationRun:
             self.memory.reset()
             figures, tokens = measure_timings(model, work, self.clock, self.warmup, self.repeats,
                                               lambda what, n: self.progress.update(
-                                                  None if what is None else f"{label}: {what}", advance=n))
+                                                  None if what is None else f"{label}: {what}", advance=n),
+                                              cuda_graph=v.cuda_graph)
             figures["peak_memory_mib"] = self.memory.read_mib()
             figures["process_max_rss_mib"] = self.memory.process_max_rss_mib()
             figures["model_mib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
@@ -436,7 +443,7 @@ class AblationRun:
     def _compare(self, v: Variant, model, work: Workload, tokens: torch.Tensor) -> dict:
         ref_name = self.config.reference
         if v.name == ref_name:
-            ref_tokens, ref_logits = _generation_pass(model, work, keep_logits=True)
+            ref_tokens, ref_logits = _generation_pass(model, work, keep_logits=True, cuda_graph=v.cuda_graph)
             self._ref = {"tokens": ref_tokens, "logits": ref_logits, "workload": work}
             return {"compared_to": ref_name, "logits_rel_err": 0.0, "logits_max_err": 0.0, "token_agreement": 1.0,
                     "first_divergence": None, "note": "the reference", "deterministic":
@@ -450,7 +457,7 @@ class AblationRun:
         if model.cfg.text.vocab_size != ref["logits"].shape[-1]:
             return {"compared_to": None, "note": f"not compared: vocabulary {model.cfg.text.vocab_size} vs "
                                                  f"{ref['logits'].shape[-1]} in the reference"}
-        _, logits = _generation_pass(model, work, forced=ref["tokens"], keep_logits=True)
+        _, logits = _generation_pass(model, work, forced=ref["tokens"], keep_logits=True, cuda_graph=v.cuda_graph)
         out = {"compared_to": ref_name, **compare(tokens, logits, ref["tokens"], ref["logits"])}
         out["note"] = "teacher-forced logits, free-running tokens"
         return out

@@ -158,7 +158,8 @@ def _queue(grid_thw: torch.Tensor | None) -> list[tuple[int, int, int]]:
     return [] if grid_thw is None else [tuple(g) for g in grid_thw.tolist()]
 
 
-def decode_positions(start: int, length: int, deltas: torch.Tensor) -> torch.Tensor:
-    """(3, B, length) positions for tokens at cache slots [start, start + length): all streams equal."""
-    pos = torch.arange(start, start + length, device=deltas.device)[None, :] + deltas
+def decode_positions(start: int | torch.Tensor, length: int, deltas: torch.Tensor) -> torch.Tensor:
+    """(3, B, length) positions for tokens at cache slots [start, start + length): all streams equal.
+    `start` may be a 0-dim tensor on deltas' device (a cache length held there, for CUDA-graph capture)."""
+    pos = (torch.arange(length, device=deltas.device) + start)[None, :] + deltas
     return pos.unsqueeze(0).expand(3, -1, -1)

@@ -20,6 +20,7 @@ from torch import nn
 from ..backends import CausalMask, Ops, Rotary, resolve_plan
 from ..config import Qwen25VLConfig
 from .cache import StaticKVCache
+from .graphs import DecodeGraph
 from .layers import inverse_frequencies
 from .positions import check_grids, decode_positions, left_padding, mrope_positions
 from .sampling import Sampler
@@ -180,30 +181,50 @@ class Qwen25VL(nn.Module):
         return self.logits(hidden[:, -1])
 
     @torch.no_grad()
-    def decode_step(self, tokens: torch.Tensor, prompt: Prompt, cache: StaticKVCache) -> torch.Tensor:
-        """Feed one token per row (B,) at the cache's next slot; return its logits (B, vocab)."""
-        start = cache.length
+    def decode_step(self, tokens: torch.Tensor, prompt: Prompt, cache: StaticKVCache,
+                    length: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed one token per row (B,) at the cache's next slot; return its logits (B, vocab).
+
+        `length`: the cache's length as a 0-dim integer tensor on the model's device, used instead of
+        `cache.length` (which is then left for the caller to advance). Every launch of the step then has the
+        same arguments whatever the length (attention spans the whole cache, the slot is read on the device),
+        so the step can be captured in a CUDA graph and replayed for every token: `DecodeGraph`.
+        """
+        start = cache.length if length is None else length
         embeds = self.model.embed_tokens(tokens[:, None])
         positions = decode_positions(start, 1, prompt.deltas)
-        hidden = self.model(self.ops, embeds, positions, self.rotary(True), CausalMask(prompt.pad), cache=cache,
-                            start=start)
-        cache.length = start + 1
+        mask = CausalMask(prompt.pad) if length is None else CausalMask(prompt.pad, kv_len=length + 1)
+        hidden = self.model(self.ops, embeds, positions, self.rotary(True), mask, cache=cache, start=start)
+        if length is None:
+            cache.length = start + 1
         return self.logits(hidden[:, -1])
+
+    def decoder(self, prompt: Prompt, cache: StaticKVCache, cuda_graph: bool = False):
+        """The decode step for this prompt and cache as a callable: tokens (B,) -> logits (B, vocab).
+
+        cuda_graph: capture the step once and replay it for every token (`DecodeGraph`; CUDA only). The
+        logits are then a buffer the next call overwrites.
+        """
+        if cuda_graph:
+            return torch.no_grad()(DecodeGraph(self, prompt, cache).step)
+        return lambda tokens: self.decode_step(tokens, prompt, cache)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, *,
                  max_new_tokens: int = 32, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, eos_token_id=None,
-                 pad_token_id: int | None = None, on_token=None) -> torch.Tensor:
+                 pad_token_id: int | None = None, on_token=None, cuda_graph: bool = False) -> torch.Tensor:
         """Greedy (temperature 0) or sampled continuation; returns ids (B, L + n) including the prompt.
 
         Rows that emit an EOS token are padded with `pad_token_id` (default: the config's pad, else the
         first EOS) and generation stops when every row has finished. `on_token(tokens)` is called with each
-        new (B,) step, for streaming.
+        new (B,) step, for streaming. cuda_graph: replay the decode step from a CUDA graph (`DecodeGraph`).
         """
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"generate: cuda_graph needs the model on a CUDA device; it is on {self.device}")
         sampler = Sampler(temperature, top_k, top_p, seed, self.device)
         prompt = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
                               video_grid_thw, second_per_grid_ts)
@@ -221,6 +242,7 @@ class Qwen25VL(nn.Module):
                              f"max_position_embeddings ({self.cfg.text.max_position_embeddings})")
         cache = self.new_cache(batch, length + max_new_tokens)
         logits = self.prefill(prompt, cache)
+        step_fn = self.decoder(prompt, cache, cuda_graph)
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         out = [input_ids]
         for step in range(max_new_tokens):
@@ -232,5 +254,5 @@ class Qwen25VL(nn.Module):
             finished |= torch.isin(tokens, eos_t)
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
-            logits = self.decode_step(tokens, prompt, cache)
+            logits = step_fn(tokens)
         return torch.cat(out, dim=1)

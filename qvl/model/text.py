@@ -18,7 +18,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, ops: Ops, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, mask: CausalMask,
-                kv_cache: tuple[torch.Tensor, torch.Tensor] | None, start: int) -> torch.Tensor:
+                kv_cache: tuple[torch.Tensor, torch.Tensor] | None, start: int | torch.Tensor) -> torch.Tensor:
+        """`start`: the cache slot of x's first token. As a 0-dim tensor on the device (a decode step for
+        CUDA-graph capture) attention runs over the whole cache and `mask.kv_len` says how much is written."""
         b, n, _ = x.shape
         q, k, v = self.qkv_proj(x).split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], -1)
@@ -30,7 +32,8 @@ class Attention(nn.Module):
         else:
             k_cache, v_cache = kv_cache
             q = ops.cache(q, k, v, positions, rotary, k_cache, v_cache, start)
-            k, v = k_cache[:, : start + n], v_cache[:, : start + n]
+            k, v = (k_cache, v_cache) if isinstance(start, torch.Tensor) else (k_cache[:, : start + n],
+                                                                                v_cache[:, : start + n])
         out = ops.attention(q, k, v, mask)
         return self.o_proj(out.reshape(b, n, -1))
 
@@ -79,7 +82,7 @@ class TextDecoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, ops: Ops, embeds: torch.Tensor, positions: torch.Tensor, rotary: Rotary, mask: CausalMask,
-                cache=None, start: int = 0) -> torch.Tensor:
+                cache=None, start: int | torch.Tensor = 0) -> torch.Tensor:
         hidden, residual = embeds, None
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else cache.layer(i)

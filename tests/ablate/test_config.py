@@ -201,6 +201,13 @@ def test_with_preset_revalidates():
         with_preset(bad, "3b")  # fine for tiny's head_dim, not for 3b's
 
 
+def test_cuda_graph_flag():
+    cfg = parse('reference = "e"\n[[variants]]\nname = "e"\n[[variants]]\nname = "g"\ncuda_graph = true')
+    assert [v.cuda_graph for v in cfg.variants] == [False, True]
+    with pytest.raises(ConfigError, match=r"variants\[0\] \(e\) cuda_graph: must be true or false, got 'yes'"):
+        parse('reference = "e"\n[[variants]]\nname = "e"\ncuda_graph = "yes"')
+
+
 def test_with_dtype_keeps_variants_that_set_their_own():
     cfg = with_dtype(load_config(os.path.join(ROOT, "ablations", "dtype.toml")), "bfloat16")
     assert cfg.model.dtype == "bfloat16"

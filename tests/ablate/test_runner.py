@@ -86,6 +86,9 @@ overrides = { "vision.window_size" = 28 }
 [[variants]]
 name = "patch 7"
 overrides = { "vision.patch_size" = 7 }
+[[variants]]
+name = "cuda graph"
+cuda_graph = true
 """
 
 
@@ -142,6 +145,14 @@ def test_end_to_end(tmp_path, refusing, capsys):
     window = v["window 28"]
     assert window["model"]["architecture_overrides"] == {"vision.window_size": 28}
     assert 0 < window["comparison"]["logits_rel_err"] < 0.1  # the architecture's effect, same weights
+
+    graph = v["cuda graph"]
+    assert graph["requested"]["cuda_graph"] is True
+    if cuda:  # the eager step replayed from a graph: the reference's own tokens and logits
+        assert graph["status"] == "ok" and graph["comparison"]["token_agreement"] == 1.0
+        assert graph["comparison"]["logits_rel_err"] < 1e-5
+    else:
+        assert graph["status"] == "failed" and "CUDA graphs need the model on a CUDA device" in graph["error"]
 
     patch = v["patch 7"]
     assert patch["status"] == "ok" and patch["comparison"]["compared_to"] is None
@@ -276,6 +287,8 @@ def test_default_config_fits_the_machine():
     ref, *bf16 = gpu.variants
     assert gpu.reference == ref.name and ref.dtype == "float32" and set(ref.backends.values()) == {"eager"}
     assert bf16[0].name == "eager" and bf16[0].dtype is None
+    graphs = {v.name: set(v.backends.values()) for v in bf16 if v.cuda_graph}
+    assert graphs == {"eager, CUDA graph": {"eager"}, "triton, CUDA graph": {"triton"}}
 
 
 def test_triton_variant(tmp_path):

@@ -1,0 +1,137 @@
+"""The decode step with its length held on the device (what CUDA-graph capture needs), and `DecodeGraph`.
+
+On the CPU: the device-length step gives the eager and triton backends' own results, token for token, and
+backends that cannot take device lengths are routed or refused with the reason. On a GPU: generation replayed
+from a captured graph against plain generation.
+"""
+
+import pytest
+import torch
+
+import qvl
+from qvl.backends import Backend, BackendUnsupportedError, OpImpl, get_backend, registry
+from qvl.demo import demo_prompt
+from qvl.model.graphs import DecodeGraph
+from tests.backends.model_checks import perturbed
+from tests.ops.compare import rel_err
+
+CUDA = torch.cuda.is_available()
+BACKENDS = ["eager"] + ([] if get_backend("triton").unavailable_reasons() else ["triton"])
+
+
+def padded_batch():
+    rows = [list(range(3, 15)), list(range(40, 45)), list(range(100, 109))]
+    length = max(map(len, rows))
+    ids = torch.tensor([[0] * (length - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def decode_logits(model, inputs, steps, on_device: bool):
+    """Greedy decode from the prefill; the logits of every step, (steps, B, vocab)."""
+    prompt = model.prepare(**inputs)
+    cache = model.new_cache(inputs["input_ids"].shape[0], inputs["input_ids"].shape[1] + steps)
+    logits = model.prefill(prompt, cache)
+    length = torch.zeros((), dtype=torch.long, device=model.device)
+    out = []
+    for _ in range(steps):
+        tokens = logits.argmax(-1)
+        if on_device:
+            length.fill_(cache.length)
+            logits = model.decode_step(tokens, prompt, cache, length=length)
+            cache.length += 1
+        else:
+            logits = model.decode_step(tokens, prompt, cache)
+        out.append(logits.float())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inputs", ["image", "padded batch"])
+def test_length_on_device_decodes_as_the_length_in_python(backend, inputs):
+    model = perturbed("tiny", torch.float32)
+    model.set_backends(backend)  # strict: every call on the backend, none routed elsewhere
+    inputs = demo_prompt(model.cfg) if inputs == "image" else padded_batch()
+    plain = decode_logits(model, inputs, 6, on_device=False)
+    on_device = decode_logits(model, inputs, 6, on_device=True)
+    assert not model.fallbacks
+    assert rel_err(on_device, plain) <= 1e-5
+    assert torch.equal(on_device.argmax(-1), plain.argmax(-1))
+
+
+class _HostLengthsOnly(OpImpl):
+    """Eager's implementation, without the device_lengths declaration (as xformers' attention and cache)."""
+
+    def __init__(self, operator):
+        self.operator = operator
+        self.inner = get_backend("eager").impls[operator]
+
+    def __call__(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+@pytest.fixture
+def host_lengths_only(monkeypatch):
+    backend = Backend("host-lengths", {op: _HostLengthsOnly(op) for op in ("attention", "cache")})
+    monkeypatch.setitem(registry._BACKENDS, backend.name, backend)
+    return backend.name
+
+
+def test_a_backend_without_device_lengths_is_routed_or_refused_with_the_reason(host_lengths_only):
+    model = perturbed("tiny", torch.float32)
+    inputs = demo_prompt(model.cfg)
+    model.set_backends({"attention": host_lengths_only, "cache": host_lengths_only}, fallback="eager")
+    decode_logits(model, inputs, 2, on_device=False)
+    assert not model.fallbacks  # lengths in Python: the backend runs everything
+    decode_logits(model, inputs, 2, on_device=True)
+    assert {fb.operator for fb in model.fallbacks} == {"attention", "cache"}
+    assert all("lengths held on the device" in r for fb in model.fallbacks for r in fb.reasons)
+    model.set_backends({"attention": host_lengths_only, "cache": host_lengths_only})
+    with pytest.raises(BackendUnsupportedError, match="lengths held on the device"):
+        decode_logits(model, inputs, 1, on_device=True)
+
+
+@pytest.mark.skipif(CUDA, reason="the refusal on a machine without CUDA")
+def test_cuda_graph_needs_a_cuda_device():
+    model = qvl.from_config("tiny")
+    inputs = demo_prompt(model.cfg)
+    with pytest.raises(ValueError, match="cuda_graph needs the model on a CUDA device; it is on cpu"):
+        model.generate(**inputs, max_new_tokens=3, cuda_graph=True)
+    prompt = model.prepare(**inputs)
+    with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
+        DecodeGraph(model, prompt, model.new_cache(1, inputs["input_ids"].shape[1] + 2))
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("spec", ["eager", "triton", "xformers"])
+@pytest.mark.parametrize("inputs", ["image", "padded batch"])
+def test_generation_replayed_from_a_cuda_graph_matches_plain_generation(spec, inputs):
+    reasons = get_backend(spec).unavailable_reasons()
+    if reasons:
+        pytest.skip(f"{spec} unavailable: {reasons}")
+    model = perturbed("tiny", torch.float32)
+    model.set_backends(spec, fallback="eager")  # xformers: attention and cache go to eager in the graph
+    inputs = demo_prompt(model.cfg) if inputs == "image" else padded_batch()  # prepare() moves them
+    plain = model.generate(**inputs, max_new_tokens=12)
+    replayed = model.generate(**inputs, max_new_tokens=12, cuda_graph=True)
+    assert replayed.tolist() == plain.tolist()
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA GPU")
+def test_3b_bf16_triton_decode_graph_logits():
+    """At the real size the graph's decode attention splits the whole cache, not the written part: the same
+    sums in another order, so the logits agree to bf16 rounding rather than bit for bit."""
+    model = perturbed("3b", torch.bfloat16)
+    model.set_backends("triton")
+    inputs = demo_prompt(model.cfg)
+    prompt = model.prepare(**inputs)
+    steps = 8
+    length = inputs["input_ids"].shape[1]
+    tokens = torch.randint(0, model.cfg.text.vocab_size, (steps, 1), device="cuda")
+    results = []
+    for cuda_graph in (False, True):
+        cache = model.new_cache(1, length + steps)
+        model.prefill(prompt, cache)
+        step = model.decoder(prompt, cache, cuda_graph=cuda_graph)
+        results.append(torch.stack([step(t).float().clone() for t in tokens]))
+    assert rel_err(results[1], results[0]) <= 1e-2
