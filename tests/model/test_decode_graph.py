@@ -1,12 +1,17 @@
 """The decode step with its length held on the device (what CUDA-graph capture needs), and `DecodeGraph`.
 
-On the CPU: the device-length step gives the eager and triton backends' own results, token for token, and
-backends that cannot take device lengths are routed or refused with the reason. On a GPU: generation replayed
-from a captured graph against plain generation.
+On the CPU: the device-length step gives the eager and triton backends' own results, token for token; it
+launches the same work with the same arguments at every length and reads nothing back to the host (what makes
+replaying a captured graph valid); backends that cannot take device lengths are routed or refused with the
+reason. On a GPU: generation replayed from a captured graph against plain generation.
 """
+
+import contextlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from triton.runtime.jit import KernelInterface
 
 import qvl
 from qvl.backends import Backend, BackendUnsupportedError, OpImpl, get_backend, registry
@@ -135,3 +140,91 @@ def test_3b_bf16_triton_decode_graph_logits():
         step = model.decoder(prompt, cache, cuda_graph=cuda_graph)
         results.append(torch.stack([step(t).float().clone() for t in tokens]))
     assert rel_err(results[1], results[0]) <= 1e-2
+
+
+# --- what capture needs, checked without a GPU ----------------------------------------------------------------------
+
+
+class LaunchRecorder(TorchDispatchMode):
+    """Every aten op and Triton launch of a step, described by what a captured graph would freeze: the op or
+    kernel, its grid, its non-tensor arguments and its tensors' shapes, strides and dtypes. A host read of a
+    device value (`.item()`, `int(t)`, `bool(t)`: aten._local_scalar_dense) is recorded as such."""
+
+    def __init__(self):
+        super().__init__()
+        self.launches, self.host_reads, self._inside_kernel = [], [], 0
+
+    @staticmethod
+    def _frozen(value):
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.shape), value.stride(), value.dtype)
+        if isinstance(value, (list, tuple)):
+            return tuple(LaunchRecorder._frozen(v) for v in value)
+        return value
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self._inside_kernel:
+            if func.__name__.startswith("_local_scalar_dense"):
+                self.host_reads.append(str(func))
+            self.launches.append((str(func), self._frozen(args), self._frozen(sorted((kwargs or {}).items()))))
+        return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def recording(self):
+        original = KernelInterface.__getitem__
+
+        def getitem(kernel, grid):
+            launcher = original(kernel, grid)
+
+            def launch(*args, **kwargs):
+                name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "?")
+                self.launches.append((name, grid, self._frozen(args), self._frozen(sorted(kwargs.items()))))
+                self._inside_kernel += 1  # the interpreter's own tensor work is not the step's
+                try:
+                    return launcher(*args, **kwargs)
+                finally:
+                    self._inside_kernel -= 1
+
+            return launch
+
+        KernelInterface.__getitem__ = getitem
+        try:
+            with self:
+                yield self
+        finally:
+            KernelInterface.__getitem__ = original
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_device_length_step_launches_the_same_work_at_every_length(backend):
+    """A graph replays the launches it captured, arguments and all: the device-length step must launch the
+    same ops and kernels with the same non-tensor arguments and tensor layouts at every length, and never
+    read a device value on the host. The Python-length step does not (the check can fail)."""
+    model = perturbed("tiny", torch.float32)
+    model.set_backends(backend)
+    inputs = padded_batch()
+    prompt = model.prepare(**inputs)
+    cache = model.new_cache(3, inputs["input_ids"].shape[1] + 8)
+    model.prefill(prompt, cache)
+    tokens = torch.tensor([5, 6, 7])
+    length = torch.zeros((), dtype=torch.long)
+
+    def record(on_device):
+        steps = []
+        for slot in (cache.length, cache.length + 3):
+            length.fill_(slot)  # what DecodeGraph.step does before each replay, outside the graph
+            saved, cache.length = cache.length, slot
+            with LaunchRecorder().recording() as rec:
+                if on_device:
+                    model.decode_step(tokens, prompt, cache, length=length)
+                else:
+                    model.decode_step(tokens, prompt, cache)
+            cache.length = saved
+            steps.append(rec)
+        return steps
+
+    first, later = record(on_device=True)
+    assert first.launches == later.launches and first.launches
+    assert not first.host_reads and not later.host_reads
+    first, later = record(on_device=False)
+    assert first.launches != later.launches  # lengths in Python show up in the launches
