@@ -22,8 +22,41 @@ def rotary(head_dim, sections, vision):
     return Rotary(1.0 / (1e6 ** (torch.arange(0, head_dim, 2, device=dev, dtype=torch.float32) / head_dim)), sections)
 
 
-@pytest.mark.parametrize("shape", TEXT + VISION, ids=lambda s: f"L{s[0]}-h{s[1]}/{s[2]}-d{s[3]}-{len(s[4])}streams")
-@pytest.mark.parametrize("impl", list(OPS))
+def peer_impls():
+    """M-RoPE peers on a GPU: torch.compile of the eager operator, and Liger-Kernel's Qwen2-VL M-RoPE, which
+    takes cos/sin precomputed per stream (q, k head-major) and three streams only: text shapes."""
+    if not harness.CUDA:
+        return {}
+    from qvl.backends.eager import EagerRope, rope_angles
+
+    eager_rope = EagerRope()
+    out = {"torch.compile": lambda q, k, pos, rot, _c=torch.compile(eager_rope): _c(q, k, pos, rot)}
+    if (liger := harness.optional("liger_kernel.ops.qwen2vl_mrope")) is not None:
+        def liger_rope(q, k, pos, rot, cache={}):
+            key = (q.data_ptr(), k.data_ptr())
+            if key not in cache:  # the layout Liger takes, prepared once: it is not part of the kernel's time
+                cos, sin = rope_angles(pos, rot)
+                tables = [torch.cat([t, t], -1).to(q.dtype).expand(3, -1, -1, -1).contiguous() for t in (cos, sin)]
+                cache.clear()
+                cache[key] = (q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), *tables)
+            qt, kt, c3, s3 = cache[key]
+            return liger.LigerQwen2VLMRopeFunction.apply(qt, kt, c3, s3, list(rot.sections))
+
+        out["liger"] = liger_rope
+    return out
+
+
+def rope_cases():
+    """(impl, shape): every backend at every shape, the peers at the text (three-stream) shapes."""
+    cases = [(name, shape) for name in OPS for shape in TEXT + VISION]
+    return cases + [(peer, shape) for peer in peer_impls() for shape in TEXT]
+
+
+def shape_id(s):
+    return f"L{s[0]}-h{s[1]}/{s[2]}-d{s[3]}-{len(s[4])}streams"
+
+
+@pytest.mark.parametrize("impl, shape", rope_cases(), ids=[f"{i}-{shape_id(s)}" for i, s in rope_cases()])
 def test_rope(measure, impl, shape):
     tokens, hq, hk, d, sections = shape
     dev = harness.DEVICE
@@ -31,8 +64,8 @@ def test_rope(measure, impl, shape):
     k = torch.randn(1, tokens, hk, d, device=dev, dtype=DT)
     pos = torch.randint(0, tokens, (len(sections), 1, tokens), device=dev)
     rot = rotary(d, sections, vision=len(sections) == 2)
-    ops = OPS[impl]
-    measure(lambda: ops.rope(q, k, pos, rot), nbytes=2 * (q.numel() + k.numel()) * q.element_size())
+    fn = OPS[impl].rope if impl in OPS else peer_impls()[impl]
+    measure(lambda: fn(q, k, pos, rot), nbytes=2 * (q.numel() + k.numel()) * q.element_size())
 
 
 @pytest.mark.parametrize("cache_len", [4096, 32768] if harness.FULL else [64])
