@@ -116,9 +116,12 @@ class LaunchCounter(TorchDispatchMode):
             self.aten += 1
         return func(*args, **(kwargs or {}))
 
+    def on_triton_launch(self, kernel, grid, args, kwargs) -> None:
+        self.triton += 1
+
     @contextlib.contextmanager
     def counting(self):
-        with self, _count_triton_launches(self):
+        with self, _observe_triton_launches(self):
             yield self
 
     @property
@@ -127,11 +130,12 @@ class LaunchCounter(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def _count_triton_launches(counter: LaunchCounter):
-    """Count `kernel[grid](...)` launches of compiled and interpreted Triton kernels.
+def _observe_triton_launches(counter: LaunchCounter):
+    """Tell `counter.on_triton_launch` of every `kernel[grid](...)` launch, compiled or interpreted, and keep
+    the aten work the launch itself does (the interpreter's) from the counter's view.
 
     Compiled, interpreted, autotuned and heuristic kernels all launch through KernelInterface.__getitem__
-    (the wrappers then call the inner kernel's run directly), so one patch counts each launch once.
+    (the wrappers then call the inner kernel's run directly), so one patch sees each launch once.
     """
     try:
         from triton.runtime.jit import KernelInterface
@@ -144,7 +148,7 @@ def _count_triton_launches(counter: LaunchCounter):
         launcher = original(kernel, grid)
 
         def launch(*args, **kwargs):
-            counter.triton += 1
+            counter.on_triton_launch(kernel, grid, args, kwargs)
             counter._inside_kernel += 1
             try:
                 return launcher(*args, **kwargs)

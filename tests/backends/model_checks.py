@@ -1,4 +1,5 @@
-"""Whole-model checks shared by the backend tests: perturbed random models and the float32 yardstick."""
+"""Whole-model checks shared by the backend tests: perturbed random models, a left-padded batch, and the float32
+yardstick."""
 
 import torch
 
@@ -18,6 +19,15 @@ def perturbed(preset, dtype, seed=0):
             elif preset == "tiny":
                 p.normal_(0.0, 0.15, generator=g)
     return model
+
+
+def padded_batch():
+    """Three text rows of 12, 5 and 9 tokens, left-padded to 12."""
+    rows = [list(range(3, 15)), list(range(40, 45)), list(range(100, 109))]
+    length = max(map(len, rows))
+    ids = torch.tensor([[0] * (length - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def assert_as_close_to_float32_as_eager(model, inputs, spec, fallback=None):

@@ -8,7 +8,7 @@ import torch
 
 from qvl.backends import get_backend
 from qvl.demo import demo_prompt
-from tests.backends.model_checks import assert_as_close_to_float32_as_eager, perturbed
+from tests.backends.model_checks import assert_as_close_to_float32_as_eager, padded_batch, perturbed
 from tests.ops.compare import rel_err
 
 triton_reasons = get_backend("triton").unavailable_reasons()
@@ -42,10 +42,8 @@ def test_tiny_image_prompt_all_triton(dtype, tol, spec):
 
 def test_tiny_left_padded_batch_all_triton():
     model = perturbed("tiny", torch.float32)
-    rows = [list(range(3, 15)), list(range(40, 45)), list(range(100, 109))]
-    length = max(map(len, rows))
-    ids = torch.tensor([[0] * (length - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
+    batch = padded_batch()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     model.set_backends("eager")
     ref = model(ids, attention_mask=mask)[mask.bool()]
     ref_ids = model.generate(ids, attention_mask=mask, max_new_tokens=10)

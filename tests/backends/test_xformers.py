@@ -441,14 +441,6 @@ def perturbed(dtype, device, seed=0):
     return model
 
 
-def padded_batch():
-    rows = [list(range(3, 15)), list(range(40, 45)), list(range(100, 109))]
-    length = max(map(len, rows))
-    ids = torch.tensor([[0] * (length - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 def compare_model(model, inputs, backend, tol, new_tokens, allowed_fallbacks, exact_tokens=True):
     model.set_backends("eager")
     keep = inputs["attention_mask"].bool() if "attention_mask" in inputs else slice(None)
@@ -470,7 +462,7 @@ def compare_model(model, inputs, backend, tol, new_tokens, allowed_fallbacks, ex
 def test_tiny_model_through_simulated_xformers(simulated):
     model = perturbed(torch.float32, "cpu")
     compare_model(model, demo_prompt(model.cfg), "xformers-sim", 1e-4, 6, EXPECTED_FALLBACKS)
-    compare_model(model, padded_batch(), "xformers-sim", 1e-4, 6, EXPECTED_FALLBACKS)
+    compare_model(model, checks.padded_batch(), "xformers-sim", 1e-4, 6, EXPECTED_FALLBACKS)
     assert all(simulated[op] > 0 for op in OPERATORS), simulated  # every operator ran on the xformers paths
 
 
@@ -727,7 +719,7 @@ def test_gpu_tiny_model_xformers_with_eager_fallback(dtype, tol):
     model = perturbed(dtype, "cuda")
     exact = dtype == torch.float32
     compare_model(model, demo_prompt(model.cfg), "xformers", tol, 10, _gpu_allowed_fallbacks(dtype), exact)
-    compare_model(model, padded_batch(), "xformers", tol, 10, _gpu_allowed_fallbacks(dtype), exact)
+    compare_model(model, checks.padded_batch(), "xformers", tol, 10, _gpu_allowed_fallbacks(dtype), exact)
 
 
 @needs_gpu

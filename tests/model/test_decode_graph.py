@@ -6,30 +6,19 @@ replaying a captured graph valid); backends that cannot take device lengths are 
 reason. On a GPU: generation replayed from a captured graph against plain generation.
 """
 
-import contextlib
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from triton.runtime.jit import KernelInterface
 
 import qvl
+from benchmarks.harness import LaunchCounter
 from qvl.backends import Backend, BackendUnsupportedError, OpImpl, get_backend, registry
 from qvl.demo import demo_prompt
 from qvl.model.graphs import DecodeGraph
-from tests.backends.model_checks import perturbed
+from tests.backends.model_checks import padded_batch, perturbed
 from tests.ops.compare import rel_err
 
 CUDA = torch.cuda.is_available()
 BACKENDS = ["eager"] + ([] if get_backend("triton").unavailable_reasons() else ["triton"])
-
-
-def padded_batch():
-    rows = [list(range(3, 15)), list(range(40, 45)), list(range(100, 109))]
-    length = max(map(len, rows))
-    ids = torch.tensor([[0] * (length - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def decode_logits(model, inputs, steps, on_device: bool):
@@ -145,14 +134,14 @@ def test_3b_bf16_triton_decode_graph_logits():
 # --- what capture needs, checked without a GPU ----------------------------------------------------------------------
 
 
-class LaunchRecorder(TorchDispatchMode):
+class LaunchRecorder(LaunchCounter):
     """Every aten op and Triton launch of a step, described by what a captured graph would freeze: the op or
     kernel, its grid, its non-tensor arguments and its tensors' shapes, strides and dtypes. A host read of a
     device value (`.item()`, `int(t)`, `bool(t)`: aten._local_scalar_dense) is recorded as such."""
 
     def __init__(self):
         super().__init__()
-        self.launches, self.host_reads, self._inside_kernel = [], [], 0
+        self.launches, self.host_reads = [], []
 
     @staticmethod
     def _frozen(value):
@@ -169,30 +158,9 @@ class LaunchRecorder(TorchDispatchMode):
             self.launches.append((str(func), self._frozen(args), self._frozen(sorted((kwargs or {}).items()))))
         return func(*args, **(kwargs or {}))
 
-    @contextlib.contextmanager
-    def recording(self):
-        original = KernelInterface.__getitem__
-
-        def getitem(kernel, grid):
-            launcher = original(kernel, grid)
-
-            def launch(*args, **kwargs):
-                name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "?")
-                self.launches.append((name, grid, self._frozen(args), self._frozen(sorted(kwargs.items()))))
-                self._inside_kernel += 1  # the interpreter's own tensor work is not the step's
-                try:
-                    return launcher(*args, **kwargs)
-                finally:
-                    self._inside_kernel -= 1
-
-            return launch
-
-        KernelInterface.__getitem__ = getitem
-        try:
-            with self:
-                yield self
-        finally:
-            KernelInterface.__getitem__ = original
+    def on_triton_launch(self, kernel, grid, args, kwargs) -> None:
+        name = getattr(getattr(kernel, "fn", kernel), "__name__", repr(kernel))
+        self.launches.append((name, grid, self._frozen(args), self._frozen(sorted(kwargs.items()))))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -214,7 +182,7 @@ def test_device_length_step_launches_the_same_work_at_every_length(backend):
         for slot in (cache.length, cache.length + 3):
             length.fill_(slot)  # what DecodeGraph.step does before each replay, outside the graph
             saved, cache.length = cache.length, slot
-            with LaunchRecorder().recording() as rec:
+            with LaunchRecorder().counting() as rec:
                 if on_device:
                     model.decode_step(tokens, prompt, cache, length=length)
                 else:

@@ -83,13 +83,19 @@ def test_cache_matches_eager(mode, head_dim, batch, seq_len, kv_heads, ratio, ma
         assert torch.equal(s, b), "the cache operator modified its inputs"
 
 
-def test_cache_rejects_bad_inputs(device):
+def small_case(device, seq_len):
+    """rotary, q, k, v (2 query heads, 1 kv head, d=16), positions, and caches of 8 slots."""
     gen = torch.Generator().manual_seed(0)
     rotary = make_rotary("text", 16, gen, device)
-    (q, k, v), _ = make_heads(1, 3, [2, 1, 1], 16, "fused", torch.float32, gen, device)
-    positions = make_positions(3, 1, 3, 10, False, gen, device)
+    (q, k, v), _ = make_heads(1, seq_len, [2, 1, 1], 16, "fused", torch.float32, gen, device)
+    positions = make_positions(3, 1, seq_len, 10, False, gen, device)
     _, k_cache = make_cache(1, 8, 1, 16, "layer", torch.float32, gen, device)
     _, v_cache = make_cache(1, 8, 1, 16, "layer", torch.float32, gen, device)
+    return rotary, q, k, v, positions, k_cache, v_cache
+
+
+def test_cache_rejects_bad_inputs(device):
+    rotary, q, k, v, positions, k_cache, v_cache = small_case(device, seq_len=3)
     args = (rotary.inv_freq, rotary.stream_of_pair)
     with pytest.raises(ValueError, match="overflows"):
         rope_and_cache(q, k, v, positions, *args, k_cache, v_cache, 6)
@@ -124,12 +130,7 @@ def test_start_on_device_writes_what_the_int_start_writes(mode, head_dim, batch,
 
 def test_kernel_start_on_device_past_the_end_writes_nothing(device):
     """Values on the device are not range-checked (that would synchronize): the kernel drops such slots."""
-    gen = torch.Generator().manual_seed(0)
-    rotary = make_rotary("text", 16, gen, device)
-    (q, k, v), _ = make_heads(1, 1, [2, 1, 1], 16, "fused", torch.float32, gen, device)
-    positions = make_positions(3, 1, 1, 10, False, gen, device)
-    _, k_cache = make_cache(1, 8, 1, 16, "layer", torch.float32, gen, device)
-    _, v_cache = make_cache(1, 8, 1, 16, "layer", torch.float32, gen, device)
+    rotary, q, k, v, positions, k_cache, v_cache = small_case(device, seq_len=1)
     k_before, v_before = k_cache.clone(), v_cache.clone()
     for start in (8, 100, -1):
         rope_and_cache(q, k, v, positions, rotary.inv_freq, rotary.stream_of_pair, k_cache, v_cache,
