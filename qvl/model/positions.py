@@ -161,5 +161,8 @@ def _queue(grid_thw: torch.Tensor | None) -> list[tuple[int, int, int]]:
 def decode_positions(start: int | torch.Tensor, length: int, deltas: torch.Tensor) -> torch.Tensor:
     """(3, B, length) positions for tokens at cache slots [start, start + length): all streams equal.
     `start` may be a 0-dim tensor on deltas' device (a cache length held there, for CUDA-graph capture)."""
-    pos = (torch.arange(length, device=deltas.device) + start)[None, :] + deltas
-    return pos.unsqueeze(0).expand(3, -1, -1)
+    if isinstance(start, torch.Tensor):
+        slots = torch.arange(length, device=deltas.device) + start
+    else:  # one launch fewer than the tensor form: decode steps count every launch
+        slots = torch.arange(start, start + length, device=deltas.device)
+    return (slots[None, :] + deltas).unsqueeze(0).expand(3, -1, -1)
