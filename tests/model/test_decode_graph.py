@@ -21,10 +21,10 @@ CUDA = torch.cuda.is_available()
 BACKENDS = ["eager"] + ([] if get_backend("triton").unavailable_reasons() else ["triton"])
 
 
-def decode_logits(model, inputs, steps, on_device: bool):
-    """Greedy decode from the prefill; the logits of every step, (steps, B, vocab)."""
-    prompt = model.prepare(**inputs)
-    cache = model.new_cache(inputs["input_ids"].shape[0], inputs["input_ids"].shape[1] + steps)
+def decode_logits(model, prompt, steps, on_device: bool):
+    """Greedy decode from the prefill of a prepared prompt; the logits of every step, (steps, B, vocab)."""
+    batch, length = prompt.embeds.shape[:2]
+    cache = model.new_cache(batch, length + steps)
     logits = model.prefill(prompt, cache)
     length = torch.zeros((), dtype=torch.long, device=model.device)
     out = []
@@ -45,9 +45,9 @@ def decode_logits(model, inputs, steps, on_device: bool):
 def test_length_on_device_decodes_as_the_length_in_python(backend, inputs):
     model = perturbed("tiny", torch.float32)
     model.set_backends(backend)  # strict: every call on the backend, none routed elsewhere
-    inputs = demo_prompt(model.cfg) if inputs == "image" else padded_batch()
-    plain = decode_logits(model, inputs, 6, on_device=False)
-    on_device = decode_logits(model, inputs, 6, on_device=True)
+    prompt = model.prepare(**(demo_prompt(model.cfg) if inputs == "image" else padded_batch()))  # vision tower once
+    plain = decode_logits(model, prompt, 6, on_device=False)
+    on_device = decode_logits(model, prompt, 6, on_device=True)
     assert not model.fallbacks
     assert rel_err(on_device, plain) <= 1e-5
     assert torch.equal(on_device.argmax(-1), plain.argmax(-1))
@@ -73,16 +73,16 @@ def host_lengths_only(monkeypatch):
 
 def test_a_backend_without_device_lengths_is_routed_or_refused_with_the_reason(host_lengths_only):
     model = perturbed("tiny", torch.float32)
-    inputs = demo_prompt(model.cfg)
+    prompt = model.prepare(**demo_prompt(model.cfg))
     model.set_backends({"attention": host_lengths_only, "cache": host_lengths_only}, fallback="eager")
-    decode_logits(model, inputs, 2, on_device=False)
+    decode_logits(model, prompt, 2, on_device=False)
     assert not model.fallbacks  # lengths in Python: the backend runs everything
-    decode_logits(model, inputs, 2, on_device=True)
+    decode_logits(model, prompt, 2, on_device=True)
     assert {fb.operator for fb in model.fallbacks} == {"attention", "cache"}
     assert all("lengths held on the device" in r for fb in model.fallbacks for r in fb.reasons)
     model.set_backends({"attention": host_lengths_only, "cache": host_lengths_only})
     with pytest.raises(BackendUnsupportedError, match="lengths held on the device"):
-        decode_logits(model, inputs, 1, on_device=True)
+        decode_logits(model, prompt, 1, on_device=True)
 
 
 @pytest.mark.skipif(CUDA, reason="the refusal on a machine without CUDA")
