@@ -97,8 +97,10 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
 
 def run_generate(model, processor, prompt: str, images=(), videos=(), *, max_new_tokens: int = 128,
                  temperature: float = 0.0, seed: int | None = None, system: str | None = None,
-                 write: Callable[[str], None] | None = None, inputs: dict | None = None) -> GenerateResult:
-    """Process, generate with streaming, time. `inputs` skips processing (already-made model inputs)."""
+                 write: Callable[[str], None] | None = None, inputs: dict | None = None,
+                 cuda_graph: bool = False) -> GenerateResult:
+    """Process, generate with streaming, time. `inputs` skips processing (already-made model inputs);
+    cuda_graph replays the decode step from a CUDA graph (`Qwen25VL.generate`)."""
     chunks: list[str] = []
 
     def emit(piece: str) -> None:
@@ -131,7 +133,7 @@ def run_generate(model, processor, prompt: str, images=(), videos=(), *, max_new
 
     start = time.perf_counter()
     model.generate(**inputs, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                   eos_token_id=list(processor.stop_ids), on_token=on_token)
+                   eos_token_id=list(processor.stop_ids), on_token=on_token, cuda_graph=cuda_graph)
     text = stream.finish()
     prefill_s = (stamps[0] - start) if stamps else time.perf_counter() - start
     decode_s = (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
@@ -164,6 +166,8 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--max-frames", type=int, default=None, help="most video frames kept (default 768)")
     p.add_argument("--min-pixels", type=int, default=None, help="override the image min_pixels")
     p.add_argument("--max-pixels", type=int, default=None, help="override the image max_pixels")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay the decode step from a CUDA graph (batch-1 decoding is bound by kernel launches)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -182,6 +186,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--device {args.device!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    if args.cuda_graph and device.type != "cuda":
+        raise ValueError(f"--cuda-graph needs a CUDA device (--device cuda); got --device {args.device}")
     overrides = {"min_pixels": args.min_pixels, "max_pixels": args.max_pixels, "video_fps": args.fps,
                  "video_max_frames": args.max_frames}
     try:
@@ -206,7 +212,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     try:
         result = run_generate(model, processor, args.prompt, max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature, seed=args.seed, write=write, inputs=inputs)
+                              temperature=args.temperature, seed=args.seed, write=write, inputs=inputs,
+                              cuda_graph=args.cuda_graph)
     except KeyboardInterrupt:
         print("\nqvl generate: interrupted", file=sys.stderr)
         return 130

@@ -19,7 +19,8 @@ class DecodeGraph:
 
     Building it runs two warm-up steps (Triton compiles and autotunes there, the registry takes its decisions)
     and captures a third; they write only the cache slot the first real step overwrites. The prompt and cache
-    must stay as they are while the graph is used: it reads and writes them in place.
+    must stay as they are while the graph is used: it reads and writes them in place. The graph keeps the
+    operators of the model's plan at capture: `set_backends` afterwards does not change what it replays.
     """
 
     WARMUP_STEPS = 2
@@ -48,6 +49,8 @@ class DecodeGraph:
         step overwrites (copy them to keep them)."""
         if self.cache.length >= self.cache.max_len:
             raise ValueError(f"DecodeGraph: the cache is full ({self.cache.length} of {self.cache.max_len} slots)")
+        if tokens.shape != self.tokens.shape:  # copy_ would broadcast one token over the batch
+            raise ValueError(f"DecodeGraph: tokens must be {tuple(self.tokens.shape)}, got {tuple(tokens.shape)}")
         self.tokens.copy_(tokens)
         self.length.fill_(self.cache.length)
         self.graph.replay()

@@ -196,3 +196,17 @@ def test_device_length_step_launches_the_same_work_at_every_length(backend):
     assert not first.host_reads and not later.host_reads
     first, later = record(on_device=False)
     assert first.launches != later.launches  # lengths in Python show up in the launches
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA GPU")
+def test_decode_graph_refuses_a_wrong_batch_and_a_full_cache():
+    model = perturbed("tiny", torch.float32)
+    prompt = model.prepare(**padded_batch())
+    cache = model.new_cache(3, prompt.embeds.shape[1] + 1)
+    model.prefill(prompt, cache)
+    graph = DecodeGraph(model, prompt, cache)
+    with pytest.raises(ValueError, match=r"tokens must be \(3,\), got \(1,\)"):
+        graph.step(torch.zeros(1, dtype=torch.long, device="cuda"))
+    graph.step(torch.zeros(3, dtype=torch.long, device="cuda"))
+    with pytest.raises(ValueError, match="the cache is full"):
+        graph.step(torch.zeros(3, dtype=torch.long, device="cuda"))

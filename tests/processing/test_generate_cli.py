@@ -170,3 +170,6 @@ def test_errors(ckpt, media, tmp_path, capsys):
 
     rc, err = run_cli(capsys, "--model", str(ckpt), "--backends", "nonsense", *base)
     assert rc == 2 and "error" in err
+
+    rc, err = run_cli(capsys, "--model", str(ckpt), "--cuda-graph", *base)
+    assert rc == 2 and "--cuda-graph needs a CUDA device (--device cuda); got --device cpu" in err
