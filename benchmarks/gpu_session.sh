@@ -105,7 +105,7 @@ stage_baseline() {
 
 STAGE=${1:-lease}
 case $STAGE in
-lease) for step in ${PLAN:-tests:240 baseline:330}; do "stage_${step%%:*}" "${step##*:}"; done ;;
+lease) for step in ${PLAN:-tests:300 baseline:270}; do "stage_${step%%:*}" "${step##*:}"; done ;;
 tests) BUDGET_S=580 stage_tests 560 ;;
 figures) BUDGET_S=580 stage_figures 560 ;;
 ablate) BUDGET_S=580 stage_ablate 560 ;;
