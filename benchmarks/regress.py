@@ -8,8 +8,8 @@
 Two kinds of figures:
 - timings: each benchmark's median divided by a calibration workload timed in the same run (noise on a
   shared machine moves both), compared as a ratio with a per-machine threshold;
-- deterministic figures: kernel launches per decoder layer and per decode step (aten ops + Triton
-  launches), and on a GPU the peak memory of a fixed workload. These must not rise at all without a
+- deterministic figures: kernel launches per decoder layer, per decode step and per vision tower (aten ops +
+  Triton launches), and on a GPU the peak memory of a fixed workload. These must not rise at all without a
   baseline update.
 Timings include the host cost of a decode step (benchmarks/host_overhead.py: Python, registry and Triton's
 launch path per call, with no device work), which bounds decode speed at batch 1 on a GPU.
@@ -137,7 +137,8 @@ def metadata() -> dict:
 
 
 def deterministic_counts() -> dict:
-    """Launches per decoder layer (prefill and decode) and per decode step, per backend; peak GPU memory."""
+    """Launches per decoder layer (prefill and decode), per decode step and per vision tower (the demo image),
+    per backend; peak GPU memory."""
     import torch
 
     from benchmarks import harness
@@ -170,6 +171,10 @@ def deterministic_counts() -> dict:
         pos = decode_positions(n, 1, prompt.deltas)
         with harness.LaunchCounter().counting() as decode_layer:
             layer(model.ops, emb, emb, pos, model.rotary(True), CausalMask(prompt.pad), kv, n)
+        model.vision_features(inputs["pixel_values"], inputs["image_grid_thw"])  # warm
+        with harness.LaunchCounter().counting() as vision:
+            model.vision_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        counts[f"launches/vision_tower[{backend}]"] = vision.total
         counts[f"launches/decode_step[{backend}]"] = step.total
         counts[f"launches/decoder_layer_prefill[{backend}]"] = prefill_layer.total
         counts[f"launches/decoder_layer_decode[{backend}]"] = decode_layer.total

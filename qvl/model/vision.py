@@ -68,9 +68,17 @@ class VisionBlock(nn.Module):
         self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = VisionMLP(cfg)
 
-    def forward(self, ops, x, positions, rotary, mask):
-        x = x + self.attn(ops, ops.norm(x, self.norm1.weight, self.norm1.eps), positions, rotary, mask)
-        return x + self.mlp(ops, ops.norm(x, self.norm2.weight, self.norm2.eps))
+    def forward(self, ops, hidden, residual, positions, rotary, mask):
+        """x + attn(norm1(x)), then + mlp(norm2(x)), written as in the text decoder: `hidden` is the previous
+        block's MLP output and `residual` the stream before it (None at block 0), and each residual add is
+        fused into the norm that follows it. Returns (this block's MLP output, the stream before it)."""
+        if residual is None:
+            x, residual = ops.norm(hidden, self.norm1.weight, self.norm1.eps), hidden
+        else:
+            x, residual = ops.norm(hidden, self.norm1.weight, self.norm1.eps, residual)
+        attn = self.attn(ops, x, positions, rotary, mask)
+        x, residual = ops.norm(attn, self.norm2.weight, self.norm2.eps, residual)
+        return self.mlp(ops, x), residual
 
 
 class PatchMerger(nn.Module):
@@ -83,9 +91,11 @@ class PatchMerger(nn.Module):
         self.fc1 = nn.Linear(self.unit_dim, self.unit_dim, bias=True)
         self.fc2 = nn.Linear(self.unit_dim, cfg.out_hidden_size, bias=True)
 
-    def forward(self, ops: Ops, x: torch.Tensor) -> torch.Tensor:
-        x = ops.norm(x, self.ln_q.weight, self.ln_q.eps).reshape(-1, self.unit_dim)
-        return ops.mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, "gelu")
+    def forward(self, ops: Ops, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Merges hidden + residual (the last block's output and stream; the add fused into ln_q)."""
+        x, _ = ops.norm(hidden, self.ln_q.weight, self.ln_q.eps, residual)
+        return ops.mlp(x.reshape(-1, self.unit_dim), self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                       "gelu")
 
 
 class VisionTower(nn.Module):
@@ -130,8 +140,9 @@ class VisionTower(nn.Module):
         # never straddle frames.
         frame_mask = BlockDiagonalMask.from_seqlens(vision_frame_seqlens(grid_thw), device=device)
         positions = positions.unsqueeze(1)  # (2, 1, N): one packed sequence
+        hidden, residual = x, None
         for i, block in enumerate(self.blocks):
             mask = frame_mask if i in cfg.fullatt_block_indexes else window_mask
-            x = block(ops, x, positions, rotary, mask)
-        merged = self.merger(ops, x)
+            hidden, residual = block(ops, hidden, residual, positions, rotary, mask)
+        merged = self.merger(ops, hidden, residual)
         return merged[torch.argsort(window_index.to(device))]
