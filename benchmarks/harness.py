@@ -103,7 +103,8 @@ class LaunchCounter(TorchDispatchMode):
     FREE = {"view", "_unsafe_view", "reshape", "expand", "permute", "transpose", "t", "unsqueeze", "squeeze",
             "slice", "select", "split", "split_with_sizes", "unbind", "as_strided", "alias", "detach", "chunk",
             "_reshape_alias", "lift_fresh", "empty", "empty_strided", "empty_like", "new_empty", "size", "stride",
-            "is_same_size", "sym_size", "sym_stride", "sym_numel", "numel", "dim", "_local_scalar_dense"}
+            "is_same_size", "sym_size", "sym_stride", "sym_numel", "numel", "dim", "_local_scalar_dense",
+            "promote_types", "result_type", "can_cast"}  # dtype arithmetic: no tensor, no kernel
 
     def __init__(self):
         super().__init__()

@@ -65,6 +65,9 @@ def test_launch_counter_is_deterministic_and_sees_extra_work():
         counts.append(c.total)
     assert counts[0] == counts[1] > 0
     assert counts[2] == counts[0] + 1  # the view is free, the extra multiply is one launch
+    with harness.LaunchCounter().counting() as c:
+        torch.promote_types(torch.bfloat16, torch.float32)  # dtype arithmetic dispatches, but launches nothing
+    assert c.total == 0
 
 
 def test_launch_counter_counts_a_triton_launch_once():
