@@ -32,8 +32,10 @@ class Attention(nn.Module):
         else:
             k_cache, v_cache = kv_cache
             q = ops.cache(q, k, v, positions, rotary, k_cache, v_cache, start)
-            k, v = (k_cache, v_cache) if isinstance(start, torch.Tensor) else (k_cache[:, : start + n],
-                                                                                v_cache[:, : start + n])
+            if isinstance(start, torch.Tensor):  # the whole cache: mask.kv_len says how much is written
+                k, v = k_cache, v_cache
+            else:
+                k, v = k_cache[:, : start + n], v_cache[:, : start + n]
         out = ops.attention(q, k, v, mask)
         return self.o_proj(out.reshape(b, n, -1))
 
