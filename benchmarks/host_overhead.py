@@ -12,11 +12,12 @@ real launch path (argument binding, specialization, kernel-cache lookup, grid) u
 sm_90 driver (sm90_compile.Sm90Driver) answers device queries, and a JIT cache hook files a no-op kernel for
 each specialization at its first launch, so later launches find it in the cache as a compiled kernel would
 be. The eager backend runs its torch ops on CPU tensors at the tiny preset's shapes in float32, on one
-thread, where the arithmetic is small next to dispatch. What this leaves out: the CUDA driver's own launch cost (a few microseconds per
-kernel) and the GPU caching allocator; both count the same for every backend.
+thread, where the arithmetic is small next to dispatch. What this leaves out: the CUDA driver's own launch
+cost (a few microseconds per kernel) and the GPU caching allocator; both count the same for every backend.
 
-Figures (microseconds, the fastest of several rounds): per operator call through `Ops` (registry and checks included) at a decode
-step's shapes, one decoder layer of a decode step, and a whole decode step of the tiny model (2 layers).
+Figures (microseconds, the fastest of several rounds): per operator call through `Ops` (registry and checks
+included) at a decode step's shapes, one decoder layer of a decode step, and a whole decode step of the tiny
+model (2 layers).
 """
 
 from __future__ import annotations

@@ -241,11 +241,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: tor
     None. Any strides (e.g. k = cache[:, :length]); a last dim that is not contiguous is copied first.
     fp32 / fp16 / bf16, D <= 256. Returns (B, Lq, Hq, D) contiguous in q.dtype.
     num_splits None chooses automatically (`choose_num_splits`); an explicit value is used as given, even
-    when it exceeds the number of key blocks (the extra splits are empty). kv_len: a 0-dim integer tensor on
-    q's device, the number of keys present when k, v are a whole static cache (CausalMask.kv_len); read by
-    the kernel, so a CUDA graph can replay the call as the cache fills; clamped to Lk. block_n (keys per inner step, a
-    power of two >= 16), num_warps and num_stages override the defaults (DEFAULT_TILES) for tuning
-    (benchmarks/decode_sweep.py); None keeps them.
+    when it exceeds the number of key blocks (the extra splits are empty).
+    kv_len: a 0-dim integer tensor on q's device, the number of keys present when k, v are a whole static
+    cache (CausalMask.kv_len); read by the kernel, so a CUDA graph can replay the call as the cache fills;
+    clamped to Lk. The splits then cover all Lk keys.
+    block_n (keys per inner step, a power of two >= 16), num_warps and num_stages override the defaults
+    (DEFAULT_TILES) for tuning (benchmarks/decode_sweep.py); None keeps them.
     """
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise ValueError(f"decode_attention: q (B, Lq, Hq, D) and k, v (B, Lk, Hkv, D) expected; "
