@@ -50,34 +50,74 @@ def run_suite(select: str | None, suite: str = SUITE) -> dict:
     was measured. `failed` and `skipped` map benchmarks to their reasons; `complete` is false when the run
     was interrupted before the suite's end.
     """
-    from benchmarks.harness import ROWS_ENV
     from qvl.cli import sigterm_as_interrupt
 
     results = {"meta": metadata(), "timings": {}, "figures": {}, "counts": {}, "failed": {}, "skipped": {},
                "complete": False}
+    with sigterm_as_interrupt():
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                # First: cheap, and the figures that must not move at all; then the host cost of a decode step.
+                results["counts"] = deterministic_counts()
+                add_host_overhead(results, os.path.join(tmp, "host.json"))
+            except KeyboardInterrupt:
+                return results
+        results["complete"] = run_benchmarks([suite] + (["-k", select] if select else []), results)
+    return results
+
+
+def run_benchmarks(args: list[str], results: dict) -> bool:
+    """pytest-benchmark on `args` (paths, node ids, -k); rows merged into `results` as they come. Returns
+    whether the run reached its end (False: interrupted by Ctrl-C or SIGTERM, what was measured kept)."""
+    from benchmarks.harness import ROWS_ENV
+    from qvl.cli import sigterm_as_interrupt
+
     with tempfile.TemporaryDirectory() as tmp, sigterm_as_interrupt():
         rows = os.path.join(tmp, "rows.jsonl")
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", suite, "-o", "python_files=bench_*.py",
-               "--benchmark-disable-gc"] + (["-k", select] if select else [])
-        proc = None
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "python_files=bench_*.py",
+               "--benchmark-disable-gc", *args]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | {ROWS_ENV: rows})
         try:
-            # First: cheap, and the figures that must not move at all; then the host cost of a decode step.
-            results["counts"] = deterministic_counts()
-            add_host_overhead(results, os.path.join(tmp, "host.json"))
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | {ROWS_ENV: rows})
             code = proc.wait()
             if code not in (0, 1, 5):  # 1: some benchmarks failed (each is listed); 5: none selected
                 results["failed"]["pytest"] = f"the benchmark session exited {code}"
-            results["complete"] = True  # the suite ran to its end
+            finished = True
         except KeyboardInterrupt:
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGINT)  # pytest stops after the running benchmark
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            proc.send_signal(signal.SIGINT)  # pytest stops after the running benchmark
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            finished = False
         _read_rows(rows, results)
-    return results
+    return finished
+
+
+def confirm_regressions(current: dict, baseline: dict, threshold: float, tries: int = 2) -> None:
+    """Measure timings beyond their threshold again, up to `tries` times, keeping each one's fastest run.
+
+    On a shared machine a stall can slow one benchmark's rounds by half (seen on the 2-core CI machine for a
+    10 us eager row); a real slowdown is slow every time it is measured, so it still fails.
+    """
+    for _ in range(tries):
+        suspects = [name for name, base in baseline.get("timings", {}).items()
+                    if name in current["timings"] and timing_status(name, base, current["timings"][name],
+                                                                     threshold) == "REGRESSION"]
+        if not suspects:
+            return
+        print(f"regress: {len(suspects)} timings beyond the threshold, measuring them again: {', '.join(suspects)}",
+              flush=True)
+        again = {"timings": {}, "figures": {}, "failed": {}, "skipped": {}}
+        with tempfile.TemporaryDirectory() as tmp:
+            if any(name.startswith("host/") for name in suspects):
+                add_host_overhead(again, os.path.join(tmp, "host.json"))
+        benchmarks = [name for name in suspects if not name.startswith("host/")]  # node ids, from ROOT
+        if benchmarks:
+            run_benchmarks(benchmarks, again)
+        for name in suspects:
+            if again["timings"].get(name, float("inf")) < current["timings"][name]:
+                current["timings"][name] = again["timings"][name]
+                current.setdefault("figures", {})[name] = again["figures"][name]
 
 
 def add_host_overhead(results: dict, path: str) -> None:
@@ -186,6 +226,13 @@ def deterministic_counts() -> dict:
     return counts
 
 
+def timing_status(name: str, base: float, now: float, threshold: float) -> str:
+    """REGRESSION, faster or ok: the normalized timing against its baseline; host/ timings get the wider limit."""
+    limit = threshold * (HOST_THRESHOLD_FACTOR if name.startswith("host/") else 1.0)
+    ratio = now / base
+    return "REGRESSION" if ratio > 1 + limit else ("faster" if ratio < 1 - limit else "ok")
+
+
 def compare(current: dict, baseline: dict, threshold: float) -> tuple[bool, str]:
     """(ok, table): timings beyond `threshold`, any rise of a deterministic figure and any benchmark that
     failed to run are regressions. Benchmarks only in one document are listed as missing or new."""
@@ -203,8 +250,7 @@ def compare(current: dict, baseline: dict, threshold: float) -> tuple[bool, str]
             continue
         now = current["timings"][name]
         ratio = now / base
-        limit = threshold * (HOST_THRESHOLD_FACTOR if name.startswith("host/") else 1.0)
-        status = "REGRESSION" if ratio > 1 + limit else ("faster" if ratio < 1 - limit else "ok")
+        status = timing_status(name, base, now, threshold)
         ok &= status != "REGRESSION"
         rows.append((name, f"{base:.3g}", f"{now:.3g}", f"{ratio - 1:+.0%}", status))
     for name in sorted(set(current.get("timings", {})) - set(baseline.get("timings", {}))):
@@ -319,7 +365,10 @@ def main(argv=None) -> int:
         print(f"no baseline for machine {machine!r} at {path}: run `python benchmarks/regress.py update`")
         return 1
     with open(path) as f:
-        ok, table = compare(current, json.load(f), threshold)
+        baseline = json.load(f)
+    if current["complete"]:
+        confirm_regressions(current, baseline, threshold)
+    ok, table = compare(current, baseline, threshold)
     print(table)
     if not current["complete"]:
         print("check incomplete: the run was interrupted")
