@@ -35,6 +35,20 @@ def test_host_timings_fail_only_beyond_their_wider_threshold():
     assert not ok and "REGRESSION" in table and "+60%" in table
 
 
+def test_dispatch_bound_cpu_rows_get_the_wider_threshold_and_slower_ones_do_not():
+    def fig(median_s):
+        return {"device": "cpu (triton interpreted)", "median_s": median_s}
+
+    base = doc({"eager_10us": 1.0, "interpreted_5ms": 1.0}) | {"figures": {"eager_10us": fig(1e-5),
+                                                                         "interpreted_5ms": fig(5e-3)}}
+    ok, table = regress.compare(doc({"eager_10us": 1.4, "interpreted_5ms": 1.0}), base, THRESHOLD)
+    assert ok, table
+    ok, _ = regress.compare(doc({"eager_10us": 1.6, "interpreted_5ms": 1.0}), base, THRESHOLD)
+    assert not ok
+    ok, _ = regress.compare(doc({"eager_10us": 1.0, "interpreted_5ms": 1.3}), base, THRESHOLD)
+    assert not ok  # the planted 30% on a slower row is still caught
+
+
 def _remeasured_at(value, calls):
     def run_benchmarks(args, results):
         calls.append(list(args))
