@@ -7,12 +7,20 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """Holds an RMSNorm weight and epsilon; apply with ``ops.norm(x, norm.weight, norm.eps)``."""
+    """Holds an RMSNorm weight and epsilon; apply with ``ops.norm(x, norm.weight, norm.eps)`` or, after a
+    residual add, ``norm.add_and_norm(ops, hidden, residual)``."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+
+    def add_and_norm(self, ops, hidden: torch.Tensor, residual: torch.Tensor | None):
+        """(norm(hidden + residual), hidden + residual): a residual add fused into the norm that follows it,
+        one `ops.norm` call. With residual None (before the first block) the stream is `hidden` itself."""
+        if residual is None:
+            return ops.norm(hidden, self.weight, self.eps), hidden
+        return ops.norm(hidden, self.weight, self.eps, residual)
 
 
 def inverse_frequencies(dim: int, theta: float) -> torch.Tensor:

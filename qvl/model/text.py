@@ -64,14 +64,9 @@ class DecoderLayer(nn.Module):
         The residual add is fused into the norm that follows it: norm(hidden, residual) returns the
         normalized sum and the sum itself, the new residual stream.
         """
-        norm = self.input_layernorm
-        if residual is None:
-            x, residual = ops.norm(hidden, norm.weight, norm.eps), hidden
-        else:
-            x, residual = ops.norm(hidden, norm.weight, norm.eps, residual)
+        x, residual = self.input_layernorm.add_and_norm(ops, hidden, residual)
         hidden = self.self_attn(ops, x, positions, rotary, mask, kv_cache, start)
-        norm = self.post_attention_layernorm
-        x, residual = ops.norm(hidden, norm.weight, norm.eps, residual)
+        x, residual = self.post_attention_layernorm.add_and_norm(ops, hidden, residual)
         return self.mlp(ops, x), residual
 
 
@@ -89,5 +84,5 @@ class TextDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else cache.layer(i)
             hidden, residual = layer(ops, hidden, residual, positions, rotary, mask, kv, start)
-        out, _ = ops.norm(hidden, self.norm.weight, self.norm.eps, residual)
+        out, _ = self.norm.add_and_norm(ops, hidden, residual)
         return out

@@ -72,12 +72,9 @@ class VisionBlock(nn.Module):
         """x + attn(norm1(x)), then + mlp(norm2(x)), written as in the text decoder: `hidden` is the previous
         block's MLP output and `residual` the stream before it (None at block 0), and each residual add is
         fused into the norm that follows it. Returns (this block's MLP output, the stream before it)."""
-        if residual is None:
-            x, residual = ops.norm(hidden, self.norm1.weight, self.norm1.eps), hidden
-        else:
-            x, residual = ops.norm(hidden, self.norm1.weight, self.norm1.eps, residual)
+        x, residual = self.norm1.add_and_norm(ops, hidden, residual)
         attn = self.attn(ops, x, positions, rotary, mask)
-        x, residual = ops.norm(attn, self.norm2.weight, self.norm2.eps, residual)
+        x, residual = self.norm2.add_and_norm(ops, attn, residual)
         return self.mlp(ops, x), residual
 
 
@@ -93,7 +90,7 @@ class PatchMerger(nn.Module):
 
     def forward(self, ops: Ops, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """Merges hidden + residual (the last block's output and stream; the add fused into ln_q)."""
-        x, _ = ops.norm(hidden, self.ln_q.weight, self.ln_q.eps, residual)
+        x, _ = self.ln_q.add_and_norm(ops, hidden, residual)
         return ops.mlp(x.reshape(-1, self.unit_dim), self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                        "gelu")
 
