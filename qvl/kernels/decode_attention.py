@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from . import DOT_F32, INTERPRETED, cdiv, next_power_of_2
-from .common import to_storage
+from .common import check_device_scalar, to_storage
 
 BLOCK_N = 64  # keys per inner-loop step
 MAX_ROWS = 64  # query rows (group * Lq) per program; larger groups take several programs per kv head
@@ -265,9 +265,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: tor
         raise ValueError(f"decode_attention: pad must be ({batch},), got {tuple(pad.shape)}")
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"decode_attention: num_splits must be >= 1, got {num_splits}")
-    if kv_len is not None and (kv_len.dim() != 0 or kv_len.is_floating_point() or kv_len.device != q.device):
-        raise ValueError(f"decode_attention: kv_len must be a 0-dim integer tensor on {q.device}; got "
-                         f"{tuple(kv_len.shape)} {kv_len.dtype} on {kv_len.device}")
+    if kv_len is not None:
+        check_device_scalar("decode_attention", "kv_len", kv_len, q.device)
     if block_n is not None and (block_n < 16 or block_n & (block_n - 1)):
         raise ValueError(f"decode_attention: block_n must be a power of two >= 16, got {block_n}")
 
@@ -299,8 +298,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: tor
 
     if num_warps is None:
         num_warps = 4 if block_m * block_d <= 64 * 128 else 8
-    if INTERPRETED or num_stages is None:
-        num_stages = 1 if INTERPRETED else 3
+    if INTERPRETED:
+        num_stages = 1  # the interpreter has no pipeline to fill
+    elif num_stages is None:
+        num_stages = 3
     _decode_attention_fwd_kernel[(programs, num_splits)](
         q, k, v, pad_arg, q if kv_len is None else kv_len, out, part_acc, part_max, part_sum,
         q.stride(0), q.stride(1), q.stride(2),

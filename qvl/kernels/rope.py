@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import cdiv, next_power_of_2
-from .common import to_storage
+from .common import check_device_scalar, to_storage
 
 # Pairs per program (heads x pairs): 16 heads of head dim 128 (or 80, padded to 64 pairs), about 4 KiB
 # of bf16 in and out per program, enough work per program for a memory-bound op on the GPU.
@@ -210,9 +210,7 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
     b, seq_len, n_q, d = q.shape
     n_k = k.shape[2]
     if isinstance(start, torch.Tensor):
-        if start.dim() != 0 or start.is_floating_point() or start.device != k_cache.device:
-            raise ValueError(f"cache: a tensor start must be a 0-dim integer on {k_cache.device}; got "
-                             f"{tuple(start.shape)} {start.dtype} on {start.device}")
+        check_device_scalar("cache", "start", start, k_cache.device)
     elif not 0 <= (start := int(start)) <= k_cache.shape[1] - seq_len:
         raise ValueError(f"cache: writing {seq_len} tokens at {start} overflows the cache of "
                          f"{k_cache.shape[1]} positions")
