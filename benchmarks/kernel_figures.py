@@ -68,14 +68,9 @@ def compiled(fn):
 def graphed(fn):
     """fn captured in a CUDA graph: replaying it shows the GPU time without the per-launch CPU cost, which
     for microsecond kernels (decode, one cache write) can exceed the kernel itself."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # compile and autotune outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    from qvl.model.graphs import capture
+
+    graph, _ = capture(fn)
     return graph.replay
 
 

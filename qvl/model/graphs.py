@@ -14,6 +14,22 @@ from __future__ import annotations
 import torch
 
 
+def capture(fn, warmup: int = 1, device=None):
+    """(graph, output): `fn()` run `warmup` times on a side stream (Triton compiles and autotunes there; capture
+    needs the warm-up off the default stream), then captured once. Replaying the graph reruns fn's kernels on
+    the same memory, output included."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 class DecodeGraph:
     """`model.decode_step(tokens, prompt, cache)`, captured for this prompt and cache and replayed by `step`.
 
@@ -34,15 +50,8 @@ class DecodeGraph:
         self.cache = cache
         self.tokens = torch.zeros(prompt.embeds.shape[0], dtype=torch.long, device=device)
         self.length = torch.full((), cache.length, dtype=torch.long, device=device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph requires
-            for _ in range(self.WARMUP_STEPS):
-                model.decode_step(self.tokens, prompt, cache, length=self.length)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model.decode_step(self.tokens, prompt, cache, length=self.length)
+        self.graph, self.logits = capture(lambda: model.decode_step(self.tokens, prompt, cache, length=self.length),
+                                          self.WARMUP_STEPS, device)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed `tokens` (B,) at slot cache.length, advance it; the logits (B, vocab) are a buffer the next
