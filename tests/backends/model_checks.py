@@ -9,13 +9,13 @@ from tests.ops.compare import rel_err
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def perturbed(preset, dtype, seed=0):
-    model = qvl.from_config(preset, dtype=dtype, device=DEVICE, seed=seed)
-    g = torch.Generator(device=DEVICE).manual_seed(seed + 1)
+def perturbed(preset, dtype, seed=0, device=DEVICE):
+    model = qvl.from_config(preset, dtype=dtype, device=device, seed=seed)
+    g = torch.Generator(device=device).manual_seed(seed + 1)
     with torch.no_grad():  # off-init norms and biases, and weights large enough for varied greedy tokens
         for p in model.parameters():
             if p.dim() == 1:
-                p.add_(torch.randn(p.shape, generator=g, device=DEVICE).to(dtype) * 0.2)
+                p.add_(torch.randn(p.shape, generator=g, device=device).to(dtype) * 0.2)
             elif preset == "tiny":
                 p.normal_(0.0, 0.15, generator=g)
     return model

@@ -21,7 +21,6 @@ import sys
 import pytest
 import torch
 
-import qvl
 from qvl.backends import (
     OPERATORS,
     Backend,
@@ -429,18 +428,6 @@ def check_fallbacks(fallbacks, allowed_fallbacks):
         assert any(allowed_fallbacks[fb.operator] in r for r in fb.reasons), str(fb)
 
 
-def perturbed(dtype, device, seed=0):
-    model = qvl.from_config("tiny", dtype=dtype, device=device, seed=seed)
-    g = torch.Generator(device=device).manual_seed(seed + 1)
-    with torch.no_grad():  # off-init norms and biases, weights large enough for varied greedy tokens
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn(p.shape, generator=g, device=device).to(dtype) * 0.2)
-            else:
-                p.normal_(0.0, 0.15, generator=g)
-    return model
-
-
 def compare_model(model, inputs, backend, tol, new_tokens, allowed_fallbacks, exact_tokens=True):
     model.set_backends("eager")
     keep = inputs["attention_mask"].bool() if "attention_mask" in inputs else slice(None)
@@ -460,7 +447,7 @@ def compare_model(model, inputs, backend, tol, new_tokens, allowed_fallbacks, ex
 
 @needs_xf
 def test_tiny_model_through_simulated_xformers(simulated):
-    model = perturbed(torch.float32, "cpu")
+    model = checks.perturbed("tiny", torch.float32, device="cpu")
     compare_model(model, demo_prompt(model.cfg), "xformers-sim", 1e-4, 6, EXPECTED_FALLBACKS)
     compare_model(model, checks.padded_batch(), "xformers-sim", 1e-4, 6, EXPECTED_FALLBACKS)
     assert all(simulated[op] > 0 for op in OPERATORS), simulated  # every operator ran on the xformers paths
@@ -716,7 +703,7 @@ def _gpu_allowed_fallbacks(dtype):
 @needs_xf
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 3e-2)])
 def test_gpu_tiny_model_xformers_with_eager_fallback(dtype, tol):
-    model = perturbed(dtype, "cuda")
+    model = checks.perturbed("tiny", dtype, device="cuda")
     exact = dtype == torch.float32
     compare_model(model, demo_prompt(model.cfg), "xformers", tol, 10, _gpu_allowed_fallbacks(dtype), exact)
     compare_model(model, checks.padded_batch(), "xformers", tol, 10, _gpu_allowed_fallbacks(dtype), exact)
