@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh tests      # whole suite compiled (xdist), hypothesis gpu profile
 #   bash benchmarks/gpu_session.sh figures    # kernel table vs peers (benchmarks/kernel_figures.py)
 #   bash benchmarks/gpu_session.sh decode     # decode attention's launch configuration swept (decode_sweep.py)
+#   bash benchmarks/gpu_session.sh peers      # the whole model next to transformers, same weights (model_peers.py)
 #   bash benchmarks/gpu_session.sh ablate     # the default ablation (3b, every backend mix)
 #   bash benchmarks/gpu_session.sh configs    # the shipped ablations/*.toml at the 3b preset (bf16 but dtype.toml)
 #   bash benchmarks/gpu_session.sh baseline   # the benchmark suite, written as this GPU's baseline
@@ -40,19 +41,16 @@ left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
 box() { local l=$(( $(left) - 15 )); (( l < $1 )) && echo $(( l > 0 ? l : 1 )) || echo "$1"; }
 log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
 
-stage_figures() {
-  log "figures (<= $(box "$1") s)"
-  timeout "$(box "$1")" python3 benchmarks/kernel_figures.py --out "$FULL" > "$FULL/kernel_figures.log" 2>&1
-  log "figures exit $?"
-  cp "$FULL/kernel_figures.md" "$OUT/" 2>/dev/null
+# script_stage NAME CAP: benchmarks/NAME.py --out, boxed; its table NAME.md comes back beside the summary
+script_stage() {
+  log "$1 (<= $(box "$2") s)"
+  timeout "$(box "$2")" python3 "benchmarks/$1.py" --out "$FULL" > "$FULL/$1.log" 2>&1
+  log "$1 exit $?"
+  cp "$FULL/$1.md" "$OUT/" 2>/dev/null
 }
-
-stage_decode() {
-  log "decode sweep (<= $(box "$1") s)"
-  timeout "$(box "$1")" python3 benchmarks/decode_sweep.py --out "$FULL" > "$FULL/decode_sweep.log" 2>&1
-  log "decode sweep exit $?"
-  cp "$FULL/decode_sweep.md" "$OUT/" 2>/dev/null
-}
+stage_figures() { script_stage kernel_figures "$1"; }
+stage_decode() { script_stage decode_sweep "$1"; }
+stage_peers() { script_stage model_peers "$1"; }
 
 stage_tests() {
   log "tests (<= $(box "$1") s, $EXAMPLES hypothesis examples, 12 workers)"
@@ -112,8 +110,9 @@ ablate) BUDGET_S=580 stage_ablate 560 ;;
 baseline) BUDGET_S=580 stage_baseline 560 ;;
 configs) BUDGET_S=580 stage_configs 560 ;;
 decode) BUDGET_S=580 stage_decode 560 ;;
-*) echo "stages: lease tests figures decode ablate configs baseline"; exit 2 ;;
+peers) BUDGET_S=580 stage_peers 560 ;;
+*) echo "stages: lease tests figures decode peers ablate configs baseline"; exit 2 ;;
 esac
 tar -czf "$OUT/results.tar.gz" -C "$FULL" . && rm -rf "$FULL"
-cat "$OUT/kernel_figures.md" "$OUT/decode_sweep.md" 2>/dev/null
+cat "$OUT/kernel_figures.md" "$OUT/decode_sweep.md" "$OUT/model_peers.md" 2>/dev/null
 cat "$OUT/summary.txt"

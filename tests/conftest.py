@@ -27,6 +27,6 @@ settings.load_profile(os.environ.get("QVL_HYPOTHESIS_PROFILE", "gpu" if torch.cu
 import importlib.util  # noqa: E402
 
 if importlib.util.find_spec("torchvision") is not None:
-    from tests.processing.helpers import _define_torchvision_ops
+    from tests.processing.helpers import define_torchvision_ops
 
-    _define_torchvision_ops()
+    define_torchvision_ops()

@@ -83,7 +83,7 @@ def hf_tokenizer(path):
 _TORCHVISION_OPS = None
 
 
-def _define_torchvision_ops() -> None:
+def define_torchvision_ops() -> None:
     """Let the PyPI torchvision wheel import beside a CPU-only torch build.
 
     That wheel's compiled ops are built against CUDA torch and do not load here; its Python layer then
@@ -107,7 +107,7 @@ def torchvision_or_skip():
         import importlib.util
 
         if importlib.util.find_spec("torchvision") is not None:
-            _define_torchvision_ops()
+            define_torchvision_ops()
         import torchvision  # noqa: F401
         from torchvision.transforms.v2 import functional  # noqa: F401
     except Exception as e:  # missing, or a build that does not match the installed torch
