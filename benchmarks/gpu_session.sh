@@ -16,11 +16,12 @@ set -uo pipefail
 OUT=${OUT:-/tmp/qvl-gpu}
 BUDGET_S=${BUDGET_S:-570}   # lease: the whole call's deadline, packing included
 EXAMPLES=${QVL_HYPOTHESIS_EXAMPLES:-30}
+WHEELS=${WHEELS:-.whl}      # carried wheels (../shared/GPU.md), installed when present
 START=$(date +%s)
 FULL=$OUT/full
 mkdir -p "$FULL"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site "$WHEELS"/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD LD_LIBRARY_PATH=/tmp/site/nvidia/cuda_runtime/lib:${LD_LIBRARY_PATH:-}
 else
   export PYTHONPATH=$PWD

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -51,3 +52,24 @@ def test_model_peers_smoke_run_agrees_with_transformers(tmp_path):
     assert peer["tokens"] == eager["tokens"] and len(eager["tokens"]) == 4
     assert all(r["vision_ms"] > 0 and r["ttft_ms"] > 0 for r in rows.values())
     assert "| transformers (SDPA) |" in (tmp_path / "model_peers.md").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the stage runs at full size: the lease runs it")
+def test_gpu_session_script_runs_a_lease_and_packs_its_results(tmp_path):
+    """benchmarks/gpu_session.sh, the one command a lent GPU runs, end to end on this machine: a one-stage lease
+    (the whole-model peers at their smoke size) logs the stage, brings its table back and packs the rest."""
+    pytest.importorskip("transformers")
+    bin_dir = tmp_path / "bin"  # the script calls python3: make it this interpreter
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", OUT=str(out), PLAN="peers:200",
+               BUDGET_S="260", WHEELS=str(tmp_path / "no-wheels"))
+    subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_session.sh"), "lease"], cwd=ROOT, env=env,
+                   check=True, capture_output=True, timeout=300)
+    summary = (out / "summary.txt").read_text()
+    assert "model_peers exit 0" in summary, summary
+    assert "| transformers (SDPA) |" in (out / "model_peers.md").read_text()
+    assert (out / "environment.txt").exists() and (out / "results.tar.gz").stat().st_size > 0
+    assert not (out / "full").exists()  # packed into results.tar.gz
