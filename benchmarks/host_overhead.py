@@ -16,8 +16,9 @@ thread, where the arithmetic is small next to dispatch. What this leaves out: th
 cost (a few microseconds per kernel) and the GPU caching allocator; both count the same for every backend.
 
 Figures (microseconds, the fastest of several rounds): per operator call through `Ops` (registry and checks
-included) at a decode step's shapes, one decoder layer of a decode step, and a whole decode step of the tiny
-model (2 layers).
+included) at a decode step's shapes, one decoder layer of a decode step, a whole decode step of the tiny
+model (2 layers), and one vision block (the vision tower and prefill are host-bound too at batch 1: on the
+H200 the 3b tower took 16 ms for about 2 TFLOP of work).
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def best_us(fn, calls: int = 200, rounds: int = 15) -> float:
 
 def measure(backend: str) -> dict[str, float]:
     import qvl
-    from qvl.backends import CausalMask
+    from qvl.backends import BlockDiagonalMask, CausalMask
     from qvl.demo import demo_prompt
     from qvl.model.positions import decode_positions
 
@@ -120,6 +121,14 @@ def measure(backend: str) -> dict[str, float]:
         cache.length = n
         model.decode_step(token, prompt, cache)
 
+    # A vision block on one window of patches: its launches are those of any image (one varlen attention over
+    # all windows), and the fewest patches keep the CPU's own arithmetic out of the figure.
+    tower = model.visual
+    window = (tower.cfg.window_size // tower.cfg.patch_size) ** 2
+    patches = torch.randn(window, tower.cfg.hidden_size, dtype=model.dtype)
+    patch_positions = torch.zeros(2, 1, window, dtype=torch.long)
+    window_mask = BlockDiagonalMask.from_seqlens([window], device="cpu")
+
     figures = {
         "norm": best_us(lambda: ops.norm(embeds, norm.weight, norm.eps)),
         "norm+residual": best_us(lambda: ops.norm(embeds, norm.weight, norm.eps, embeds)),
@@ -129,6 +138,8 @@ def measure(backend: str) -> dict[str, float]:
         "decoder layer (decode)": best_us(lambda: layer(ops, embeds, embeds, positions, rotary, mask,
                                                           (k_cache, v_cache), n)),
         "decode step (tiny, 2 layers)": best_us(step, calls=50),
+        "vision block": best_us(lambda: tower.blocks[0](ops, patches, patches, patch_positions, tower.rotary,
+                                                       window_mask)),
     }
     if model.fallbacks:
         raise RuntimeError(f"{backend}: calls fell back: {model.fallbacks}")
