@@ -56,7 +56,7 @@ stage_peers() { script_stage model_peers "$1"; }
 stage_tests() {
   log "tests (<= $(box "$1") s, $EXAMPLES hypothesis examples, 12 workers)"
   QVL_HYPOTHESIS_PROFILE=gpu QVL_HYPOTHESIS_EXAMPLES=$EXAMPLES timeout "$(box "$1")" \
-    python3 -m pytest ${TESTS:-tests} -n 12 -rfEs -v -p no:cacheprovider --durations=20 \
+    python3 -m pytest ${TESTS:-tests} -n 12 --dist loadgroup -rfEs -v -p no:cacheprovider --durations=20 \
     --tb=short --junitxml="$FULL/junit.xml" > "$FULL/pytest.txt" 2>&1
   log "pytest exit $?"
   { grep -E "FAILED|ERROR" "$FULL/pytest.txt" | sed -E 's/^\[gw[0-9]+\] \[ *[0-9]+%\] //' | sort -u | head -40

@@ -54,6 +54,7 @@ def test_tiny_left_padded_batch_all_triton():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the 3b preset needs a CUDA GPU")
 @pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.xdist_group("3b")  # one worker runs the 3b tests in turn: see pyproject.toml
 def test_3b_bf16_all_triton(spec):
     model = perturbed("3b", torch.bfloat16)
     fallbacks = assert_as_close_to_float32_as_eager(model, demo_prompt(model.cfg), spec)

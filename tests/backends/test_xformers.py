@@ -711,6 +711,7 @@ def test_gpu_tiny_model_xformers_with_eager_fallback(dtype, tol):
 
 @needs_gpu
 @needs_xf
+@pytest.mark.xdist_group("3b")
 def test_gpu_3b_bf16_xformers_with_eager_fallback():
     """The 3b preset with random bf16 weights on xformers (what it cannot run on eager), held to float32."""
     model = checks.perturbed("3b", torch.bfloat16)

@@ -112,6 +112,7 @@ def test_generation_replayed_from_a_cuda_graph_matches_plain_generation(spec, in
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.xdist_group("3b")
 def test_3b_bf16_triton_decode_graph_logits():
     """At the real size the graph's decode attention splits the whole cache, not the written part: the same
     sums in another order, so the logits agree to bf16 rounding rather than bit for bit."""
