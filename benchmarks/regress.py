@@ -29,6 +29,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import qvl  # noqa: E402,F401  (first: it switches on the Triton interpreter before anything imports triton)
+from qvl.launches import LaunchCounter  # noqa: E402
 
 BASELINES = os.path.join(ROOT, "benchmarks", "baselines")
 # Timings may move this much (normalized ratio - 1) before the check fails.
@@ -200,22 +201,22 @@ def deterministic_counts() -> dict:
         model.prefill(prompt, cache)
         token = torch.zeros(1, dtype=torch.long, device=harness.DEVICE)
         model.decode_step(token, prompt, cache)  # warm: first calls may build caches
-        with harness.LaunchCounter().counting() as step:
+        with LaunchCounter().counting() as step:
             model.decode_step(token, prompt, cache)
         layer = model.model.layers[0]
         kv = cache.layer(0)
         n = prompt.embeds.shape[1]
         rotary = model.rotary(not prompt.has_vision)
-        with harness.LaunchCounter().counting() as prefill_layer:
+        with LaunchCounter().counting() as prefill_layer:
             layer(model.ops, prompt.embeds, None, prompt.positions, rotary, CausalMask(prompt.pad), kv, 0)
         emb = model.model.embed_tokens(token[:, None])
         from qvl.model.positions import decode_positions
 
         pos = decode_positions(n, 1, prompt.deltas)
-        with harness.LaunchCounter().counting() as decode_layer:
+        with LaunchCounter().counting() as decode_layer:
             layer(model.ops, emb, emb, pos, model.rotary(True), CausalMask(prompt.pad), kv, n)
         model.vision_features(inputs["pixel_values"], inputs["image_grid_thw"])  # warm
-        with harness.LaunchCounter().counting() as vision:
+        with LaunchCounter().counting() as vision:
             model.vision_features(inputs["pixel_values"], inputs["image_grid_thw"])
         counts[f"launches/vision_tower[{backend}]"] = vision.total
         counts[f"launches/decode_step[{backend}]"] = step.total

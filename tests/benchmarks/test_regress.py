@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from benchmarks import harness, regress
+from benchmarks import regress
 
 THRESHOLD = regress.THRESHOLDS["cpu"]
 
@@ -96,44 +96,6 @@ def test_missing_and_new_benchmarks_are_listed_not_failed():
     ok, table = regress.compare(doc({"new_one": 1.0}), doc({"old_one": 1.0}), THRESHOLD)
     assert ok
     assert "missing" in table and "new" in table
-
-
-def test_launch_counter_is_deterministic_and_sees_extra_work():
-    x = torch.randn(8, 8)
-
-    def work(extra):
-        y = (x @ x).relu()
-        if extra:
-            y = y * 2
-        return y.view(-1).sum()
-
-    counts = []
-    for extra in (False, False, True):
-        with harness.LaunchCounter().counting() as c:
-            work(extra)
-        counts.append(c.total)
-    assert counts[0] == counts[1] > 0
-    assert counts[2] == counts[0] + 1  # the view is free, the extra multiply is one launch
-    with harness.LaunchCounter().counting() as c:
-        torch.promote_types(torch.bfloat16, torch.float32)  # dtype arithmetic dispatches, but launches nothing
-    assert c.total == 0
-
-
-def test_launch_counter_counts_a_triton_launch_once():
-    import triton  # qvl, imported by the harness, has already switched on the interpreter on CPU
-    import triton.language as tl
-
-    @triton.jit
-    def _double_kernel(x_ptr, n, BLOCK: tl.constexpr):
-        i = tl.arange(0, BLOCK)
-        v = tl.load(x_ptr + i, mask=i < n)
-        tl.store(x_ptr + i, v * 2, mask=i < n)
-
-    x = torch.ones(5, device="cuda" if torch.cuda.is_available() else "cpu")
-    with harness.LaunchCounter().counting() as c:
-        _double_kernel[(1,)](x, 5, BLOCK=8)
-    assert c.triton == 1 and c.aten == 0
-    assert x.tolist() == [2.0] * 5
 
 
 def test_results_table_names_the_run_and_every_figure():

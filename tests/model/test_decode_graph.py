@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import qvl
-from benchmarks.harness import LaunchCounter
+from qvl.launches import LaunchCounter
 from qvl.backends import Backend, BackendUnsupportedError, OpImpl, get_backend, registry
 from qvl.demo import demo_prompt
 from qvl.model.graphs import DecodeGraph
