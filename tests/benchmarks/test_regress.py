@@ -1,7 +1,6 @@
 """The regression check itself: what it flags and what it lets through."""
 
 import pytest
-import torch
 
 from benchmarks import regress
 
