@@ -99,6 +99,7 @@ def variant_cells(e: dict, style: str = "text") -> dict[str, str]:
         "vision ms": _timing(f.get("vision_ms"), ".1f", style),
         "prefill ms": _timing(f.get("prefill_ms"), ".1f", style),
         "decode tok/s": _timing(f.get("decode_tok_s"), ".1f", style),
+        "launches/step": _num(f.get("launches_per_decode_step"), "d"),
         "peak MiB": _num(f.get("peak_memory_mib"), ".0f"),
         "rel err": _err(c.get("logits_rel_err")),
         "max err": _err(c.get("logits_max_err")),
@@ -108,8 +109,8 @@ def variant_cells(e: dict, style: str = "text") -> dict[str, str]:
     }
 
 
-COLUMNS = ["variant", "status", "vision ms", "prefill ms", "decode tok/s", "peak MiB", "rel err", "max err",
-           "agree", "first div", "fallbacks"]
+COLUMNS = ["variant", "status", "vision ms", "prefill ms", "decode tok/s", "launches/step", "peak MiB", "rel err",
+           "max err", "agree", "first div", "fallbacks"]
 
 
 def _grid(header: list[str], rows: list[list[str]]) -> str:

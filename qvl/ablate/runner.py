@@ -8,6 +8,8 @@ Per variant (warm-up runs first, then `repeats` timed runs; median and min/max r
                  variant with cuda_graph = true replays the step from a CUDA graph, captured after the
                  prefill and outside the timed loop (two warm-up steps and the capture, per run)
   peak_memory    torch.cuda.max_memory_allocated over the variant on a GPU; not measured on a CPU
+  launches_per_decode_step  aten ops + Triton kernels of one decode step (qvl.launches; the same count on a
+                 CPU as on a GPU): the host's share of a batch-1 step; for cuda_graph, the step the graph replays
 Then one more, untimed pass compares with the reference variant (which runs first):
   logits_rel_err ||L - L_ref|| / ||L_ref|| (Frobenius, float32) over the logits of all decode_tokens steps
   logits_max_err max |L - L_ref|
@@ -187,6 +189,26 @@ def measure_timings(model, work: Workload, clock: Clock, warmup: int, repeats: i
                if steps else None,
                "decode_ms_per_step": summarize([ms / steps for ms in decode]) if steps else None}
     return figures, tokens
+
+
+def decode_step_launches(model, work: Workload, cuda_graph: bool) -> int:
+    """Kernel launches (aten ops and Triton kernels, `qvl.launches`) of one decode step at the workload's batch:
+    what a step costs the host, which bounds decoding at small batches. With cuda_graph, the step a graph
+    captures (lengths held on the device) and then replays as one launch. The count depends on neither the
+    prompt nor the cache length, so a one-token text prompt stands in for the workload's (no vision tower)."""
+    from ..launches import LaunchCounter
+
+    token = min({0, 1, 2} - {model.cfg.image_token_id, model.cfg.video_token_id})  # not a vision placeholder
+    prompt = model.prepare(torch.full((work.batch_size, 1), token, dtype=torch.long))
+    cache = model.new_cache(work.batch_size, 3)
+    model.prefill(prompt, cache)
+    tokens = torch.zeros(work.batch_size, dtype=torch.long, device=model.device)
+    length = torch.ones((), dtype=torch.long, device=model.device) if cuda_graph else None
+    model.decode_step(tokens, prompt, cache, length=length)  # warm: a first call may decide or build something
+    cache.length = 1
+    with LaunchCounter().counting() as launches:
+        model.decode_step(tokens, prompt, cache, length=length)
+    return launches.total
 
 
 def compare(tokens: torch.Tensor, logits: torch.Tensor, ref_tokens: torch.Tensor, ref_logits: torch.Tensor) -> dict:
@@ -413,6 +435,7 @@ class AblationRun:
             figures["peak_memory_mib"] = self.memory.read_mib()
             figures["process_max_rss_mib"] = self.memory.process_max_rss_mib()
             figures["model_mib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+            figures["launches_per_decode_step"] = decode_step_launches(model, work, v.cuda_graph)
             entry["figures"] = figures
 
             self.progress.update(f"{label}: comparing with {self.config.reference}")

@@ -120,6 +120,9 @@ def test_end_to_end(tmp_path, refusing, capsys):
         assert f[key]["n"] == 2 and f[key]["min"] <= f[key]["median"] <= f[key]["max"] and f[key]["median"] > 0
     assert (f["peak_memory_mib"] > 0 if cuda else f["peak_memory_mib"] is None) and f["model_mib"] > 0
     assert ref["comparison"]["logits_rel_err"] == 0 and ref["comparison"]["deterministic"]
+    # a deterministic count: the same model and backends launch the same work per decode step
+    assert f["launches_per_decode_step"] == v["eager again"]["figures"]["launches_per_decode_step"] > 0
+    assert "launches/step" in out
 
     assert v["eager again"]["model"]["weights"] == "seed 0 (the model of an earlier variant)"
     assert v["eager again"]["model"]["build_s"] == 0.0 and ref["model"]["build_s"] > 0  # built once, reused
@@ -319,6 +322,9 @@ backends = "triton"
         pytest.skip(f"triton backend fails on this machine: {v['triton']['error'][:200]}")
     c = v["triton"]["comparison"]
     assert c["logits_rel_err"] < 1e-3 and c["token_agreement"] == 1.0
+    # fused kernels: a triton decode step launches a fraction of eager's work
+    steps = {name: v[name]["figures"]["launches_per_decode_step"] for name in ("eager", "triton")}
+    assert 0 < steps["triton"] < steps["eager"] / 2, steps
 
 
 def test_sigterm_ends_the_run_like_an_interrupt(tmp_path, monkeypatch):
