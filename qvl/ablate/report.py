@@ -323,8 +323,8 @@ def run_label(results: dict, directory: str) -> str:
 
 def compare_runs(runs: list[tuple[dict, str]], style: str = "text") -> str:
     """Variants of several runs side by side: one row per (variant, run), speed relative to the first run."""
-    header = ["variant", "run", "device", "status", "vision ms", "prefill ms", "decode tok/s", "rel err", "agree",
-              "prefill vs first"]
+    header = ["variant", "run", "device", "status", "vision ms", "prefill ms", "decode tok/s", "launches/step",
+              "rel err", "agree", "prefill vs first"]
     names: list[str] = []
     for results, _ in runs:
         for e in results["variants"]:
@@ -345,8 +345,8 @@ def compare_runs(runs: list[tuple[dict, str]], style: str = "text") -> str:
                 ratio = f"{prefill / base:.2f}x" if prefill and base else "-"
             rows.append([name, run_label(results, directory), (results.get("environment") or {}).get("device_name", "-")
                          if style == "md" else (results.get("run") or {}).get("device", "-"), e["status"],
-                         cells["vision ms"], cells["prefill ms"], cells["decode tok/s"], cells["rel err"],
-                         cells["agree"], ratio])
+                         cells["vision ms"], cells["prefill ms"], cells["decode tok/s"], cells["launches/step"],
+                         cells["rel err"], cells["agree"], ratio])
     if style == "md":
         intro = ["# Ablation runs compared", ""] + [f"- `{run_label(r, d)}`: {r.get('status')}, "
                                                     f"{(r.get('environment') or {}).get('device_name')}, "
