@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..kernels import check_device_scalar  # host-side, no triton import
+
 OPERATORS: tuple[str, ...] = ("attention", "rope", "norm", "mlp", "cache")
 ACTIVATIONS: tuple[str, ...] = ("swiglu", "gelu")
 
@@ -139,7 +141,7 @@ def check_attention_inputs(q, k, v, mask) -> None:
         if mask.pad is not None and tuple(mask.pad.shape) != (q.shape[0],):
             raise ValueError(f"attention: CausalMask.pad must be ({q.shape[0]},), got {tuple(mask.pad.shape)}")
         if mask.kv_len is not None:
-            _check_device_length("attention", "CausalMask.kv_len", mask.kv_len, q.device)
+            check_device_scalar("attention", "CausalMask.kv_len", mask.kv_len, q.device)
     else:
         raise ValueError(f"attention: mask must be a CausalMask or BlockDiagonalMask, got {type(mask).__name__}")
 
@@ -180,13 +182,8 @@ def check_cache_inputs(q, k, v, positions, rotary, k_cache, v_cache, start) -> N
     if k_cache.shape != v_cache.shape or k_cache.shape[0] != k.shape[0] or k_cache.shape[2:] != k.shape[2:]:
         raise ValueError(f"cache: cache {tuple(k_cache.shape)} does not hold k {tuple(k.shape)}")
     if isinstance(start, torch.Tensor):
-        _check_device_length("cache", "start", start, k_cache.device)
+        check_device_scalar("cache", "start", start, k_cache.device)
     elif not 0 <= start <= k_cache.shape[1] - k.shape[1]:
         raise ValueError(f"cache: writing {k.shape[1]} tokens at {start} overflows the cache of "
                          f"{k_cache.shape[1]} positions; build the cache with a larger max_len")
 
-
-def _check_device_length(operator: str, name: str, value: torch.Tensor, device: torch.device) -> None:
-    if value.dim() != 0 or value.is_floating_point() or value.is_complex() or value.device != device:
-        raise ValueError(f"{operator}: {name} must be a 0-dim integer tensor on {device}; got "
-                         f"{tuple(value.shape)} {value.dtype} on {value.device}")

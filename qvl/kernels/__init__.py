@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from .._env import HAS_CUDA, TRITON_IMPORTED_TOO_EARLY  # noqa: F401  (re-exported for the backend)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -33,3 +35,11 @@ def next_power_of_2(n: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def check_device_scalar(where: str, name: str, value: torch.Tensor, device: torch.device) -> None:
+    """A length read from device memory (for CUDA-graph capture) must be one integer on `device`. Used by the
+    kernels' launchers and by the operator interface (qvl.backends.interface), which checks the same inputs."""
+    if value.dim() != 0 or value.is_floating_point() or value.is_complex() or value.device != device:
+        raise ValueError(f"{where}: {name} must be a 0-dim integer tensor on {device}; got "
+                         f"{tuple(value.shape)} {value.dtype} on {value.device}")

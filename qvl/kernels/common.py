@@ -35,13 +35,6 @@ def round_to(x, DTYPE: tl.constexpr):
     return to_storage(x, DTYPE).to(tl.float32)
 
 
-def check_device_scalar(where: str, name: str, value: torch.Tensor, device: torch.device) -> None:
-    """A length the kernel reads from memory (for CUDA-graph capture) must be one integer on its device."""
-    if value.dim() != 0 or value.is_floating_point() or value.is_complex() or value.device != device:
-        raise ValueError(f"{where}: {name} must be a 0-dim integer tensor on {device}; got "
-                         f"{tuple(value.shape)} {value.dtype} on {value.device}")
-
-
 def rows_view(t: torch.Tensor) -> torch.Tensor | None:
     """(..., N) as a (rows, N) view with unit stride along N, or None when the layout has none (leading
     dims that do not collapse to one row stride, or a strided last dim). Contiguous tensors and last-dim

@@ -40,8 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import DOT_F32, INTERPRETED, cdiv, next_power_of_2
-from .common import check_device_scalar, to_storage
+from . import DOT_F32, INTERPRETED, cdiv, check_device_scalar, next_power_of_2
+from .common import to_storage
 
 BLOCK_N = 64  # keys per inner-loop step
 MAX_ROWS = 64  # query rows (group * Lq) per program; larger groups take several programs per kv head

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, next_power_of_2
-from .common import check_device_scalar, to_storage
+from . import cdiv, check_device_scalar, next_power_of_2
+from .common import to_storage
 
 # Pairs per program (heads x pairs): 16 heads of head dim 128 (or 80, padded to 64 pairs), about 4 KiB
 # of bf16 in and out per program, enough work per program for a memory-bound op on the GPU.
