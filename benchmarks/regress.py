@@ -126,8 +126,8 @@ def confirm_regressions(current: dict, baseline: dict, threshold: float, tries: 
 
 def add_host_overhead(results: dict, path: str) -> None:
     """benchmarks/host_overhead.py (its own process: it needs Triton compiled, the suites run it interpreted):
-    host microseconds per operator call, decoder layer and decode step, as timings named host/<backend>/<what>,
-    normalized by the calibration workload timed here just before and after."""
+    host microseconds per operator call, decoder layer, decode step and vision block, as timings named
+    host/<backend>/<what>, normalized by the calibration workload timed here just before and after."""
     from benchmarks import harness
 
     before = harness.calibration_seconds()
