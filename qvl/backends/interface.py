@@ -70,17 +70,31 @@ class BlockDiagonalMask:
     """Non-causal attention inside segments of one packed sequence (B == 1).
 
     Segment s covers tokens cu_seqlens[s]:cu_seqlens[s+1]; these are the vision tower's windows (or whole
-    frames in its full-attention layers): one call covers all of them.
+    frames in its full-attention layers): one call covers all of them. The lengths are kept twice: on the
+    device for kernels, and on the host for everything the host needs (input checks, grid sizes, xformers'
+    bias), so no call reads cu_seqlens back: on a GPU each such read would wait for all queued work, once
+    per vision block.
     """
 
-    cu_seqlens: torch.Tensor  # (S + 1,) int32, starts at 0
-    max_seqlen: int
+    cu_seqlens: torch.Tensor  # (S + 1,) int32 on the device, starts at 0
+    seqlens: tuple[int, ...]  # the same segment lengths, on the host
     kind: str = field(default="block_diagonal", init=False)
 
     @staticmethod
     def from_seqlens(seqlens: list[int], device=None) -> "BlockDiagonalMask":
+        seqlens = tuple(int(n) for n in seqlens)
+        if any(n < 0 for n in seqlens):
+            raise ValueError(f"BlockDiagonalMask: segment lengths must be >= 0, got {list(seqlens)}")
         cu = torch.tensor([0, *seqlens], dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
-        return BlockDiagonalMask(cu, max(seqlens) if seqlens else 0)
+        return BlockDiagonalMask(cu, seqlens)
+
+    @functools.cached_property
+    def max_seqlen(self) -> int:
+        return max(self.seqlens, default=0)
+
+    @functools.cached_property
+    def num_tokens(self) -> int:
+        return sum(self.seqlens)
 
     def dense(self, batch: int, lq: int, lk: int, device=None) -> torch.Tensor:
         seg = torch.bucketize(torch.arange(lk, device=device), self.cu_seqlens.to(device).long(), right=True)
@@ -110,12 +124,13 @@ class Rotary:
     inv_freq: torch.Tensor
     sections: tuple[int, ...]
     uniform_streams: bool = False
+    # (D/2,) int32 on inv_freq's device: the position stream each rotated pair follows. Built with the Rotary,
+    # so no layer copies host data to the device (on a GPU such a copy waits for all queued work).
+    stream_of_pair: torch.Tensor = field(init=False, repr=False)
 
-    @functools.cached_property
-    def stream_of_pair(self) -> torch.Tensor:
-        """(D/2,) int32 on inv_freq's device: the position stream each rotated pair follows."""
+    def __post_init__(self):
         table = torch.repeat_interleave(torch.arange(len(self.sections)), torch.tensor(self.sections))
-        return table.to(device=self.inv_freq.device, dtype=torch.int32)
+        object.__setattr__(self, "stream_of_pair", table.to(device=self.inv_freq.device, dtype=torch.int32))
 
 
 def check_attention_inputs(q, k, v, mask) -> None:
@@ -133,8 +148,9 @@ def check_attention_inputs(q, k, v, mask) -> None:
     if isinstance(mask, BlockDiagonalMask):
         if q.shape[0] != 1 or q.shape[1] != k.shape[1]:
             raise ValueError("attention: a BlockDiagonalMask needs B == 1 and Lq == Lk (one packed sequence)")
-        if int(mask.cu_seqlens[-1]) != q.shape[1]:
-            raise ValueError(f"attention: cu_seqlens ends at {int(mask.cu_seqlens[-1])}, but the sequence has {q.shape[1]} tokens")
+        if mask.num_tokens != q.shape[1]:
+            raise ValueError(f"attention: the mask's segments hold {mask.num_tokens} tokens, but the sequence has "
+                             f"{q.shape[1]}")
     elif isinstance(mask, CausalMask):
         if q.shape[1] > k.shape[1]:
             raise ValueError(f"attention: causal attention with more queries ({q.shape[1]}) than keys ({k.shape[1]})")

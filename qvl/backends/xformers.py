@@ -229,7 +229,8 @@ def _gqa_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
 
 
 # Biases built for a mask are kept with the mask object: the model passes one mask to every layer of a
-# forward (or decode step), so the host sync that reading cu_seqlens / pad needs happens once, not per layer.
+# forward (or decode step), so the host sync that reading a CausalMask's pad needs happens once, not per layer
+# (a BlockDiagonalMask holds its lengths on the host: no sync at all).
 _BIASES: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -241,8 +242,7 @@ def _cached(mask, key, build):
 
 
 def _block_diagonal_bias(mask: BlockDiagonalMask, device: torch.device):
-    seqlens = torch.diff(mask.cu_seqlens.long()).tolist()
-    return XF.attn_bias.BlockDiagonalMask.from_seqlens(seqlens, device=device)
+    return XF.attn_bias.BlockDiagonalMask.from_seqlens(list(mask.seqlens), device=device)
 
 
 def _gappy_causal_bias(pad: list[int], lq: int, lk: int, pitch: int, device: torch.device):

@@ -110,29 +110,32 @@ def mrope_positions(cfg: Qwen25VLConfig, input_ids: torch.Tensor, pad: torch.Ten
     video_no = 0
     positions = torch.ones(3, batch, length, dtype=torch.long)
     deltas = torch.zeros(batch, 1, dtype=torch.long)
-    ids_cpu = input_ids.cpu()
+    # One read back from the device; the scan below walks Python ints (indexing a tensor per token would
+    # cost a microsecond or more each: milliseconds on a long prompt).
+    rows = input_ids.tolist()
+    pads = [0] * batch if pad is None else pad.tolist()
+    vision_ids = (cfg.image_token_id, cfg.video_token_id)
     for b in range(batch):
-        start = 0 if pad is None else int(pad[b])
-        ids = ids_cpu[b, start:]
-        is_vision = (ids == cfg.image_token_id) | (ids == cfg.video_token_id)
-        pieces, nxt, i, n = [], 0, 0, ids.numel()
+        start = pads[b]
+        ids = rows[b][start:]
+        pieces, nxt, i, n = [], 0, 0, len(ids)
         while i < n:
-            if not is_vision[i]:
+            if ids[i] not in vision_ids:
                 j = i
-                while j < n and not is_vision[j]:
+                while j < n and ids[j] not in vision_ids:
                     j += 1
                 pieces.append(torch.arange(nxt, nxt + j - i).expand(3, -1))
                 nxt += j - i
                 i = j
                 continue
-            tok = int(ids[i])
+            tok = ids[i]
             kind = "image" if tok == cfg.image_token_id else "video"
             if not grids[tok]:
                 raise ValueError(f"row {b} has more {kind} placeholder runs than {kind}_grid_thw entries")
             t, h, w = grids[tok].pop(0)
             gh, gw = h // merge, w // merge
             count = t * gh * gw
-            if i + count > n or not bool((ids[i:i + count] == tok).all()):
+            if i + count > n or any(t != tok for t in ids[i:i + count]):
                 raise ValueError(f"row {b}: the {kind} at token {start + i} needs {count} consecutive {kind} "
                                  f"placeholder tokens for its grid (t={t}, h={h}, w={w}) and merge size {merge}")
             step = 1.0

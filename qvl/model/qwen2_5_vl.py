@@ -65,7 +65,7 @@ class Qwen25VL(nn.Module):
             return
         self.inv_freq = inverse_frequencies(self.cfg.text.head_dim, self.cfg.text.rope_theta).to(device)
         sections = tuple(self.cfg.text.mrope_section)
-        # Built once: backends may cache per-Rotary tables (e.g. the pair -> stream map on the device).
+        # Built once, with their tables on the device (Rotary), and shared by every layer and forward.
         self._rotary = {uniform: Rotary(self.inv_freq, sections, uniform) for uniform in (False, True)}
         self.visual.reset_rotary()
 
