@@ -8,6 +8,7 @@ layer it serialises host and device, so the time becomes host + device instead o
 padding) may read the host-side copies it needs; the layers themselves must not.
 
 These checks run on the CPU, where the same ops are dispatched: each recorded op would be a sync on a GPU.
+On a GPU they also catch copies between host and device inside a layer, which a CPU run cannot show.
 """
 
 import sys
@@ -40,11 +41,21 @@ class SyncRecorder(LaunchCounter):
         self.syncs = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self._inside_kernel and func.__name__.split(".")[0] in SYNCING_OPS:
+        kwargs = kwargs or {}
+        if not self._inside_kernel and (func.__name__.split(".")[0] in SYNCING_OPS or _crosses_devices(args, kwargs)):
             layer = _enclosing_layer()
             if layer is not None:
                 self.syncs.append(f"{func} in {layer}")
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
+
+
+def _crosses_devices(args, kwargs) -> bool:
+    """A copy between host and device (`.to(device)`, `copy_`): only a GPU run can show these, where the host
+    copy waits as a read does."""
+    devices = {a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)}
+    if kwargs.get("device") is not None:
+        devices.add(torch.device(kwargs["device"]).type)
+    return len(devices) > 1
 
 
 def _enclosing_layer() -> str | None:
@@ -71,20 +82,28 @@ def test_layers_read_nothing_back_from_the_device(backend, inputs):
     assert syncs == []
 
 
-def test_a_read_inside_a_layer_is_caught(monkeypatch):
-    """The check can fail: an attention input check that reads the window lengths back from cu_seqlens (as
-    one did before the mask kept them on the host) is caught in every vision block."""
-    model = perturbed("tiny", torch.float32)
+PLANTED = {  # what a vision block's attention input check does to cu_seqlens -> the op recorded
+    "read": (lambda cu: int(cu[-1]), "aten._local_scalar_dense.default"),  # as one did before host seqlens
+    "copy": (lambda cu: cu.to("meta"), "aten._to_copy.default"),  # a CPU -> device copy, with meta as the device
+}
+
+
+@pytest.mark.parametrize("planted", PLANTED)
+def test_a_sync_inside_a_layer_is_caught(monkeypatch, planted):
+    """The check can fail: a read or copy of cu_seqlens planted in the attention input check is caught in
+    every vision block."""
+    model = perturbed("tiny", torch.float32, device="cpu")
+    touch, op = PLANTED[planted]
     check = interface.check_attention_inputs
 
-    def check_reading_cu_seqlens(q, k, v, mask):
+    def check_touching_cu_seqlens(q, k, v, mask):
         if isinstance(mask, interface.BlockDiagonalMask):
-            assert int(mask.cu_seqlens[-1]) == q.shape[1]
+            touch(mask.cu_seqlens)
         check(q, k, v, mask)
 
-    monkeypatch.setattr(interface, "check_attention_inputs", check_reading_cu_seqlens)
+    monkeypatch.setattr(interface, "check_attention_inputs", check_touching_cu_seqlens)
     syncs = _generate_recording_syncs(model, demo_prompt(model.cfg))
-    assert syncs == ["aten._local_scalar_dense.default in VisionBlock"] * model.cfg.vision.depth
+    assert syncs == [f"{op} in VisionBlock"] * model.cfg.vision.depth
 
 
 def test_block_diagonal_mask_keeps_its_lengths_on_the_host():
