@@ -218,26 +218,44 @@ def from_pretrained(directory: str | os.PathLike, *, dtype: torch.dtype | None =
     return model
 
 
-def _remove_stale_weights(directory: str) -> None:
-    """Delete the weights of an earlier save (single file, index and every shard it names)."""
+def _stale_weights(directory: str) -> set[str]:
+    """The weight files of an earlier save: single file, index and every shard the index names."""
     index = os.path.join(directory, INDEX)
     stale = {WEIGHTS, INDEX}
     if os.path.isfile(index):
         with contextlib.suppress(OSError, ValueError, AttributeError):
             with open(index, encoding="utf-8") as f:
                 stale |= {os.path.basename(fn) for fn in json.load(f).get("weight_map", {}).values()}
-    for fn in stale:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(directory, fn))
+    return stale
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int | None) -> dict[str, dict[str, torch.Tensor]]:
+    """File name -> tensors: one model.safetensors, or shards of at most max_shard_bytes (a larger tensor
+    gets a shard of its own) named as transformers names them."""
+    if max_shard_bytes is None:
+        return {WEIGHTS: tensors}
+    shards, current, size = [], {}, 0
+    for key in sorted(tensors):
+        nbytes = tensors[key].numel() * tensors[key].element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key], size = tensors[key], size + nbytes
+    shards.append(current)
+    return {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": shard for i, shard in enumerate(shards)}
 
 
 def save_pretrained(model: Qwen25VL, directory: str | os.PathLike, *, max_shard_bytes: int | None = None) -> None:
-    """Write config.json and safetensors weights in the flat HF layout (fused weights split again)."""
+    """Write config.json and safetensors weights in the flat HF layout (fused weights split again).
+
+    Every file is written under a temporary name first; only when all are written do the earlier save's
+    weights go and the new files move into place (renames). A save that fails halfway (a full disk, an
+    interrupt) leaves the directory's earlier checkpoint as it was.
+    """
     from safetensors.torch import save_file
 
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    _remove_stale_weights(directory)
     params = dict(model.named_parameters())
     tensors = {}
     for name, srcs in checkpoint_sources(model).items():
@@ -247,26 +265,35 @@ def save_pretrained(model: Qwen25VL, directory: str | os.PathLike, *, max_shard_
             tensors[key] = params[name].detach()[row: row + rows].contiguous().cpu()
     hf = config_to_hf_dict(model.cfg)
     hf["torch_dtype"] = str(model.dtype).removeprefix("torch.")
-    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(hf, f, indent=2)
-    if max_shard_bytes is None:
-        save_file(tensors, os.path.join(directory, WEIGHTS), metadata={"format": "pt"})
-        return
-    shards, current, size = [], {}, 0
-    for key in sorted(tensors):
-        nbytes = tensors[key].numel() * tensors[key].element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[key], size = tensors[key], size + nbytes
-    shards.append(current)
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(directory, fn), metadata={"format": "pt"})
-        weight_map.update({k: fn for k in shard})
-    with open(os.path.join(directory, INDEX), "w", encoding="utf-8") as f:
-        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
+    shards = _shards(tensors, max_shard_bytes)
+
+    def temporary(fn: str) -> str:
+        return os.path.join(directory, f".{fn}.partial")
+
+    def write_json(fn: str, data: dict) -> None:
+        with open(temporary(fn), "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+
+    written = []
+    try:
+        for fn, shard in shards.items():
+            written.append(fn)
+            save_file(shard, temporary(fn), metadata={"format": "pt"})
+        if max_shard_bytes is not None:
+            written.append(INDEX)
+            write_json(INDEX, {"metadata": {}, "weight_map": {k: fn for fn, shard in shards.items() for k in shard}})
+        written.append("config.json")
+        write_json("config.json", hf)
+    except BaseException:
+        for fn in written:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(temporary(fn))
+        raise
+    for fn in _stale_weights(directory) - set(written):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(directory, fn))
+    for fn in written:
+        os.replace(temporary(fn), os.path.join(directory, fn))
 
 
 __all__ = ["from_config", "from_pretrained", "save_pretrained", "load_weights", "checkpoint_sources", "canonical_key"]

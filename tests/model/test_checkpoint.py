@@ -627,6 +627,52 @@ def test_resave_single_file_over_sharded_save(tmp_path):
     _assert_same_params(second, qvl.from_pretrained(tmp_path))
 
 
+def test_resave_sharded_over_single_file_and_with_fewer_shards(tmp_path):
+    models = [qvl.from_config("tiny", seed=s) for s in (1, 2, 3)]
+    qvl.save_pretrained(models[0], tmp_path)
+    qvl.save_pretrained(models[1], tmp_path, max_shard_bytes=64 * 1024)
+    assert not (tmp_path / "model.safetensors").exists()
+    _assert_same_params(models[1], qvl.from_pretrained(tmp_path))
+    qvl.save_pretrained(models[2], tmp_path, max_shard_bytes=256 * 1024)  # fewer shards: the old ones go
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert sorted(fn for fn in os.listdir(tmp_path) if fn.endswith(".safetensors")) == sorted(
+        set(index["weight_map"].values()))
+    _assert_same_params(models[2], qvl.from_pretrained(tmp_path))
+
+
+@pytest.mark.parametrize("fails_at", ["second shard", "config.json"])
+def test_a_failed_save_keeps_the_earlier_checkpoint(tmp_path, monkeypatch, fails_at):
+    """Nothing lost when a save fails halfway: the directory still holds the earlier save, whole, and no
+    partial files."""
+    first, second = qvl.from_config("tiny", seed=1), qvl.from_config(UNTIED, seed=2)
+    qvl.save_pretrained(first, tmp_path, max_shard_bytes=64 * 1024)
+    before = {fn: (tmp_path / fn).read_bytes() for fn in os.listdir(tmp_path)}
+    import safetensors.torch
+
+    calls = []
+
+    def save_file_failing(tensors, filename, metadata=None):
+        calls.append(filename)
+        if fails_at == "second shard" and len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        save_file(tensors, filename, metadata=metadata)
+
+    def dump_failing(obj, f, **kwargs):
+        if "vision_config" in obj:  # the config, written last
+            raise OSError(28, "No space left on device")
+        json_dump(obj, f, **kwargs)
+
+    json_dump = json.dump
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file_failing)
+    if fails_at == "config.json":
+        monkeypatch.setattr(ckpt.json, "dump", dump_failing)
+    with pytest.raises(OSError, match="No space left"):
+        qvl.save_pretrained(second, tmp_path, max_shard_bytes=32 * 1024)
+    monkeypatch.undo()
+    assert {fn: (tmp_path / fn).read_bytes() for fn in os.listdir(tmp_path)} == before
+    _assert_same_params(first, qvl.from_pretrained(tmp_path))
+
+
 def test_vision_rope_theta_and_eps_round_trip(tmp_path):
     cfg = TINY.with_overrides({"vision.rope_theta": 5000.0, "vision.rms_norm_eps": 1e-5})
     qvl.save_pretrained(qvl.from_config(cfg), tmp_path)
