@@ -80,7 +80,10 @@ def run_benchmarks(args: list[str], results: dict) -> bool:
         rows = os.path.join(tmp, "rows.jsonl")
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "python_files=bench_*.py",
                "--benchmark-disable-gc", *args]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | {ROWS_ENV: rows})
+        # A session of its own: started from a pytest-xdist worker (the GPU test stage runs with -n), the
+        # worker's variables would tell pytest-benchmark it runs under xdist, and it would disable itself.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")} | {ROWS_ENV: rows}
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
         try:
             code = proc.wait()
             if code not in (0, 1, 5):  # 1: some benchmarks failed (each is listed); 5: none selected
@@ -389,10 +392,14 @@ def main(argv=None) -> int:
 
 
 def write_json(path: str, document: dict) -> None:
+    """Written whole or not at all: a run stopped while writing (the GPU session's time box) leaves the
+    previous file, never a truncated baseline."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    tmp = f"{path}.partial"
+    with open(tmp, "w") as f:
         json.dump(document, f, indent=1, sort_keys=True)
         f.write("\n")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
