@@ -23,7 +23,9 @@ a = -0.75):
   (skipped when the size does not change), then one fused float32 normalize with ``mean / rescale`` and
   ``std / rescale``. This is exactly what torchvision's ``resize`` and ``normalize`` run on CPU, i.e. the
   torchvision-backed ``Qwen2VLImageProcessor`` (transformers 5.24's default class when torchvision is
-  installed) and its video processor.
+  installed) and its video processor. One exception: transparency is always composited onto white by PIL,
+  which rounds; transformers' tensor path for an RGBA *array* truncates, so such pixels can be one level
+  apart there (PIL images and files are composited by PIL on both sides).
 """
 
 from __future__ import annotations
@@ -152,8 +154,7 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     """Qwen2-VL's target size: multiples of `factor`, area within [min_pixels, max_pixels], aspect kept.
 
     The arithmetic is transformers' ``smart_resize`` (Python's round-half-even included). It can return
-    an area above `max_pixels` when one side is clamped up to `factor` (very thin images); use
-    `target_size`, which refuses that.
+    an area above `max_pixels`; `target_size` says when that is refused.
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"image has an empty side: {width}x{height}")
@@ -175,7 +176,15 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
 
 def target_size(height: int, width: int, cfg: VisionProcessingConfig, max_pixels: int | None = None,
                 what: str = "image") -> tuple[int, int]:
-    """`smart_resize` under `cfg`, refusing results that break the pixel budget."""
+    """`smart_resize` under `cfg`, refusing an image too thin for the pixel budget.
+
+    smart_resize can return more than max_pixels two ways. Meeting min_pixels rounds both sides up to
+    multiples of the factor, which passes max_pixels when the two bounds are close (a 320x240 frame at
+    min_pixels 100352, max_pixels 105369 becomes 392x280): transformers returns that size too, and so does
+    this. Or the short side is held at the factor itself, however far the image is scaled, which can
+    multiply the area (a 10x1500 strip under max_pixels 3136 becomes 28x700): refused, where transformers
+    returns it.
+    """
     max_pixels = cfg.max_pixels if max_pixels is None else max_pixels
     if not cfg.do_resize:
         if height % cfg.factor or width % cfg.factor:
@@ -183,7 +192,7 @@ def target_size(height: int, width: int, cfg: VisionProcessingConfig, max_pixels
                              f"{cfg.factor}")
         return height, width
     h, w = smart_resize(height, width, cfg.factor, cfg.min_pixels, max_pixels)
-    if h * w > max_pixels:
+    if h * w > max_pixels and min(h, w) == cfg.factor:
         raise ValueError(f"{what} of {width}x{height} pixels cannot be resized within max_pixels={max_pixels}: "
                          f"the resizing rules (sides multiples of {cfg.factor}) give {w}x{h} = {w * h} pixels. "
                          "Crop it to a less extreme aspect ratio or raise max_pixels")
@@ -236,7 +245,11 @@ def open_image_file(path: str | os.PathLike, what: str = "image"):
 
 
 def load_image(source, what: str = "image"):
-    """A path, a PIL image or an (H, W[, C]) uint8 array -> a PIL RGB image."""
+    """A path, a PIL image or an (H, W[, C]) uint8 array -> a PIL RGB image.
+
+    Arrays may also be channels-first (C, H, W) when their last dim cannot be channels (1, 3 or 4). An array
+    that reads either way (e.g. (3, 2, 3)) is taken as (H, W, C); transformers guesses channels-first there.
+    """
     PIL = _pil()
     if isinstance(source, (str, os.PathLike)):
         return to_rgb(open_image_file(source, what))

@@ -54,7 +54,7 @@ def _kind(item: Any) -> str | None:
 def render_chat(messages: Sequence[dict], add_generation_prompt: bool = True, add_vision_id: bool = False) -> str:
     """The Qwen2.5-VL chat template, in Python.
 
-    `messages` are ``{"role": ..., "content": str | [items]}``; an item is ``{"type": "image"}``,
+    `messages` are ``{"role": ..., "content": str | [items] | None}``; an item is ``{"type": "image"}``,
     ``{"type": "video"}`` or ``{"type": "text", "text": ...}`` (also recognised: an ``image``,
     ``image_url`` or ``video`` key, as the template does). A system turn "You are a helpful assistant."
     is added when the first message is not a system message.
@@ -72,6 +72,10 @@ def render_chat(messages: Sequence[dict], add_generation_prompt: bool = True, ad
         if isinstance(content, str):
             out.append(f"{content}{IM_END}\n")
             continue
+        if content is None:  # e.g. an assistant turn that only called tools: an empty turn, as transformers renders it
+            content = []
+        if not isinstance(content, (list, tuple)):
+            raise ValueError(f"message {i} content must be a string or a list of items, got {type(content).__name__}")
         for item in content:
             kind = _kind(item)
             if kind == "image":

@@ -173,10 +173,24 @@ def test_images_outside_the_resizing_rules():
     proc = ImageProcessor(VisionProcessingConfig(min_pixels=3136, max_pixels=3136))
     with pytest.raises(ValueError, match="aspect ratio .* exceeds 200"):
         proc([np.zeros((10, 2500, 3), np.uint8)])
-    # a thin strip: the short side is clamped up to 28, which pushes the area over max_pixels
-    # (transformers silently returns 28 x 672 = 18816 pixels here)
+    # a thin strip: the short side is held at 28, which pushes the area over max_pixels
+    # (transformers silently returns 28 x 700 = 19600 pixels here)
     with pytest.raises(ValueError, match="cannot be resized within max_pixels=3136"):
         proc([np.zeros((10, 1500, 3), np.uint8)])
+
+
+@pytest.mark.parametrize("width, height", [(173, 521), (320, 240), (29, 31)])
+def test_rounding_up_to_min_pixels_may_pass_max_pixels_as_in_transformers(width, height):
+    """With min_pixels == max_pixels, reaching min_pixels rounds both sides up past max_pixels (173x521 ->
+    196x560 = 109760 > 100352): not an image too thin for the budget, and transformers returns that size."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    bounds = {"min_pixels": 100352, "max_pixels": 100352}
+    image = PIL.fromarray(textured(height, width, seed=width))
+    ref = Qwen2VLImageProcessorPil(**bounds)(images=[image], return_tensors="pt")
+    grid = ref["image_grid_thw"][0].tolist()
+    assert grid[1] * grid[2] * 14 * 14 > bounds["max_pixels"]  # the case in question
+    assert_same(ImageProcessor(VisionProcessingConfig(**bounds))([image]), ref)
 
 
 def test_bad_settings():

@@ -71,6 +71,9 @@ CONVERSATIONS = {
     ], 2),
     "text_only": ([{"role": "user", "content": "Hello world! 12345 + 678"}], 0),
     "image_url_key": ([{"role": "user", "content": [{"image_url": "x"}, {"text": "Describe the image."}]}], 1),
+    "content_none": ([{"role": "user", "content": "What time is it?"},  # an assistant turn that only called tools
+                      {"role": "assistant", "content": None},
+                      {"role": "user", "content": "Thanks."}], 0),
 }
 
 
@@ -175,6 +178,12 @@ def test_synthetic_tokenizer_for_presets(preset):
     text = "Hello, café 你好 🙂\n"
     assert tok.decode(tok.encode(text)) == text
     assert max(tok.encode(text)) < 256
+
+
+@pytest.mark.parametrize("content", [5, {"type": "text", "text": "hi"}])
+def test_content_that_is_neither_text_nor_items_is_refused(content):
+    with pytest.raises(ValueError, match="message 0 content must be a string or a list of items"):
+        render_chat([{"role": "user", "content": content}])
 
 
 def test_placeholder_counts_must_match_the_inputs(ours):

@@ -65,6 +65,20 @@ def test_total_pixel_cap_matches_transformers():
     assert (ours["pixel_values_videos"] - ref["pixel_values_videos"]).abs().max().item() <= 1e-5
 
 
+def test_total_pixel_cap_near_min_pixels_matches_transformers():
+    """The cap can bring a frame's max_pixels down to 1.05 x min_pixels; rounding up to min_pixels then
+    passes it (a 320x240 frame becomes 392x280 = 109760 > 105369), and transformers keeps that size."""
+    torchvision_or_skip()
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    frames = video_frames(4, 240, 320)
+    ref = Qwen2VLVideoProcessor(max_video_tokens=100)(videos=[frames], cap_pixels_per_frame=True,
+                                                      return_tensors="pt")
+    ours = VideoProcessor(VIDEO_DEFAULTS.with_overrides(cap_pixels_per_frame=True, max_video_tokens=100))([frames])
+    assert ours["video_grid_thw"].tolist() == ref["video_grid_thw"].tolist() == [[2, 20, 28]]
+    assert (ours["pixel_values_videos"] - ref["pixel_values_videos"]).abs().max().item() <= 1e-5
+
+
 def test_fractional_seconds_per_grid_are_kept():
     # 60 frames at 25 fps (2.4 s), sampled at 2 fps: 4 frames -> sampled fps 1.6667 -> 1.2 s per grid step
     out = processor()([video_frames(60, 28, 28)], source_fps=[25.0])
