@@ -23,7 +23,10 @@ what ``qwen-vl-utils`` uses for videos.
 
 One deliberate difference: transformers takes frames without a frame rate to be at 24 fps
 (``second_per_grid_t`` 1/12 s, temporal positions that floor to 0); qvl takes them to be sampled at
-`fps` (default 2, ``second_per_grid_t`` 1 s), the rate Qwen2.5-VL samples videos at.
+`fps` (default 2, ``second_per_grid_t`` 1 s), the rate Qwen2.5-VL samples videos at. And qvl samples by
+default: transformers' video processor keeps every frame unless called with ``do_sample_frames=True``
+(a 25 fps clip of 60 frames: 30 temporal patches there, 2 here), which is how qwen-vl-utils and the
+released model sample.
 """
 
 from __future__ import annotations
