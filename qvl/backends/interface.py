@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels import check_device_scalar  # host-side, no triton import
+from ..kernels import check_device_scalar, check_pad  # host-side, no triton import
 
 OPERATORS: tuple[str, ...] = ("attention", "rope", "norm", "mlp", "cache")
 ACTIVATIONS: tuple[str, ...] = ("swiglu", "gelu")
@@ -43,11 +43,12 @@ class CausalMask:
     """Causal attention aligned to the bottom right, with optional left padding.
 
     Query i of Lq sits at key position Lk - Lq + i and sees keys j with pad[b] <= j <= Lk - Lq + i.
-    `pad` (B,) int64 counts the padding tokens at the left of each sequence (None: no padding).
-    Query rows that see no key (padding queries) produce zeros.
+    `pad` (B,) integer counts the padding tokens at the left of each sequence (None: no padding); a value
+    below 0 means none, one past the keys hides them all. Query rows that see no key produce zeros.
     `kv_len` (a 0-dim integer tensor on the device, or None): how many of the Lk keys are present, when k and
     v are a whole static cache whose later slots are not written yet; it then takes Lk's place above
-    (query i at kv_len - Lq + i) and keys at or past it are never seen.
+    (query i at kv_len - Lq + i) and keys at or past it are never seen. Clamped to Lk.
+    Neither is range-checked: their values stay on the device (reading them would synchronize).
     """
 
     pad: torch.Tensor | None = None
@@ -56,7 +57,7 @@ class CausalMask:
 
     def dense(self, batch: int, lq: int, lk: int, device=None) -> torch.Tensor:
         """(B, Lq, Lk) boolean: True where attention is allowed. The eager backend's mask."""
-        present = lk if self.kv_len is None else self.kv_len.to(device)
+        present = lk if self.kv_len is None else self.kv_len.to(device).clamp(max=lk)
         qpos = torch.arange(lq, device=device)[:, None] + (present - lq)
         kpos = torch.arange(lk, device=device)[None, :]
         allowed = (kpos <= qpos).expand(batch, lq, lk)
@@ -154,8 +155,8 @@ def check_attention_inputs(q, k, v, mask) -> None:
     elif isinstance(mask, CausalMask):
         if q.shape[1] > k.shape[1]:
             raise ValueError(f"attention: causal attention with more queries ({q.shape[1]}) than keys ({k.shape[1]})")
-        if mask.pad is not None and tuple(mask.pad.shape) != (q.shape[0],):
-            raise ValueError(f"attention: CausalMask.pad must be ({q.shape[0]},), got {tuple(mask.pad.shape)}")
+        if mask.pad is not None:
+            check_pad("attention", "CausalMask.pad", mask.pad, q.shape[0])
         if mask.kv_len is not None:
             check_device_scalar("attention", "CausalMask.kv_len", mask.kv_len, q.device)
     else:
@@ -177,8 +178,9 @@ def check_rope_inputs(q, k, positions, rotary) -> None:
 def check_norm_inputs(x, weight, residual) -> None:
     if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
         raise ValueError(f"norm: weight {tuple(weight.shape)} does not match hidden size {x.shape[-1]}")
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"norm: residual {tuple(residual.shape)} and x {tuple(x.shape)} differ")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"norm: residual {tuple(residual.shape)} {residual.dtype} and x {tuple(x.shape)} {x.dtype} "
+                         "differ (the sum is kept in x's dtype)")
 
 
 def check_mlp_inputs(x, w_in, w_out, activation) -> None:

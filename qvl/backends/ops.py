@@ -40,7 +40,8 @@ class Ops:
 
     def norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
         I.check_norm_inputs(x, weight, residual)
-        call = CallInfo.of("norm", x, hidden=x.shape[-1], residual=residual is not None)
+        call = CallInfo.of("norm", x, hidden=x.shape[-1], residual=residual is not None,
+                           **({} if weight.dtype == x.dtype else {"weight_dtype": weight.dtype}))
         return self._dispatch.select(call)(x, weight, eps, residual)
 
     def mlp(self, x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor,

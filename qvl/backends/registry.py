@@ -83,9 +83,12 @@ class OpImpl:
         reasons = []
         if call.device not in self.devices:
             reasons.append(f"device {call.device} not supported (supports {', '.join(sorted(self.devices))})")
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in self.dtypes))
         if call.dtype not in self.dtypes:
-            names = ", ".join(sorted(str(d).removeprefix("torch.") for d in self.dtypes))
             reasons.append(f"dtype {str(call.dtype).removeprefix('torch.')} not supported (supports {names})")
+        weight_dtype = call.get("weight_dtype")  # a norm weight in another dtype than x (x's is the default)
+        if weight_dtype is not None and weight_dtype not in self.dtypes:
+            reasons.append(f"weight dtype {str(weight_dtype).removeprefix('torch.')} not supported (supports {names})")
         head_dim = call.get("head_dim")
         if self.head_dims is not None and head_dim is not None and not self.head_dims(head_dim):
             reasons.append(f"head dim {head_dim} not supported ({self.head_dims_text})")

@@ -40,6 +40,17 @@ def cdiv(a: int, b: int) -> int:
 def check_device_scalar(where: str, name: str, value: torch.Tensor, device: torch.device) -> None:
     """A length read from device memory (for CUDA-graph capture) must be one integer on `device`. Used by the
     kernels' launchers and by the operator interface (qvl.backends.interface), which checks the same inputs."""
-    if value.dim() != 0 or value.is_floating_point() or value.is_complex() or value.device != device:
+    if value.dim() != 0 or not _is_integer(value) or value.device != device:
         raise ValueError(f"{where}: {name} must be a 0-dim integer tensor on {device}; got "
                          f"{tuple(value.shape)} {value.dtype} on {value.device}")
+
+
+def check_pad(where: str, name: str, pad: torch.Tensor, batch: int) -> None:
+    """Left padding per sequence: a (batch,) integer tensor. Its values are not read (that would synchronize
+    with the device); kernels clamp them to [0, number of keys], which is what the mask means for any value."""
+    if tuple(pad.shape) != (batch,) or not _is_integer(pad):
+        raise ValueError(f"{where}: {name} must be a ({batch},) integer tensor, got {tuple(pad.shape)} {pad.dtype}")
+
+
+def _is_integer(t: torch.Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)

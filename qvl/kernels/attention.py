@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import DOT_F32, INTERPRETED, cdiv, next_power_of_2
+from . import DOT_F32, INTERPRETED, cdiv, check_pad, next_power_of_2
 from .common import to_storage
 
 LOG2E = 1.4426950408889634
@@ -168,8 +168,8 @@ def _causal_attention_fwd_kernel(
 
     offset = kv_len - q_len  # bottom-right alignment: query i sits at key position offset + i
     query_pos = offset + rows
-    if HAS_PAD:
-        pad = tl.load(pad_ptr + batch).to(tl.int32)
+    if HAS_PAD:  # clamped to [0, kv_len] as int64 first: any value means what it means to the eager mask
+        pad = tl.minimum(tl.maximum(tl.load(pad_ptr + batch), 0), kv_len).to(tl.int32)
     else:
         pad = 0
     first_query_pos = offset + q_block * BLOCK_M
@@ -308,7 +308,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: tor
     """Bottom-right-aligned causal attention with left padding (prefill, or a chunk of queries against a cache).
 
     q (B, Lq, Hq, D); k, v (B, Lk, Hkv, D) with Lq <= Lk and Hq % Hkv == 0 (query head h reads kv head
-    h // (Hq // Hkv)); query i sees keys pad[b] <= j <= Lk - Lq + i. pad: (B,) integer or None. Any strides
+    h // (Hq // Hkv)); query i sees keys pad[b] <= j <= Lk - Lq + i. pad: (B,) integer (any value) or None. Any strides
     (slices of a fused qkv projection, a cache view k = cache[:, :Lk], ...); K/V are never copied.
     float32/float16/bfloat16, D <= 256. Returns a new contiguous (B, Lq, Hq, D) tensor in q.dtype; rows that
     see no key are 0.
@@ -318,8 +318,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: tor
     kv_len, num_kv_heads = k.shape[1], k.shape[2]
     if q_len > kv_len:
         raise ValueError(f"causal_attention: more queries ({q_len}) than keys ({kv_len})")
-    if pad is not None and tuple(pad.shape) != (batch,):
-        raise ValueError(f"causal_attention: pad must be ({batch},), got {tuple(pad.shape)}")
+    if pad is not None:
+        check_pad("causal_attention", "pad", pad, batch)
 
     out = torch.empty((batch, q_len, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     if out.numel() == 0:

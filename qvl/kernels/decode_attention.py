@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import DOT_F32, INTERPRETED, cdiv, check_device_scalar, next_power_of_2
+from . import DOT_F32, INTERPRETED, cdiv, check_device_scalar, check_pad, next_power_of_2
 from .common import to_storage
 
 BLOCK_N = 64  # keys per inner-loop step
@@ -128,8 +128,8 @@ def _decode_attention_fwd_kernel(
     # Keys this split owns, skipping whole blocks of left padding.
     lo = split * blocks_per_split * BLOCK_N
     hi = tl.minimum(lo + blocks_per_split * BLOCK_N, kv_len)
-    if HAS_PAD:
-        pad = tl.load(pad_ptr + batch).to(tl.int32)
+    if HAS_PAD:  # clamped to [0, kv_len] as int64 first: any value means what it means to the eager mask
+        pad = tl.minimum(tl.maximum(tl.load(pad_ptr + batch), 0), kv_len).to(tl.int32)
         lo = tl.maximum(lo, (pad // BLOCK_N) * BLOCK_N)
     else:
         pad = 0
@@ -239,7 +239,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: tor
 
     q (B, Lq, Hq, D); k, v (B, Lk, Hkv, D) with Lq <= Lk and Hq % Hkv == 0; pad (B,) integer left padding or
     None. Any strides (e.g. k = cache[:, :length]); a last dim that is not contiguous is copied first.
-    fp32 / fp16 / bf16, D <= 256. Returns (B, Lq, Hq, D) contiguous in q.dtype.
+    fp32 / fp16 / bf16, D <= 256. Returns (B, Lq, Hq, D) contiguous in q.dtype. pad values are clamped to
+    [0, keys present] in the kernel (never read on the host).
     num_splits None chooses automatically (`choose_num_splits`); an explicit value is used as given, even
     when it exceeds the number of key blocks (the extra splits are empty).
     kv_len: a 0-dim integer tensor on q's device, the number of keys present when k, v are a whole static
@@ -261,8 +262,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: tor
         raise ValueError(f"decode_attention: head dim {head_dim} > {MAX_HEAD_DIM}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"decode_attention: q, k, v must share one of fp32/fp16/bf16; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if pad is not None and tuple(pad.shape) != (batch,):
-        raise ValueError(f"decode_attention: pad must be ({batch},), got {tuple(pad.shape)}")
+    if pad is not None:
+        check_pad("decode_attention", "pad", pad, batch)
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"decode_attention: num_splits must be >= 1, got {num_splits}")
     if kv_len is not None:

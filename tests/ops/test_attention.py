@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import qvl.kernels.attention as attention_kernels
 from qvl.backends.eager import EagerAttention
-from qvl.backends.interface import BlockDiagonalMask, CausalMask
+from qvl.backends.interface import BlockDiagonalMask, CausalMask, check_attention_inputs
 from qvl.kernels import DEVICE_TYPE
 from qvl.kernels.attention import causal_attention, varlen_attention
 from tests.ops.compare import DTYPES, assert_close_rel
@@ -129,6 +129,41 @@ def test_padding_keys_are_never_read(case):
     out, ref = run_causal(case, poison_padding=True)
     assert torch.isfinite(out).all()
     assert_close_rel(out, ref, case.dtype)
+
+
+@pytest.mark.parametrize("kernel", ["causal", "decode"])
+@pytest.mark.parametrize("pad_value", [-1, -16, -40, 30, 31, 45, 2**31 + 5, 2**40])
+def test_any_pad_value_means_what_it_means_to_eager(device, kernel, pad_value):
+    """Pad values are never read on the host (that would synchronize), so the kernels take any value as the
+    eager mask does: below 0 is no padding, at or past the keys hides them all. K/V are a slice of a cache
+    whose earlier slots hold NaN: a negative pad must not reach back into them."""
+    from qvl.kernels.decode_attention import decode_attention
+
+    gen = torch.Generator().manual_seed(abs(pad_value) % 1000)
+    q_len = 30 if kernel == "causal" else 2
+    q = torch.randn(2, q_len, 2, 64, generator=gen).to(device)
+    cache = torch.randn(2, 70, 2, 1, 64, generator=gen).to(device)  # (B, slots, k/v, Hkv, D)
+    cache[:, :40] = float("nan")
+    k, v = cache[:, 40:, 0], cache[:, 40:, 1]
+    pad = torch.tensor([pad_value, 3], device=device)
+    run = causal_attention if kernel == "causal" else decode_attention
+    out = run(q, k, v, pad, 0.125)
+    ref = EagerAttention()(q, k.nan_to_num(), v.nan_to_num(), CausalMask(pad), 0.125)
+    assert_close_rel(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("kernel", ["causal", "decode"])
+@pytest.mark.parametrize("pad", [torch.tensor([3.7, 0.0]), torch.tensor([True, False]), torch.zeros(3, dtype=torch.long)])
+def test_pad_must_be_a_batch_of_integers(device, kernel, pad):
+    from qvl.kernels.decode_attention import decode_attention
+
+    q = torch.randn(2, 2, 2, 16, device=device)
+    k = torch.randn(2, 8, 1, 16, device=device)
+    run = causal_attention if kernel == "causal" else decode_attention
+    with pytest.raises(ValueError, match=r"pad must be a \(2,\) integer tensor"):
+        run(q, k, k, pad.to(device), 0.25)
+    with pytest.raises(ValueError, match=r"CausalMask.pad must be a \(2,\) integer tensor"):
+        check_attention_inputs(q, k, k, CausalMask(pad.to(device)))
 
 
 @st.composite

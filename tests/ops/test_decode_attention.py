@@ -182,6 +182,16 @@ def test_dense_mask_with_kv_len_is_the_written_slice_then_nothing():
 
 def test_kv_len_must_be_a_0_dim_integer_on_the_device(device):
     q, k, v, _ = _inputs(0, 1, 1, 20, 1, 2, 16, torch.float32, device)
-    for bad in (torch.tensor([5], device=device), torch.tensor(5.0, device=device)):
+    for bad in (torch.tensor([5], device=device), torch.tensor(5.0, device=device), torch.tensor(True, device=device)):
         with pytest.raises(ValueError, match="kv_len must be a 0-dim integer tensor"):
             decode_attention(q, k, v, None, 1.0, kv_len=bad)
+
+
+@pytest.mark.parametrize("kv_len", [41, 100])
+def test_kv_len_past_the_keys_counts_as_all_of_them_in_both_backends(device, kv_len):
+    """Not range-checked (it stays on the device): the kernel and the eager mask both clamp it to Lk."""
+    q, k, v, _ = _inputs(0, 1, 4, 40, 1, 2, 64, torch.float32, device)
+    present = torch.tensor(kv_len, device=device)
+    out = decode_attention(q, k, v, None, 0.125, kv_len=present)
+    assert_close_rel(out, EagerAttention()(q, k, v, CausalMask(kv_len=present), 0.125), torch.float32)
+    assert_close_rel(out, _reference(q, k, v, None, 0.125), torch.float32)

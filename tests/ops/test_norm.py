@@ -128,3 +128,20 @@ def test_bad_inputs_raise():
         rms_norm(x, torch.ones(16, device=DEVICE_TYPE), 1e-6, x.half())
     with pytest.raises(ValueError, match="unsupported"):
         rms_norm(x.double(), torch.ones(16, device=DEVICE_TYPE, dtype=torch.float64), 1e-6)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_the_operator_treats_dtype_mismatches_alike_on_every_backend(backend):
+    """A residual in another dtype is a caller mistake (ValueError) on every backend; a weight in a dtype a
+    backend cannot take is a reason it cannot run the call, which the registry reports (or routes)."""
+    from qvl.backends import BackendUnsupportedError, Ops, resolve_plan
+
+    ops = Ops(resolve_plan(backend))
+    x = torch.randn(2, 16, device=DEVICE_TYPE)
+    with pytest.raises(ValueError, match="norm: residual .* differ"):
+        ops.norm(x, torch.ones(16, device=DEVICE_TYPE), 1e-6, x.half())
+    with pytest.raises(BackendUnsupportedError, match="weight dtype float64 not supported"):
+        ops.norm(x, torch.ones(16, device=DEVICE_TYPE, dtype=torch.float64), 1e-6)
+    y = ops.norm(x, torch.ones(16, device=DEVICE_TYPE, dtype=torch.bfloat16), 1e-6)  # supported: runs
+    assert_close_rel(y, EagerNorm()(x, torch.ones(16, device=DEVICE_TYPE, dtype=torch.bfloat16), 1e-6),
+                     torch.float32)
