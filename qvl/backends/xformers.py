@@ -278,7 +278,7 @@ def prepare_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -
     qp = q.reshape(1, b * lq, hq, d)
 
     def build():
-        pad = [int(p) for p in mask.pad.tolist()]
+        pad = [min(max(int(p), 0), lk) for p in mask.pad.tolist()]  # any value, as the eager mask reads it
         bias = _gappy_causal_bias(pad, lq, lk, pitch, q.device)
         # query i of row b sees keys pad_b <= j <= Lk - Lq + i: none when i < pad_b - (Lk - Lq)
         first_seen = [p - (lk - lq) for p in pad]

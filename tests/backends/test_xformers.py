@@ -216,6 +216,8 @@ def _check_padded(pad, lq, lk, max_len, hq=4, hkv=2):
     ([3, 0], 1, 9, 16),  # decode step against the cache
     ([0, 6, 4], 3, 8, 10),  # a chunk of 3 queries: some rows see no key (pad > Lk - Lq)
     ([1], 4, 4, 4),  # batch of one
+    ([-20, 3], 2, 9, 16),  # pads out of range mean what they mean to the eager mask: none...
+    ([12, 2**40], 2, 9, 16),  # ...and every key
 ])
 def test_padded_causal_bias_matches_mask(pad, lq, lk, max_len):
     _check_padded(pad, lq, lk, max_len)
