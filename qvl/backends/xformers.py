@@ -246,10 +246,11 @@ def _block_diagonal_bias(mask: BlockDiagonalMask, device: torch.device):
 
 
 def _gappy_causal_bias(pad: list[int], lq: int, lk: int, pitch: int, device: torch.device):
-    """Row b: queries [b*Lq, (b+1)*Lq); keys [b*pitch + pad_b, b*pitch + Lk), bottom-right causal inside."""
+    """Row b: queries [b*Lq, (b+1)*Lq); keys [b*pitch + pad_b, b*pitch + Lk), bottom-right causal inside.
+    pad values within [0, Lk]."""
     batch = len(pad)
-    starts = [b * pitch + min(p, lk) for b, p in enumerate(pad)]
-    lens = [lk - min(p, lk) for p in pad]
+    starts = [b * pitch + p for b, p in enumerate(pad)]
+    lens = [lk - p for p in pad]
     total = (batch - 1) * pitch + lk
     return XF.attn_bias.BlockDiagonalCausalWithOffsetGappyKeysMask.from_seqlens(
         q_seqlen=[lq] * batch, kv_seqstarts=starts + [total], kv_seqlen=lens, device=device)

@@ -135,7 +135,7 @@ def mrope_positions(cfg: Qwen25VLConfig, input_ids: torch.Tensor, pad: torch.Ten
             t, h, w = grids[tok].pop(0)
             gh, gw = h // merge, w // merge
             count = t * gh * gw
-            if i + count > n or any(t != tok for t in ids[i:i + count]):
+            if i + count > n or any(other != tok for other in ids[i:i + count]):
                 raise ValueError(f"row {b}: the {kind} at token {start + i} needs {count} consecutive {kind} "
                                  f"placeholder tokens for its grid (t={t}, h={h}, w={w}) and merge size {merge}")
             step = 1.0

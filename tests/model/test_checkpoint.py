@@ -649,7 +649,7 @@ def test_a_failed_save_keeps_the_earlier_checkpoint(tmp_path, monkeypatch, fails
     before = {fn: (tmp_path / fn).read_bytes() for fn in os.listdir(tmp_path)}
     import safetensors.torch
 
-    calls = []
+    calls, json_dump = [], json.dump  # the real ones, called by the failing stand-ins
 
     def save_file_failing(tensors, filename, metadata=None):
         calls.append(filename)
@@ -662,7 +662,6 @@ def test_a_failed_save_keeps_the_earlier_checkpoint(tmp_path, monkeypatch, fails
             raise OSError(28, "No space left on device")
         json_dump(obj, f, **kwargs)
 
-    json_dump = json.dump
     monkeypatch.setattr(safetensors.torch, "save_file", save_file_failing)
     if fails_at == "config.json":
         monkeypatch.setattr(ckpt.json, "dump", dump_failing)

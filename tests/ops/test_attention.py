@@ -13,6 +13,7 @@ from qvl.backends.eager import EagerAttention
 from qvl.backends.interface import BlockDiagonalMask, CausalMask, check_attention_inputs
 from qvl.kernels import DEVICE_TYPE
 from qvl.kernels.attention import causal_attention, varlen_attention
+from qvl.kernels.decode_attention import decode_attention
 from tests.ops.compare import DTYPES, assert_close_rel
 
 HEAD_DIMS = [8, 16, 64, 80, 128]  # tiny test models, vision (1280 / 16: not a power of two), text
@@ -137,8 +138,6 @@ def test_any_pad_value_means_what_it_means_to_eager(device, kernel, pad_value):
     """Pad values are never read on the host (that would synchronize), so the kernels take any value as the
     eager mask does: below 0 is no padding, at or past the keys hides them all. K/V are a slice of a cache
     whose earlier slots hold NaN: a negative pad must not reach back into them."""
-    from qvl.kernels.decode_attention import decode_attention
-
     gen = torch.Generator().manual_seed(abs(pad_value) % 1000)
     q_len = 30 if kernel == "causal" else 2
     q = torch.randn(2, q_len, 2, 64, generator=gen).to(device)
@@ -155,8 +154,6 @@ def test_any_pad_value_means_what_it_means_to_eager(device, kernel, pad_value):
 @pytest.mark.parametrize("kernel", ["causal", "decode"])
 @pytest.mark.parametrize("pad", [torch.tensor([3.7, 0.0]), torch.tensor([True, False]), torch.zeros(3, dtype=torch.long)])
 def test_pad_must_be_a_batch_of_integers(device, kernel, pad):
-    from qvl.kernels.decode_attention import decode_attention
-
     q = torch.randn(2, 2, 2, 16, device=device)
     k = torch.randn(2, 8, 1, 16, device=device)
     run = causal_attention if kernel == "causal" else decode_attention
