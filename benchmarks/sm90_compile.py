@@ -179,6 +179,9 @@ def cases(quick: bool):
         slot = torch.tensor(100)  # a decode step for CUDA-graph capture: the slot is read on the device
         out.append((f"rope+cache {name} d=128, start on device", lambda q=q, k=k, kc=kc, vc=vc: rope_and_cache(
             q[:, :1], k[:, :1], k[:, :1], pos[:, :, :1], text.inv_freq, text.stream_of_pair, kc, vc, slot)))
+        k1, kc1 = t(1, 64, 1, 128, dtype=dt), t(1, 4096, 1, 128, dtype=dt)  # one kv head: Triton makes it a constant
+        out.append((f"rope+cache {name} d=128, one kv head, start on device", lambda q=q, k1=k1, kc1=kc1: rope_and_cache(
+            q[:, :1], k1[:, :1], k1[:, :1], pos[:, :, :1], text.inv_freq, text.stream_of_pair, kc1, kc1, slot)))
         out.append((f"rope {name} d=80 (vision)", lambda qv=qv: rope(
             qv, qv, pos[:2], vision.inv_freq, vision.stream_of_pair)))
 

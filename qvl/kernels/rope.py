@@ -102,18 +102,21 @@ def _rope_fwd_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
                       head_block * BLOCK_H, n_q_heads, cos, sin, HALF, BLOCK_H, BLOCK_HALF)
     else:
         first_head = (head_block - n_q_blocks) * BLOCK_H
+        # A new name, not n_k_heads reassigned: Triton specializes an argument equal to 1 as a constant, and a
+        # constant cannot become a tensor inside one branch of a runtime `if` (a compile error on the GPU only).
         if START_FROM_PTR:
             slot = tl.load(start_ptr).to(tl.int64) + l
-            n_k_heads = tl.where((slot >= 0) & (slot < cache_len), n_k_heads, 0)  # out of range: no head stored
+            heads_stored = tl.where((slot >= 0) & (slot < cache_len), n_k_heads, 0)  # out of range: none
         else:
             slot = start + l
+            heads_stored = n_k_heads
         _rotate_heads(k_ptr + b * stride_kb + l * stride_kl, stride_kh, stride_kd,
                       k_cache_ptr + b * stride_kcb + slot * stride_kcl, stride_kch, stride_kcd,
-                      first_head, n_k_heads, cos, sin, HALF, BLOCK_H, BLOCK_HALF)
+                      first_head, heads_stored, cos, sin, HALF, BLOCK_H, BLOCK_HALF)
         if HAS_V:
             _copy_heads(v_ptr + b * stride_vb + l * stride_vl, stride_vh, stride_vd,
                         v_cache_ptr + b * stride_vcb + slot * stride_vcl, stride_vch, stride_vcd,
-                        first_head, n_k_heads, 2 * HALF, BLOCK_H, 2 * BLOCK_HALF)
+                        first_head, heads_stored, 2 * HALF, BLOCK_H, 2 * BLOCK_HALF)
 
 
 def _check_rope_args(q, k, positions, inv_freq, stream_of_pair) -> None:

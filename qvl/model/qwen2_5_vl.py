@@ -102,9 +102,11 @@ class Qwen25VL(nn.Module):
         """Text M-RoPE; `uniform_streams` when every position stream is equal (text-only or decoding)."""
         return self._rotary[uniform_streams]
 
+    @torch.no_grad()
     def vision_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         return self.visual(self.ops, pixel_values.to(self.device), grid_thw)
 
+    @torch.no_grad()
     def prepare(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None) -> Prompt:
         """Check the inputs, run the vision tower, place its features, compute positions."""

@@ -47,6 +47,15 @@ def test_good_inputs_run(model):
     assert out.shape == (1, 11, 1024)
 
 
+def test_entry_points_build_no_autograd_graph(model):
+    """Every public entry point runs without autograd, also with the weights' requires_grad left on as
+    nn.Parameter has it: xformers' rms_norm refuses such inputs, and a graph would hold every activation."""
+    prompt = model.prepare(_image_ids(), pixel_values=_pixels(24), image_grid_thw=GRID)
+    assert not prompt.embeds.requires_grad
+    assert not model.vision_features(_pixels(24), GRID).requires_grad
+    assert not model(_image_ids(), pixel_values=_pixels(24), image_grid_thw=GRID).requires_grad
+
+
 # --- images and videos -------------------------------------------------------------------------------------------
 
 

@@ -175,8 +175,8 @@ def test_device_length_step_launches_the_same_work_at_every_length(backend):
     prompt = model.prepare(**inputs)
     cache = model.new_cache(3, inputs["input_ids"].shape[1] + 8)
     model.prefill(prompt, cache)
-    tokens = torch.tensor([5, 6, 7])
-    length = torch.zeros((), dtype=torch.long)
+    tokens = torch.tensor([5, 6, 7], device=model.device)
+    length = torch.zeros((), dtype=torch.long, device=model.device)
 
     def record(on_device):
         steps = []
