@@ -32,11 +32,13 @@ def impls(residual: bool):
 @pytest.mark.parametrize("impl", list(impls(False)))
 def test_rms_norm(measure, impl, shape):
     x, w, r = inputs(*shape)
-    measure(lambda: impls(False)[impl](x, w, r), nbytes=2 * x.numel() * x.element_size())
+    fn = impls(False)[impl]  # built once: building wraps torch.compile anew, ~2 ms of host time on the H200
+    measure(lambda: fn(x, w, r), nbytes=2 * x.numel() * x.element_size())
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("impl", list(impls(True)))
 def test_rms_norm_residual(measure, impl, shape):
     x, w, r = inputs(*shape)
-    measure(lambda: impls(True)[impl](x, w, r), nbytes=4 * x.numel() * x.element_size())
+    fn = impls(True)[impl]
+    measure(lambda: fn(x, w, r), nbytes=4 * x.numel() * x.element_size())

@@ -29,6 +29,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import qvl  # noqa: E402,F401  (first: it switches on the Triton interpreter before anything imports triton)
+from qvl.ablate.measure import git_commit  # noqa: E402
 from qvl.launches import LaunchCounter  # noqa: E402
 
 BASELINES = os.path.join(ROOT, "benchmarks", "baselines")
@@ -175,11 +176,9 @@ def metadata() -> dict:
         meta["triton"] = triton.__version__
     except ImportError:
         meta["triton"] = None
-    try:
-        meta["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                        check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        meta["commit"] = "unknown"
+    # With `dirty`: a tree copied to the lent GPU can carry its work beside an older HEAD (the H200 baseline
+    # of 2026-11-26 ran 5f03e4e's tree and recorded e28486e).
+    meta |= git_commit()
     return meta
 
 
@@ -304,7 +303,7 @@ def results_table(results: dict) -> str:
     deterministic counts."""
     meta = results["meta"]
     lines = [f"Device: {meta['device']}; torch {meta['torch']}; triton {meta.get('triton')}; python "
-             f"{meta['python']}; {meta['date']}; commit {meta['commit'][:10]}", "",
+             f"{meta['python']}; {meta['date']}; commit {meta['commit'][:10]}{' + changes' if meta.get('dirty') else ''}", "",
              "| benchmark | median ms | rate | of limit |", "| --- | --- | --- | --- |"]
     for name, fig in sorted(results["figures"].items()):
         rate = " ".join(f"{fig[unit]:.3g} {unit}" for unit in ("TB/s", "TFLOP/s") if unit in fig)
@@ -316,7 +315,8 @@ def results_table(results: dict) -> str:
     for outcome in ("failed", "skipped"):
         if results.get(outcome):
             lines += ["", f"| {outcome} | reason |", "| --- | --- |"]
-            lines += [f"| {_short(name)} | {reason} |" for name, reason in sorted(results[outcome].items())]
+            # One line per cell: a reason that spans lines (the registry's list of causes) would end the table.
+            lines += [f"| {_short(name)} | {' '.join(reason.split())} |" for name, reason in sorted(results[outcome].items())]
     if results.get("complete") is False:
         lines += ["", "Interrupted before the suite's end: the rows above are what it measured."]
     return "\n".join(lines) + "\n"

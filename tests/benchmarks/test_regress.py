@@ -108,7 +108,10 @@ def test_results_table_names_the_run_and_every_figure():
     }
     table = regress.results_table(results)
     assert table.startswith("Device: NVIDIA H200; torch 2.11.0; triton 3.6.0; python 3.12.3; 2026-11-26; "
-                            "commit 0123456789")
+                            "commit 0123456789\n")
+    results["meta"]["dirty"] = True  # the tree that ran was not the commit
+    assert regress.results_table(results).startswith("Device: NVIDIA H200; torch 2.11.0; triton 3.6.0; python "
+                                                     "3.12.3; 2026-11-26; commit 0123456789 + changes\n")
     assert "| bench_norm: norm[qvl[triton]-16384x2048] | 0.037 | 3.58 TB/s | 97% copy bandwidth |" in table
     assert "| bench_model: prefill[eager] | 68.6 |  |  |" in table
     assert "| launches/decoder_layer_decode[triton] | 11 |" in table
@@ -116,7 +119,8 @@ def test_results_table_names_the_run_and_every_figure():
 
 def test_failed_and_skipped_rows_are_listed_and_a_failure_fails_the_check():
     current = doc({"bench_a": 1.0}) | {"failed": {"bench_b": "call: RuntimeError: boom"},
-                                       "skipped": {"bench_c": "unsupported: rope: xformers backend cannot ..."}}
+                                       "skipped": {"bench_c": "unsupported: rope: xformers backend cannot ...:\n"
+                                                                "  - position streams differ"}}
     ok, table = regress.compare(current, doc({"bench_a": 1.0, "bench_b": 2.0}), THRESHOLD)
     assert not ok
     assert "FAILED: call: RuntimeError: boom" in table and "missing" not in table
@@ -124,7 +128,7 @@ def test_failed_and_skipped_rows_are_listed_and_a_failure_fails_the_check():
                          "figures": {"bench_a": {"median_s": 1.0}}, "complete": False}
     table = regress.results_table(results)
     assert "| bench_b | call: RuntimeError: boom |" in table
-    assert "| bench_c | unsupported: rope: xformers backend cannot ... |" in table
+    assert "| bench_c | unsupported: rope: xformers backend cannot ...: - position streams differ |" in table
     assert "Interrupted before the suite's end" in table
 
 
