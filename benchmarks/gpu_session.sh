@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh figures    # kernel table vs peers (benchmarks/kernel_figures.py)
 #   bash benchmarks/gpu_session.sh decode     # decode attention's launch configuration swept (decode_sweep.py)
 #   bash benchmarks/gpu_session.sh peers      # the whole model next to transformers, same weights (model_peers.py)
+#   bash benchmarks/gpu_session.sh profile    # where the host time goes: cProfile + device time (host_profile.py)
 #   bash benchmarks/gpu_session.sh ablate     # the default ablation (3b, every backend mix)
 #   bash benchmarks/gpu_session.sh configs    # the shipped ablations/*.toml at the 3b preset (bf16 but dtype.toml)
 #   bash benchmarks/gpu_session.sh baseline   # the benchmark suite, written as this GPU's baseline
@@ -52,6 +53,7 @@ script_stage() {
 stage_figures() { script_stage kernel_figures "$1"; }
 stage_decode() { script_stage decode_sweep "$1"; }
 stage_peers() { script_stage model_peers "$1"; }
+stage_profile() { script_stage host_profile "$1"; }
 
 stage_tests() {
   log "tests (<= $(box "$1") s, $EXAMPLES hypothesis examples, 12 workers)"
@@ -112,7 +114,8 @@ baseline) BUDGET_S=580 stage_baseline 560 ;;
 configs) BUDGET_S=580 stage_configs 560 ;;
 decode) BUDGET_S=580 stage_decode 560 ;;
 peers) BUDGET_S=580 stage_peers 560 ;;
-*) echo "stages: lease tests figures decode peers ablate configs baseline"; exit 2 ;;
+profile) BUDGET_S=580 stage_profile 560 ;;
+*) echo "stages: lease tests figures decode peers profile ablate configs baseline"; exit 2 ;;
 esac
 tar -czf "$OUT/results.tar.gz" -C "$FULL" . && rm -rf "$FULL"
 cat "$OUT/kernel_figures.md" "$OUT/decode_sweep.md" "$OUT/model_peers.md" 2>/dev/null

@@ -27,6 +27,19 @@ def test_smoke_run_writes_every_row(tmp_path, script, stem):
     assert table.startswith("Device: ") and "| triton" in table
 
 
+def test_host_profile_smoke_run_profiles_every_call(tmp_path):
+    """Each call timed and profiled: own time attributed to qvl's code (the eager backend's modules) and to the
+    C functions it reaches, the top functions listed, the table written."""
+    run_script("host_profile.py", tmp_path)
+    rows = json.loads((tmp_path / "host_profile.json").read_text())["rows"]
+    assert [(r["backend"], r["what"]) for r in rows] == [("eager", w) for w in ("vision tower", "prefill",
+                                                                                "decode step")]
+    for r in rows:
+        assert r["wall_ms"] > 0 and r["by_origin_ms"]["qvl"] > 0 and r["by_origin_ms"]["builtins"] > 0
+        assert any(t["origin"] == "qvl" for t in r["top"])
+    assert "| eager | decode step |" in (tmp_path / "host_profile.md").read_text()
+
+
 def test_host_overhead_measures_every_figure_without_fallbacks(tmp_path):
     """Compiled Triton launches on a stand-in device: each backend's every call runs on that backend (the
     script raises if one fell back) and every figure is a positive time."""
