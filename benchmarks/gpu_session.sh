@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu_session.sh ablate     # the default ablation (3b, every backend mix)
 #   bash benchmarks/gpu_session.sh configs    # the shipped ablations/*.toml at the 3b preset (bf16 but dtype.toml)
 #   bash benchmarks/gpu_session.sh baseline   # the benchmark suite, written as this GPU's baseline
+#       BASELINE_K="rms_norm or silu_mul" ...  # only those rows again, merged into the committed baseline
 # Results land under $OUT: a few summaries plus everything in results.tar.gz (the device tool returns at
 # most 8 files). The LD_LIBRARY_PATH line is the lent machine's workaround for xformers' CUDA 12 runtime;
 # qvl itself never needs it.
@@ -96,7 +97,8 @@ stage_baseline() {
   local machine
   machine=$(python3 -c "from benchmarks.regress import default_machine; print(default_machine())")
   log "baseline $machine (<= $(box "$1") s)"
-  timeout "$(box "$1")" python3 benchmarks/regress.py update --machine "$machine" \
+  # BASELINE_K="rms_norm or silu_mul": measure only those rows again, merged into the committed baseline
+  timeout "$(box "$1")" python3 benchmarks/regress.py update --machine "$machine" ${BASELINE_K:+-k "$BASELINE_K"} \
     --save "$FULL/bench-$machine.json" > "$FULL/regress.log" 2>&1
   log "baseline exit $?"
   cp "benchmarks/baselines/$machine.json" "$FULL/" 2>/dev/null &&

@@ -239,6 +239,24 @@ def _deterministic_counts() -> dict:
     return counts
 
 
+def merge_into(baseline: dict, current: dict) -> dict:
+    """The baseline with the rows of `current` (an `update -k` run) in place of their old figures.
+
+    Rows not selected keep their figures, failures and skips; the counts are `current`'s (every run measures
+    them all). `meta` is the new run's, and `kept_rows_meta` the environment the kept rows came from. A row
+    listed as `removed` from the baseline leaves that list once it is measured again."""
+    measured = set(current["timings"]) | set(current["failed"]) | set(current["skipped"])
+    doc = dict(current)
+    for key in ("timings", "figures", "failed", "skipped"):
+        doc[key] = {name: value for name, value in baseline.get(key, {}).items() if name not in measured}
+        doc[key] |= current[key]
+    doc["kept_rows_meta"] = baseline.get("kept_rows_meta", baseline.get("meta"))
+    removed = baseline.get("removed")
+    if removed and (left := [name for name in removed["rows"] if name not in measured]):
+        doc["removed"] = removed | {"rows": left}
+    return doc
+
+
 def host_bound(name: str, baseline: dict) -> bool:
     """A host/ figure, or a CPU benchmark whose baseline call took under DISPATCH_BOUND_S."""
     figure = baseline.get("figures", {}).get(name, {})
@@ -378,8 +396,12 @@ def main(argv=None) -> int:
         unfinished.append("the run was interrupted")
     if args.cmd == "update":
         # Written even when unfinished: what was measured is kept, and the document says what is missing.
-        write_json(baseline_path(machine), current)
-        print(f"wrote {baseline_path(machine)}; review `git diff {os.path.relpath(baseline_path(machine), ROOT)}`")
+        path = baseline_path(machine)
+        if args.select and os.path.exists(path):  # some rows measured again: the others stay as they were
+            with open(path) as f:
+                current = merge_into(json.load(f), current)
+        write_json(path, current)
+        print(f"wrote {path}; review `git diff {os.path.relpath(path, ROOT)}`")
         if unfinished:
             print(f"baseline {machine} is partial: {'; '.join(unfinished)} (see its 'failed' and 'complete')")
         return 1 if unfinished else 0

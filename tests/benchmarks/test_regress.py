@@ -1,5 +1,7 @@
 """The regression check itself: what it flags and what it lets through."""
 
+import json
+
 import pytest
 
 from benchmarks import regress
@@ -136,6 +138,8 @@ def test_failed_and_skipped_rows_are_listed_and_a_failure_fails_the_check():
 # one failing, one that interrupts the run the way `timeout` does (SIGTERM to regress.py) and then hangs.
 PLANTED_SUITE = '''
 import os, signal, time
+import json
+
 import pytest
 from qvl.backends import BackendUnsupportedError
 
@@ -193,3 +197,31 @@ def test_sigterm_keeps_the_rows_measured_so_far(monkeypatch, tmp_path):
     assert list(by_test(results["timings"])) == ["test_measured"]
     assert "test_failing" in by_test(results["failed"])
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_selective_update_replaces_only_the_rows_it_measured(monkeypatch, tmp_path):
+    """`update -k SEL` on an existing baseline: the selected rows are measured again and replace theirs, the
+    rest keep their figures (and their run's environment, as kept_rows_meta); a row the baseline had left out
+    as `removed` leaves that list once measured."""
+    old_meta, new_meta = {"device": "gpu", "date": "old"}, {"device": "gpu", "date": "new"}
+    baseline = {"meta": old_meta, "timings": {"b::kept": 1.0, "b::norm[x]": 9.0},
+                "figures": {"b::kept": {"median_s": 1.0}, "b::norm[x]": {"median_s": 9.0}},
+                "counts": {"launches/a": 5}, "failed": {}, "skipped": {"b::norm[y]": "unsupported"},
+                "complete": True, "removed": {"rows": ["b::norm[z]", "b::other"], "why": "bench bug"}}
+    (tmp_path / "gpu.json").write_text(json.dumps(baseline))
+    current = {"meta": new_meta, "timings": {"b::norm[x]": 1.0, "b::norm[z]": 2.0},
+               "figures": {"b::norm[x]": {"median_s": 1.0}, "b::norm[z]": {"median_s": 2.0}},
+               "counts": {"launches/a": 4}, "failed": {"b::norm[y]": "call: boom"}, "skipped": {}, "complete": True}
+    monkeypatch.setattr(regress, "BASELINES", str(tmp_path))
+    monkeypatch.setattr(regress, "run_suite", lambda select: json.loads(json.dumps(current)))
+    assert regress.main(["update", "--machine", "gpu", "-k", "norm"]) == 1  # a selected row failed
+    merged = json.loads((tmp_path / "gpu.json").read_text())
+    assert merged["timings"] == {"b::kept": 1.0, "b::norm[x]": 1.0, "b::norm[z]": 2.0}
+    assert merged["figures"]["b::kept"] == {"median_s": 1.0} and merged["figures"]["b::norm[x]"]["median_s"] == 1.0
+    assert merged["failed"] == {"b::norm[y]": "call: boom"} and merged["skipped"] == {}
+    assert merged["counts"] == {"launches/a": 4}
+    assert merged["meta"] == new_meta and merged["kept_rows_meta"] == old_meta
+    assert merged["removed"] == {"rows": ["b::other"], "why": "bench bug"}
+    # Without -k the run is the whole suite, and it replaces the baseline.
+    assert regress.main(["update", "--machine", "gpu"]) == 1
+    assert "b::kept" not in json.loads((tmp_path / "gpu.json").read_text())["timings"]
