@@ -65,13 +65,15 @@ def device_ms(fn) -> float | None:
     """GPU kernel time inside one call, from torch.profiler's CUDA activity."""
     if not CUDA:
         return None
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     sync()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         sync()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+    # The device's own events (kernels, copies), once each: a CPU op's device time counts its kernels again.
+    return sum(e.device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e3
 
 
 def origin(filename: str) -> str:
