@@ -48,11 +48,8 @@ def test_silu_mul(measure, impl, shape):
     rows, inner = shape
     h = torch.randn(rows, 2 * inner, device=harness.DEVICE, dtype=DT)
     fn = activation_impls()[impl]
-    if impl == "liger":
-        gate, up = (half.contiguous() for half in h.chunk(2, -1))
-        measure(lambda: fn(gate, up), nbytes=3 * rows * inner * h.element_size())
-    else:
-        measure(lambda: fn(h), nbytes=3 * rows * inner * h.element_size())
+    args = tuple(half.contiguous() for half in h.chunk(2, -1)) if impl == "liger" else (h,)
+    measure(lambda: fn(*args), nbytes=3 * rows * inner * h.element_size())
 
 
 # (rows, K, N, activation): 3b gate/up (SwiGLU fused) and down projections at prefill and at decode, 7b gate/up.

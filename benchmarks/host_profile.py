@@ -29,7 +29,6 @@ import cProfile
 import json
 import os
 import pstats
-import statistics
 import sys
 import time
 
@@ -38,27 +37,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import qvl  # noqa: E402  (first: the Triton interpreter switch on a machine without a GPU)
 import torch  # noqa: E402
 
+from benchmarks.harness import CUDA, DEVICE, device_name, median_seconds, sync  # noqa: E402
 from qvl.demo import demo_prompt  # noqa: E402
 
-CUDA = torch.cuda.is_available()
-DEV = torch.device("cuda" if CUDA else "cpu")
 TOP = 15
-
-
-def sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
-
-
-def wall_ms(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def device_ms(fn) -> float | None:
@@ -110,7 +92,7 @@ def workloads(model, inputs) -> dict:
     prompt = model.prepare(**inputs)
     cache = model.new_cache(1, inputs["input_ids"].shape[1] + 64)
     model.prefill(prompt, cache)
-    token = torch.zeros(1, dtype=torch.long, device=DEV)
+    token = torch.zeros(1, dtype=torch.long, device=DEVICE)
     start = cache.length
 
     def decode():
@@ -131,14 +113,15 @@ def main(argv=None) -> int:
     backends = args.backends or ("eager" if small else "eager,triton")
     preset, dtype = ("tiny", torch.float32) if small else ("3b", torch.bfloat16)
     reps = 2 if small else 5
-    model = qvl.from_config(preset, dtype=dtype, device=DEV, seed=0)
+    model = qvl.from_config(preset, dtype=dtype, device=DEVICE, seed=0)
     inputs = demo_prompt(model.cfg)
     rows = []
     for backend in backends.split(","):
         model.set_backends(backend, fallback="eager")
         for what, fn in workloads(model, inputs).items():
             fn()  # warm: compiles, autotunes, fills caches
-            row = {"backend": backend, "what": what, "wall_ms": wall_ms(fn, reps), "device_ms": device_ms(fn)}
+            row = {"backend": backend, "what": what, "wall_ms": median_seconds(fn, reps, warmup=0) * 1e3,
+                   "device_ms": device_ms(fn)}
             row |= host_profile(fn, reps)
             rows.append(row)
             print(json.dumps({k: row[k] for k in ("backend", "what", "wall_ms", "device_ms", "by_origin_ms")}),
@@ -150,7 +133,7 @@ def main(argv=None) -> int:
 def write(rows: list[dict], out: str, preset: str, dtype: torch.dtype) -> None:
     import triton
 
-    device = torch.cuda.get_device_name() if CUDA else "cpu (triton interpreted)"
+    device = device_name()
     meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "preset": preset,
             "dtype": str(dtype).removeprefix("torch."), "date": time.strftime("%Y-%m-%d")}
     origins = ["qvl", "triton", "torch", "builtins", "other"]

@@ -29,6 +29,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import qvl  # noqa: E402,F401  (first: it switches on the Triton interpreter before anything imports triton)
+import torch  # noqa: E402
 from qvl.ablate.measure import git_commit  # noqa: E402
 from qvl.launches import LaunchCounter  # noqa: E402
 
@@ -164,8 +165,6 @@ def _read_rows(path: str, results: dict) -> None:
 
 
 def metadata() -> dict:
-    import torch
-
     from benchmarks import harness
 
     meta = {"device": harness.device_name(), "torch": torch.__version__, "python": sys.version.split()[0],
@@ -182,18 +181,10 @@ def metadata() -> dict:
     return meta
 
 
+@torch.no_grad()  # the layers are called directly below; xformers' norm refuses autograd inputs
 def deterministic_counts() -> dict:
     """Launches per decoder layer (prefill and decode), per decode step and per vision tower (the demo image),
     per backend; peak GPU memory."""
-    import torch
-
-    with torch.no_grad():  # the layers are called directly below; xformers' norm refuses autograd inputs
-        return _deterministic_counts()
-
-
-def _deterministic_counts() -> dict:
-    import torch
-
     from benchmarks import harness
     from qvl.backends import CausalMask
     from qvl.demo import demo_prompt
@@ -346,8 +337,6 @@ def _short(name: str) -> str:
 
 def default_machine() -> str:
     """The baseline's name for this machine: the GPU's model (h100, h200, ...) or cpu."""
-    import torch
-
     if not torch.cuda.is_available():
         return "cpu"
     name = torch.cuda.get_device_name().lower()

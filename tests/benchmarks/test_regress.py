@@ -138,8 +138,6 @@ def test_failed_and_skipped_rows_are_listed_and_a_failure_fails_the_check():
 # one failing, one that interrupts the run the way `timeout` does (SIGTERM to regress.py) and then hangs.
 PLANTED_SUITE = '''
 import os, signal, time
-import json
-
 import pytest
 from qvl.backends import BackendUnsupportedError
 
