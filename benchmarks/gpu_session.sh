@@ -87,11 +87,14 @@ stage_ablate() {
 }
 
 # The CPU-sized shipped configs at the real size: bfloat16 (dtype.toml sweeps dtypes from float32 weights itself);
-# long_prompt_prefill.toml is 3b already. The stage's cap is shared out evenly among the configs left.
+# long_prompt_prefill.toml is 3b already. The stage's cap is shared out among the configs left by their
+# number of variants (each variant costs about the same: warm-up, repeats, the error pass).
 stage_configs() {
-  local configs=(backend_mix backend_per_operator vision_window_size dtype long_prompt_prefill) cap=$1 i=0
+  local configs=(backend_mix backend_per_operator vision_window_size dtype long_prompt_prefill) cap=$1 left_n=0
+  for name in "${configs[@]}"; do left_n=$(( left_n + $(grep -c '^\[\[variants\]\]' "ablations/$name.toml") )); done
   for name in "${configs[@]}"; do
-    local args=(--preset 3b --dtype bfloat16) share=$(( cap / (${#configs[@]} - i) ))
+    local n share args=(--preset 3b --dtype bfloat16)
+    n=$(grep -c '^\[\[variants\]\]' "ablations/$name.toml"); share=$(( cap * n / left_n ))
     [[ $name == dtype ]] && args=(--preset 3b)
     [[ $name == long_prompt_prefill ]] && args=()
     local start=$(date +%s)
@@ -99,7 +102,7 @@ stage_configs() {
     timeout "$(box "$share")" python3 -m qvl ablate "ablations/$name.toml" "${args[@]}" \
       --repeats "${ABLATE_REPEATS:-3}" --quiet --results-dir "$FULL/results" > "$FULL/config-$name.txt" 2>&1
     log "config $name exit $?"
-    cap=$(( cap - ($(date +%s) - start) )); i=$(( i + 1 ))
+    cap=$(( cap - ($(date +%s) - start) )); left_n=$(( left_n - n ))
   done
   cat "$FULL"/config-*.txt > "$OUT/configs.txt"
 }
