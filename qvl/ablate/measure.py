@@ -37,24 +37,38 @@ class Clock:
 class PeakMemory:
     """Peak allocated memory over a variant. CUDA: torch.cuda.max_memory_allocated (weights, activations,
     KV cache). CPU: not measured, since torch's CPU allocator is invisible to tracemalloc and the process
-    RSS peak never goes down; the process's max RSS so far is recorded next to it, labelled as such."""
+    RSS peak never goes down; the process's max RSS so far is recorded next to it, labelled as such.
+
+    The device peak counts everything resident, and an ablation keeps other models resident while a variant
+    runs (the base model its weights were copied from, a model in another dtype still needed later). So
+    `reset` notes what is allocated when the variant starts, and `variant_peak_mib` reports the variant's
+    own need: its weights plus the most its runs allocated on top."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
-        self.method = ("torch.cuda.max_memory_allocated" if self.cuda else
+        self.method = ("torch.cuda.max_memory_allocated above what was resident at the variant's start, plus "
+                       "the variant's weights" if self.cuda else
                        "not measured on CPU (process max RSS so far is recorded as process_max_rss_mib)")
+        self.resident_mib = 0.0
 
     def reset(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.resident_mib = torch.cuda.memory_allocated(self.device) / 2**20
 
     def read_mib(self) -> float | None:
+        """The device's peak since `reset`, everything resident included."""
         if self.cuda:
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device) / 2**20
         return None
+
+    def variant_peak_mib(self, weights_mib: float) -> float | None:
+        """The variant's own peak: its weights plus its runs' largest allocation above the start."""
+        device_peak = self.read_mib()
+        return None if device_peak is None else weights_mib + device_peak - self.resident_mib
 
     @staticmethod
     def process_max_rss_mib() -> float | None:

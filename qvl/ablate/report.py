@@ -17,8 +17,10 @@ FIGURES_TEXT = """\
   first new token comes out of the prefill). EOS does not stop the loop.
 - Timings: median over the repeats after the warm-up runs, with [min-max] (the terminal shows +-half the range
   as a percentage of the median). CUDA events on a GPU, `time.perf_counter` on a CPU.
-- **peak MiB**: `torch.cuda.max_memory_allocated` over the variant's runs (weights, activations, KV cache) on a
-  GPU. Not measured on a CPU (results.json keeps the process's max RSS so far, which only grows).
+- **peak MiB**: what the variant itself needs on a GPU: its weights plus the most `torch.cuda.max_memory_allocated`
+  rose over its runs (activations, KV cache) above what was resident when it started. Models of other variants
+  stay resident during an ablation, so the device-wide peak (results.json: `device_peak_mib`) would count them.
+  Not measured on a CPU (results.json keeps the process's max RSS so far, which only grows).
 - **rel err / max err**: the variant's logits at every decoded step against the reference's, in float32:
   ||L - L_ref|| / ||L_ref|| (Frobenius over batch x steps x vocab) and max |L - L_ref|. The variant is
   teacher-forced with the reference's greedy tokens, so each step sees the same context. For architecture

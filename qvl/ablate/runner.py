@@ -7,7 +7,9 @@ Per variant (warm-up runs first, then `repeats` timed runs; median and min/max r
   decode_tok_s   batch * (decode_tokens - 1) / time of the greedy `decode_step` loop after the prefill; a
                  variant with cuda_graph = true replays the step from a CUDA graph, captured after the
                  prefill and outside the timed loop (two warm-up steps and the capture, per run)
-  peak_memory    torch.cuda.max_memory_allocated over the variant on a GPU; not measured on a CPU
+  peak_memory    on a GPU the variant's own need: its weights plus the most torch.cuda.max_memory_allocated
+                 rose above what was resident when it started (other variants' models stay resident; the
+                 device-wide figure is kept as device_peak_mib); not measured on a CPU
   launches_per_decode_step  aten ops + Triton kernels of one decode step (qvl.launches; the same count on a
                  CPU as on a GPU): the host's share of a batch-1 step; for cuda_graph, the step the graph replays
 Then one more, untimed pass compares with the reference variant (which runs first):
@@ -432,9 +434,10 @@ class AblationRun:
                                               lambda what, n: self.progress.update(
                                                   None if what is None else f"{label}: {what}", advance=n),
                                               cuda_graph=v.cuda_graph)
-            figures["peak_memory_mib"] = self.memory.read_mib()
-            figures["process_max_rss_mib"] = self.memory.process_max_rss_mib()
             figures["model_mib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+            figures["peak_memory_mib"] = self.memory.variant_peak_mib(figures["model_mib"])
+            figures["device_peak_mib"] = self.memory.read_mib()
+            figures["process_max_rss_mib"] = self.memory.process_max_rss_mib()
             figures["launches_per_decode_step"] = decode_step_launches(model, work, v.cuda_graph)
             entry["figures"] = figures
 

@@ -119,6 +119,8 @@ def test_end_to_end(tmp_path, refusing, capsys):
     for key in ("vision_ms", "prefill_ms", "decode_tok_s", "decode_ms_per_step"):
         assert f[key]["n"] == 2 and f[key]["min"] <= f[key]["median"] <= f[key]["max"] and f[key]["median"] > 0
     assert (f["peak_memory_mib"] > 0 if cuda else f["peak_memory_mib"] is None) and f["model_mib"] > 0
+    if cuda:  # the variant's own need: its weights and more, never the other resident models
+        assert f["model_mib"] <= f["peak_memory_mib"] <= f["device_peak_mib"]
     assert ref["comparison"]["logits_rel_err"] == 0 and ref["comparison"]["deterministic"]
     # a deterministic count: the same model and backends launch the same work per decode step
     assert f["launches_per_decode_step"] == v["eager again"]["figures"]["launches_per_decode_step"] > 0
@@ -276,6 +278,27 @@ name = "other"
     assert v["eager"]["status"] == "failed"
     assert v["other"]["status"] == "ok" and v["other"]["figures"]["prefill_ms"]["n"] == 1
     assert "reference variant 'eager' failed" in v["other"]["comparison"]["note"]
+
+
+def test_variant_peak_memory_leaves_out_other_resident_models(monkeypatch):
+    """On a GPU the runner keeps other variants' models resident (the base model, another dtype's copy); a
+    variant's peak is its own weights plus what its runs allocate, not the device-wide peak. The CUDA memory
+    counters are faked here so the arithmetic runs on any machine."""
+    from qvl.ablate.measure import PeakMemory
+
+    gib = 2**30
+    state = {"allocated": 30 * gib, "peak": 45 * gib}  # 7 GiB of this variant's weights + 23 of others resident
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda device=None: state.update(peak=state["allocated"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: state["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
+    memory = PeakMemory(torch.device("cuda"))
+    memory.reset()
+    state["peak"] = 31.5 * gib  # the variant's runs: 1.5 GiB of activations and KV cache at the most
+    assert memory.read_mib() == 31.5 * 1024  # the device's peak: everything resident
+    assert memory.variant_peak_mib(weights_mib=7 * 1024) == 8.5 * 1024
+    assert PeakMemory(torch.device("cpu")).variant_peak_mib(7 * 1024) is None
 
 
 def test_default_config_fits_the_machine():
