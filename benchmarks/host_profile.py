@@ -9,7 +9,8 @@ decode step took 31.5 ms launched op by op and 2.68 ms replayed from a CUDA grap
 16.2 ms on 132 patches, as long as it had taken on 1024. benchmarks/host_overhead.py measures host cost on
 the CPU with a stand-in driver, and it puts a triton decoder layer at ~0.3 ms. The GPU showed ~0.9 ms. The
 difference lies in what the stand-in leaves out (CUDA launches, the caching allocator, cuBLAS), and only a
-profile taken there can place it.
+profile taken there can place it. It did (benchmarks/gpu/h200-2026-11-26-lease3): 17.7 ms a triton step
+against 2.4 ms of kernels, spread thin over cuBLAS calls, allocations, Triton's launch path and qvl's Python.
 
 For each backend (eager, triton) and each of the vision tower (the demo image), prefill (the demo prompt) and
 one decode step (lengths in Python, no graph), after a warm-up:

@@ -219,6 +219,8 @@ def choose_num_splits(programs: int, kv_len: int, num_sms: int = H100_SMS, block
     than the parallelism buys), and at most MAX_SPLITS. Then the blocks are spread evenly, dropping splits
     that would get none: e.g. B=1, Hkv=2, Lk=32768 on an H100 -> 66 wanted, 8 blocks each -> 64 splits,
     128 programs on 132 SMs. Large batches (programs >= num_sms) get 1 split: no merge pass at all.
+    Graph-timed on the H200 (benchmarks/gpu/h200-2026-11-26-lease3), this choice came within 1 us of the best
+    of 21 split counts x key blocks at the 3b (4k and 32k cache) and 7b (32k) shapes.
     """
     key_blocks = cdiv(max(kv_len, 1), block_n)
     wanted = cdiv(num_sms, max(programs, 1))
