@@ -50,6 +50,52 @@ def test_dispatch_bound_cpu_rows_get_the_wider_threshold_and_slower_ones_do_not(
     assert not ok  # the planted 30% on a slower row is still caught
 
 
+def h200_doc(rows: dict) -> dict:
+    """A document measured on the H200: {name: (normalized timing, median seconds)}."""
+    return doc({name: t for name, (t, _) in rows.items()}) | {
+        "figures": {name: {"device": "NVIDIA H200", "median_s": sec, "normalized": t}
+                    for name, (t, sec) in rows.items()}}
+
+
+STEP, GRAPH = "bench_model.py::test_decode_step[triton]", "bench_model.py::test_decode_step_cuda_graph[triton]"
+SHORT = "bench_attention.py::test_decode[qvl[triton]-1024]"
+
+
+def test_gpu_whole_model_rows_launched_op_by_op_get_the_host_limit():
+    """On a GPU the op-by-op model rows are host-bound: they moved 0.73-1.28x (normalized) between two H200
+    leases. A gross rise is still caught."""
+    base = h200_doc({STEP: (3.9, 0.0315)})
+    ok, table = regress.compare(h200_doc({STEP: (3.9 * 1.28, 0.0403)}), base, regress.THRESHOLDS["h200"])
+    assert ok, table
+    ok, table = regress.compare(h200_doc({STEP: (3.9 * 1.5, 0.0472)}), base, regress.THRESHOLDS["h200"])
+    assert not ok and "+50%" in table
+
+
+def test_gpu_bound_rows_are_compared_in_seconds_not_through_the_host_calibration():
+    """Between two H200 leases the graph-replayed step moved 0.4% in seconds but 6% normalized, since the
+    host calibration moved. Seconds are what is compared, with the machine's 10%."""
+    base = h200_doc({GRAPH: (0.378, 0.002682)})
+    ok, table = regress.compare(h200_doc({GRAPH: (0.378 * 1.14, 0.002693)}), base, regress.THRESHOLDS["h200"])
+    assert ok and "2.68 ms" in table and "+0%" in table, table
+    ok, table = regress.compare(h200_doc({GRAPH: (0.378, 0.002682 * 1.15)}), base, regress.THRESHOLDS["h200"])
+    assert not ok and "+15%" in table  # the host calibration cannot hide a slower GPU
+
+
+def test_short_gpu_calls_are_host_bound_and_normalized():
+    """A 23 us decode call is much launch and synchronize: normalized, with the host-bound limit (20%)."""
+    base = h200_doc({SHORT: (0.0041, 23e-6)})
+    ok, table = regress.compare(h200_doc({SHORT: (0.0041 * 1.18, 30e-6)}), base, regress.THRESHOLDS["h200"])
+    assert ok, table  # +30% in seconds, +18% normalized
+    ok, _ = regress.compare(h200_doc({SHORT: (0.0041 * 1.3, 24e-6)}), base, regress.THRESHOLDS["h200"])
+    assert not ok
+
+
+def test_cpu_rows_keep_the_normalized_comparison():
+    cpu = doc({STEP: 1.0}) | {"figures": {STEP: {"device": "cpu (triton interpreted)", "median_s": 2.0}}}
+    ok, _ = regress.compare(doc({STEP: 1.3}), cpu, THRESHOLD)
+    assert not ok  # on the CPU machine the interpreted model rows are not host-bound: 25%
+
+
 def _remeasured_at(value, calls):
     def run_benchmarks(args, results):
         calls.append(list(args))
