@@ -10,7 +10,9 @@ decode step took 31.5 ms launched op by op and 2.68 ms replayed from a CUDA grap
 the CPU with a stand-in driver, and it puts a triton decoder layer at ~0.3 ms. The GPU showed ~0.9 ms. The
 difference lies in what the stand-in leaves out (CUDA launches, the caching allocator, cuBLAS), and only a
 profile taken there can place it. It did (benchmarks/gpu/h200-2026-11-26-lease3): 17.7 ms a triton step
-against 2.4 ms of kernels, spread thin over cuBLAS calls, allocations, Triton's launch path and qvl's Python.
+(0.49 ms a layer) against 2.4 ms of kernels, spread thin over cuBLAS calls, allocations, Triton's launch path
+and qvl's Python. The 31.5 ms was a slow spell of the lent machine's host: a run 16 s after a machine started
+measured 39.4 ms, one 40 s later 18.3 ms. Compare this script's wall times within one run.
 
 For each backend (eager, triton) and each of the vision tower (the demo image), prefill (the demo prompt) and
 one decode step (lengths in Python, no graph), after a warm-up:
