@@ -91,10 +91,13 @@ stage_ablate() {
 # number of variants (each variant costs about the same: warm-up, repeats, the error pass).
 stage_configs() {
   local configs=(backend_mix backend_per_operator vision_window_size dtype long_prompt_prefill) cap=$1 left_n=0
-  for name in "${configs[@]}"; do left_n=$(( left_n + $(grep -c '^\[\[variants\]\]' "ablations/$name.toml") )); done
+  local -A variants
   for name in "${configs[@]}"; do
-    local n share args=(--preset 3b --dtype bfloat16)
-    n=$(grep -c '^\[\[variants\]\]' "ablations/$name.toml"); share=$(( cap * n / left_n ))
+    variants[$name]=$(grep -c '^\[\[variants\]\]' "ablations/$name.toml"); left_n=$(( left_n + variants[$name] ))
+  done
+  for name in "${configs[@]}"; do
+    local n=${variants[$name]} share args=(--preset 3b --dtype bfloat16)
+    share=$(( cap * n / left_n ))
     [[ $name == dtype ]] && args=(--preset 3b)
     [[ $name == long_prompt_prefill ]] && args=()
     local start=$(date +%s)

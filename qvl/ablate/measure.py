@@ -65,10 +65,10 @@ class PeakMemory:
             return torch.cuda.max_memory_allocated(self.device) / 2**20
         return None
 
-    def variant_peak_mib(self, weights_mib: float) -> float | None:
-        """The variant's own peak: its weights plus its runs' largest allocation above the start."""
-        device_peak = self.read_mib()
-        return None if device_peak is None else weights_mib + device_peak - self.resident_mib
+    def variant_peak_mib(self, weights_mib: float, device_peak_mib: float | None) -> float | None:
+        """The variant's own peak from the device's (`read_mib`): its weights plus its runs' largest
+        allocation above the start."""
+        return None if device_peak_mib is None else weights_mib + device_peak_mib - self.resident_mib
 
     @staticmethod
     def process_max_rss_mib() -> float | None:

@@ -435,8 +435,8 @@ class AblationRun:
                                                   None if what is None else f"{label}: {what}", advance=n),
                                               cuda_graph=v.cuda_graph)
             figures["model_mib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-            figures["peak_memory_mib"] = self.memory.variant_peak_mib(figures["model_mib"])
             figures["device_peak_mib"] = self.memory.read_mib()
+            figures["peak_memory_mib"] = self.memory.variant_peak_mib(figures["model_mib"], figures["device_peak_mib"])
             figures["process_max_rss_mib"] = self.memory.process_max_rss_mib()
             figures["launches_per_decode_step"] = decode_step_launches(model, work, v.cuda_graph)
             entry["figures"] = figures

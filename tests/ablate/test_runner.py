@@ -296,9 +296,11 @@ def test_variant_peak_memory_leaves_out_other_resident_models(monkeypatch):
     memory = PeakMemory(torch.device("cuda"))
     memory.reset()
     state["peak"] = 31.5 * gib  # the variant's runs: 1.5 GiB of activations and KV cache at the most
-    assert memory.read_mib() == 31.5 * 1024  # the device's peak: everything resident
-    assert memory.variant_peak_mib(weights_mib=7 * 1024) == 8.5 * 1024
-    assert PeakMemory(torch.device("cpu")).variant_peak_mib(7 * 1024) is None
+    device_peak = memory.read_mib()
+    assert device_peak == 31.5 * 1024  # the device's peak: everything resident
+    assert memory.variant_peak_mib(7 * 1024, device_peak) == 8.5 * 1024
+    cpu = PeakMemory(torch.device("cpu"))
+    assert cpu.variant_peak_mib(7 * 1024, cpu.read_mib()) is None
 
 
 def test_default_config_fits_the_machine():
