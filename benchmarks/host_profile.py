@@ -42,6 +42,7 @@ import torch  # noqa: E402
 
 from benchmarks.harness import CUDA, DEVICE, device_name, median_seconds, sync  # noqa: E402
 from qvl.demo import demo_prompt  # noqa: E402
+from qvl.dtypes import dtype_name  # noqa: E402
 
 TOP = 15
 
@@ -138,7 +139,7 @@ def write(rows: list[dict], out: str, preset: str, dtype: torch.dtype) -> None:
 
     device = device_name()
     meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "preset": preset,
-            "dtype": str(dtype).removeprefix("torch."), "date": time.strftime("%Y-%m-%d")}
+            "dtype": dtype_name(dtype), "date": time.strftime("%Y-%m-%d")}
     origins = ["qvl", "triton", "torch", "builtins", "other"]
     lines = [f"Device: {device}; torch {meta['torch']}; triton {meta['triton']}; {preset} {meta['dtype']}; "
              f"{meta['date']}", "",

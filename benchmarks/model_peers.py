@@ -41,6 +41,7 @@ import torch  # noqa: E402
 
 from qvl.ablate.config import ImageSpec, WorkloadSpec  # noqa: E402
 from qvl.ablate.measure import Clock  # noqa: E402
+from qvl.dtypes import dtype_name  # noqa: E402
 from qvl.ablate.workload import build_workload  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -191,7 +192,7 @@ def write(rows: list[dict], out: str, small: bool, preset: str, dtype: torch.dty
           repeats: int, transformers_version: str) -> None:
     """model_peers.json (every figure, the generated tokens) and model_peers.md (the table)."""
     device = torch.cuda.get_device_name() if CUDA else "cpu (triton interpreted)"
-    dt = str(dtype).removeprefix("torch.")
+    dt = dtype_name(dtype)
     image = "x".join(map(str, spec.images[0].size))
     meta = {"device": device, "torch": torch.__version__, "transformers": transformers_version, "preset": preset,
             "dtype": dt, "date": time.strftime("%Y-%m-%d"), "smoke": small, "repeats": repeats,

@@ -32,6 +32,7 @@ sys.path.insert(0, ROOT)
 import qvl  # noqa: E402,F401  (first: it switches on the Triton interpreter before anything imports triton)
 import torch  # noqa: E402
 from qvl.ablate.measure import git_commit  # noqa: E402
+from qvl.files import write_json  # noqa: E402
 from qvl.launches import LaunchCounter  # noqa: E402
 
 BASELINES = os.path.join(ROOT, "benchmarks", "baselines")
@@ -458,17 +459,6 @@ def main(argv=None) -> int:
     if not current["complete"]:
         print("check incomplete: the run was interrupted")
     return 0 if ok and current["complete"] else 1
-
-
-def write_json(path: str, document: dict) -> None:
-    """Written whole or not at all: a run stopped while writing (the GPU session's time box) leaves the
-    previous file, never a truncated baseline."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.partial"
-    with open(tmp, "w") as f:
-        json.dump(document, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Compile every Triton kernel for the H100 (sm_90) on a machine without a GPU, and check what only compiled
 code shows: register spills, shared memory, and whether matrix products use Hopper's tensor-core path.
 
-    python benchmarks/sm90_compile.py [--quick] [--json PATH]
+    python benchmarks/sm90_compile.py [--quick] [--json PATH] [--sass DIR] [--only TEXT]
 
 The interpreter that runs the kernels in CI executes them with numpy, so it says nothing about how they
 compile. Here the launchers run at the model's real shapes (3b/7b decoder, vision tower, 32k decode cache)
@@ -15,7 +15,9 @@ kernel is compiled with Triton's own ptxas for sm_90 and read back with cuobjdum
   wgmma         GEMM and attention with 16-bit inputs must issue HGMMA (warpgroup MMA), not HMMA
 
 The GEMM's autotuner is replaced by a launcher that compiles every configuration it could pick. --quick
-keeps one GEMM configuration per family (for CI); exit status 1 when any check fails.
+keeps one GEMM configuration per family (for CI); exit status 1 when any check fails. --sass DIR writes each
+compiled kernel's SASS (nvdisasm) to one file per kernel, so two runs (before and after a kernel change) can
+be diffed; the JSON rows carry each kernel's SASS instruction count too.
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ class Recorder:
         return True
 
 
+SASS_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s", re.MULTILINE)  # "/*0a30*/  HGMMA.64x..." lines
+
+
 def compile_sm90(fn, spec) -> dict:
     options = {k: spec[k] for k in ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion")}
     kernel = triton.compile(ASTSource(fn, spec["signature"], spec["constants"], spec["configs"][0]), target=SM90,
@@ -99,6 +104,8 @@ def compile_sm90(fn, spec) -> dict:
         "shared": kernel.metadata.shared,
         "wgmma": "HGMMA" in sass,
         "mma": "HMMA" in sass or "HGMMA" in sass,
+        "sass_instructions": len(SASS_INSTRUCTION.findall(sass)),
+        "sass": sass,
     }
 
 
@@ -136,6 +143,7 @@ def problems(row: dict, spec) -> list[str]:
 def cases(quick: bool):
     """(name, thunk) pairs; each thunk calls one launcher at one real shape."""
     from qvl.backends.interface import BlockDiagonalMask, Rotary
+    from qvl.dtypes import dtype_name
     from qvl.kernels import gemm
     from qvl.kernels.activation import gelu, swiglu
     from qvl.kernels.attention import causal_attention, varlen_attention
@@ -160,7 +168,7 @@ def cases(quick: bool):
 
     out = []
     for dt in (torch.bfloat16, torch.float16, torch.float32):
-        name = str(dt).removeprefix("torch.")
+        name = dtype_name(dt)
         for hidden in (2048, 3584, 1280, 20000):  # 3b, 7b, vision; and a row wider than one pass
             x, w = t(64, hidden, dtype=dt), t(hidden, dtype=dt)
             out.append((f"rms_norm {name} H={hidden}", lambda x=x, w=w: rms_norm(x, w, 1e-6)))
@@ -215,12 +223,27 @@ def cases(quick: bool):
     return out
 
 
+def write_sass(folder: str, row: dict, sass: str, written: set[str]) -> None:
+    """One file per compiled kernel, named after its case, kernel and configuration (stable across runs)."""
+    slug = re.sub(r"[^A-Za-z0-9=.]+", "_", f"{row['case']} {row['kernel']} {row['config']}").strip("_")
+    name, n = slug, 1
+    while name in written:  # the same case and configuration compiled twice with other constants
+        n += 1
+        name = f"{slug}.{n}"
+    written.add(name)
+    with open(os.path.join(folder, name + ".sass"), "w") as f:
+        f.write(sass)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one GEMM configuration per family (CI)")
     ap.add_argument("--json", help="write every compiled kernel's figures here")
     ap.add_argument("--only", default="", help="only the cases whose name contains this text, e.g. 'gemm'")
+    ap.add_argument("--sass", help="write each compiled kernel's SASS (nvdisasm) to a file in this folder")
     args = ap.parse_args()
+    if args.sass:
+        os.makedirs(args.sass, exist_ok=True)
 
     triton.runtime.driver.set_active(Sm90Driver())
     recorder = Recorder()
@@ -231,7 +254,7 @@ def main() -> int:
         recorder.case = name
         launch()
 
-    results, seen, failures = [], set(), []
+    results, seen, failures, sass_written = [], set(), [], set()
     start = time.time()
     for launch in recorder.launches:
         spec = launch["spec"]
@@ -242,7 +265,11 @@ def main() -> int:
         name = launch["fn"].fn.__name__
         row = {"case": launch["case"], "kernel": name, "dtype": storage_dtype(spec), "config": describe(spec)}
         try:
-            row.update(compile_sm90(launch["fn"], spec))
+            compiled = compile_sm90(launch["fn"], spec)
+            sass = compiled.pop("sass")
+            row.update(compiled)
+            if args.sass:
+                write_sass(args.sass, row, sass, sass_written)
         except Exception as e:  # a kernel that does not compile for sm_90 is the worst finding of all
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
         row["problems"] = problems(row, spec)

@@ -18,6 +18,8 @@ from typing import Iterator
 
 import torch
 
+from .dtypes import DTYPES, dtype_name
+from .files import write_json
 from .config import Qwen25VLConfig, as_config, config_to_hf_dict, load_hf_config
 from .model.qwen2_5_vl import Qwen25VL
 
@@ -202,7 +204,7 @@ def _config_dtype(directory: str) -> torch.dtype:
     except (OSError, json.JSONDecodeError):
         return torch.float32
     name = raw.get("torch_dtype") or raw.get("dtype") or (raw.get("text_config") or {}).get("dtype")
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+    return DTYPES.get(name, torch.float32)
 
 
 def from_pretrained(directory: str | os.PathLike, *, dtype: torch.dtype | None = None, device="cpu",
@@ -264,15 +266,11 @@ def save_pretrained(model: Qwen25VL, directory: str | os.PathLike, *, max_shard_
             rows = _rows_of(srcs, row, total)
             tensors[key] = params[name].detach()[row: row + rows].contiguous().cpu()
     hf = config_to_hf_dict(model.cfg)
-    hf["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    hf["torch_dtype"] = dtype_name(model.dtype)
     shards = _shards(tensors, max_shard_bytes)
 
     def temporary(fn: str) -> str:
         return os.path.join(directory, f".{fn}.partial")
-
-    def write_json(fn: str, data: dict) -> None:
-        with open(temporary(fn), "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
 
     written = []
     try:
@@ -281,9 +279,9 @@ def save_pretrained(model: Qwen25VL, directory: str | os.PathLike, *, max_shard_
             save_file(shard, temporary(fn), metadata={"format": "pt"})
         if max_shard_bytes is not None:
             written.append(INDEX)
-            write_json(INDEX, {"metadata": {}, "weight_map": {k: fn for fn, shard in shards.items() for k in shard}})
+            write_json(temporary(INDEX), {"metadata": {}, "weight_map": {k: fn for fn, shard in shards.items() for k in shard}})
         written.append("config.json")
-        write_json("config.json", hf)
+        write_json(temporary("config.json"), hf)
     except BaseException:
         for fn in written:
             with contextlib.suppress(FileNotFoundError):

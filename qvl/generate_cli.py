@@ -18,7 +18,8 @@ from typing import Callable
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .dtypes import DTYPES
+
 
 
 @dataclass

@@ -38,6 +38,8 @@ import torch
 
 from ..backends import BackendUnsupportedError, get_backend
 from ..checkpoint import from_config, from_pretrained
+from ..dtypes import dtype_name
+from ..files import write_json
 from .config import DTYPES, AblationConfig, Variant
 from .measure import Clock, PeakMemory, Progress, environment, summarize
 from .workload import Workload, build_workload
@@ -69,30 +71,6 @@ def make_run_dir(root: str, name: str) -> str:
         except FileExistsError:
             n += 1
             path = f"{base}-{n}"
-
-
-def write_json(path: str, data: Any) -> None:
-    """Atomic: a reader (or an interrupted run) sees the previous file or the new one, never half of one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_plain(data), f, indent=2, allow_nan=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _plain(x: Any) -> Any:
-    """JSON-safe: non-finite floats as strings ("nan", "inf"), tuples as lists, dtypes and devices as text."""
-    if isinstance(x, float):
-        return x if x == x and x not in (float("inf"), float("-inf")) else str(x)
-    if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, (torch.dtype, torch.device)):
-        return str(x)
-    return x
 
 
 def _now() -> str:
@@ -354,7 +332,7 @@ class AblationRun:
                     p.copy_(s)
                 else:
                     fresh.append(name)
-        text = f"copied from the base model ({str(base.dtype).removeprefix('torch.')})"
+        text = f"copied from the base model ({dtype_name(base.dtype)})"
         if fresh:
             text += (f"; {len(fresh)} parameters with other shapes drawn fresh: " + ", ".join(fresh[:6])
                      + (" ..." if len(fresh) > 6 else ""))

@@ -31,6 +31,7 @@ from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 
+from ..dtypes import FLOAT_DTYPES, dtype_name
 from .interface import OPERATORS
 
 log = logging.getLogger("qvl.backends")
@@ -38,7 +39,6 @@ log = logging.getLogger("qvl.backends")
 ENV_VAR = "QVL_BACKENDS"
 AUTO = "auto"
 DEFAULT_BACKEND = "eager"
-FLOAT_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
 
 class BackendUnsupportedError(RuntimeError):
@@ -62,7 +62,7 @@ class CallInfo:
         return dict(self.features).get(name, default)
 
     def describe(self) -> str:
-        dtype = str(self.dtype).removeprefix("torch.")
+        dtype = dtype_name(self.dtype)
         return ", ".join([self.device, dtype] + [f"{k}={v}" for k, v in self.features])
 
 
@@ -83,12 +83,12 @@ class OpImpl:
         reasons = []
         if call.device not in self.devices:
             reasons.append(f"device {call.device} not supported (supports {', '.join(sorted(self.devices))})")
-        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in self.dtypes))
+        names = ", ".join(sorted(dtype_name(d) for d in self.dtypes))
         if call.dtype not in self.dtypes:
-            reasons.append(f"dtype {str(call.dtype).removeprefix('torch.')} not supported (supports {names})")
+            reasons.append(f"dtype {dtype_name(call.dtype)} not supported (supports {names})")
         weight_dtype = call.get("weight_dtype")  # a norm weight in another dtype than x (x's is the default)
         if weight_dtype is not None and weight_dtype not in self.dtypes:
-            reasons.append(f"weight dtype {str(weight_dtype).removeprefix('torch.')} not supported (supports {names})")
+            reasons.append(f"weight dtype {dtype_name(weight_dtype)} not supported (supports {names})")
         head_dim = call.get("head_dim")
         if self.head_dims is not None and head_dim is not None and not self.head_dims(head_dim):
             reasons.append(f"head dim {head_dim} not supported ({self.head_dims_text})")
