@@ -13,17 +13,14 @@ On a CUDA GPU: every xFormers operator against eager, the support probe, and the
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import importlib
-import importlib.util
 import sys
+import types
 
 import pytest
 import torch
 
 from qvl.backends import (
     OPERATORS,
-    Backend,
     BackendUnsupportedError,
     BlockDiagonalMask,
     CallInfo,
@@ -35,112 +32,29 @@ from qvl.backends import (
     resolve_plan,
 )
 from qvl.backends import xformers as xfb
+from qvl.backends.xformers import installed
 from qvl.demo import demo_prompt
-from tests.backends import model_checks as checks
 from qvl.model.layers import inverse_frequencies
+from tests.backends import model_checks as checks
+from tests.ops.xformers_sim import install_reference_kernels, register_simulated_backend
+from tests.ops.xformers_sim import needs_xformers as needs_xf
 
 EAGER = get_backend("eager").impls
-HAS_XF = xfb.XF is not None
+HAS_XF = installed.XF is not None
 CUDA = torch.cuda.is_available()
-needs_xf = pytest.mark.skipif(not HAS_XF, reason=f"xformers unavailable: {xfb.STATUS.missing}")
 needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-needs_attention_kernels = pytest.mark.skipif(CUDA and bool(xfb.STATUS.extension), reason=f"{xfb.STATUS.extension}")
+needs_attention_kernels = pytest.mark.skipif(CUDA and bool(installed.STATUS.extension),
+                                             reason=f"{installed.STATUS.extension}")
 
 
 def rel_err(out, ref):
     return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
 
 
-# --- references for xFormers' kernel entry points (CPU) -----------------------------------------------------------
-
-
-def ref_memory_efficient_attention_forward(query, key, value, attn_bias=None, p=0.0, scale=None, *, op=None,
-                                           output_dtype=None):
-    """softmax(q k^T * scale + attn_bias.materialize(...)) v over the very tensors the backend passes.
-
-    xFormers' own input validation runs first. Rows whose keys are all masked come out NaN, as a kernel's
-    might: the backend must zero them itself.
-    """
-    from xformers.ops.fmha.common import Inputs
-
-    Inputs(query=query, key=key, value=value, attn_bias=attn_bias, p=p, scale=scale).validate_inputs()
-    assert p == 0.0 and op is None and output_dtype is None
-    five = query.dim() == 5
-    q, k, v = (x if five else x.unsqueeze(3) for x in (query, key, value))  # (B, M, G, H, K)
-    b, mq, g, h, d = q.shape
-    scale = d**-0.5 if scale is None else scale
-    scores = torch.einsum("bqghd,bkghd->bghqk", q.float(), k.float()) * scale
-    if attn_bias is not None:
-        scores = scores + attn_bias.materialize((b, g, h, mq, k.shape[1]), dtype=torch.float32, device=q.device)
-    out = torch.einsum("bghqk,bkghd->bqghd", scores.softmax(-1), v.float()).to(query.dtype)
-    return out if five else out.squeeze(3)
-
-
-def ref_rope_padded(xq, xk, xv, cache_k, cache_v, attn_bias, *, theta=10000.0, linear_scale=1.0,
-                    use_dynamic_scaling=False, out_q=None, first_seqpos=None, seqpos=None, adjacents=True,
-                    internal_dtype="", **_dynamic):
-    """xformers/ops/_triton/rope_padded_kernels.py in torch (4-D inputs): the same checks, positions, frequencies
-    (pow(theta, -2j/D) in float32), pair layout and cache slots."""
-    assert not use_dynamic_scaling and out_q is None and internal_dtype == "" and xq.dim() == 4
-    assert first_seqpos is None or seqpos is None
-    qstart = attn_bias.q_seqinfo.seqstart_py
-    kstart, klen = attn_bias.k_seqinfo.seqstart_py, attn_bias.k_seqinfo.seqlen_py
-    n, dim, hkv = qstart[-1], xq.shape[-1], xk.shape[2]
-    assert xq.shape[:2] == (1, n) and xk.shape == xv.shape == (1, n, hkv, dim)
-    assert cache_k.shape == cache_v.shape == (1, kstart[-1], hkv, dim)
-    assert all(x.stride(-1) == 1 for x in (xq, xk, xv, cache_k, cache_v))
-    query_pos = torch.arange(n)
-    block = torch.bucketize(query_pos, torch.tensor(qstart[1:]), right=True)
-    end_q = torch.tensor(qstart[1:])[block]
-    cache_start = torch.tensor(kstart[:-1])[block]
-    cache_pos = cache_start + torch.tensor(list(klen))[block] - (end_q - query_pos)
-    if seqpos is not None:
-        assert seqpos.shape == (n,)
-        pos = seqpos.cpu()
-    else:
-        pos = cache_pos - cache_start + (0 if first_seqpos is None else first_seqpos.cpu()[block])
-    powers = torch.arange(dim // 2, dtype=torch.float32) * 2.0
-    freqs = torch.pow(torch.tensor(theta, dtype=torch.float32), powers / (-dim))
-    angle = pos.to(torch.float32)[:, None] * freqs / linear_scale
-    cos, sin = angle.cos()[:, None], angle.sin()[:, None]
-
-    def rotate(x):
-        x = x[0].float()
-        re_i, im_i = (slice(0, dim, 2), slice(1, dim, 2)) if adjacents else (slice(0, dim // 2), slice(dim // 2, dim))
-        out = torch.empty_like(x)
-        out[..., re_i] = x[..., re_i] * cos - x[..., im_i] * sin
-        out[..., im_i] = x[..., im_i] * cos + x[..., re_i] * sin
-        return out
-
-    cache_pos = cache_pos.to(cache_k.device)
-    cache_k[0, cache_pos] = rotate(xk).to(cache_k.dtype)
-    if cache_v.stride(1) != 0:  # a stride-0 scratch: the kernel's writes there are discarded
-        cache_v[0, cache_pos] = xv[0].to(cache_v.dtype)
-    return rotate(xq).to(xq.dtype)[None]
-
-
-def ref_rms_norm(x, weight, eps=1e-6):
-    assert x.is_contiguous() and weight.is_contiguous()
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
-
-
-def ref_rms_norm_add(x, y, weight, eps=1e-6):
-    """Like the kernel: x += y in place (stored in x's dtype), then the norm of the stored sum."""
-    assert x.is_contiguous() and y.is_contiguous() and weight.is_contiguous()
-    a = x.float() + y.float()
-    x.copy_(a)
-    rstd = torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + eps)
-    return (x.float() * rstd * weight.float()).to(x.dtype)
-
-
 @pytest.fixture
 def kernels(monkeypatch):
-    """xFormers' kernel entry points replaced by the references above (the backend looks them up per call)."""
-    monkeypatch.setattr(xfb.XF.ops, "memory_efficient_attention_forward", ref_memory_efficient_attention_forward)
-    monkeypatch.setattr(xfb.XF.ops, "rope_padded", ref_rope_padded)
-    monkeypatch.setattr(xfb.XF.rmsnorm, "rms_norm", ref_rms_norm)
-    monkeypatch.setattr(xfb.XF.rmsnorm, "rms_norm_add", ref_rms_norm_add)
+    """xFormers' kernel entry points replaced by CPU references (tests/ops/xformers_sim.py)."""
+    install_reference_kernels(monkeypatch)
 
 
 def allowed(bias, lq, lk):
@@ -400,24 +314,9 @@ def test_mlp_declares_gelu_unsupported():
 
 
 @pytest.fixture
-def simulated(monkeypatch, kernels):
-    """The xformers implementations registered as 'xformers-sim' on the CPU, kernels replaced by references."""
-    monkeypatch.setattr(xfb, "STATUS", dataclasses.replace(xfb.STATUS, cuda="simulated", extension=None, triton=None))
-    calls = {op: 0 for op in OPERATORS}
-
-    def on_cpu(impl):
-        class Sim(type(impl)):
-            devices = frozenset({"cpu"})
-
-            def __call__(self, *args, **kwargs):
-                calls[self.operator] += 1
-                return super().__call__(*args, **kwargs)
-
-        return Sim()
-
-    backend = Backend("xformers-sim", {op: on_cpu(i) for op, i in xfb.BACKEND.impls.items()})
-    monkeypatch.setitem(registry._BACKENDS, backend.name, backend)
-    return calls
+def simulated(monkeypatch):
+    """The xformers implementations registered on the CPU, kernels replaced by references: (name, calls)."""
+    return register_simulated_backend(monkeypatch)
 
 
 # every fallback the model may take, by operator: the reasons the backend declares
@@ -449,10 +348,11 @@ def compare_model(model, inputs, backend, tol, new_tokens, allowed_fallbacks, ex
 
 @needs_xf
 def test_tiny_model_through_simulated_xformers(simulated):
+    name, calls = simulated
     model = checks.perturbed("tiny", torch.float32, device="cpu")
-    compare_model(model, demo_prompt(model.cfg), "xformers-sim", 1e-4, 6, EXPECTED_FALLBACKS)
-    compare_model(model, checks.padded_batch(), "xformers-sim", 1e-4, 6, EXPECTED_FALLBACKS)
-    assert all(simulated[op] > 0 for op in OPERATORS), simulated  # every operator ran on the xformers paths
+    compare_model(model, demo_prompt(model.cfg), name, 1e-4, 6, EXPECTED_FALLBACKS)
+    compare_model(model, checks.padded_batch(), name, 1e-4, 6, EXPECTED_FALLBACKS)
+    assert all(calls[op] > 0 for op in OPERATORS), calls  # every operator ran on the xformers paths
 
 
 # --- availability -------------------------------------------------------------------------------------------------
@@ -463,22 +363,22 @@ def test_backend_registered_and_reasons_here():
     assert backend.name == "xformers" and backend.priority == 10
     reasons = backend.unavailable_reasons()
     if not HAS_XF:
-        assert reasons == [xfb.STATUS.missing]
+        assert reasons == [installed.STATUS.missing]
     elif not CUDA:
         assert reasons[0].startswith("no CUDA device")
-        if xfb.STATUS.extension:
-            assert reasons[1] == xfb.STATUS.extension
+        if installed.STATUS.extension:
+            assert reasons[1] == installed.STATUS.extension
     with pytest.raises(BackendUnsupportedError, match="unavailable") if reasons else contextlib.nullcontext():
         resolve_plan("xformers")
 
 
 @needs_xf
-@pytest.mark.skipif(xfb.STATUS.extension is None, reason="xformers' compiled extension loads here")
+@pytest.mark.skipif(installed.STATUS.extension is None, reason="xformers' compiled extension loads here")
 def test_broken_extension_reports_xformers_explanation(capsys):
     # The real situation on CI: the wheel's _C was built for another torch/python. Its own words are reported.
-    text = xfb.STATUS.extension
+    text = installed.STATUS.extension
     assert text.startswith("xformers' compiled extension did not load: ")
-    assert str(xfb.XF.xformers._cpp_lib._cpp_library_load_exception).split("\n")[0] in text
+    assert str(installed.XF.xformers._cpp_lib._cpp_library_load_exception).split("\n")[0] in text
     from qvl.cli import cmd_backends
 
     cmd_backends(None)
@@ -491,21 +391,21 @@ def test_extension_explanation_from_xformers(monkeypatch):
         def __str__(self):
             return "xFormers can't load C++/CUDA extensions. xFormers was built for:\n    PyTorch 9.9"
 
-    monkeypatch.setattr(xfb.XF.xformers._cpp_lib, "_cpp_library_load_exception", Broken())
-    assert xfb._extension_problem(xfb.XF) == ("xformers' compiled extension did not load: xFormers can't load "
-                                              "C++/CUDA extensions. xFormers was built for: PyTorch 9.9")
-    monkeypatch.setattr(xfb.XF.xformers._cpp_lib, "_cpp_library_load_exception", None)
-    monkeypatch.setattr(xfb.XF.xformers, "_has_cpp_library", True)
-    assert xfb._extension_problem(xfb.XF) is None
+    monkeypatch.setattr(installed.XF.xformers._cpp_lib, "_cpp_library_load_exception", Broken())
+    assert installed.extension_problem(installed.XF) == (
+        "xformers' compiled extension did not load: xFormers can't load C++/CUDA extensions. xFormers was built "
+        "for: PyTorch 9.9")
+    monkeypatch.setattr(installed.XF.xformers._cpp_lib, "_cpp_library_load_exception", None)
+    monkeypatch.setattr(installed.XF.xformers, "_has_cpp_library", True)
+    assert installed.extension_problem(installed.XF) is None
 
 
-def _fresh_module(monkeypatch, name="qvl.backends._xformers_probe"):
-    """A fresh copy of qvl/backends/xformers.py, so its import-time probing runs again."""
-    spec = importlib.util.spec_from_file_location(name, xfb.__file__)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)
-    spec.loader.exec_module(module)
-    return module
+def _reload(monkeypatch):
+    """Run the import-time probing again (installed.load()) and build the backend on its outcome."""
+    status, mods = installed.load()
+    monkeypatch.setattr(installed, "STATUS", status)
+    monkeypatch.setattr(installed, "XF", mods)
+    return xfb.make_backend()
 
 
 def _hide_xformers(monkeypatch):
@@ -516,13 +416,13 @@ def _hide_xformers(monkeypatch):
 
 def test_not_installed_is_a_reason_everywhere(monkeypatch, capsys):
     _hide_xformers(monkeypatch)
-    module = _fresh_module(monkeypatch)
+    backend = _reload(monkeypatch)
     reason = "xformers is not installed (pip install xformers)"
-    assert module.XF is None and module.STATUS.missing == reason
-    assert module.BACKEND.unavailable_reasons() == [reason]
+    assert installed.XF is None and installed.STATUS.missing == reason
+    assert backend.unavailable_reasons() == [reason]
     # through the registry: `qvl backends`, an explicit choice, and a fallback
     monkeypatch.delitem(registry._LAZY, "xformers", raising=False)
-    monkeypatch.setitem(registry._BACKENDS, "xformers", module.BACKEND)
+    monkeypatch.setitem(registry._BACKENDS, "xformers", backend)
     from qvl.cli import cmd_backends
 
     cmd_backends(None)
@@ -546,7 +446,7 @@ def test_failing_import_is_a_reason(monkeypatch):
             return None
 
     monkeypatch.setattr(sys, "meta_path", [Exploding()] + sys.meta_path)
-    status, mods = xfb.load()
+    status, mods = installed.load()
     assert mods is None and status.missing == "xformers failed to import: RuntimeError: undefined symbol: _ZN2at4cuda"
 
 
@@ -554,7 +454,7 @@ def test_failing_import_is_a_reason(monkeypatch):
 def test_per_operator_reasons_with_cuda_but_no_extension(monkeypatch):
     """On a GPU with a broken extension: attention is off with xFormers' words; Triton ops and swiglu run."""
     ext = "xformers' compiled extension did not load: xFormers can't load C++/CUDA extensions."
-    monkeypatch.setattr(xfb, "STATUS", xfb.Status(version="0.0.35", extension=ext))
+    monkeypatch.setattr(installed, "STATUS", installed.Status(version="0.0.35", extension=ext))
     backend = xfb.make_backend()
     assert backend.unavailable_reasons() == [] and "attention off" in backend.note()
     attention = CallInfo("attention", "cuda", torch.bfloat16, (("gqa", 2), ("head_dim", 128), ("mask", "causal"),
@@ -563,32 +463,68 @@ def test_per_operator_reasons_with_cuda_but_no_extension(monkeypatch):
     norm = CallInfo("norm", "cuda", torch.bfloat16, (("hidden", 2048), ("residual", True)))
     mlp = CallInfo("mlp", "cuda", torch.bfloat16, (("activation", "swiglu"), ("bias", False)))
     assert backend.reasons(norm) == [] and backend.reasons(mlp) == []
-    monkeypatch.setattr(xfb, "STATUS", xfb.Status(version="0.0.35", triton="XFORMERS_FORCE_DISABLE_TRITON=1 ..."))
+    monkeypatch.setattr(installed, "STATUS",
+                        installed.Status(version="0.0.35", triton="XFORMERS_FORCE_DISABLE_TRITON=1 ..."))
     backend = xfb.make_backend()
     assert backend.reasons(norm) == ["XFORMERS_FORCE_DISABLE_TRITON=1 ..."] and "norm/rope/cache off" in backend.note()
 
 
 @needs_xf
 def test_no_cuda_and_dtype_reasons(monkeypatch):
-    monkeypatch.setattr(xfb, "STATUS", xfb.Status(version="0.0.35", cuda="no CUDA device (x)"))
+    monkeypatch.setattr(installed, "STATUS", installed.Status(version="0.0.35", cuda="no CUDA device (x)"))
     assert xfb.make_backend().unavailable_reasons() == ["no CUDA device (x)"]
-    monkeypatch.setattr(xfb, "STATUS", xfb.Status(version="0.0.35", cuda="no CUDA device (x)", extension="ext"))
+    monkeypatch.setattr(installed, "STATUS",
+                        installed.Status(version="0.0.35", cuda="no CUDA device (x)", extension="ext"))
     assert xfb.make_backend().unavailable_reasons() == ["no CUDA device (x)", "ext"]
     call = CallInfo("norm", "cpu", torch.float64, (("hidden", 8), ("residual", False)))
     reasons = xfb.XformersNorm().not_supported_reasons(call)
     assert any("device cpu not supported" in r for r in reasons) and any("dtype float64" in r for r in reasons)
 
 
+@pytest.fixture
+def fresh_probe():
+    """probe_attention's cache emptied before and after the test (the test changes what it would answer)."""
+    xfb.probe_attention.cache_clear()
+    yield xfb.probe_attention
+    xfb.probe_attention.cache_clear()
+
+
+def probe_call(mask="causal", padded=True):
+    return CallInfo("attention", "cpu", torch.float32, (("gqa", 2), ("head_dim", 64), ("mask", mask),
+                                                         ("padded", padded)))
+
+
 @needs_xf
-def test_attention_probe_turns_xformers_dispatch_refusal_into_a_reason():
-    # On the CPU xFormers' dispatcher finds no kernel: the probe (same layout and bias as the real call)
-    # must report that as one line rather than crash. On a GPU the same probe decides dtype/bias support.
-    xfb._probe_attention.cache_clear()
+@pytest.mark.parametrize("torch_build", ["this one", "cuda"])
+def test_attention_probe_turns_xformers_dispatch_refusal_into_a_reason(monkeypatch, fresh_probe, torch_build):
+    # On the CPU every forward kernel of xFormers refuses: the probe (same layout and bias as the real call,
+    # each kernel asked through its public not_supported_reasons) must report that as one line naming every
+    # kernel and its reasons rather than crash. On a GPU the same probe decides dtype/bias support.
+    if torch_build == "cuda":  # the kernels a CUDA build of torch gets: flash3, flash, cutlass
+        monkeypatch.setattr(torch.version, "cuda", "12.8")
+    ops = xfb.forward_ops()
+    assert ops  # this release exports the kernel classes the probe asks
     for mask, padded in (("causal", True), ("causal", False), ("block_diagonal", False)):
-        call = CallInfo("attention", "cpu", torch.float32, (("gqa", 2), ("head_dim", 64), ("mask", mask),
-                                                             ("padded", padded)))
-        (reason,) = xfb._probe_attention(call)
+        (reason,) = fresh_probe(probe_call(mask, padded))
         assert reason.startswith("memory_efficient_attention has no kernel for these inputs: `") and "\n" not in reason
+        for op in ops:
+            assert f"`{op.NAME}` is not supported because: " in reason and "device=cpu" in reason
+
+
+@needs_xf
+def test_attention_probe_skips_missing_kernels_and_lets_the_call_decide_when_it_breaks(monkeypatch, fresh_probe):
+    fmha = installed.XF.fmha
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    # a release without flash3 and flash: the probe asks what is there
+    monkeypatch.setattr(installed.XF, "fmha", types.SimpleNamespace(Inputs=fmha.Inputs, cutlass=fmha.cutlass))
+    assert xfb.forward_ops() == [fmha.cutlass.FwOp]
+    (reason,) = fresh_probe(probe_call())
+    assert "`cutlassF" in reason and "fa2F" not in reason
+    # no kernel class it knows, or no Inputs to ask with: the real call decides
+    for broken in (types.SimpleNamespace(Inputs=fmha.Inputs), types.SimpleNamespace(cutlass=fmha.cutlass)):
+        monkeypatch.setattr(installed.XF, "fmha", broken)
+        fresh_probe.cache_clear()
+        assert fresh_probe(probe_call()) == ()
 
 
 # --- on a CUDA GPU ------------------------------------------------------------------------------------------------
@@ -694,7 +630,7 @@ def test_gpu_mlp_against_eager(dtype, bias):
 
 def _gpu_allowed_fallbacks(dtype):
     allowed_fallbacks = dict(EXPECTED_FALLBACKS)
-    if xfb.STATUS.extension:
+    if installed.STATUS.extension:
         allowed_fallbacks["attention"] = "compiled extension"
     elif dtype == torch.float32:
         allowed_fallbacks["attention"] = "no kernel"  # padded causal attention in float32

@@ -1,0 +1,42 @@
+"""mlp -> xformers.ops.swiglu with the packed [gate; up] weight, so xFormers' dispatcher picks its packed fused
+SwiGLU kernel where the installed release has one (0.0.35 has none: it runs its 'eager' op, F.linear + silu).
+GELU (the vision patch merger): unsupported, xFormers has none.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..registry import BackendUnsupportedError, CallInfo
+from . import installed
+from .base import XformersOp
+
+GELU_REASON = "activation gelu not supported: xformers has no GELU MLP operator (its fused MLP is SwiGLU only)"
+
+
+class XformersMLP(XformersOp):
+    operator = "mlp"
+    activations = frozenset({"swiglu"})
+
+    def not_supported_reasons(self, call: CallInfo) -> list[str]:
+        reasons = super().not_supported_reasons(call)
+        return [GELU_REASON if r.startswith("activation gelu") else r for r in reasons]
+
+    def __call__(self, x, w_in, b_in, w_out, b_out, activation):
+        if activation != "swiglu":
+            raise BackendUnsupportedError(f"mlp: {GELU_REASON}")
+        inner = w_in.shape[0] // 2
+        # [gate; up] as two views of one storage: xFormers sees packed weights and may take its packed kernel.
+        w1, w2 = w_in.unflatten(0, (2, inner)).unbind(0)
+        b1, b2 = (None, None) if b_in is None else b_in.unflatten(0, (2, inner)).unbind(0)
+        return installed.XF.ops.swiglu(x, w1, b1, w2, b2, w_out, b_out)
+
+
+def swiglu_op_name(dtype: torch.dtype = torch.bfloat16, bias: bool = False) -> str:
+    """The SwiGLU implementation xFormers' dispatcher picks for packed weights (0.0.35: 'eager', F.linear)."""
+    try:
+        dispatch = installed.XF.ops.SwiGLUOpDispatch(device="cuda", dtype=dtype, dtype_autocast_gpu=dtype,
+                                                     packed_weights=True, bias_enabled=bias)
+        return str(dispatch.op.NAME)
+    except Exception:
+        return "?"
