@@ -1,7 +1,7 @@
 # Two commands set everything up on a fresh machine (Python >= 3.10 with venv):
 #   make ablate  the main job: `qvl ablate` with the default for this machine (table, results/, report, plot)
 #   make test    the CPU test suite
-# Also: make demo (every backend mix on the tiny model), make bench-check / bench-baseline.
+# Also: make demo (every backend mix on the tiny model), make lint (ruff), make bench-check / bench-baseline.
 # Each creates its own virtual environment in $(VENV). TORCH and TRITON pick those requirements: the
 # defaults pin the releases CI uses (triton as on the lent H100); on a GPU machine pass what matches its CUDA.
 
@@ -13,7 +13,7 @@ TORCHVISION ?= torchvision==0.28.0
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: ablate demo test bench-check bench-baseline clean
+.PHONY: ablate demo test lint bench-check bench-baseline clean
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ demo: $(VENV)/.runtime
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests
+
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff check .
 
 # Performance regressions: run the benchmark suites and compare with benchmarks/baselines/<machine>.json
 bench-check: $(VENV)/.test

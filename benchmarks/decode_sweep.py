@@ -20,6 +20,7 @@ output before it is timed; a configuration that fails to compile or run is recor
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -28,10 +29,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import qvl  # noqa: E402,F401  (first: the Triton interpreter switch on a machine without a GPU)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import qvl  # noqa: F401  (before anything imports triton: the interpreter switch on a machine without a GPU)
 from benchmarks.kernel_figures import CUDA, DEV, bench, graphed  # noqa: E402
 from qvl.kernels.decode_attention import DEFAULT_TILES, decode_attention  # noqa: E402
 
@@ -74,30 +75,32 @@ def main() -> int:
         v = torch.randn_like(k)
         scale = d**-0.5
 
-        def sdpa():
-            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                  enable_gqa=True).transpose(1, 2)
-
+        sdpa = functools.partial(sdpa_attention, q, k, v)
+        triton_auto = functools.partial(decode_attention, q, k, v, None, scale)
         expected = sdpa()
         measure(shape, q, k, v, expected, "SDPA", sdpa)
-        measure(shape, q, k, v, expected, "triton auto", lambda: decode_attention(q, k, v, None, scale))
+        measure(shape, q, k, v, expected, "triton auto", triton_auto)
         if CUDA:
-            measure(shape, q, k, v, expected, "triton auto, no graph", lambda: decode_attention(q, k, v, None, scale),
-                    graph=False)
+            measure(shape, q, k, v, expected, "triton auto, no graph", triton_auto, graph=False)
 
-        def ours(**config):
-            return measure(shape, q, k, v, expected, "triton", lambda: decode_attention(q, k, v, None, scale, **config),
-                           **config)
+        def ours(config, shape=shape, q=q, k=k, v=v, expected=expected, scale=scale):
+            return measure(shape, q, k, v, expected, "triton",
+                           functools.partial(decode_attention, q, k, v, None, scale, **config), **config)
 
         splits, blocks = (SPLITS[:2], BLOCKS_N[1:2]) if small else (SPLITS, BLOCKS_N)
-        first = [ours(num_splits=s, block_n=b) for s, b in itertools.product(splits, blocks)]
+        first = [ours({"num_splits": s, "block_n": b}) for s, b in itertools.product(splits, blocks)]
         best = min((r for r in first if "us" in r), key=lambda r: r["us"])
         warps, stages = (WARPS[1:2], STAGES[:2]) if small else (WARPS, STAGES)
         for w, st in itertools.product(warps, stages):
-            ours(num_splits=best["num_splits"], block_n=best["block_n"], num_warps=w, num_stages=st)
+            ours({"num_splits": best["num_splits"], "block_n": best["block_n"], "num_warps": w, "num_stages": st})
 
     write(rows, args.out, small)
     return 0
+
+
+def sdpa_attention(q, k, v):
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          enable_gqa=True).transpose(1, 2)
 
 
 def shape_name(shape: tuple) -> str:

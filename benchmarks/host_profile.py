@@ -37,9 +37,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import qvl  # noqa: E402  (first: the Triton interpreter switch on a machine without a GPU)
 import torch  # noqa: E402
 
+import qvl  # (before anything imports triton: the interpreter switch on a machine without a GPU)
 from benchmarks.harness import CUDA, DEVICE, device_name, median_seconds, sync  # noqa: E402
 from qvl.demo import demo_prompt  # noqa: E402
 from qvl.dtypes import dtype_name  # noqa: E402

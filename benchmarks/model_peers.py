@@ -36,13 +36,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import qvl  # noqa: E402  (first: the Triton interpreter switch on a machine without a GPU)
 import torch  # noqa: E402
 
+import qvl  # (before anything imports triton: the interpreter switch on a machine without a GPU)
 from qvl.ablate.config import ImageSpec, WorkloadSpec  # noqa: E402
 from qvl.ablate.measure import Clock  # noqa: E402
-from qvl.dtypes import dtype_name  # noqa: E402
 from qvl.ablate.workload import build_workload  # noqa: E402
+from qvl.dtypes import dtype_name  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -113,7 +113,7 @@ def measure(row, inputs: dict, n: int, repeats: int, clock: Clock, ref_logits: t
     prompt_len = inputs["input_ids"].shape[1]
     vision, first, decode, work = [], [], [], []
     with torch.no_grad():
-        for i in range(1 + repeats):  # the first run warms up (Triton compiles, cuBLAS picks its kernels)
+        for _ in range(1 + repeats):  # the first run warms up (Triton compiles, cuBLAS picks its kernels)
             vision.append(clock.time(lambda: row.vision(inputs))[1])
             first.append(clock.time(lambda: row.generate(inputs, 1))[1])
             before = torch.cuda.memory_allocated() if CUDA else 0

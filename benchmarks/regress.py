@@ -1,7 +1,7 @@
 """Performance regression tracking against committed per-machine baselines.
 
-    python benchmarks/regress.py check  [--machine cpu]   # run the suite, compare with the baseline, exit 1 on regression
-    python benchmarks/regress.py update [--machine cpu]   # run the suite and rewrite benchmarks/baselines/<machine>.json
+    python benchmarks/regress.py check  [--machine cpu]   # run the suite, compare with the baseline; 1 on a regression
+    python benchmarks/regress.py update [--machine cpu]   # run the suite, rewrite benchmarks/baselines/<machine>.json
     python benchmarks/regress.py table RESULTS.json       # a baseline or saved run as a markdown table
     python benchmarks/regress.py compare CURRENT.json BASELINE.json [--threshold 0.25]
 
@@ -29,8 +29,9 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import qvl  # noqa: E402,F401  (first: it switches on the Triton interpreter before anything imports triton)
 import torch  # noqa: E402
+
+import qvl  # noqa: F401  (before anything imports triton: it switches on the Triton interpreter)
 from qvl.ablate.measure import git_commit  # noqa: E402
 from qvl.files import write_json  # noqa: E402
 from qvl.launches import LaunchCounter  # noqa: E402
@@ -364,7 +365,8 @@ def results_table(results: dict) -> str:
     deterministic counts."""
     meta = results["meta"]
     lines = [f"Device: {meta['device']}; torch {meta['torch']}; triton {meta.get('triton')}; python "
-             f"{meta['python']}; {meta['date']}; commit {meta['commit'][:10]}{' + changes' if meta.get('dirty') else ''}", "",
+             f"{meta['python']}; {meta['date']}; commit {meta['commit'][:10]}"
+             f"{' + changes' if meta.get('dirty') else ''}", "",
              "| benchmark | median ms | rate | of limit |", "| --- | --- | --- | --- |"]
     for name, fig in sorted(results["figures"].items()):
         rate = " ".join(f"{fig[unit]:.3g} {unit}" for unit in ("TB/s", "TFLOP/s") if unit in fig)
@@ -377,7 +379,8 @@ def results_table(results: dict) -> str:
         if results.get(outcome):
             lines += ["", f"| {outcome} | reason |", "| --- | --- |"]
             # One line per cell: a reason that spans lines (the registry's list of causes) would end the table.
-            lines += [f"| {_short(name)} | {' '.join(reason.split())} |" for name, reason in sorted(results[outcome].items())]
+            lines += [f"| {_short(name)} | {' '.join(reason.split())} |"
+                      for name, reason in sorted(results[outcome].items())]
     if results.get("complete") is False:
         lines += ["", "Interrupted before the suite's end: the rows above are what it measured."]
     return "\n".join(lines) + "\n"

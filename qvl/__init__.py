@@ -1,7 +1,6 @@
 """qvl: Qwen2.5-VL with every operator on interchangeable backends (eager, xformers, Triton)."""
 
 from . import _env  # noqa: F401  (first: the Triton interpreter switch must precede any triton import)
-
 from .backends import BackendPlan, BackendUnsupportedError, resolve_plan, use_backends
 from .checkpoint import from_config, from_pretrained, save_pretrained
 from .config import PRESETS, Qwen25VLConfig, TextConfig, VisionConfig, get_preset, load_hf_config

@@ -14,13 +14,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
+from .config import Qwen25VLConfig, as_config, config_to_hf_dict, load_hf_config
 from .dtypes import DTYPES, dtype_name
 from .files import write_json
-from .config import Qwen25VLConfig, as_config, config_to_hf_dict, load_hf_config
 from .model.qwen2_5_vl import Qwen25VL
 
 WEIGHTS = "model.safetensors"
@@ -173,7 +173,8 @@ def load_weights(model: Qwen25VL, directory: str) -> None:
         if unexpected:
             parts.append(f"  unexpected keys ({len(unexpected)}): {_shorten(sorted(unexpected))}")
         if duplicated:
-            parts.append(f"  keys present twice (flat and nested layout) ({len(duplicated)}): {_shorten(sorted(duplicated))}")
+            parts.append(f"  keys present twice (flat and nested layout) ({len(duplicated)}): "
+                         f"{_shorten(sorted(duplicated))}")
         if mismatched:
             parts.append(f"  shape mismatches ({len(mismatched)}): {_shorten(mismatched)}")
         raise ValueError("\n".join(parts))
@@ -279,7 +280,8 @@ def save_pretrained(model: Qwen25VL, directory: str | os.PathLike, *, max_shard_
             save_file(shard, temporary(fn), metadata={"format": "pt"})
         if max_shard_bytes is not None:
             written.append(INDEX)
-            write_json(temporary(INDEX), {"metadata": {}, "weight_map": {k: fn for fn, shard in shards.items() for k in shard}})
+            weight_map = {k: fn for fn, shard in shards.items() for k in shard}
+            write_json(temporary(INDEX), {"metadata": {}, "weight_map": weight_map})
         written.append("config.json")
         write_json(temporary("config.json"), hf)
     except BaseException:

@@ -85,7 +85,8 @@ class TextConfig:
                  "text.hidden_size must be divisible by text.num_attention_heads")
         _require(self.num_attention_heads % self.num_key_value_heads == 0,
                  "text.num_attention_heads must be a multiple of text.num_key_value_heads")
-        _require(len(self.mrope_section) == 3, f"text.mrope_section needs 3 entries (t, h, w), got {self.mrope_section}")
+        _require(len(self.mrope_section) == 3,
+                 f"text.mrope_section needs 3 entries (t, h, w), got {self.mrope_section}")
         _require(
             sum(self.mrope_section) * 2 == self.head_dim,
             f"text.mrope_section {tuple(self.mrope_section)} sums to {sum(self.mrope_section)}, "
@@ -105,7 +106,7 @@ class Qwen25VLConfig:
     eos_token_id: tuple[int, ...] = (151645,)
     pad_token_id: int | None = None
 
-    def validate(self) -> "Qwen25VLConfig":
+    def validate(self) -> Qwen25VLConfig:
         self.text.validate()
         self.vision.validate()
         _require(self.vision.out_hidden_size == self.text.hidden_size,
@@ -114,11 +115,12 @@ class Qwen25VLConfig:
         special = {"image_token_id": self.image_token_id, "video_token_id": self.video_token_id,
                    "vision_start_token_id": self.vision_start_token_id}
         for name, tok in special.items():
-            _require(0 <= tok < self.text.vocab_size, f"{name} ({tok}) outside the vocabulary (size {self.text.vocab_size})")
+            _require(0 <= tok < self.text.vocab_size,
+                     f"{name} ({tok}) outside the vocabulary (size {self.text.vocab_size})")
         _require(self.image_token_id != self.video_token_id, "image_token_id and video_token_id must differ")
         return self
 
-    def with_overrides(self, overrides: dict[str, Any]) -> "Qwen25VLConfig":
+    def with_overrides(self, overrides: dict[str, Any]) -> Qwen25VLConfig:
         """Return a copy with dotted overrides applied, e.g. ``{"vision.window_size": 56}``."""
         text, vision, top = {}, {}, {}
         for key, value in overrides.items():
@@ -329,7 +331,8 @@ def config_to_hf_dict(cfg: Qwen25VLConfig) -> dict[str, Any]:
             "window_size": v.window_size,
             "fullatt_block_indexes": list(v.fullatt_block_indexes),
             "out_hidden_size": v.out_hidden_size,
-            "tokens_per_second": int(v.tokens_per_second) if float(v.tokens_per_second).is_integer() else v.tokens_per_second,
+            "tokens_per_second": (int(v.tokens_per_second) if float(v.tokens_per_second).is_integer()
+                                  else v.tokens_per_second),
             "hidden_act": "silu",
             "rms_norm_eps": v.rms_norm_eps,
             "rope_parameters": {"rope_theta": v.rope_theta, "rope_type": "axial"},
@@ -352,14 +355,15 @@ def load_hf_config(path: str | os.PathLike) -> Qwen25VLConfig:
     return config_from_hf_dict(hf)
 
 
-def as_config(preset_or_config: "str | Qwen25VLConfig | dict") -> Qwen25VLConfig:
+def as_config(preset_or_config: str | Qwen25VLConfig | dict) -> Qwen25VLConfig:
     if isinstance(preset_or_config, Qwen25VLConfig):
         return preset_or_config.validate()
     if isinstance(preset_or_config, str):
         return get_preset(preset_or_config)
     if isinstance(preset_or_config, dict):
         return config_from_hf_dict(preset_or_config)
-    raise ValueError(f"expected a preset name, a Qwen25VLConfig or an HF config dict, got {type(preset_or_config).__name__}")
+    raise ValueError(f"expected a preset name, a Qwen25VLConfig or an HF config dict, "
+                     f"got {type(preset_or_config).__name__}")
 
 
 __all__ = ["VisionConfig", "TextConfig", "Qwen25VLConfig", "PRESETS", "get_preset", "config_from_hf_dict",

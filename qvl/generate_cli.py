@@ -13,13 +13,12 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from .dtypes import DTYPES
-
 
 
 @dataclass

@@ -117,9 +117,9 @@ COLUMNS = ["variant", "status", "vision ms", "prefill ms", "decode tok/s", "laun
 
 def _grid(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip(),
              "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join(lines)
 
 
@@ -165,7 +165,8 @@ def render_markdown(results: dict, plot_file: str | None = None, plot_note: str 
     src = f"preset `{model.get('preset')}`" if model.get("preset") else f"checkpoint `{model.get('checkpoint')}`"
     overrides = model.get("overrides") or {}
     lines += [
-        f"- status: **{results['status']}** (started {results.get('started')}, finished {results.get('finished') or '-'})",
+        f"- status: **{results['status']}** (started {results.get('started')}, "
+        f"finished {results.get('finished') or '-'})",
         f"- config: `{results.get('config_path') or 'built in'}`; reference variant: `{results['reference']}`",
         f"- model: {src}, {model.get('dtype')}, device {run.get('device')}"
         + (f", overrides {_inline(overrides)}" if overrides else ""),
@@ -251,16 +252,18 @@ def plot_results(results: dict, path: str) -> str | None:
               ("decode tokens/s", "decode_tok_s", False), ("logits rel. error vs reference", "logits_rel_err", True)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.9 + 0.45 * len(variants)), sharey=True)
     ys = list(range(len(variants)))
-    for ax, (title, key, log) in zip(axes, panels):
-        for y, e in zip(ys, variants):
+    for ax, (title, key, log) in zip(axes, panels, strict=True):
+        for y, e in zip(ys, variants, strict=True):
             if e["status"] != "ok":
-                ax.text(0.02, y, e["status"], va="center", ha="left", color="tab:red", transform=ax.get_yaxis_transform())
+                ax.text(0.02, y, e["status"], va="center", ha="left", color="tab:red",
+                        transform=ax.get_yaxis_transform())
                 continue
             if key == "logits_rel_err":
                 value = (e.get("comparison") or {}).get(key)
                 if not isinstance(value, (int, float)) or value <= 0:
                     label = "ref" if e.get("reference") else ("0" if value == 0 else (value or "n/a"))
-                    ax.text(0.02, y, str(label), va="center", ha="left", color="gray", transform=ax.get_yaxis_transform())
+                    ax.text(0.02, y, str(label), va="center", ha="left", color="gray",
+                            transform=ax.get_yaxis_transform())
                     continue
                 ax.barh(y, value, color="tab:orange")
             else:
@@ -350,9 +353,12 @@ def compare_runs(runs: list[tuple[dict, str]], style: str = "text") -> str:
                          cells["vision ms"], cells["prefill ms"], cells["decode tok/s"], cells["launches/step"],
                          cells["rel err"], cells["agree"], ratio])
     if style == "md":
+        def environment(r: dict) -> dict:
+            return r.get("environment") or {}
+
         intro = ["# Ablation runs compared", ""] + [f"- `{run_label(r, d)}`: {r.get('status')}, "
-                                                    f"{(r.get('environment') or {}).get('device_name')}, "
-                                                    f"git {((r.get('environment') or {}).get('git') or {}).get('commit')}"
+                                                    f"{environment(r).get('device_name')}, "
+                                                    f"git {(environment(r).get('git') or {}).get('commit')}"
                                                     for r, d in runs]
         return "\n".join(intro + ["", _md_table(header, rows), "",
                                   "prefill vs first: this run's median prefill time over the first listed run's "

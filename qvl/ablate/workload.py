@@ -99,7 +99,7 @@ class Workload:
     def total_length(self) -> int:
         return self.prompt_length + self.decode_tokens
 
-    def to(self, device) -> "Workload":
+    def to(self, device) -> Workload:
         """Token ids and pixels on the device; grids and timings stay on the CPU, as a processor returns them
         (the model reads them with .tolist(), which on a GPU tensor would add syncs to the timings)."""
         moved = {k: (v.to(device) if k in ("input_ids", "pixel_values", "pixel_values_videos") else v)
@@ -107,7 +107,7 @@ class Workload:
         return Workload(moved, self.batch_size, self.prompt_length, self.text_tokens, self.vision_tokens,
                         self.decode_tokens, self.image_grids, self.video_grids)
 
-    def same_prompt(self, other: "Workload") -> bool:
+    def same_prompt(self, other: Workload) -> bool:
         def eq(a, b):
             if a is None or b is None:
                 return a is b

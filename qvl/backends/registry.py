@@ -26,8 +26,9 @@ import contextvars
 import importlib
 import logging
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import torch
 
@@ -55,7 +56,7 @@ class CallInfo:
     features: tuple[tuple[str, Any], ...] = ()
 
     @staticmethod
-    def of(operator: str, tensor: torch.Tensor, **features: Any) -> "CallInfo":
+    def of(operator: str, tensor: torch.Tensor, **features: Any) -> CallInfo:
         return CallInfo(operator, tensor.device.type, tensor.dtype, tuple(sorted(features.items())))
 
     def get(self, name: str, default: Any = None) -> Any:
@@ -230,7 +231,8 @@ def parse_spec(spec: Any, *, source: str = "backends") -> dict[str, str]:
     elif isinstance(spec, dict):
         mapping = {str(k): str(v) for k, v in spec.items()}
     else:
-        raise ValueError(f"{source}: expected a backend name, 'op=backend,...' string or mapping, got {type(spec).__name__}")
+        raise ValueError(f"{source}: expected a backend name, 'op=backend,...' string or mapping, "
+                         f"got {type(spec).__name__}")
     for op, name in mapping.items():
         if op not in OPERATORS:
             raise ValueError(f"{source}: unknown operator {op!r}; valid options are: {', '.join(OPERATORS)}")

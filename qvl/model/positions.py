@@ -32,7 +32,8 @@ def vision_rope_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
     for t, h, w in grid_thw.tolist():
         hpos, wpos = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         blocks = (h // merge, merge, w // merge, merge)  # patches of one 2x2 merge unit are adjacent
-        hw = torch.stack([hpos.reshape(blocks).transpose(1, 2).flatten(), wpos.reshape(blocks).transpose(1, 2).flatten()])
+        hw = torch.stack([hpos.reshape(blocks).transpose(1, 2).flatten(),
+                          wpos.reshape(blocks).transpose(1, 2).flatten()])
         out.append(hw.repeat(1, t))
     return torch.cat(out, dim=1)
 

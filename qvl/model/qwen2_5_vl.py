@@ -71,7 +71,7 @@ class Qwen25VL(nn.Module):
 
     # --- backends --------------------------------------------------------------------------------------------
 
-    def set_backends(self, backends=None, *, fallback: str | None = None) -> "Qwen25VL":
+    def set_backends(self, backends=None, *, fallback: str | None = None) -> Qwen25VL:
         """Resolve a backend plan (see `qvl.backends.registry`) and route every operator through it."""
         self.ops = Ops(resolve_plan(backends, fallback=fallback))
         return self
@@ -138,7 +138,8 @@ class Qwen25VL(nn.Module):
                 raise ValueError(f"{kind}: pass both the pixels and their grid_thw, or neither")
             if pixels is None:
                 if n_tokens:
-                    raise ValueError(f"input_ids hold {n_tokens} {kind} placeholder tokens but no {kind} pixels were given")
+                    raise ValueError(f"input_ids hold {n_tokens} {kind} placeholder tokens but no {kind} pixels "
+                                     "were given")
                 continue
             rows = int(grid.prod(-1).sum())
             if pixels.dim() != 2 or pixels.shape != (rows, cfg.vision.patch_dim):
@@ -152,7 +153,8 @@ class Qwen25VL(nn.Module):
             embeds = embeds.masked_scatter(placeholder.unsqueeze(-1), features)
 
         positions, deltas = mrope_positions(cfg, input_ids, pad, image_grid_thw, video_grid_thw, second_per_grid_ts)
-        return Prompt(embeds, positions, pad, deltas, has_vision=image_grid_thw is not None or video_grid_thw is not None)
+        has_vision = image_grid_thw is not None or video_grid_thw is not None
+        return Prompt(embeds, positions, pad, deltas, has_vision=has_vision)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(hidden, self.lm_weight())

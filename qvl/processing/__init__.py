@@ -16,14 +16,21 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from ..config import Qwen25VLConfig
-from .image import (ImageProcessor, OptionalDependencyError, VisionProcessingConfig, load_image, smart_resize,
-                    target_size)
-from .tokenizer import (QwenTokenizer, expand_vision_placeholders, render_chat)
+from .image import (
+    ImageProcessor,
+    OptionalDependencyError,
+    VisionProcessingConfig,
+    load_image,
+    smart_resize,
+    target_size,
+)
+from .tokenizer import QwenTokenizer, expand_vision_placeholders, render_chat
 from .video import VIDEO_DEFAULTS, Video, VideoProcessor, load_video, sample_frame_indices
 
 IMAGE_CONFIG_FILE = "preprocessor_config.json"
@@ -88,7 +95,7 @@ class Processor:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, model_config: Qwen25VLConfig | None = None,
-                        **overrides: Any) -> "Processor":
+                        **overrides: Any) -> Processor:
         """Read tokenizer.json, the processor configs and generation_config.json's EOS ids from a checkpoint.
 
         `overrides` (e.g. ``max_pixels=``, ``resize_backend=``) apply to the image settings; ``video_``-
@@ -106,7 +113,7 @@ class Processor:
         return cls(tokenizer, image_cfg, video_cfg, model_config, extra_stop_ids=extra)
 
     @classmethod
-    def for_config(cls, cfg: Qwen25VLConfig, **overrides: Any) -> "Processor":
+    def for_config(cls, cfg: Qwen25VLConfig, **overrides: Any) -> Processor:
         """Default settings and a synthetic byte-level tokenizer at the config's ids (random-weight presets)."""
         image_cfg, video_cfg = processing_configs(None)
         v = cfg.vision

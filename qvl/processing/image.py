@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,7 +88,7 @@ class VisionProcessingConfig:
     def patch_dim(self) -> int:
         return 3 * self.temporal_patch_size * self.patch_size**2
 
-    def validate(self) -> "VisionProcessingConfig":
+    def validate(self) -> VisionProcessingConfig:
         for name in ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size", "max_frames"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"processor config: {name} must be positive, got {getattr(self, name)}")
@@ -104,11 +105,11 @@ class VisionProcessingConfig:
             raise ValueError(f"video fps must be positive, got {self.fps}")
         return self
 
-    def with_overrides(self, **overrides: Any) -> "VisionProcessingConfig":
+    def with_overrides(self, **overrides: Any) -> VisionProcessingConfig:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None}).validate()
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], base: "VisionProcessingConfig | None" = None) -> "VisionProcessingConfig":
+    def from_dict(cls, raw: dict[str, Any], base: VisionProcessingConfig | None = None) -> VisionProcessingConfig:
         """Apply a parsed ``preprocessor_config.json`` on top of `base`.
 
         Pixel bounds are read from ``size`` (``shortest_edge``/``longest_edge``, or ``min_pixels``/
@@ -211,7 +212,7 @@ def _pil():
     return PIL
 
 
-def to_rgb(image) -> "Any":
+def to_rgb(image) -> Any:
     """A PIL image in RGB, transparency composited onto white (as transformers' ``convert_to_rgb``)."""
     PIL = _pil()
     has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None

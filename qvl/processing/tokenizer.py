@@ -9,8 +9,9 @@ turn, ``<|vision_start|><|image_pad|><|vision_end|>`` per image and ``...<|video
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from ..config import Qwen25VLConfig
 
@@ -147,7 +148,7 @@ class QwenTokenizer:
                                   ids[VIDEO_PAD], ids[ENDOFTEXT])
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "QwenTokenizer":
+    def from_file(cls, path: str | os.PathLike) -> QwenTokenizer:
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.json")
@@ -161,7 +162,7 @@ class QwenTokenizer:
         return cls(tok, source=path)
 
     @classmethod
-    def synthetic(cls, cfg: Qwen25VLConfig) -> "QwenTokenizer":
+    def synthetic(cls, cfg: Qwen25VLConfig) -> QwenTokenizer:
         """A byte-level tokenizer (256 byte tokens, no merges) with the special tokens at `cfg`'s ids.
 
         For random-weight presets, which come without a tokenizer.json: text round-trips, ids match the

@@ -34,14 +34,22 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from .image import (OptionalDependencyError, VisionProcessingConfig, load_image, normalize_frames, patchify,
-                    resize_frames, target_size)
+from .image import (
+    OptionalDependencyError,
+    VisionProcessingConfig,
+    load_image,
+    normalize_frames,
+    patchify,
+    resize_frames,
+    target_size,
+)
 
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 VIDEO_DEFAULTS = VisionProcessingConfig(min_pixels=128 * 28 * 28, max_pixels=768 * 28 * 28, resize_backend="torch")
@@ -254,7 +262,7 @@ class VideoProcessor:
         if len(rates) != len(videos):
             raise ValueError(f"{len(videos)} videos but {len(rates)} source frame rates")
         rows, grids, spg = [], [], []
-        for video, rate in zip(videos, rates):
+        for video, rate in zip(videos, rates, strict=True):
             r, g, s = self.preprocess_one(self.load(video, rate))
             rows.append(r)
             grids.append(g)

@@ -31,10 +31,10 @@ from qvl.backends import (
     parse_spec,
     register_backend,
     register_lazy_backend,
+    registry,
     resolve_plan,
     use_backends,
 )
-from qvl.backends import registry
 from qvl.backends.registry import Dispatcher
 
 # Far above any real backend's priority, so `auto` tests do not depend on what else is registered.
@@ -577,7 +577,7 @@ def test_backends_table_marks_operators_a_partial_backend_lacks(capsys):
     names, starts = lines[0].split(), []
     for name in names:  # the table is padded to fixed widths: cut each row at the header's columns
         starts.append(lines[0].index(name, starts[-1] if starts else 0))
-    rows = {line.split()[0]: {n: line[a:b].strip() for n, a, b in zip(names, starts, starts[1:] + [None])}
+    rows = {line.split()[0]: {n: line[a:b].strip() for n, a, b in zip(names, starts, starts[1:] + [None], strict=True)}
             for line in lines[1:len(OPERATORS) + 1]}
 
     def column(name):

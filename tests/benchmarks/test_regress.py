@@ -22,7 +22,7 @@ def test_planted_30_percent_slowdown_is_caught():
 
 def test_noise_within_threshold_passes():
     base = {f"bench_{i}": 1.0 + i for i in range(5)}
-    noisy = {name: v * f for (name, v), f in zip(base.items(), [1.1, 0.9, 1.2, 0.85, 1.0])}
+    noisy = {name: v * f for (name, v), f in zip(base.items(), [1.1, 0.9, 1.2, 0.85, 1.0], strict=True)}
     ok, table = regress.compare(doc(noisy), doc(base), THRESHOLD)
     assert ok, table
     assert "REGRESSION" not in table
@@ -221,7 +221,8 @@ def test_a_failing_row_loses_nothing_and_unsupported_calls_are_skipped(monkeypat
     results = regress.run_suite(None, suite=planted_suite(tmp_path))
     assert results["complete"] and results["counts"] == {"launches/planted": 3}
     assert list(by_test(results["timings"])) == ["test_measured"]
-    assert by_test(results["skipped"]) == {"test_unsupported": "unsupported: rope: planted backend cannot run this call"}
+    expected = {"test_unsupported": "unsupported: rope: planted backend cannot run this call"}
+    assert by_test(results["skipped"]) == expected
     failed = by_test(results["failed"])
     assert list(failed) == ["test_failing"] and "planted failure" in failed["test_failing"]
 

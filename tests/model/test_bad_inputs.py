@@ -402,5 +402,6 @@ def test_generate_top_k_out_of_range(model, k):
 
 
 def test_generate_past_max_position_embeddings(model):
-    with pytest.raises(ValueError, match=r"prompt \(3\) \+ max_new_tokens \(5000\) exceeds max_position_embeddings \(4096\)"):
+    with pytest.raises(ValueError,
+                       match=r"prompt \(3\) \+ max_new_tokens \(5000\) exceeds max_position_embeddings \(4096\)"):
         model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=5000)

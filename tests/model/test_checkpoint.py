@@ -244,14 +244,16 @@ def _check_against_hf(model, hf):
     for i, layer in enumerate(hf.model.language_model.layers):
         ours = model.model.layers[i]
         a, m = layer.self_attn, layer.mlp
-        assert torch.equal(ours.self_attn.qkv_proj.weight, torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+        qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+        assert torch.equal(ours.self_attn.qkv_proj.weight, qkv)
         assert torch.equal(ours.self_attn.qkv_proj.bias, torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]))
         assert torch.equal(ours.self_attn.o_proj.weight, a.o_proj.weight)
         assert torch.equal(ours.mlp.gate_up_proj.weight, torch.cat([m.gate_proj.weight, m.up_proj.weight]))
     for i, block in enumerate(hf.model.visual.blocks):
         ours = model.visual.blocks[i]
         assert torch.equal(ours.attn.qkv.weight, block.attn.qkv.weight)
-        assert torch.equal(ours.mlp.gate_up_proj.weight, torch.cat([block.mlp.gate_proj.weight, block.mlp.up_proj.weight]))
+        gate_up = torch.cat([block.mlp.gate_proj.weight, block.mlp.up_proj.weight])
+        assert torch.equal(ours.mlp.gate_up_proj.weight, gate_up)
         assert torch.equal(ours.mlp.gate_up_proj.bias, torch.cat([block.mlp.gate_proj.bias, block.mlp.up_proj.bias]))
     assert torch.equal(model.visual.merger.fc1.weight, hf.model.visual.merger.mlp[0].weight)
     assert torch.equal(model.visual.merger.fc2.bias, hf.model.visual.merger.mlp[2].bias)
@@ -395,7 +397,8 @@ def test_index_with_shard_not_on_disk(tmp_path, tiny_model):
 
 def test_no_weights(tmp_path, saved):
     (tmp_path / "config.json").write_bytes((saved / "config.json").read_bytes())
-    with pytest.raises(ValueError, match=r"no weights in .*expected model\.safetensors or model\.safetensors\.index\.json"):
+    with pytest.raises(ValueError,
+                       match=r"no weights in .*expected model\.safetensors or model\.safetensors\.index\.json"):
         qvl.from_pretrained(tmp_path)
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import qvl
-from qvl.launches import LaunchCounter
 from qvl.backends import Backend, BackendUnsupportedError, OpImpl, get_backend, registry
 from qvl.demo import demo_prompt
+from qvl.launches import LaunchCounter
 from qvl.model.graphs import DecodeGraph
 from tests.backends.model_checks import padded_batch, perturbed
 from tests.ops.compare import rel_err

@@ -12,8 +12,8 @@ import os
 import sys
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 CORPUS = [
     "Describe the image in detail.", "What is happening in this video?", "Compare the two pictures.",

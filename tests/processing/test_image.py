@@ -81,7 +81,7 @@ def test_pil_backend_matches_transformers(image_files):
     assert len(ref["image_grid_thw"]) == len(IMAGES)
     # from PIL objects too, one call per image: the rows of a multi-image call are the concatenation
     offset = 0
-    for img, grid in zip(images, ref["image_grid_thw"].tolist()):
+    for img, grid in zip(images, ref["image_grid_thw"].tolist(), strict=True):
         one = ImageProcessor(VisionProcessingConfig(**BOUNDS))([img])
         rows = math.prod(grid)
         assert torch.equal(one["pixel_values"], ours["pixel_values"][offset:offset + rows])

@@ -17,8 +17,15 @@ import torch
 from qvl.config import PRESETS
 from qvl.processing import Processor, QwenTokenizer, VisionProcessingConfig, render_chat
 from qvl.processing.video import VIDEO_DEFAULTS
-from tests.processing.helpers import (QWEN25VL_CHAT_TEMPLATE, hf_tokenizer, special_ids, textured,
-                                      torchvision_or_skip, video_frames, write_tokenizer)
+from tests.processing.helpers import (
+    QWEN25VL_CHAT_TEMPLATE,
+    hf_tokenizer,
+    special_ids,
+    textured,
+    torchvision_or_skip,
+    video_frames,
+    write_tokenizer,
+)
 
 transformers = pytest.importorskip("transformers")
 PIL = pytest.importorskip("PIL.Image")
