@@ -16,10 +16,13 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 # Kernels run through the Triton interpreter on CPU: few examples there, more on a GPU
 # (QVL_HYPOTHESIS_EXAMPLES sizes the GPU profile to a lease's time; each new shape is a Triton compile).
+# The `ops` fixture (tests/ops/conftest.py) is made once per test, not per example, on purpose: a plan and the
+# simulated xformers registration hold for every example.
 settings.register_profile("cpu", max_examples=12, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                 HealthCheck.function_scoped_fixture])
 settings.register_profile("gpu", max_examples=int(os.environ.get("QVL_HYPOTHESIS_EXAMPLES", 100)), deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.load_profile(os.environ.get("QVL_HYPOTHESIS_PROFILE", "gpu" if torch.cuda.is_available() else "cpu"))
 
 # transformers imports torchvision whenever it is installed; the PyPI wheel needs its op schemas declared
