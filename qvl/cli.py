@@ -26,9 +26,9 @@ def cmd_backends(args: argparse.Namespace) -> int:
     rows = [[row["operator"]] + [cell(row["operator"], b, row[b.name]) for b in backends]
             for row in availability_table()]
     widths = [max(len(r[i]) for r in rows + [["operator"] + names]) for i in range(len(names) + 1)]
-    print("  ".join(h.ljust(w) for h, w in zip(["operator"] + names, widths)))
+    print("  ".join(h.ljust(w) for h, w in zip(["operator"] + names, widths, strict=True)))
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
     for text, number in notes.items():
         print(f"\n[{number}] {text}")
     print()
@@ -75,9 +75,10 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
         config = with_dtype(config, args.dtype)
     if args.check:
-        print(f"{config.path or 'built-in default'}: ok: {config.name}, {config.model.describe()} in {config.model.dtype}, "
-              f"{len(config.variants)} variants ({', '.join(v.name for v in config.variants)}), "
+        print(f"{config.path or 'built-in default'}: ok: {config.name}, {config.model.describe()} in "
+              f"{config.model.dtype}, {len(config.variants)} variants ({', '.join(v.name for v in config.variants)}), "
               f"reference {config.reference}")
+        print(_check_details(config), end="")
         return 0
     run = AblationRun(config, results_root=args.results_dir, device=args.device, repeats=args.repeats,
                       warmup=args.warmup, quiet=args.quiet)
@@ -97,6 +98,22 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     print(f"\nresults: {run.dir}/results.json, report.md" + (", plot.png" if plot.get("file") else
                                                              f" (plot skipped: {plot.get('skipped')})"))
     return 1 if any(v["status"] != "ok" for v in results["variants"]) else 0
+
+
+def _check_details(config) -> str:
+    """What `qvl ablate --check` adds to its one line: the config with every default filled in, then the
+    variants whose backends cannot run on this machine (the run records them as failed)."""
+    from .ablate.config import config_toml
+    from .ablate.runner import check_backends
+    from .backends import BackendUnsupportedError
+
+    text = "\n# with every default filled in\n" + config_toml(config)
+    for v in config.variants:
+        try:
+            check_backends(v)
+        except (ValueError, BackendUnsupportedError) as e:
+            text += f"\n# variant {v.name!r} cannot run here: {e}"
+    return text + "\n"
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -125,6 +142,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .config import PRESETS
+    from .dtypes import DTYPES
+
     parser = argparse.ArgumentParser(prog="qvl", description="Qwen2.5-VL with interchangeable operator backends")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("backends", help="operator x backend availability on this machine, with reasons")
@@ -134,20 +154,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("ablate", help="run an ablation config (ablations/*.toml); no config: a default for this machine",
+    p = sub.add_parser("ablate",
+                       help="run an ablation config (ablations/*.toml); no config: a default for this machine",
                        description="Measure every variant of an ablation config (speed, memory, error and token "
                                    "agreement against the reference variant) and write "
                                    "RESULTS_DIR/<config name>/<timestamp>/{results.json,report.md,plot.png}.")
     p.add_argument("config", nargs="?", help="an ablations/*.toml file (default: tiny preset on a CPU, 3b on a GPU)")
     p.add_argument("--results-dir", default="results", help="root folder for results (default: results)")
     p.add_argument("--device", help="override the config's device (auto, cpu, cuda, cuda:N)")
-    p.add_argument("--preset", help="run the config on another preset (tiny, 3b, 7b, 32b, 72b)")
-    p.add_argument("--dtype", help="override the config's model dtype (float32, float16, bfloat16); variants "
-                   "that set their own keep it")
-    p.add_argument("--repeats", type=int, help="timed repeats per variant (default: the config's, else 3 on a CPU, 10 on a GPU)")
+    p.add_argument("--preset", help=f"run the config on another preset ({', '.join(PRESETS)})")
+    p.add_argument("--dtype", help=f"override the config's model dtype ({', '.join(DTYPES)}); variants that set "
+                                   "their own keep it")
+    p.add_argument("--repeats", type=int,
+                   help="timed repeats per variant (default: the config's, else 3 on a CPU, 10 on a GPU)")
     p.add_argument("--warmup", type=int, help="warm-up runs per variant (default: the config's, else 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-variant lines")
-    p.add_argument("--check", action="store_true", help="only parse and check the config")
+    p.add_argument("--check", action="store_true",
+                   help="only check the config, and print it with every default filled in")
     p.set_defaults(func=cmd_ablate)
     p = sub.add_parser("report", help="render stored ablation results again; several runs: side by side",
                        description="DIR: a run folder (results/<name>/<timestamp>), a config's folder of runs (the "

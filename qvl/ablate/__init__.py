@@ -3,8 +3,9 @@
     qvl ablate ablations/backend_mix.toml     # or no argument: a default that fits this machine
     qvl report results/backend_mix/<timestamp> [more runs ...]
 
-`config` parses and checks ``ablations/*.toml``, `workload` builds the inputs, `runner` measures,
-`report` renders tables, report.md and the plot.
+`config` holds the config schema (dataclasses; `schema` derives the parser, the docs tables and the TOML
+``--check`` prints from them), `workload` builds the inputs, `runner` measures, `report` renders tables,
+report.md and the plot.
 """
 
 from .config import AblationConfig, ConfigError, Variant, load_config, parse_config

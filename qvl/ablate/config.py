@@ -1,82 +1,157 @@
 """Ablation configs (``ablations/*.toml``): the schema, parsing and validation.
 
-A config is parsed with ``tomllib`` and checked key by key against the schema below; nothing in it is
-ever evaluated. Every mistake is a `ConfigError` naming the file, the key and what is allowed, e.g.
+The schema is the dataclasses below, written once: every TOML key is a field with its type, default, help
+and rules (`qvl.ablate.schema.key`). The top level is `AblationConfig`, ``[model]`` `ModelSpec`,
+``[workload]`` `WorkloadSpec` (its ``images`` and ``videos`` entries `ImageSpec` and `VideoSpec`), ``[run]``
+`RunSpec`, each ``[[variants]]`` block a `Variant`. Parsing (`qvl.ablate.schema.parse_table`), the reference
+tables in ablations/README.md (`schema_markdown`) and the effective config ``qvl ablate --check`` prints
+(`config_toml`) all derive from them; ablations/README.md also has a worked example.
+
+A config is read with ``tomllib``; nothing in it is ever evaluated. Every mistake is a `ConfigError` naming the
+file, the key and what is allowed, e.g.
 ``ablations/x.toml: [workload] images[1]: size must be [height, width] of positive ints, got [224]``.
-
-    name = "backend_mix"              # optional: the results folder name (default: the file name)
-    description = "..."               # optional
-    reference = "eager"               # required: the variant every other one is compared against
-
-    [model]
-    preset = "tiny"                   # tiny, 3b, 7b, 32b, 72b (random weights) ... or
-    # checkpoint = "path/to/dir"      # an HF-format directory (relative paths: from this file's folder)
-    dtype = "float32"                 # float32, float16, bfloat16
-    device = "auto"                   # auto (cuda if present, else cpu), cpu, cuda, cuda:N
-    seed = 0                          # weight seed for presets
-    overrides = { "vision.window_size" = 112 }   # architecture overrides for every variant
-
-    [workload]
-    images = [{ size = [224, 336] }, { file = "cat.png" }]   # by size (pixels) or by file (needs Pillow)
-    videos = [{ size = [224, 224], frames = 8, fps = 2.0 }]
-    prompt_tokens = 32                # text tokens around the vision placeholders
-    decode_tokens = 16                # new tokens, greedy (the first comes from the prefill)
-    batch_size = 1
-    seed = 0                          # prompt text and synthesized pixels
-    min_pixels = 3136                 # the processor's resize bounds
-    max_pixels = 12845056
-
-    [run]
-    warmup = 1
-    repeats = 3                       # default: 3 on a CPU, 10 on a GPU
-    fallback = "none"                 # strict ("none") or a backend for calls a variant cannot run
-
-    [[variants]]
-    name = "eager"
-    backends = "eager"                # a backend for every operator, "attention=triton,norm=eager", or a table
-    # fallback, dtype, overrides, description: optional, per variant
-    # cuda_graph = true               # decode steps replayed from a CUDA graph (CUDA only; qvl.model.graphs)
 """
 
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass, field, fields, replace
-from typing import Any
-
-import torch
+from dataclasses import dataclass, fields, replace
+from typing import Any, ClassVar
 
 from ..backends import OPERATORS, backend_names, parse_spec
-from ..config import Qwen25VLConfig, TextConfig, VisionConfig, get_preset, load_hf_config, PRESETS
+from ..config import PRESETS, Qwen25VLConfig, TextConfig, VisionConfig, get_preset, load_hf_config
+from ..dtypes import DTYPES
+from .schema import (
+    At,
+    ConfigError,
+    OneOf,
+    check_value,
+    internal,
+    is_int,
+    key,
+    markdown,
+    parse_table,
+    show_value,
+    to_toml,
+    toml_fields,
+)
 
 try:  # Python >= 3.11
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# qvl's documented backends that configs may name before they are registered on this machine: a variant
-# naming one that is missing then fails at run time with the registry's error, the other variants run.
-KNOWN_BACKENDS = ("eager", "triton", "triton-gemm", "xformers")
-STRICT = "none"
+STRICT = "none"  # the fallback that means: a call the chosen backend cannot run fails
 # Qwen2.5-VL's preprocessor_config.json bounds on resized image area (pixels).
 MIN_PIXELS = 56 * 56
 MAX_PIXELS = 12845056
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+SIZE_TEXT = "[height, width] of positive ints"
 
 
-class ConfigError(ValueError):
-    """A config file that does not follow the schema; the message names the file, the key and the rule."""
+# --- values no plain type describes: each parses (value, where, key) to the stored value ---------------------------
 
 
-# --- the parsed config --------------------------------------------------------------------------------------------
+def _size(value: Any, at: At, key: str) -> tuple[int, int]:
+    # placed at the entry, not the key: "images[1]: size must be [height, width] ..." reads as one phrase
+    if not (isinstance(value, list) and len(value) == 2 and all(is_int(x) and x > 0 for x in value)):
+        raise at.error("", f"{key} must be {SIZE_TEXT}, got {show_value(value)}")
+    return value[0], value[1]
+
+
+def _path(value: Any, at: At, key: str) -> str:
+    """A path as written (``~`` expanded), made absolute from the config file's folder."""
+    if not isinstance(value, str):
+        raise at.error(key, f"must be a string, got {show_value(value)}")
+    p = os.path.expanduser(value)
+    return os.path.normpath(p if os.path.isabs(p) else os.path.join(at.base_dir, p))
+
+
+def _image_file(value: Any, at: At, key: str) -> str:
+    file = _path(value, at, key)
+    if not os.path.isfile(file):
+        raise at.error(key, f"no such file {file!r} (relative paths start at the config file's folder)")
+    return file
+
+
+def _checkpoint_dir(value: Any, at: At, key: str) -> str:
+    checkpoint = _path(value, at, key)
+    if not os.path.isfile(os.path.join(checkpoint, "config.json")):
+        raise at.error(key, f"no config.json in {checkpoint!r} (relative paths start at the config file's folder)")
+    return checkpoint
+
+
+def _backends(value: Any, at: At, key: str) -> dict[str, str]:
+    """A backend spec -> a full plan: every operator named, the unnamed ones on eager."""
+    if isinstance(value, str) and not value.strip():
+        raise at.error(key, "must name a backend, e.g. \"eager\" or \"attention=triton,norm=eager\"")
+    if not isinstance(value, (str, dict)) or (isinstance(value, dict)
+                                              and not all(isinstance(x, str) for x in value.values())):
+        raise at.error(key, f"must be a backend name, an \"operator=backend,...\" string or a table; "
+                            f"got {show_value(value)}")
+    try:  # the registry's own parser: the same spellings and names as everywhere else
+        mapping = parse_spec(value, source="backends")
+    except ValueError as e:
+        raise at.error(key, str(e).removeprefix("backends: ")) from None
+    return {op: "eager" for op in OPERATORS} | mapping
+
+
+def _spec_text(value: str | dict[str, str]) -> str:
+    """A backend spec as written, for tables: the string itself, or a table as ``op=backend,...``."""
+    return value if isinstance(value, str) else ",".join(f"{op}={name}" for op, name in value.items())
+
+
+_OVERRIDE_CLASSES = {"text": TextConfig, "vision": VisionConfig, "": Qwen25VLConfig}
+
+
+def _flatten(table: dict, prefix: str = "") -> dict[str, Any]:
+    """{"vision": {"window_size": 56}} and {"vision.window_size": 56} both -> {"vision.window_size": 56}."""
+    out = {}
+    for k, v in table.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _overrides(value: Any, at: At, key: str) -> dict[str, Any]:
+    """Dotted Qwen25VLConfig fields, each checked against that field's own type."""
+    if not isinstance(value, dict):
+        raise at.error(key, f"must be a table of dotted config fields, e.g. {{ \"vision.window_size\" = 112 }}; "
+                            f"got {show_value(value)}")
+    out = {}
+    for name, v in _flatten(value).items():
+        part, _, leaf = name.rpartition(".")
+        cls = _OVERRIDE_CLASSES.get(part)
+        here = f"{key}: {name}"
+        if cls is None:
+            raise at.error(here, "unknown config section; use text.<field>, vision.<field> or a top-level field")
+        types = {n: tp for n, (_, tp) in toml_fields(cls).items() if n not in ("text", "vision")}
+        if leaf not in types:
+            raise at.error(here, f"unknown field; {part or 'top-level'} fields: {', '.join(sorted(types))}")
+        out[name] = check_value(types[leaf], {}, v, at, here)
+    return out
+
+
+OVERRIDES_TEXT = "table of dotted config fields"
+# a fallback key: "none" (strict) or a backend for the calls a variant's own backends cannot run
+FALLBACK = {"choices": lambda: [STRICT, *backend_names()], "store": lambda name: None if name == STRICT else name,
+            "show": lambda spec: spec.fallback or STRICT}
+
+
+# --- the schema ---------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class ImageSpec:
-    size: tuple[int, int] | None = None  # (height, width) in pixels, before the processor's resize
-    file: str | None = None  # absolute path
+    """One entry of `images`: an image by size (pixels synthesized from the workload's seed) or by file; either is
+    resized like the Qwen processor."""
+
+    exclusive: ClassVar[tuple[OneOf, ...]] = (OneOf(("size", "file"), required=True),)
+    size: tuple[int, int] | None = key(None, "height and width in pixels, before the processor's resize",
+                                       parse=_size, type_text=SIZE_TEXT)
+    file: str | None = key(None, "an image file (needs Pillow); a relative path starts at the config file's folder",
+                           parse=_image_file, type_text="path of an image file")  # stored absolute
 
     def describe(self) -> str:
         return f"{self.size[0]}x{self.size[1]}" if self.size else os.path.basename(self.file or "")
@@ -84,9 +159,11 @@ class ImageSpec:
 
 @dataclass(frozen=True)
 class VideoSpec:
-    size: tuple[int, int]
-    frames: int
-    fps: float = 2.0
+    """One entry of `videos`: a synthesized video."""
+
+    size: tuple[int, int] = key(help="height and width of every frame in pixels", parse=_size, type_text=SIZE_TEXT)
+    frames: int = key(help="number of frames", minimum=1)
+    fps: float = key(2.0, "frames per second (sets the temporal positions)", above=0)
 
     def describe(self) -> str:
         return f"{self.frames} frames {self.size[0]}x{self.size[1]} @ {self.fps:g} fps"
@@ -94,24 +171,49 @@ class VideoSpec:
 
 @dataclass(frozen=True)
 class WorkloadSpec:
-    images: tuple[ImageSpec, ...] = ()
-    videos: tuple[VideoSpec, ...] = ()
-    prompt_tokens: int = 16
-    decode_tokens: int = 8
-    batch_size: int = 1
-    seed: int = 0
-    min_pixels: int = MIN_PIXELS
-    max_pixels: int = MAX_PIXELS
+    """The prompt every variant runs: images, videos and text, then greedy decoding."""
+
+    images: tuple[ImageSpec, ...] = key(
+        (), "images in the prompt, e.g. `[{ size = [224, 336] }, { file = \"cat.png\" }]`")
+    videos: tuple[VideoSpec, ...] = key(
+        (), "videos in the prompt, e.g. `[{ size = [224, 224], frames = 8, fps = 2.0 }]`")
+    prompt_tokens: int = key(
+        16, "text tokens around the vision placeholders (>= 1 without images or videos)", minimum=0)
+    decode_tokens: int = key(8, "new tokens, greedy (the first comes from the prefill)", minimum=1)
+    batch_size: int = key(1, "prompts per batch (the same prompt repeated)", minimum=1)
+    seed: int = key(0, "seed of the prompt text and the synthesized pixels")
+    min_pixels: int = key(MIN_PIXELS, "the processor's lower bound on a resized image's area", minimum=1)
+    max_pixels: int = key(MAX_PIXELS, "the processor's upper bound on a resized image's area", minimum=1)
+
+    @classmethod
+    def finish_parse(cls, values: dict[str, Any], raw: dict, at: At) -> None:
+        if values["min_pixels"] > values["max_pixels"]:
+            raise at.error("min_pixels", f"must be <= max_pixels ({values['max_pixels']}), got {values['min_pixels']}")
+        if values["prompt_tokens"] == 0 and not values["images"] and not values["videos"]:
+            raise at.error("prompt_tokens", "must be >= 1 when the workload has no images or videos")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    preset: str | None = "tiny"
-    checkpoint: str | None = None
-    dtype: str = "float32"
-    device: str = "auto"
-    seed: int = 0
-    overrides: dict[str, Any] = field(default_factory=dict)
+    """The model every variant starts from: a preset (random weights) or a checkpoint."""
+
+    exclusive: ClassVar[tuple[OneOf, ...]] = (OneOf(("preset", "checkpoint")),)
+    preset: str | None = key("tiny", "a preset architecture, with random weights", choices=PRESETS)
+    checkpoint: str | None = key(
+        None, "an HF-format checkpoint directory (instead of preset); a relative path starts at the config file's "
+              "folder", parse=_checkpoint_dir, type_text="path of a directory")  # stored absolute
+    dtype: str = key("float32", "the weights' and activations' dtype (a variant may set its own)", choices=DTYPES)
+    device: str = key("auto", "`auto`: cuda if present, else cpu",
+                      pattern=(r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N"))
+    seed: int = key(0, "weight seed for presets")
+    overrides: dict[str, Any] = key(
+        {}, "architecture overrides for every variant, e.g. `{ \"vision.window_size\" = 112 }`", parse=_overrides,
+        type_text=OVERRIDES_TEXT)
+
+    @classmethod
+    def finish_parse(cls, values: dict[str, Any], raw: dict, at: At) -> None:
+        if "checkpoint" in raw:
+            values["preset"] = None
 
     def describe(self) -> str:
         return f"preset {self.preset}" if self.preset else f"checkpoint {self.checkpoint}"
@@ -119,34 +221,70 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class RunSpec:
-    warmup: int = 1
-    repeats: int | None = None  # None: 3 on a CPU, 10 on a GPU
-    fallback: str | None = None  # None: strict
+    """How each variant is measured."""
+
+    warmup: int = key(1, "untimed runs per variant before the timed ones", minimum=0)
+    repeats: int | None = key(None, "timed runs per variant", minimum=1, default_text="3 on a CPU, 10 on a GPU")
+    fallback: str | None = key(
+        None, "`none`: strict, a call a variant's backends cannot run fails the variant; a backend: such calls run "
+              "there and are listed as fallbacks", toml_default=STRICT, **FALLBACK)  # None: strict
 
 
 @dataclass(frozen=True)
 class Variant:
-    name: str
-    backends: dict[str, str]  # a full plan: operator -> backend
-    spec: str  # as written, for tables
-    fallback: str | None = None
-    dtype: str | None = None  # None: the model's dtype
-    overrides: dict[str, Any] = field(default_factory=dict)
-    description: str = ""
-    cuda_graph: bool = False  # decode steps replayed from a CUDA graph
+    """One variant: backends, dtype and architecture overrides; every figure is compared with the reference's."""
+
+    name: str = key(help="unique; names the variant in tables and plots", nonempty=True)
+    backends: dict[str, str] = key(help="a backend for every operator (`\"triton\"`), per operator "
+                                        "(`\"attention=triton,norm=eager\"`, unnamed operators on eager), both "
+                                        "(`\"triton,mlp=triton-gemm\"`) or a table (`{ attention = \"triton\" }`)",
+                                   parse=_backends, toml_default="eager", type_text="backend spec",
+                                   show=lambda v: v.spec)  # stored as a full plan: operator -> backend
+    spec: str = internal()  # the backends as written, for tables
+    fallback: str | None = key(None, "as `[run] fallback`, for this variant", default_text="[run] fallback",
+                               **FALLBACK)  # None: strict
+    dtype: str | None = key(None, "the variant's dtype (the model's weights cast to it)", choices=DTYPES,
+                            default_text="[model] dtype")
+    overrides: dict[str, Any] = key({}, "architecture overrides on top of [model] overrides", parse=_overrides,
+                                    type_text=OVERRIDES_TEXT)
+    description: str = key("", "free text, shown in reports")
+    cuda_graph: bool = key(False, "decode steps replayed from a CUDA graph (CUDA devices only; `qvl.model.graphs`)")
+
+    @classmethod
+    def finish_parse(cls, values: dict[str, Any], raw: dict, at: At) -> None:
+        values["spec"] = _spec_text(raw.get("backends", "eager"))
 
 
 @dataclass(frozen=True)
 class AblationConfig:
-    name: str
-    reference: str
-    model: ModelSpec
-    workload: WorkloadSpec
-    run: RunSpec
-    variants: tuple[Variant, ...]
-    description: str = ""
-    path: str | None = None  # None for configs built in code
-    source: str = ""  # the TOML text, stored with the results
+    """The top level of a config file."""
+
+    name: str = key(help="the results folder's name", default_text="the file's name", pattern=(
+        r"[A-Za-z0-9][A-Za-z0-9_.-]*", "letters, digits, '_', '-' or '.' (it names the results folder)"))
+    reference: str = key(help="the variant every other one is compared with", type_text="a variant's name")
+    model: ModelSpec = key(help="see [model]")
+    workload: WorkloadSpec = key(help="see [workload]")
+    run: RunSpec = key(help="see [run]")
+    variants: tuple[Variant, ...] = key(help="see [[variants]]; measured in order, the reference first",
+                                        minimum=1)
+    description: str = key("", "free text, shown in reports")
+    path: str | None = internal(None)  # None for configs built in code
+    source: str = internal("")  # the TOML text, stored with the results
+
+    @classmethod
+    def finish_parse(cls, values: dict[str, Any], raw: dict, at: At) -> None:
+        names: list[str] = []
+        for i, (variant, written) in enumerate(zip(values["variants"], raw["variants"], strict=True)):
+            if variant.name in names:
+                raise at.item("variants", i, written).error(
+                    "name", f"duplicate variant name {variant.name!r}; names must be unique")
+            names.append(variant.name)
+        if values["reference"] not in names:
+            raise at.error("reference", f"must name one of the variants: {', '.join(names)}; "
+                                        f"got {show_value(values['reference'])}")
+        run = values["run"]  # a variant without its own fallback takes [run]'s
+        values["variants"] = tuple(v if "fallback" in written else replace(v, fallback=run.fallback)
+                                   for v, written in zip(values["variants"], raw["variants"], strict=True))
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:
@@ -178,189 +316,7 @@ class AblationConfig:
         return out
 
 
-# --- checking values -----------------------------------------------------------------------------------------------
-
-
-class _Where:
-    """Where a value sits, for messages: ``path: [workload] images[1]: size``."""
-
-    def __init__(self, path: str, section: str = ""):
-        self.path, self.section = path, section
-
-    def error(self, key: str, message: str) -> ConfigError:
-        place = " ".join(p for p in (self.section, key) if p)
-        return ConfigError(f"{self.path}: {place}: {message}" if place else f"{self.path}: {message}")
-
-    def keys(self, table: Any, allowed: dict[str, str], what: str, required: tuple[str, ...] = ()) -> dict:
-        if not isinstance(table, dict):
-            raise self.error(what, f"must be a table, got {_show(table)}")
-        for key in table:
-            if key not in allowed:
-                listing = "; ".join(f"{k} ({d})" for k, d in allowed.items())
-                raise self.error(_join(what, key), f"unknown key; allowed keys: {listing}")
-        for key in required:
-            if key not in table:
-                raise self.error(_join(what, key), f"is required ({allowed[key]})")
-        return table
-
-
-def _join(what: str, key: str) -> str:
-    return f"{what}: {key}" if what else key
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, str):
-        return repr(value)
-    return str(value).replace("True", "true").replace("False", "false")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _int(where: _Where, key: str, v: Any, minimum: int | None = None) -> int:
-    if not _is_int(v) or (minimum is not None and v < minimum):
-        rule = "an integer" + (f" >= {minimum}" if minimum is not None else "")
-        raise where.error(key, f"must be {rule}, got {_show(v)}")
-    return v
-
-
-def _positive_float(where: _Where, key: str, v: Any) -> float:
-    if not (isinstance(v, (int, float)) and not isinstance(v, bool)) or not v > 0:
-        raise where.error(key, f"must be a positive number, got {_show(v)}")
-    return float(v)
-
-
-def _str(where: _Where, key: str, v: Any) -> str:
-    if not isinstance(v, str):
-        raise where.error(key, f"must be a string, got {_show(v)}")
-    return v
-
-
-def _choice(where: _Where, key: str, v: Any, choices) -> str:
-    if not isinstance(v, str) or v not in choices:
-        raise where.error(key, f"must be one of {', '.join(choices)}; got {_show(v)}")
-    return v
-
-
-def _size(where: _Where, key: str, v: Any) -> tuple[int, int]:
-    if not (isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v)):
-        raise where.error(key, f"size must be [height, width] of positive ints, got {_show(v)}")
-    return int(v[0]), int(v[1])
-
-
-def _resolve_path(base_dir: str, p: str) -> str:
-    p = os.path.expanduser(p)
-    return os.path.normpath(p if os.path.isabs(p) else os.path.join(base_dir, p))
-
-
-def _device(where: _Where, key: str, v: Any) -> str:
-    if not isinstance(v, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
-        raise where.error(key, f"must be auto, cpu, cuda or cuda:N; got {_show(v)}")
-    return v
-
-
-def _fallback(where: _Where, key: str, v: Any) -> str | None:
-    allowed = [STRICT] + _backend_choices(include_auto=False)
-    name = _choice(where, key, v, allowed)
-    return None if name == STRICT else name
-
-
-def _backend_choices(include_auto: bool = True) -> list[str]:
-    names = list(dict.fromkeys(list(KNOWN_BACKENDS) + backend_names()))
-    return names + (["auto"] if include_auto else [])
-
-
-def _backends(where: _Where, key: str, v: Any) -> tuple[dict[str, str], str]:
-    """A backend spec -> (a full plan: every operator named, unnamed ones on eager, the spec as written)."""
-    if isinstance(v, str) and not v.strip():
-        raise where.error(key, "must name a backend, e.g. \"eager\" or \"attention=triton,norm=eager\"")
-    if not isinstance(v, (str, dict)) or (isinstance(v, dict) and not all(isinstance(x, str) for x in v.values())):
-        raise where.error(key, f"must be a backend name, an \"operator=backend,...\" string or a table; got {_show(v)}")
-    try:  # the registry's own parser: the same spellings and names as everywhere else
-        mapping = parse_spec(v, source="backends")
-    except ValueError as e:
-        raise where.error(key, str(e).removeprefix("backends: ")) from None
-    spec = v if isinstance(v, str) else ",".join(f"{op}={name}" for op, name in v.items())
-    full = {op: "eager" for op in OPERATORS}
-    full.update(mapping)
-    return full, spec
-
-
-# --- architecture overrides ---------------------------------------------------------------------------------------
-
-_OVERRIDE_CLASSES = {"text": TextConfig, "vision": VisionConfig, "": Qwen25VLConfig}
-
-
-def _flatten(table: dict, prefix: str = "") -> dict[str, Any]:
-    """{"vision": {"window_size": 56}} and {"vision.window_size": 56} both -> {"vision.window_size": 56}."""
-    out = {}
-    for k, v in table.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def _overrides(where: _Where, key: str, v: Any) -> dict[str, Any]:
-    if not isinstance(v, dict):
-        raise where.error(key, f"must be a table of dotted config fields, e.g. "
-                               f"{{ \"vision.window_size\" = 112 }}; got {_show(v)}")
-    out = {}
-    for name, value in _flatten(v).items():
-        part, _, leaf = name.rpartition(".")
-        cls = _OVERRIDE_CLASSES.get(part)
-        here = f"{key}: {name}"
-        if cls is None:
-            raise where.error(here, "unknown config section; use text.<field>, vision.<field> or a top-level field")
-        types = {f.name: f.type for f in fields(cls) if f.name not in ("text", "vision")}
-        if leaf not in types:
-            raise where.error(here, f"unknown field; {part or 'top-level'} fields: {', '.join(sorted(types))}")
-        out[name] = _coerce_field(where, here, types[leaf], value)
-    return out
-
-
-def _coerce_field(where: _Where, key: str, type_text: Any, value: Any) -> Any:
-    if not isinstance(type_text, str):  # a real annotation rather than a postponed one
-        type_text = getattr(type_text, "__name__", str(type_text))
-    if type_text.startswith("tuple"):
-        if not (isinstance(value, list) and all(_is_int(x) for x in value)):
-            raise where.error(key, f"must be a list of integers, got {_show(value)}")
-        return tuple(value)
-    if type_text == "bool":
-        if not isinstance(value, bool):
-            raise where.error(key, f"must be true or false, got {_show(value)}")
-        return value
-    if type_text == "float":
-        if not (isinstance(value, (int, float)) and not isinstance(value, bool)):
-            raise where.error(key, f"must be a number, got {_show(value)}")
-        return float(value)
-    if not _is_int(value):  # int and int | None (TOML has no null)
-        raise where.error(key, f"must be an integer, got {_show(value)}")
-    return value
-
-
-# --- the schema ---------------------------------------------------------------------------------------------------
-
-TOP_KEYS = {"name": "results folder name", "description": "free text", "reference": "a variant name",
-            "model": "table", "workload": "table", "run": "table", "variants": "array of tables"}
-MODEL_KEYS = {"preset": f"one of {', '.join(PRESETS)}", "checkpoint": "an HF-format checkpoint directory",
-              "dtype": ", ".join(DTYPES), "device": "auto, cpu, cuda or cuda:N", "seed": "integer",
-              "overrides": "table of dotted config fields"}
-WORKLOAD_KEYS = {"images": "array of {size = [h, w]} or {file = path}",
-                 "videos": "array of {size = [h, w], frames = n, fps = x}", "prompt_tokens": "integer >= 0",
-                 "decode_tokens": "integer >= 1", "batch_size": "integer >= 1", "seed": "integer",
-                 "min_pixels": "integer >= 1", "max_pixels": "integer >= 1"}
-IMAGE_KEYS = {"size": "[height, width] in pixels", "file": "an image file (needs Pillow)"}
-VIDEO_KEYS = {"size": "[height, width] in pixels", "frames": "integer >= 1", "fps": "positive number"}
-RUN_KEYS = {"warmup": "integer >= 0", "repeats": "integer >= 1", "fallback": "none or a backend name"}
-VARIANT_KEYS = {"name": "unique string", "backends": "backend spec", "fallback": "none or a backend name",
-                "dtype": ", ".join(DTYPES), "overrides": "table of dotted config fields", "description": "free text",
-                "cuda_graph": "true or false: decode steps replayed from a CUDA graph (CUDA devices only)"}
+# --- loading ------------------------------------------------------------------------------------------------------
 
 
 def load_config(path: str | os.PathLike) -> AblationConfig:
@@ -381,126 +337,10 @@ def parse_config(text: str, *, path: str = "<config>", default_name: str = "abla
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     base_dir = os.path.dirname(os.path.abspath(path)) if path != "<config>" else os.getcwd()
-    top = _Where(path)
-    top.keys(doc, TOP_KEYS, "", required=("reference", "variants"))
-
-    name = _str(top, "name", doc.get("name", default_name))
-    if not _NAME_RE.match(name):
-        raise top.error("name", f"must be letters, digits, '_', '-' or '.' (it names the results folder); got {name!r}")
-    description = _str(top, "description", doc.get("description", ""))
-
-    model = _parse_model(_Where(path, "[model]"), doc.get("model", {}), base_dir)
-    workload = _parse_workload(_Where(path, "[workload]"), doc.get("workload", {}), base_dir)
-    run = _parse_run(_Where(path, "[run]"), doc.get("run", {}))
-
-    variants_raw = doc["variants"]
-    if not isinstance(variants_raw, list) or not variants_raw:
-        raise top.error("variants", "must be a non-empty array of tables ([[variants]] blocks)")
-    variants, seen = [], set()
-    for i, raw_v in enumerate(variants_raw):
-        label = raw_v.get("name") if isinstance(raw_v, dict) else None
-        w = _Where(path, f"variants[{i}]" + (f" ({label})" if isinstance(label, str) else ""))
-        v = _parse_variant(w, raw_v, run)
-        if v.name in seen:
-            raise w.error("name", f"duplicate variant name {v.name!r}; names must be unique")
-        seen.add(v.name)
-        variants.append(v)
-
-    reference = doc["reference"]
-    if not isinstance(reference, str) or reference not in seen:
-        raise top.error("reference", f"must name one of the variants: {', '.join(v.name for v in variants)}; "
-                                     f"got {_show(reference)}")
-    cfg = AblationConfig(name=name, reference=reference, model=model, workload=workload, run=run,
-                         variants=tuple(variants), description=description, path=path, source=text)
+    cfg = parse_table(AblationConfig, doc, At(path, base_dir), defaults={"name": default_name})
+    cfg = replace(cfg, path=path, source=text)
     _check_architectures(cfg, path)
     return cfg
-
-
-def _parse_model(w: _Where, t: Any, base_dir: str) -> ModelSpec:
-    w.keys(t, MODEL_KEYS, "")
-    if "preset" in t and "checkpoint" in t:
-        raise w.error("checkpoint", "give either preset or checkpoint, not both")
-    preset, checkpoint = "tiny", None
-    if "checkpoint" in t:
-        preset = None
-        checkpoint = _resolve_path(base_dir, _str(w, "checkpoint", t["checkpoint"]))
-        if not os.path.isfile(os.path.join(checkpoint, "config.json")):
-            raise w.error("checkpoint", f"no config.json in {checkpoint!r} (relative paths start at the config "
-                                        "file's folder)")
-    elif "preset" in t:
-        preset = _choice(w, "preset", t["preset"], list(PRESETS))
-    return ModelSpec(preset=preset, checkpoint=checkpoint,
-                     dtype=_choice(w, "dtype", t.get("dtype", "float32"), list(DTYPES)),
-                     device=_device(w, "device", t.get("device", "auto")),
-                     seed=_int(w, "seed", t.get("seed", 0)),
-                     overrides=_overrides(w, "overrides", t.get("overrides", {})))
-
-
-def _parse_workload(w: _Where, t: Any, base_dir: str) -> WorkloadSpec:
-    w.keys(t, WORKLOAD_KEYS, "")
-    images = []
-    raw_images = t.get("images", [])
-    if not isinstance(raw_images, list):
-        raise w.error("images", "must be an array of tables, e.g. [{ size = [224, 224] }]")
-    for i, item in enumerate(raw_images):
-        key = f"images[{i}]"
-        w.keys(item, IMAGE_KEYS, key)
-        if ("size" in item) == ("file" in item):
-            raise w.error(key, "give exactly one of size = [height, width] or file = \"path\"")
-        if "size" in item:
-            images.append(ImageSpec(size=_size(w, key, item["size"])))
-        else:
-            file = _resolve_path(base_dir, _str(w, f"{key}: file", item["file"]))
-            if not os.path.isfile(file):
-                raise w.error(f"{key}: file", f"no such file {file!r} (relative paths start at the config file's folder)")
-            images.append(ImageSpec(file=file))
-    videos = []
-    raw_videos = t.get("videos", [])
-    if not isinstance(raw_videos, list):
-        raise w.error("videos", "must be an array of tables, e.g. [{ size = [224, 224], frames = 8 }]")
-    for i, item in enumerate(raw_videos):
-        key = f"videos[{i}]"
-        w.keys(item, VIDEO_KEYS, key, required=("size", "frames"))
-        videos.append(VideoSpec(size=_size(w, key, item["size"]), frames=_int(w, f"{key}: frames", item["frames"], 1),
-                                fps=_positive_float(w, f"{key}: fps", item.get("fps", 2.0))))
-    spec = WorkloadSpec(
-        images=tuple(images), videos=tuple(videos),
-        prompt_tokens=_int(w, "prompt_tokens", t.get("prompt_tokens", WorkloadSpec.prompt_tokens), 0),
-        decode_tokens=_int(w, "decode_tokens", t.get("decode_tokens", WorkloadSpec.decode_tokens), 1),
-        batch_size=_int(w, "batch_size", t.get("batch_size", 1), 1),
-        seed=_int(w, "seed", t.get("seed", 0)),
-        min_pixels=_int(w, "min_pixels", t.get("min_pixels", MIN_PIXELS), 1),
-        max_pixels=_int(w, "max_pixels", t.get("max_pixels", MAX_PIXELS), 1),
-    )
-    if spec.min_pixels > spec.max_pixels:
-        raise w.error("min_pixels", f"must be <= max_pixels ({spec.max_pixels}), got {spec.min_pixels}")
-    if spec.prompt_tokens == 0 and not images and not videos:
-        raise w.error("prompt_tokens", "must be >= 1 when the workload has no images or videos")
-    return spec
-
-
-def _parse_run(w: _Where, t: Any) -> RunSpec:
-    w.keys(t, RUN_KEYS, "")
-    repeats = t.get("repeats")
-    return RunSpec(warmup=_int(w, "warmup", t.get("warmup", 1), 0),
-                   repeats=None if repeats is None else _int(w, "repeats", repeats, 1),
-                   fallback=_fallback(w, "fallback", t.get("fallback", STRICT)))
-
-
-def _parse_variant(w: _Where, t: Any, run: RunSpec) -> Variant:
-    w.keys(t, VARIANT_KEYS, "", required=("name",))
-    name = _str(w, "name", t["name"]).strip()
-    if not name:
-        raise w.error("name", "must not be empty")
-    backends, spec = _backends(w, "backends", t.get("backends", "eager"))
-    fallback = _fallback(w, "fallback", t["fallback"]) if "fallback" in t else run.fallback
-    dtype = _choice(w, "dtype", t["dtype"], list(DTYPES)) if "dtype" in t else None
-    cuda_graph = t.get("cuda_graph", False)
-    if not isinstance(cuda_graph, bool):
-        raise w.error("cuda_graph", f"must be true or false, got {_show(cuda_graph)}")
-    return Variant(name=name, backends=backends, spec=spec, fallback=fallback, dtype=dtype,
-                   overrides=_overrides(w, "overrides", t.get("overrides", {})),
-                   description=_str(w, "description", t.get("description", "")), cuda_graph=cuda_graph)
 
 
 def with_preset(config: AblationConfig, preset: str) -> AblationConfig:
@@ -521,18 +361,55 @@ def with_dtype(config: AblationConfig, dtype: str) -> AblationConfig:
 
 def _check_architectures(cfg: AblationConfig, path: str) -> None:
     """Apply every override to the model's config now, so contradictions fail before anything runs."""
+    top = At(path)
     try:
         base = cfg.model_config()
     except ValueError as e:
-        raise _Where(path, "[model]").error("overrides", str(e)) from None
+        raise top.table("model").error("overrides", str(e)) from None
     for i, v in enumerate(cfg.variants):
         if v.overrides:
             try:
                 base.with_overrides(v.overrides)
             except ValueError as e:
-                raise _Where(path, f"variants[{i}] ({v.name})").error("overrides", str(e)) from None
+                raise replace(top, section=f"variants[{i}] ({v.name})").error("overrides", str(e)) from None
+
+
+# --- the schema out: docs and the effective config ----------------------------------------------------------------
+
+
+def config_toml(config: AblationConfig) -> str:
+    """The config as TOML with every default filled in (what `qvl ablate --check` shows); it parses back to
+    the same config."""
+    return to_toml(config)
+
+
+def schema_markdown() -> str:
+    """The reference tables of ablations/README.md's "The format": one per section (key, type, default, help)."""
+    return markdown(AblationConfig)
+
+
+SCHEMA_BEGIN, SCHEMA_END = "<!-- schema:begin -->", "<!-- schema:end -->"
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "ablations",
+                      "README.md")
+
+
+def with_schema_docs(readme: str) -> str:
+    """`readme` with the text between its schema markers replaced by `schema_markdown()`."""
+    head, begin, rest = readme.partition(SCHEMA_BEGIN)
+    _, end, tail = rest.partition(SCHEMA_END)
+    if not begin or not end:
+        raise ValueError(f"no {SCHEMA_BEGIN} ... {SCHEMA_END} block")
+    return f"{head}{SCHEMA_BEGIN}\n\n{schema_markdown()}\n{SCHEMA_END}{tail}"
+
+
+def write_schema_docs(path: str = README) -> None:
+    """Regenerate ablations/README.md's schema tables after a change to the schema."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(with_schema_docs(text))
 
 
 __all__ = ["AblationConfig", "ConfigError", "ImageSpec", "ModelSpec", "RunSpec", "Variant", "VideoSpec",
-           "WorkloadSpec", "DTYPES", "load_config", "parse_config", "with_dtype", "with_preset",
-           "tomllib"]
+           "WorkloadSpec", "config_toml", "load_config", "parse_config", "schema_markdown", "with_dtype",
+           "with_preset", "write_schema_docs", "tomllib"]

@@ -27,7 +27,6 @@ size) or whose vocabulary differs are not compared.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import traceback
@@ -36,11 +35,11 @@ from typing import Any
 
 import torch
 
-from ..backends import BackendUnsupportedError, get_backend
+from ..backends import resolve_plan
 from ..checkpoint import from_config, from_pretrained
-from ..dtypes import dtype_name
+from ..dtypes import DTYPES, dtype_name
 from ..files import write_json
-from .config import DTYPES, AblationConfig, Variant
+from .config import AblationConfig, Variant
 from .measure import Clock, PeakMemory, Progress, environment, summarize
 from .workload import Workload, build_workload
 
@@ -86,15 +85,11 @@ def _order(config: AblationConfig) -> list[Variant]:
 # --- one variant --------------------------------------------------------------------------------------------------
 
 
-def _check_backends(variant: Variant) -> None:
-    """A backend that cannot run on this machine at all fails the variant, fallback or not."""
-    for op, name in variant.backends.items():
-        if name == "auto":
-            continue
-        reasons = get_backend(name).unavailable_reasons()  # ValueError for a backend qvl does not know here
-        if reasons:
-            raise BackendUnsupportedError(f"{op}: backend {name!r} is unavailable on this machine: "
-                                          + "; ".join(reasons))
+def check_backends(variant: Variant) -> None:
+    """A backend that cannot run on this machine at all fails the variant, fallback or not: its plan resolved
+    strict (the fallback covers single calls, not a whole backend) raises the registry's own errors, a
+    ValueError for a name qvl does not know and a BackendUnsupportedError for a backend unavailable here."""
+    resolve_plan(variant.backends)
 
 
 def _run_vision(model, work: Workload) -> None:
@@ -397,7 +392,7 @@ class AblationRun:
         model = None
         try:
             self.progress.update(f"{label}: building")
-            _check_backends(v)
+            check_backends(v)
             model, info = self._model(v)
             entry["model"] = info
             model.set_backends(v.backends, fallback=v.fallback)
@@ -507,4 +502,4 @@ def run_ablation(config: AblationConfig, **kwargs) -> dict:
     return AblationRun(config, **kwargs).execute()
 
 
-__all__ = ["AblationRun", "run_ablation", "resolve_device", "write_json", "compare"]
+__all__ = ["AblationRun", "check_backends", "run_ablation", "resolve_device", "write_json", "compare"]

@@ -2,10 +2,22 @@
 
 import glob
 import os
+from dataclasses import replace
 
 import pytest
 
-from qvl.ablate.config import ConfigError, load_config, parse_config, with_dtype, with_preset
+from qvl.ablate.config import (
+    README,
+    ConfigError,
+    config_toml,
+    load_config,
+    parse_config,
+    schema_markdown,
+    with_dtype,
+    with_preset,
+    with_schema_docs,
+)
+from qvl.ablate.defaults import default_config
 from qvl.backends import OPERATORS
 from qvl.cli import main
 
@@ -108,7 +120,8 @@ overrides = { "text.mrope_section" = [2, 3, 3], "vision.fullatt_block_indexes" =
 
 
 @pytest.mark.parametrize("text, expected", [
-    ('reference = "eager"\n[[variants]]\nname = "eager"\n[workload]\nimages = [{ size = [224, 224] }, { size = [224] }]',
+    ('reference = "eager"\n[[variants]]\nname = "eager"\n[workload]\n'
+     'images = [{ size = [224, 224] }, { size = [224] }]',
      "ablations/x.toml: [workload] images[1]: size must be [height, width] of positive ints, got [224]"),
     ('reference = "eager"\n[[variants]]\nname = "eager"\n[workload]\nimages = [{ size = [0, 224] }]',
      "[workload] images[0]: size must be [height, width] of positive ints"),
@@ -153,7 +166,8 @@ overrides = { "text.mrope_section" = [2, 3, 3], "vision.fullatt_block_indexes" =
     ('reference = "eager"\n[[variants]]\nname = "eager"\nbackends = "atention=triton"',
      "variants[0] (eager) backends: unknown operator 'atention'; valid options are: attention, rope, norm, mlp, cache"),
     ('reference = "eager"\n[[variants]]\nname = "eager"\nbackends = "cuda"',
-     "variants[0] (eager) backends: unknown backend 'cuda'; valid options are: eager, triton, triton-gemm, xformers, auto"),
+     "variants[0] (eager) backends: unknown backend 'cuda'; valid options are: eager, triton, triton-gemm, xformers, "
+     "auto"),
     ('reference = "eager"\n[[variants]]\nname = "eager"\nbackends = "attention=triton,norm"',
      "variants[0] (eager) backends: 'norm' is not operator=backend"),
     ('reference = "eager"\n[[variants]]\nname = "eager"\nbackends = 3',
@@ -168,16 +182,86 @@ overrides = { "text.mrope_section" = [2, 3, 3], "vision.fullatt_block_indexes" =
      "ablations/x.toml: reference: must name one of the variants: eager; got 'triton'"),
     ('[[variants]]\nname = "eager"', "ablations/x.toml: reference: is required"),
     ('reference = "eager"\nvariants = []', "ablations/x.toml: variants: must be a non-empty array of tables"),
-    ('reference = "eager"\nvariant = 1\n[[variants]]\nname = "eager"', "ablations/x.toml: variant: unknown key; allowed keys:"),
+    ('reference = "eager"\nvariant = 1\n[[variants]]\nname = "eager"',
+     "ablations/x.toml: variant: unknown key; allowed keys:"),
     ('name = "a b"\nreference = "eager"\n[[variants]]\nname = "eager"', "ablations/x.toml: name: must be letters"),
     ('reference = "eager"\n[[variants]]\nname = "eager"\noverrides = { "text.mrope_section" = [1, 1, 1] }',
      "variants[0] (eager) overrides: invalid Qwen2.5-VL config: text.mrope_section (1, 1, 1) sums to 3"),
     ('reference = "eager"\n[[variants]]\nname = "eager"\ndtype = "half"',
      "variants[0] (eager) dtype: must be one of float32, float16, bfloat16"),
     ('reference = = "eager"', "ablations/x.toml: not valid TOML"),
+    # derived from the schema: the type, the minimum, the choices and the allowed keys come from the dataclasses
+    ('reference = "eager"\n[[variants]]\nname = "eager"\n[workload]\nseed = 1.5',
+     "ablations/x.toml: [workload] seed: must be an integer, got 1.5"),
+    ('reference = "eager"\n[[variants]]\nname = "eager"\n[run]\nwarmup = -1',
+     "ablations/x.toml: [run] warmup: must be an integer >= 0, got -1"),
+    ('reference = "eager"\n[[variants]]\nname = "eager"\n[workload]\n'
+     'videos = [{ size = [28, 28], frames = 2, fps = 0 }]',
+     "ablations/x.toml: [workload] videos[0]: fps: must be a positive number, got 0"),
+    ('reference = "eager"\n[[variants]]\nname = "eager"\ndescription = 3',
+     "ablations/x.toml: variants[0] (eager) description: must be a string, got 3"),
+    ('reference = "eager"\n[[variants]]\nname = "eager"\n[run]\nfallback = "gpu"',
+     "ablations/x.toml: [run] fallback: must be one of none, eager, triton, triton-gemm, xformers; got 'gpu'"),
+    ('reference = "eager"\n[[variants]]\nname = "eager"\n[model]\noverrides = { "text.mrope_section" = [8, 8] }',
+     "ablations/x.toml: [model] overrides: text.mrope_section: must be a list of 3 integers, got [8, 8]"),
+    ('reference = "eager"\n[[variants]]\nname = "eager"\n[model]\noverrides = { "text.tie_word_embeddings" = 1 }',
+     "ablations/x.toml: [model] overrides: text.tie_word_embeddings: must be true or false, got 1"),
+    ('reference = "eager"\n[[variants]]\nname = "eager"\n[workload]\nvideos = [{ frames = 2 }]',
+     "ablations/x.toml: [workload] videos[0]: size: is required ([height, width] of positive ints)"),
+    ('reference = "eager"\n[[variants]]\nname = "eager"\n[run]\nrepeat = 3',
+     "ablations/x.toml: [run] repeat: unknown key; allowed keys: warmup (integer >= 0); repeats (integer >= 1); "
+     "fallback (one of none, eager, triton, triton-gemm, xformers)"),
+    ('reference = "eager"\n[[variants]]\nname = "eager"\n[workload]\nimages = [{ }]',
+     "ablations/x.toml: [workload] images[0]: give exactly one of size ([height, width] of positive ints) or file"),
+    ('reference = "eager"\n[[variants]]\nname = " "', "ablations/x.toml: variants[0] ( ) name: must not be empty"),
+    ('reference = "eager"\nmodel = 3\n[[variants]]\nname = "eager"',
+     "ablations/x.toml: [model]: must be a table, got 3"),
+    ('reference = "eager"\nvariants = [3]', "ablations/x.toml: variants[0]: must be a table, got 3"),
 ])
 def test_errors_name_file_key_and_rule(text, expected):
     assert expected in error_of(text)
+
+
+def test_variant_names_are_stripped_and_fallbacks_default_to_runs():
+    cfg = parse('reference = "e"\n[run]\nfallback = "eager"\n[[variants]]\nname = " e "\n[[variants]]\nname = "s"\n'
+                'fallback = "none"')
+    assert [(v.name, v.fallback) for v in cfg.variants] == [("e", "eager"), ("s", None)]
+
+
+def test_readme_schema_tables_are_generated_from_the_schema():
+    with open(README, encoding="utf-8") as f:
+        readme = f.read()
+    assert schema_markdown() in readme
+    assert with_schema_docs(readme) == readme, (
+        "ablations/README.md's schema tables are out of date; regenerate them with "
+        "`.venv/bin/python -c \"from qvl.ablate.config import write_schema_docs; write_schema_docs()\"`")
+
+
+def test_every_key_is_documented():
+    text = schema_markdown()
+    for section in ("### Top level", "### [model]", "### [workload]", "### [workload] images entries",
+                    "### [workload] videos entries", "### [run]", "### [[variants]]"):
+        assert section in text
+    for key in ("reference", "preset", "checkpoint", "overrides", "prompt_tokens", "min_pixels", "frames", "fps",
+                "repeats", "fallback", "backends", "cuda_graph"):
+        assert f"| `{key}` |" in text
+    assert "| `decode_tokens` | integer >= 1 | `8` |" in text
+    assert "| `dtype` | one of float32, float16, bfloat16 | `\"float32\"` |" in text
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=os.path.basename)
+def test_config_toml_has_every_default_and_parses_back(path):
+    cfg = load_config(path)
+    text = config_toml(cfg)
+    assert "max_pixels = " in text and "cuda_graph = " in text  # the defaults, written out
+    assert parse_config(text, path=path, default_name="other") == replace(cfg, source=text)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_default_configs_are_expressible_as_toml(device):
+    cfg = default_config(device)
+    text = config_toml(cfg)
+    assert parse_config(text, default_name="other") == replace(cfg, path="<config>", source=text)
 
 
 def test_image_file_resolves_from_the_config_folder(tmp_path):
@@ -220,7 +304,9 @@ def test_cli_check(tmp_path, capsys):
     good = tmp_path / "good.toml"
     good.write_text(MINIMAL)
     assert main(["ablate", str(good), "--check"]) == 0
-    assert "ok: good, preset tiny in float32" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ok: good, preset tiny in float32" in out
+    assert "# with every default filled in" in out and 'device = "auto"' in out and 'backends = "eager"' in out
     assert main(["ablate", str(good), "--check", "--preset", "3b", "--dtype", "bfloat16"]) == 0
     assert "ok: good, preset 3b in bfloat16" in capsys.readouterr().out
     bad = tmp_path / "bad.toml"

@@ -5,13 +5,14 @@ import glob
 import json
 import os
 import signal
+from dataclasses import replace
 
 import pytest
 import torch
 
 from qvl.ablate import default_config, format_table, load_results, parse_config, run_ablation
 from qvl.ablate import runner as runner_module
-from qvl.backends import Backend, OpImpl, OPERATORS, get_backend, registry
+from qvl.backends import OPERATORS, Backend, BackendUnsupportedError, OpImpl, get_backend, registry
 from qvl.cli import main
 
 SMALL = """
@@ -42,6 +43,12 @@ class RefusingNorm(OpImpl):
 def refusing(monkeypatch):
     """A registered backend whose norm supports nothing: strict plans fail on it, fallback plans route around."""
     monkeypatch.setitem(registry._BACKENDS, "refusing", Backend("refusing", {"norm": RefusingNorm()}))
+
+
+@pytest.fixture
+def gone(monkeypatch):
+    """A registered backend that is unavailable on this machine: no fallback makes a variant on it runnable."""
+    monkeypatch.setitem(registry._BACKENDS, "gone", Backend("gone", {}, availability=lambda: ["not here (test)"]))
 
 
 def write_config(tmp_path, name, variants):
@@ -89,10 +96,14 @@ overrides = { "vision.patch_size" = 7 }
 [[variants]]
 name = "cuda graph"
 cuda_graph = true
+[[variants]]
+name = "unavailable with fallback"
+backends = "attention=gone"
+fallback = "eager"
 """
 
 
-def test_end_to_end(tmp_path, refusing, capsys):
+def test_end_to_end(tmp_path, refusing, gone, capsys):
     config = write_config(tmp_path, "e2e", E2E_VARIANTS)
     root = str(tmp_path / "results")
     assert main(["ablate", str(config), "--results-dir", root, "--quiet"]) == 1  # one variant failed
@@ -137,10 +148,16 @@ def test_end_to_end(tmp_path, refusing, capsys):
     assert strict["error"].startswith("BackendUnsupportedError: norm: backend 'refusing' cannot run this call")
     assert "refuses every call" in strict["error"] and strict["traceback"]
 
+    gone_variant = v["unavailable with fallback"]  # failed before its model was built
+    assert gone_variant["status"] == "failed" and gone_variant["model"] is None
+    assert gone_variant["error"] == ("BackendUnsupportedError: attention: backend 'gone' is unavailable on this "
+                                     "machine: not here (test)")
+
     fb = v["refusal with fallback"]
     assert fb["status"] == "ok" and fb["comparison"]["logits_rel_err"] == 0.0
     assert fb["fallbacks"] and {x["operator"] for x in fb["fallbacks"]} == {"norm"}
-    assert fb["fallbacks"][0]["used"] == "eager" and fb["fallbacks"][0]["reasons"] == ["refuses every call (test backend)"]
+    assert fb["fallbacks"][0]["used"] == "eager"
+    assert fb["fallbacks"][0]["reasons"] == ["refuses every call (test backend)"]
 
     bf16 = v["bfloat16"]
     assert bf16["requested"]["dtype"] == "bfloat16" and bf16["model"]["dtype"] == "bfloat16"
@@ -369,3 +386,22 @@ backends = "attention=eager"
     results = read(run_dir(root, "term"))
     assert results["status"] == "interrupted"
     assert [v["status"] for v in results["variants"]] == ["ok", "interrupted"]
+
+
+def test_check_backends_is_the_registry_strict_plan(gone):
+    """A variant fails at once on a backend unknown or unavailable here, with the registry's own message."""
+    config = parse_config(SMALL.format(name="check") + """
+[[variants]]
+name = "eager"
+[[variants]]
+name = "gone"
+backends = "triton,attention=gone"
+fallback = "eager"
+""")
+    runner_module.check_backends(config.variant("eager"))
+    with pytest.raises(BackendUnsupportedError, match=r"^attention: backend 'gone' is unavailable on this machine: "
+                                                      r"not here \(test\)$"):
+        runner_module.check_backends(config.variant("gone"))
+    unknown = replace(config.variant("eager"), backends={**config.variant("eager").backends, "norm": "nope"})
+    with pytest.raises(ValueError, match="unknown backend 'nope'; valid options are: eager"):
+        runner_module.check_backends(unknown)
