@@ -1,5 +1,6 @@
-"""The SwiGLU MLP (fused gate/up projection, activation, down projection), its projections one at a time (cuBLAS
-against qvl's Triton GEMM: the choice the `triton` and `triton-gemm` backends differ in), and its activation alone."""
+"""The SwiGLU MLP (fused gate/up projection, activation, down projection) on every backend, and, as kernel rows, the
+two kernels it is built from, each alone: SiLU(gate)*up and the projections (cuBLAS against qvl's Triton GEMM: the
+choice the `triton` and `triton-gemm` backends differ in)."""
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from benchmarks import harness
 DT = torch.bfloat16 if harness.CUDA else torch.float32
 # (tokens, hidden, intermediate): 3b and 7b decoders, the vision MLP
 SHAPES = [(4096, 2048, 11008), (4096, 3584, 18944), (4096, 1280, 3420)] if harness.FULL else [(32, 64, 96)]
+# {spec: Ops}: one row per backend usable here, triton-gemm included (rows named by the spec alone, as the
+# baselines have them)
 OPS = harness.backend_ops("mlp")
 
 
@@ -23,6 +26,12 @@ def test_swiglu_mlp(measure, impl, shape):
     w_out = torch.randn(hidden, inner, device=dev, dtype=DT) * inner**-0.5
     ops = OPS[impl]
     measure(lambda: ops.mlp(x, w_in, None, w_out, None, "swiglu"), flops=2 * tokens * hidden * inner * 3)
+
+
+# Kernel rows. No operator exposes the activation or a projection alone (the registry's `mlp` is the whole MLP,
+# measured per backend above), so these call qvl's kernels themselves, next to their direct peers: the activation
+# against torch and Liger, the GEMM against cuBLAS. A new backend's rows are test_swiglu_mlp's. Here "eager" is
+# plain torch and "triton" / "triton gemm" the kernels, not the backends of those names: the names key the baselines.
 
 
 def activation_impls():

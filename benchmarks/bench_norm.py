@@ -8,7 +8,7 @@ from benchmarks import harness
 
 DT = torch.bfloat16 if harness.CUDA else torch.float32
 SHAPES = [(16384, 2048), (16384, 3584), (4096, 1280)] if harness.FULL else [(64, 256)]
-OPS = harness.backend_ops("norm")
+OPS = harness.backend_ops("norm")  # {spec: Ops}: one row per backend usable here
 
 
 def inputs(rows, hidden):
@@ -16,9 +16,13 @@ def inputs(rows, hidden):
     return x, torch.randn(hidden, device=harness.DEVICE, dtype=DT), torch.randn_like(x)
 
 
+def through(ops, residual: bool):
+    """The norm operator under one backend spec, called as the peers are: fn(x, w, r)."""
+    return lambda x, w, r: ops.norm(x, w, 1e-6, r if residual else None)
+
+
 def impls(residual: bool):
-    out = {f"qvl[{name}]": (lambda ops: lambda x, w, r: ops.norm(x, w, 1e-6, r if residual else None))(ops)
-           for name, ops in OPS.items()}
+    out = {f"qvl[{spec}]": through(ops, residual) for spec, ops in OPS.items()}
     if not residual:
         out["F.rms_norm"] = lambda x, w, r: F.rms_norm(x, (x.shape[-1],), w, 1e-6)
         if (c := harness.compiled(lambda x, w: F.rms_norm(x, (x.shape[-1],), w, 1e-6))) is not None:

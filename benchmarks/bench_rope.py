@@ -4,13 +4,15 @@ import pytest
 import torch
 
 from benchmarks import harness
-from qvl.backends import Rotary
+from qvl.backends import Rotary, get_backend
 
 DT = torch.bfloat16 if harness.CUDA else torch.float32
+# {spec: Ops}: one row per backend usable here (rows named by the spec alone, as the baselines have them)
 OPS = harness.backend_ops("rope")
 CACHE_OPS = harness.backend_ops("cache")
 # (tokens, q heads, kv heads, head dim, sections)
-TEXT = [(4096, 16, 2, 128, (16, 24, 24)), (4096, 28, 4, 128, (16, 24, 24))] if harness.FULL else [(16, 4, 2, 16, (2, 3, 3))]
+TEXT = ([(4096, 16, 2, 128, (16, 24, 24)), (4096, 28, 4, 128, (16, 24, 24))] if harness.FULL
+        else [(16, 4, 2, 16, (2, 3, 3))])
 VISION = [(16384, 16, 16, 80, (20, 20))] if harness.FULL else [(32, 2, 2, 16, (4, 4))]
 
 
@@ -27,9 +29,9 @@ def peer_impls():
     takes cos/sin precomputed per stream (q, k head-major) and three streams only: text shapes."""
     if not harness.CUDA:
         return {}
-    from qvl.backends.eager import EagerRope, rope_angles
+    from qvl.backends.eager import rope_angles
 
-    out = {"torch.compile": torch.compile(EagerRope())}
+    out = {"torch.compile": torch.compile(get_backend("eager").impls["rope"])}
     if (liger := harness.optional("liger_kernel.ops.qwen2vl_mrope")) is not None:
         prepared = {}  # the layout Liger takes, for the tensors being timed: not part of the kernel's time
 

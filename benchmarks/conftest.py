@@ -23,7 +23,6 @@ if "TRITON_INTERPRET" not in os.environ:
 from benchmarks import harness  # noqa: E402
 from qvl.backends import BackendUnsupportedError  # noqa: E402
 
-
 # Calls slower than this (seconds; only interpreted whole-model rows on the CPU) skip the pre-measurement and
 # the warm-up round: they vary little relative to their length, and each call costs the CI seconds.
 SLOW_CALL_S = 1.0
@@ -68,6 +67,9 @@ def measure(request, benchmark, limits):
         # Microsecond-scale calls are repeated within a round (each round >= MIN_ROUND_S), so a round's
         # time is not dominated by timer and scheduler jitter; the stats are per call either way.
         try:
+            if benchmark.disabled:  # --benchmark-disable: each row runs once, untimed, and nothing is recorded
+                benchmark.pedantic(timed)
+                return
             first = harness.median_seconds(timed, reps=1)  # after one warm-up call (compiles, autotunes)
         except BackendUnsupportedError as e:
             pytest.skip(f"unsupported: {e}")

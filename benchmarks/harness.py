@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -90,13 +90,21 @@ def matmul_rate() -> float:
     return 2 * n**3 / median_seconds(lambda: a @ a, reps=10)
 
 
-def backend_ops(operator: str) -> dict[str, object]:
-    """Ops for every backend usable on this machine that implements `operator` (strict plans: an unsupported
-    call is an error)."""
-    from qvl.backends import Ops, all_backends, resolve_plan
+def backend_specs(operator: str) -> list[str]:
+    """The backend spec of each backend usable on this machine that implements `operator`: its name, which puts
+    every operator on it (a partial backend such as triton-gemm is only asked for the operators it has).
 
-    return {b.name: Ops(resolve_plan(b.name)) for b in all_backends()
-            if not b.unavailable_reasons() and operator in b.impls}
+    Every qvl row of the benchmarks comes from here, so a newly registered backend gets its rows without an edit."""
+    from qvl.backends import all_backends
+
+    return [b.name for b in all_backends() if not b.unavailable_reasons() and operator in b.impls]
+
+
+def backend_ops(operator: str) -> dict[str, object]:
+    """{spec: Ops} for `backend_specs(operator)`, as strict plans: a call the backend cannot run is an error."""
+    from qvl.backends import Ops, resolve_plan
+
+    return {spec: Ops(resolve_plan(spec)) for spec in backend_specs(operator)}
 
 
 def model_specs(partial: bool = FULL) -> list[str]:

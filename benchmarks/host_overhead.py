@@ -64,14 +64,17 @@ def _file_no_op_kernel(*, key, repr, fn, compile, is_manual_warmup, already_comp
 
 
 def install_stand_in_device() -> None:
-    """Triton launches as if compiled, with no device; the triton backend accepts CPU tensors."""
+    """Triton launches as if compiled, with no device; the triton backend (from the registry) accepts CPU tensors
+    and counts as available (its own check says no CUDA device and no interpreter)."""
     driver.set_active(Sm90Driver())
     knobs.runtime.jit_cache_hook = _file_no_op_kernel
-    from qvl.backends import triton as triton_backend
+    from qvl.backends import get_backend
 
-    triton_backend._TritonOp.devices = frozenset({"cpu"})
-    triton_backend.BACKEND._availability = None
-    triton_backend.BACKEND._unavailable = None
+    backend = get_backend("triton")
+    for impl in backend.impls.values():
+        impl.devices = frozenset({"cpu"})  # shadows the class's CUDA-only device set on this instance
+    backend._availability = None
+    backend._unavailable = None
 
 
 def best_us(fn, calls: int = 200, rounds: int = 15) -> float:

@@ -17,14 +17,39 @@ def run_script(name, out):
                    cwd=ROOT, check=True, capture_output=True, timeout=300)
 
 
-@pytest.mark.parametrize("script, stem", [("kernel_figures.py", "kernel_figures"), ("decode_sweep.py", "decode_sweep")])
-def test_smoke_run_writes_every_row(tmp_path, script, stem):
-    run_script(script, tmp_path)
-    with open(tmp_path / f"{stem}.json") as f:
+def smoke_rows(script, stem, out, impl):
+    """Run `script` at its smoke size: every row measured (none failed), the table written with `impl`'s rows."""
+    run_script(script, out)
+    with open(out / f"{stem}.json") as f:
         rows = json.load(f)["rows"]
-    assert rows and not [r for r in rows if "error" in r]  # every row measured, none failed
-    table = (tmp_path / f"{stem}.md").read_text()
-    assert table.startswith("Device: ") and "| triton" in table
+    assert rows and not [r for r in rows if "error" in r]
+    table = (out / f"{stem}.md").read_text()
+    assert table.startswith("Device: ") and f"| {impl} |" in table
+    return rows
+
+
+# kernel_figures' figures with a row per backend, and the operator those rows call
+FIGURE_OPERATORS = {"norm": "norm", "norm+residual": "norm", "mlp": "mlp", "rope": "rope",
+                    "attention causal": "attention", "attention varlen": "attention",
+                    "attention decode": "attention", "cache (rope+write)": "cache"}
+
+
+def test_kernel_figures_smoke_run_has_a_row_per_backend(tmp_path):
+    """Every backend usable here that implements an operator has a row `qvl[<spec>]` in each of its figures, taken
+    from the registry (a new backend needs no edit of the script), measured or skipped with the backend's reason;
+    the MLP's include the partial triton-gemm backend."""
+    from benchmarks.harness import backend_specs
+
+    rows = smoke_rows("kernel_figures.py", "kernel_figures", tmp_path, "qvl[triton]")
+    for figure, operator in FIGURE_OPERATORS.items():
+        impls = {r["impl"] for r in rows if r["op"] == figure}
+        expected = {f"qvl[{spec}]" for spec in backend_specs(operator)}
+        assert expected <= impls, (figure, expected - impls)
+    assert {r["impl"] for r in rows if r["op"] == "mlp"} >= {"qvl[eager]", "qvl[triton]", "qvl[triton-gemm]"}
+
+
+def test_decode_sweep_smoke_run_writes_every_row(tmp_path):
+    smoke_rows("decode_sweep.py", "decode_sweep", tmp_path, "triton")
 
 
 def test_host_profile_smoke_run_profiles_every_call(tmp_path):
