@@ -166,6 +166,9 @@ def cases(quick: bool):
     def t(*shape, dtype):
         return torch.empty(*shape, dtype=dtype)
 
+    text, vision = Rotary(torch.ones(64), (16, 24, 24)), Rotary(torch.ones(40), (20, 20))
+    pos = torch.zeros(3, 1, 64, dtype=torch.long)
+    slot = torch.tensor(100)  # a decode step for CUDA-graph capture: the slot is read on the device
     out = []
     for dt in (torch.bfloat16, torch.float16, torch.float32):
         name = dtype_name(dt)
@@ -177,19 +180,17 @@ def cases(quick: bool):
         out.append((f"swiglu {name}", lambda h=h: swiglu(h)))
         out.append((f"gelu {name}", lambda h=h: gelu(h)))
 
-        text, vision = Rotary(torch.ones(64), (16, 24, 24)), Rotary(torch.ones(40), (20, 20))
         q, k, qv = t(1, 64, 16, 128, dtype=dt), t(1, 64, 2, 128, dtype=dt), t(1, 64, 16, 80, dtype=dt)
-        pos = torch.zeros(3, 1, 64, dtype=torch.long)
         out.append((f"rope {name} d=128", lambda q=q, k=k: rope(q, k, pos, text.inv_freq, text.stream_of_pair)))
         kc, vc = t(1, 4096, 2, 128, dtype=dt), t(1, 4096, 2, 128, dtype=dt)
         out.append((f"rope+cache {name} d=128", lambda q=q, k=k, kc=kc, vc=vc: rope_and_cache(
             q, k, k, pos, text.inv_freq, text.stream_of_pair, kc, vc, 0)))
-        slot = torch.tensor(100)  # a decode step for CUDA-graph capture: the slot is read on the device
         out.append((f"rope+cache {name} d=128, start on device", lambda q=q, k=k, kc=kc, vc=vc: rope_and_cache(
             q[:, :1], k[:, :1], k[:, :1], pos[:, :, :1], text.inv_freq, text.stream_of_pair, kc, vc, slot)))
         k1, kc1 = t(1, 64, 1, 128, dtype=dt), t(1, 4096, 1, 128, dtype=dt)  # one kv head: Triton makes it a constant
-        out.append((f"rope+cache {name} d=128, one kv head, start on device", lambda q=q, k1=k1, kc1=kc1: rope_and_cache(
-            q[:, :1], k1[:, :1], k1[:, :1], pos[:, :, :1], text.inv_freq, text.stream_of_pair, kc1, kc1, slot)))
+        out.append((f"rope+cache {name} d=128, one kv head, start on device",
+                    lambda q=q, k1=k1, kc1=kc1: rope_and_cache(q[:, :1], k1[:, :1], k1[:, :1], pos[:, :, :1],
+                                                               text.inv_freq, text.stream_of_pair, kc1, kc1, slot)))
         out.append((f"rope {name} d=80 (vision)", lambda qv=qv: rope(
             qv, qv, pos[:2], vision.inv_freq, vision.stream_of_pair)))
 

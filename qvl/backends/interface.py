@@ -32,8 +32,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels import check_device_scalar, check_pad  # host-side, no triton import
-
 OPERATORS: tuple[str, ...] = ("attention", "rope", "norm", "mlp", "cache")
 ACTIVATIONS: tuple[str, ...] = ("swiglu", "gelu")
 
@@ -82,7 +80,7 @@ class BlockDiagonalMask:
     kind: str = field(default="block_diagonal", init=False)
 
     @staticmethod
-    def from_seqlens(seqlens: list[int], device=None) -> "BlockDiagonalMask":
+    def from_seqlens(seqlens: list[int], device=None) -> BlockDiagonalMask:
         seqlens = tuple(int(n) for n in seqlens)
         if any(n < 0 for n in seqlens):
             raise ValueError(f"BlockDiagonalMask: segment lengths must be >= 0, got {list(seqlens)}")
@@ -134,15 +132,34 @@ class Rotary:
         object.__setattr__(self, "stream_of_pair", table.to(device=self.inv_freq.device, dtype=torch.int32))
 
 
+def check_device_scalar(where: str, name: str, value: torch.Tensor, device: torch.device) -> None:
+    """A length read from device memory (for CUDA-graph capture) must be one integer on `device`."""
+    if value.dim() != 0 or not _is_integer(value) or value.device != device:
+        raise ValueError(f"{where}: {name} must be a 0-dim integer tensor on {device}; got "
+                         f"{tuple(value.shape)} {value.dtype} on {value.device}")
+
+
+def check_pad(where: str, name: str, pad: torch.Tensor, batch: int) -> None:
+    """Left padding per sequence: a (batch,) integer tensor. Its values are not read (that would synchronize
+    with the device); backends clamp them to [0, number of keys], which is what the mask means for any value."""
+    if tuple(pad.shape) != (batch,) or not _is_integer(pad):
+        raise ValueError(f"{where}: {name} must be a ({batch},) integer tensor, got {tuple(pad.shape)} {pad.dtype}")
+
+
+def _is_integer(t: torch.Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
 def check_attention_inputs(q, k, v, mask) -> None:
     """Caller mistakes (shapes, devices, dtypes): ValueError, kept apart from backend support."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"attention: q, k, v must be (B, L, H, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(f"attention: q, k, v must be (B, L, H, D); got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
     if k.shape != v.shape:
         raise ValueError(f"attention: k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"attention: batch or head dim of q {tuple(q.shape)} and k {tuple(k.shape)} differ")
-    if q.shape[2] % k.shape[2]:
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
         raise ValueError(f"attention: {q.shape[2]} query heads is not a multiple of {k.shape[2]} kv heads")
     if not (q.device == k.device == v.device) or not (q.dtype == k.dtype == v.dtype):
         raise ValueError("attention: q, k, v must share device and dtype")
@@ -152,6 +169,10 @@ def check_attention_inputs(q, k, v, mask) -> None:
         if mask.num_tokens != q.shape[1]:
             raise ValueError(f"attention: the mask's segments hold {mask.num_tokens} tokens, but the sequence has "
                              f"{q.shape[1]}")
+        cu_seqlens = mask.cu_seqlens
+        if tuple(cu_seqlens.shape) != (len(mask.seqlens) + 1,) or not _is_integer(cu_seqlens):
+            raise ValueError(f"attention: BlockDiagonalMask.cu_seqlens must be (S + 1,) = ({len(mask.seqlens) + 1},) "
+                             f"integer, got {tuple(cu_seqlens.shape)} {cu_seqlens.dtype}")
     elif isinstance(mask, CausalMask):
         if q.shape[1] > k.shape[1]:
             raise ValueError(f"attention: causal attention with more queries ({q.shape[1]}) than keys ({k.shape[1]})")
@@ -173,24 +194,46 @@ def check_rope_inputs(q, k, positions, rotary) -> None:
     if positions.shape != (len(rotary.sections), q.shape[0], q.shape[1]):
         raise ValueError(f"rope: positions must be ({len(rotary.sections)}, B, L) = "
                          f"({len(rotary.sections)}, {q.shape[0]}, {q.shape[1]}); got {tuple(positions.shape)}")
+    if not _is_integer(positions):
+        raise ValueError(f"rope: positions must be an integer tensor, got {positions.dtype}")
+    if q.dtype != k.dtype:
+        raise ValueError(f"rope: q and k dtypes differ: {q.dtype} vs {k.dtype}")
+    if len({t.device for t in (q, k, positions, rotary.inv_freq, rotary.stream_of_pair)}) != 1:
+        raise ValueError("rope: q, k, positions and the rotary's inv_freq must be on one device")
 
 
 def check_norm_inputs(x, weight, residual) -> None:
     if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
         raise ValueError(f"norm: weight {tuple(weight.shape)} does not match hidden size {x.shape[-1]}")
+    if weight.device != x.device:
+        raise ValueError(f"norm: weight on {weight.device}, x on {x.device}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(f"norm: residual {tuple(residual.shape)} {residual.dtype} and x {tuple(x.shape)} {x.dtype} "
                          "differ (the sum is kept in x's dtype)")
+    if residual is not None and residual.device != x.device:
+        raise ValueError(f"norm: residual on {residual.device}, x on {x.device}")
 
 
-def check_mlp_inputs(x, w_in, w_out, activation) -> None:
+def check_mlp_inputs(x, w_in, w_out, activation, b_in=None, b_out=None) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"mlp: unknown activation {activation!r}; valid options are {', '.join(ACTIVATIONS)}")
+    if x.dim() == 0 or w_in.dim() != 2 or w_out.dim() != 2:
+        raise ValueError(f"mlp: x (..., H), w_in and w_out (N, K) expected; got {tuple(x.shape)}, "
+                         f"{tuple(w_in.shape)}, {tuple(w_out.shape)}")
     if w_in.shape[1] != x.shape[-1]:
         raise ValueError(f"mlp: w_in {tuple(w_in.shape)} does not take hidden size {x.shape[-1]}")
+    if activation == "swiglu" and w_in.shape[0] % 2:
+        raise ValueError(f"mlp: swiglu needs w_in = [W_gate; W_up] with an even row count, got {tuple(w_in.shape)}")
     inner = w_in.shape[0] // 2 if activation == "swiglu" else w_in.shape[0]
-    if (activation == "swiglu" and w_in.shape[0] % 2) or w_out.shape[1] != inner:
+    if w_out.shape[1] != inner:
         raise ValueError(f"mlp: w_out {tuple(w_out.shape)} does not match w_in {tuple(w_in.shape)} for {activation}")
+    for name, b, w in (("b_in", b_in, w_in), ("b_out", b_out, w_out)):
+        if b is not None and tuple(b.shape) != (w.shape[0],):
+            raise ValueError(f"mlp: {name} {tuple(b.shape)} must be ({w.shape[0]},)")
+    dtypes = [t.dtype for t in (x, w_in, w_out, b_in, b_out) if t is not None]
+    if len(set(dtypes)) != 1:
+        raise ValueError(f"mlp: x, w_in, w_out (and the biases) must share a dtype; got "
+                         f"{', '.join(str(d) for d in dtypes)}")
 
 
 def check_cache_inputs(q, k, v, positions, rotary, k_cache, v_cache, start) -> None:
@@ -199,6 +242,11 @@ def check_cache_inputs(q, k, v, positions, rotary, k_cache, v_cache, start) -> N
         raise ValueError(f"cache: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
     if k_cache.shape != v_cache.shape or k_cache.shape[0] != k.shape[0] or k_cache.shape[2:] != k.shape[2:]:
         raise ValueError(f"cache: cache {tuple(k_cache.shape)} does not hold k {tuple(k.shape)}")
+    if not (k.dtype == v.dtype == k_cache.dtype == v_cache.dtype):
+        raise ValueError(f"cache: k, v and the caches must share a dtype; got {k.dtype}, {v.dtype}, "
+                         f"{k_cache.dtype}, {v_cache.dtype}")
+    if len({t.device for t in (q, v, k_cache, v_cache)}) != 1:
+        raise ValueError("cache: q, k, v and the caches must be on one device")
     if isinstance(start, torch.Tensor):
         check_device_scalar("cache", "start", start, k_cache.device)
     elif not 0 <= start <= k_cache.shape[1] - k.shape[1]:

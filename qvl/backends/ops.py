@@ -46,7 +46,7 @@ class Ops:
 
     def mlp(self, x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor,
             b_out: torch.Tensor | None, activation: str) -> torch.Tensor:
-        I.check_mlp_inputs(x, w_in, w_out, activation)
+        I.check_mlp_inputs(x, w_in, w_out, activation, b_in=b_in, b_out=b_out)
         call = CallInfo.of("mlp", x, activation=activation, bias=b_in is not None or b_out is not None)
         return self._dispatch.select(call)(x, w_in, b_in, w_out, b_out, activation)
 

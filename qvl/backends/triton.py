@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..kernels import DEVICE_TYPE, HAS_CUDA, INTERPRETED, TRITON_IMPORTED_TOO_EARLY
+from ..dtypes import FLOAT_DTYPES
+from ..kernels import DEVICE_TYPE, HAS_CUDA, INTERPRETED, MAX_HEAD_DIM, TRITON_IMPORTED_TOO_EARLY
 from ..kernels.activation import gelu, swiglu
 from ..kernels.attention import causal_attention, varlen_attention
 from ..kernels.decode_attention import decode_attention
@@ -18,7 +19,6 @@ from .registry import Backend, OpImpl
 
 # Causal calls with at most this many queries against a longer key range are decode steps: split-KV.
 DECODE_MAX_QUERIES = 8
-MAX_HEAD_DIM = 256
 
 
 def _head_dim_ok(d: int) -> bool:
@@ -26,7 +26,11 @@ def _head_dim_ok(d: int) -> bool:
 
 
 class _TritonOp(OpImpl):
+    """What every triton kernel supports, as data; the operator interface checks the rest of each call, so the
+    kernels' launchers do not check their inputs again."""
+
     devices = frozenset({DEVICE_TYPE})
+    dtypes = FLOAT_DTYPES
     head_dims = staticmethod(_head_dim_ok)
     head_dims_text = f"even and at most {MAX_HEAD_DIM}"
 

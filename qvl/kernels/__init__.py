@@ -7,8 +7,11 @@ The interpreter runs the same kernel code with numpy on the CPU: slow, but exact
 the eager backend.
 
 Conventions for every kernel here:
-- the `@triton.jit` functions and the thin launcher that validates strides and computes the grid live
+- the `@triton.jit` functions and the thin launcher that prepares strides and computes the grid live
   in one file per operator; module code never imports triton;
+- inputs are validated once, by the operator interface (qvl.backends.interface) and the backend's support
+  data (qvl.backends.triton: dtypes, head dims); a launcher checks only the arguments the interface never
+  sees (tuning knobs, an activation kernel's input);
 - every load is converted to float32 before arithmetic and every store converts back (fp32
   accumulation, and the interpreter has no native bfloat16);
 - `tl.dot` takes float32 operands when interpreted (`DOT_F32`), the storage dtype on the GPU.
@@ -25,6 +28,18 @@ from .._env import HAS_CUDA, TRITON_IMPORTED_TOO_EARLY  # noqa: F401  (re-export
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DOT_F32 = INTERPRETED
 DEVICE_TYPE = "cpu" if INTERPRETED else "cuda"
+# Loops to a runtime bound (a tensor in range()) fail in the interpreter under numpy >= 2.4 (triton#9171): kernels
+# with such a loop take a while loop over the same iterations when WHILE_LOOP (a constexpr) is set. Compiled, they
+# keep the for loop, which Triton software-pipelines.
+WHILE_LOOP = INTERPRETED
+
+# The largest head dim the attention kernels take: one (BLOCK_M, D) float32 accumulator per program, and K/V
+# tiles of D columns in shared memory, sized for it (benchmarks/sm90_compile.py compiles D = 256). The triton
+# backend declares it as a support limit, so calls past it are routed or refused before any launch.
+MAX_HEAD_DIM = 256
+# tl.dot needs at least 16 rows, columns and reduction depth: the smallest tile, and the interpreter's tiles
+# (small, so tests with tens of tokens still cross block boundaries).
+MIN_DOT_SIZE = 16
 
 
 # Host-side integer helpers for the launchers. Not triton.cdiv / triton.next_power_of_2: since Triton 3.5
@@ -37,20 +52,7 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def check_device_scalar(where: str, name: str, value: torch.Tensor, device: torch.device) -> None:
-    """A length read from device memory (for CUDA-graph capture) must be one integer on `device`. Used by the
-    kernels' launchers and by the operator interface (qvl.backends.interface), which checks the same inputs."""
-    if value.dim() != 0 or not _is_integer(value) or value.device != device:
-        raise ValueError(f"{where}: {name} must be a 0-dim integer tensor on {device}; got "
-                         f"{tuple(value.shape)} {value.dtype} on {value.device}")
-
-
-def check_pad(where: str, name: str, pad: torch.Tensor, batch: int) -> None:
-    """Left padding per sequence: a (batch,) integer tensor. Its values are not read (that would synchronize
-    with the device); kernels clamp them to [0, number of keys], which is what the mask means for any value."""
-    if tuple(pad.shape) != (batch,) or not _is_integer(pad):
-        raise ValueError(f"{where}: {name} must be a ({batch},) integer tensor, got {tuple(pad.shape)} {pad.dtype}")
-
-
-def _is_integer(t: torch.Tensor) -> bool:
-    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+def input_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision: float32 inputs get exact fp32 products ("ieee"; the GPU would otherwise round
+    them to TF32, ~1e-3 off); 16-bit inputs ignore it."""
+    return "ieee" if dtype == torch.float32 else "tf32"

@@ -19,14 +19,11 @@ import triton
 import triton.language as tl
 
 from . import cdiv, next_power_of_2
-from .common import as_rows, rows_view, to_storage
+from .common import as_rows, erf_gelu, rows_view, silu_times, to_storage
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK_COLS = 1024  # columns per tile: contiguous, vectorized loads
 TILE_ELEMENTS = 4096  # elements per program; rows per tile = TILE_ELEMENTS // column block
 NUM_WARPS = 8
-
-_SQRT1_2 = tl.constexpr(0.7071067811865476)  # jit functions may only read constexpr globals
 
 
 @triton.jit
@@ -49,7 +46,7 @@ def _swiglu_fwd_kernel(
     gate_ptrs = h_ptr + rows[:, None] * h_row_stride + cols[None, :]
     gate = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gate_ptrs + inner, mask=mask, other=0.0).to(tl.float32)  # up starts I columns later
-    out = gate * tl.sigmoid(gate) * up
+    out = silu_times(gate, up)
     tl.store(out_ptr + rows[:, None] * out_row_stride + cols[None, :],
              to_storage(out, out_ptr.dtype.element_ty), mask=mask)
 
@@ -63,7 +60,7 @@ def _gelu_fwd_kernel(
 ):
     rows, cols, mask = _tile(tl.program_id(0), tl.program_id(1), n_rows, n_cols, BLOCK_M, BLOCK_N)
     x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    out = 0.5 * x * (1.0 + tl.math.erf(x * _SQRT1_2))
+    out = erf_gelu(x)
     # In place, each element is read and written by the same program: no hazard.
     tl.store(out_ptr + rows[:, None] * out_row_stride + cols[None, :],
              to_storage(out, out_ptr.dtype.element_ty), mask=mask)
@@ -76,8 +73,7 @@ def _grid_and_blocks(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int, in
 
 
 def _check(name: str, h: torch.Tensor) -> None:
-    if h.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"{name}: dtype {h.dtype} unsupported; use float32, float16 or bfloat16")
+    """h is the input projection's output, which the operator interface never sees: a launcher argument."""
     if h.dim() == 0:
         raise ValueError(f"{name}: expected a tensor with a last (feature) dim, got a scalar")
 
@@ -87,11 +83,10 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
 
     float32/float16/bfloat16, any leading dims. The last dim is read with unit stride and the leading dims
     through one row stride, so a row-strided view (e.g. a slice of a wider buffer) is read in place; a
-    copy is made only when the leading dims cannot collapse to one stride.
+    copy is made only when the leading dims cannot collapse to one stride. The last dim is even: the interface
+    checks the input projection's rows (`check_mlp_inputs`).
     """
     _check("swiglu", h)
-    if h.shape[-1] % 2:
-        raise ValueError(f"swiglu: last dim {h.shape[-1]} must be even ([gate | up])")
     inner = h.shape[-1] // 2
     out = torch.empty((*h.shape[:-1], inner), dtype=h.dtype, device=h.device)
     if out.numel() == 0:

@@ -3,17 +3,9 @@
     q (B, Lq, Hq, D)   k, v (B, Lk, Hkv, D)   out (B, Lq, Hq, D)      token-major, any strides
     out = softmax(q k^T * scale + mask) v     query head h reads kv head h // (Hq / Hkv) (GQA, K/V never copied)
 
-One program owns BLOCK_M queries of one query head and walks the keys it may see in blocks of BLOCK_N,
-keeping an online softmax in base 2 (the score is pre-multiplied by scale * log2(e), so exp2 replaces exp):
-
-    s  = q k^T * scale * log2(e)          (masked -> -inf)
-    m' = max(m, rowmax(s));  alpha = 2^(m - m');  p = 2^(s - m')
-    l  = l * alpha + rowsum(p);  acc = acc * alpha + p v;  m = m'
-    out = acc / l                         (0 for a row that saw no key: l == 0)
-
-so no (Lq, Lk) matrix ever exists: per program only a (BLOCK_M, BLOCK_N) score tile and a (BLOCK_M, D)
-accumulator, in float32. A row with no visible key yet keeps m = -inf; its exponents are then taken against
-0 instead of m' (never -inf - -inf), which leaves p = 0, alpha = 0, l = 0.
+One program owns BLOCK_M queries of one query head and walks the keys it may see in blocks of BLOCK_N with
+an online softmax (qvl/kernels/online_softmax.py: the formulas), so per program only a (BLOCK_M, BLOCK_N)
+score tile and a (BLOCK_M, D) float32 accumulator exist, never an (Lq, Lk) matrix.
 
 Causal (`causal_attention`): query i sits at key position Lk - Lq + i and sees keys pad[b] <= j <= Lk - Lq + i.
 The speed comes from which key blocks a query block visits. Blocks entirely before pad[b] or after the last
@@ -36,34 +28,14 @@ import torch
 import triton
 import triton.language as tl
 
-from . import DOT_F32, INTERPRETED, cdiv, check_pad, next_power_of_2
-from .common import to_storage
+from . import DOT_F32, INTERPRETED, MIN_DOT_SIZE, WHILE_LOOP, cdiv, input_precision, next_power_of_2
+from .common import load_tile, to_storage
+from .online_softmax import LOG2E, online_softmax_step
 
-LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 256
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Interpreter tiles: small, so tests with tens of tokens still cross block boundaries on both axes (tests
-# patch them to check BLOCK_M != BLOCK_N, as the GPU tiles are).
-INTERPRETER_BLOCK_M = 16
-INTERPRETER_BLOCK_N = 16
-
-
-@triton.jit
-def _load_tile(ptrs, rows_valid, dims_valid, CHECK_ROWS: tl.constexpr, CHECK_DIMS: tl.constexpr,
-               DOT_F32: tl.constexpr):
-    """A (rows, BLOCK_D) tile in the dtype tl.dot takes, zero where masked; masks only what can be out of range."""
-    if CHECK_ROWS:
-        if CHECK_DIMS:
-            x = tl.load(ptrs, mask=rows_valid[:, None] & dims_valid[None, :], other=0.0)
-        else:
-            x = tl.load(ptrs, mask=rows_valid[:, None], other=0.0)
-    elif CHECK_DIMS:
-        x = tl.load(ptrs, mask=dims_valid[None, :], other=0.0)
-    else:
-        x = tl.load(ptrs)
-    if DOT_F32:  # the interpreter: bf16 is only safe converted at once, and its bf16 dot is wrong
-        x = x.to(tl.float32)
-    return x
+# Interpreter tiles: the smallest, so tests with tens of tokens still cross block boundaries on both axes
+# (tests patch them to check BLOCK_M != BLOCK_N, as the GPU tiles are).
+INTERPRETER_BLOCK_M = MIN_DOT_SIZE
+INTERPRETER_BLOCK_N = MIN_DOT_SIZE
 
 
 @triton.jit
@@ -79,8 +51,8 @@ def _attend_block(acc, row_sum, row_max, q, query_pos, k_base, v_base, stride_kl
     """
     keys = start + tl.arange(0, BLOCK_N)
     keys_valid = (keys >= key_lo) & (keys < key_hi)
-    k = _load_tile(k_base + keys[:, None] * stride_kl + dims[None, :] * stride_kd, keys_valid, dims_valid,
-                   MASKED, PAD_D, DOT_F32)
+    k = load_tile(k_base + keys[:, None] * stride_kl + dims[None, :] * stride_kd, keys_valid, dims_valid,
+                  MASKED, PAD_D, DOT_F32)
     scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale_log2
     if MASKED:
         if CAUSAL:
@@ -88,18 +60,10 @@ def _attend_block(acc, row_sum, row_max, q, query_pos, k_base, v_base, stride_kl
         else:
             visible = keys_valid[None, :]
         scores = tl.where(visible, scores, float("-inf"))
-    new_max = tl.maximum(row_max, tl.max(scores, 1))
-    if MASKED:
-        new_max_ref = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows that have seen nothing yet
-    else:
-        new_max_ref = new_max  # every row saw this block's keys: finite
-    p = tl.math.exp2(scores - new_max_ref[:, None])
-    alpha = tl.math.exp2(row_max - new_max_ref)
-    row_sum = row_sum * alpha + tl.sum(p, 1)
-    v = _load_tile(v_base + keys[:, None] * stride_vl + dims[None, :] * stride_vd, keys_valid, dims_valid,
-                   MASKED, PAD_D, DOT_F32)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
-    return acc, row_sum, new_max
+    v = load_tile(v_base + keys[:, None] * stride_vl + dims[None, :] * stride_vd, keys_valid, dims_valid,
+                  MASKED, PAD_D, DOT_F32)
+    # Only masked blocks need the guard for rows that saw nothing yet: every row sees all keys of an unmasked one.
+    return online_softmax_step(scores, row_max, row_sum, acc, v, MASKED, True, INPUT_PRECISION)
 
 
 @triton.jit
@@ -108,9 +72,7 @@ def _attend_range(acc, row_sum, row_max, q, query_pos, k_base, v_base, stride_kl
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
                   DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr):
     """Online softmax over the key blocks starting at lo, lo + BLOCK_N, ... below hi."""
-    if WHILE_LOOP:
-        # The interpreter cannot take tensors as range() bounds under numpy >= 2.4 (triton#9171); a while
-        # loop runs the same blocks. The GPU keeps the for loop, which Triton software-pipelines.
+    if WHILE_LOOP:  # qvl.kernels.WHILE_LOOP: the interpreter's loop
         start = lo
         while start < hi:
             acc, row_sum, row_max = _attend_block(
@@ -161,8 +123,8 @@ def _causal_attention_fwd_kernel(
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
 
     q_base = q_ptr + batch * stride_qb + head * stride_qh
-    q = _load_tile(q_base + rows[:, None] * stride_ql + dims[None, :] * stride_qd, rows_valid, dims_valid,
-                   True, PAD_D, DOT_F32)
+    q = load_tile(q_base + rows[:, None] * stride_ql + dims[None, :] * stride_qd, rows_valid, dims_valid,
+                  True, PAD_D, DOT_F32)
     k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
     v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
 
@@ -235,8 +197,8 @@ def _varlen_attention_fwd_kernel(
 
     # Row indices below are relative to the segment start.
     q_base = q_ptr + seg_start * stride_ql + head * stride_qh
-    q = _load_tile(q_base + rows[:, None] * stride_ql + dims[None, :] * stride_qd, rows_valid, dims_valid,
-                   True, PAD_D, DOT_F32)
+    q = load_tile(q_base + rows[:, None] * stride_ql + dims[None, :] * stride_qd, rows_valid, dims_valid,
+                  True, PAD_D, DOT_F32)
     k_base = k_ptr + seg_start * stride_kl + kv_head * stride_kh
     v_base = v_ptr + seg_start * stride_vl + kv_head * stride_vh
 
@@ -258,22 +220,6 @@ def _varlen_attention_fwd_kernel(
     _store_normalized(out_base + rows[:, None] * stride_ol + dims[None, :], acc, row_sum, rows_valid, dims_valid)
 
 
-def _check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"{name}: q (B, Lq, Hq, D) and k, v (B, Lk, Hkv, D) expected; "
-                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or k.shape[2] == 0 or q.shape[2] % k.shape[2]:
-        raise ValueError(f"{name}: q {tuple(q.shape)} does not match k {tuple(k.shape)} (batch, head dim, "
-                         f"or query heads not a multiple of kv heads)")
-    if q.shape[3] > MAX_HEAD_DIM:
-        raise ValueError(f"{name}: head dim {q.shape[3]} > {MAX_HEAD_DIM}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"{name}: q, k, v must share one of float32/float16/bfloat16; "
-                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"{name}: q, k, v on different devices: {q.device}, {k.device}, {v.device}")
-
-
 def _launch_config(query_rows: int, head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes, warps and pipeline depth (compiled for sm_90 with ptxas: no register spills for 16-bit
     inputs, a few bytes at most for float32).
@@ -283,7 +229,7 @@ def _launch_config(query_rows: int, head_dim: int, dtype: torch.dtype) -> dict:
     which spill registers above 32 x 32 tiles (16 x 16 for D > 64). Few queries use fewer query rows (tl.dot
     needs at least 16). D is padded to a power of two >= 16 (80 -> 128) and masked.
     """
-    block_d = max(16, next_power_of_2(head_dim))
+    block_d = max(MIN_DOT_SIZE, next_power_of_2(head_dim))
     if INTERPRETED:
         return dict(BLOCK_M=INTERPRETER_BLOCK_M, BLOCK_N=INTERPRETER_BLOCK_N, BLOCK_D=block_d, num_warps=4,
                     num_stages=1)
@@ -293,14 +239,9 @@ def _launch_config(query_rows: int, head_dim: int, dtype: torch.dtype) -> dict:
     else:
         block_m, block_n = (128, 64) if block_d <= 128 else (64, 32)
         num_stages = 3 if block_d <= 128 else 2
-    block_m = min(block_m, max(16, next_power_of_2(query_rows)))
+    block_m = min(block_m, max(MIN_DOT_SIZE, next_power_of_2(query_rows)))
     num_warps = 8 if dtype != torch.float32 and (block_m >= 128 or block_d >= 256) else 4
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
-
-
-def _input_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get true fp32 products (the GPU would otherwise use TF32, ~1e-3 off); 16-bit ones ignore it."""
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor | None,
@@ -308,18 +249,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: tor
     """Bottom-right-aligned causal attention with left padding (prefill, or a chunk of queries against a cache).
 
     q (B, Lq, Hq, D); k, v (B, Lk, Hkv, D) with Lq <= Lk and Hq % Hkv == 0 (query head h reads kv head
-    h // (Hq // Hkv)); query i sees keys pad[b] <= j <= Lk - Lq + i. pad: (B,) integer (any value) or None. Any strides
-    (slices of a fused qkv projection, a cache view k = cache[:, :Lk], ...); K/V are never copied.
-    float32/float16/bfloat16, D <= 256. Returns a new contiguous (B, Lq, Hq, D) tensor in q.dtype; rows that
-    see no key are 0.
+    h // (Hq // Hkv)); query i sees keys pad[b] <= j <= Lk - Lq + i. pad: (B,) integer (any value) or None.
+    Any strides (slices of a fused qkv projection, a cache view k = cache[:, :Lk], ...); K/V are never copied.
+    float32/float16/bfloat16, D <= MAX_HEAD_DIM (qvl.kernels). Returns a new contiguous (B, Lq, Hq, D) tensor
+    in q.dtype; rows that see no key are 0. Inputs are those `check_attention_inputs` (qvl.backends.interface)
+    accepts for a CausalMask(pad), within the triton backend's support (dtype, head dim): not checked again.
     """
-    _check_qkv("causal_attention", q, k, v)
     batch, q_len, num_q_heads, head_dim = q.shape
     kv_len, num_kv_heads = k.shape[1], k.shape[2]
-    if q_len > kv_len:
-        raise ValueError(f"causal_attention: more queries ({q_len}) than keys ({kv_len})")
-    if pad is not None:
-        check_pad("causal_attention", "pad", pad, batch)
 
     out = torch.empty((batch, q_len, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
@@ -334,8 +271,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: tor
         *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
         num_q_heads, num_q_heads // num_kv_heads, q_len, kv_len, num_batch_heads, num_q_blocks,
         float(scale) * LOG2E,
-        HEAD_DIM=head_dim, HAS_PAD=pad is not None, DOT_F32=DOT_F32, INPUT_PRECISION=_input_precision(q.dtype),
-        WHILE_LOOP=INTERPRETED, **config,
+        HEAD_DIM=head_dim, HAS_PAD=pad is not None, DOT_F32=DOT_F32, INPUT_PRECISION=input_precision(q.dtype),
+        WHILE_LOOP=WHILE_LOOP, **config,
     )
     return out
 
@@ -347,17 +284,12 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     q (1, L, Hq, D); k, v (1, L, Hkv, D), Hq % Hkv == 0; segment s is tokens cu_seqlens[s]:cu_seqlens[s+1]
     (cu_seqlens (S+1,) integer, starting at 0 and ending at L; empty segments allowed). max_seqlen must be at
     least the longest segment (it sizes the grid; it is not checked, which would need a device sync). Any
-    strides; float32/float16/bfloat16, D <= 256. Returns a new contiguous (1, L, Hq, D) tensor in q.dtype.
+    strides; float32/float16/bfloat16, D <= MAX_HEAD_DIM (qvl.kernels). Returns a new contiguous (1, L, Hq, D)
+    tensor in q.dtype. Inputs are those `check_attention_inputs` (qvl.backends.interface) accepts for a
+    BlockDiagonalMask, within the triton backend's support (dtype, head dim): not checked again.
     """
-    _check_qkv("varlen_attention", q, k, v)
     batch, seq_len, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
-    if batch != 1 or k.shape[1] != seq_len:
-        raise ValueError(f"varlen_attention: one packed sequence (B == 1, Lq == Lk) expected; "
-                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype.is_floating_point:
-        raise ValueError(f"varlen_attention: cu_seqlens must be (S + 1,) integer, got {tuple(cu_seqlens.shape)} "
-                         f"{cu_seqlens.dtype}")
 
     out = torch.empty((batch, seq_len, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     num_segments = cu_seqlens.numel() - 1
@@ -371,7 +303,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         q, k, v, cu_seqlens, out,
         *q.stride()[1:], *k.stride()[1:], *v.stride()[1:], *out.stride()[1:3],
         num_q_heads, num_q_heads // num_kv_heads, num_q_blocks, float(scale) * LOG2E,
-        HEAD_DIM=head_dim, DOT_F32=DOT_F32, INPUT_PRECISION=_input_precision(q.dtype),
-        WHILE_LOOP=INTERPRETED, **config,
+        HEAD_DIM=head_dim, DOT_F32=DOT_F32, INPUT_PRECISION=input_precision(q.dtype),
+        WHILE_LOOP=WHILE_LOOP, **config,
     )
     return out

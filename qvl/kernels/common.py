@@ -1,4 +1,5 @@
-"""Helpers shared by the kernels: storage rounding that is exact under the interpreter, row views."""
+"""Helpers shared by the kernels: storage rounding that is exact under the interpreter, tl.dot operand tiles, the
+MLP activations, row views."""
 
 from __future__ import annotations
 
@@ -33,6 +34,39 @@ def to_storage(x, DTYPE: tl.constexpr):
 def round_to(x, DTYPE: tl.constexpr):
     """float32 values rounded to DTYPE's precision, kept in float32 (an intermediate rounding step)."""
     return to_storage(x, DTYPE).to(tl.float32)
+
+
+@triton.jit
+def load_tile(ptrs, rows_valid, cols_valid, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr,
+              DOT_F32: tl.constexpr):
+    """A 2-D tile in the dtype tl.dot takes, zero where masked; masks only what can be out of range."""
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=rows_valid[:, None] & cols_valid[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rows_valid[:, None], other=0.0)
+    elif CHECK_COLS:
+        x = tl.load(ptrs, mask=cols_valid[None, :], other=0.0)
+    else:
+        x = tl.load(ptrs)
+    if DOT_F32:  # the interpreter: bf16 is only safe converted at once, and its bf16 dot is wrong
+        x = x.to(tl.float32)
+    return x
+
+
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # jit functions may only read constexpr globals
+
+
+@triton.jit
+def erf_gelu(x):
+    """Exact (erf) GELU, torch's default F.gelu: 0.5 x (1 + erf(x / sqrt(2))), in x's (float32) precision."""
+    return 0.5 * x * (1.0 + tl.math.erf(x * _SQRT1_2))
+
+
+@triton.jit
+def silu_times(gate, up):
+    """SwiGLU's product silu(gate) * up = gate * sigmoid(gate) * up, in the inputs' (float32) precision."""
+    return gate * tl.sigmoid(gate) * up
 
 
 def rows_view(t: torch.Tensor) -> torch.Tensor | None:

@@ -15,15 +15,10 @@ queries, as the rows of one (BLOCK_M, D) query tile, so every K/V tile is loaded
 the scores are a real matrix product (tensor cores on the GPU). Row r of a group is query head
 `kv_head * group + r // Lq`, query `r % Lq`.
 
-Phase 1, per (batch, kv head, split), over the split's keys in blocks of BLOCK_N, an online softmax in base 2
-(scores are pre-multiplied by scale * log2(e), so exp2 replaces exp):
-
-    s = q k^T * scale * log2(e)          (masked -> -inf)
-    m' = max(m, rowmax(s));  alpha = 2^(m - m');  p = 2^(s - m')
-    l  = l * alpha + rowsum(p);  acc = acc * alpha + p v;  m = m'
-
-and writes the unnormalised acc (D floats), m and l per row and split, all float32. A row whose split holds
-no visible key keeps m = -inf, l = 0, acc = 0 (the exponent is taken against 0 then, never -inf - -inf).
+Phase 1, per (batch, kv head, split), walks the split's keys in blocks of BLOCK_N with an online softmax
+(qvl/kernels/online_softmax.py: the formulas) and writes the unnormalised acc (D floats), the running max m
+and sum l per row and split, all float32, in base 2. A row whose split holds no visible key keeps m = -inf,
+l = 0, acc = 0.
 
 Phase 2, per output row, merges the splits (log-sum-exp):
 
@@ -40,17 +35,16 @@ import torch
 import triton
 import triton.language as tl
 
-from . import DOT_F32, INTERPRETED, cdiv, check_device_scalar, check_pad, next_power_of_2
-from .common import to_storage
+from . import DOT_F32, INTERPRETED, MIN_DOT_SIZE, WHILE_LOOP, cdiv, next_power_of_2
+from .common import load_tile, to_storage
+from .online_softmax import LOG2E, online_softmax_step
 
 BLOCK_N = 64  # keys per inner-loop step
 MAX_ROWS = 64  # query rows (group * Lq) per program; larger groups take several programs per kv head
-MAX_HEAD_DIM = 256
 # Split heuristic (see `choose_num_splits`).
 MIN_BLOCKS_PER_SPLIT = 4  # at least 4 * BLOCK_N = 256 keys per split, so a split's setup and partial write stay small
 MAX_SPLITS = 128
 H100_SMS = 132  # what the interpreter assumes, so CPU tests exercise the same choices as the GPU
-LOG2E = 1.4426950408889634
 # The launch defaults decode_attention's tuning overrides replace, as benchmarks/decode_sweep.py reports them.
 DEFAULT_TILES = {"block_n": f"{BLOCK_N} ({BLOCK_N // 2} for head dims > 128)", "num_stages": 3,
                  "num_warps": "4 (8 when BLOCK_M x BLOCK_D > 64 x 128)", "num_splits": "choose_num_splits"}
@@ -62,7 +56,7 @@ def _attend_block(q, k_base, v_base, stride_kl, stride_vl, start, hi, pad, last_
     """One online-softmax step over keys [start, start + BLOCK_N) (those below `hi`) for all query rows."""
     keys = start + tl.arange(0, BLOCK_N)
     key_valid = keys < hi
-    kv_mask = key_valid[:, None] & dim_valid[None, :]
+    kv_mask = key_valid[:, None] & dim_valid[None, :]  # one mask for both tiles, loaded together
     k_ptrs = k_base + keys[:, None] * stride_kl + dims[None, :]
     v_ptrs = v_base + keys[:, None] * stride_vl + dims[None, :]
     if DOT_F32:
@@ -76,14 +70,9 @@ def _attend_block(q, k_base, v_base, stride_kl, stride_vl, start, hi, pad, last_
     scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale_log2
     visible = (key_valid & (keys >= pad))[None, :] & (keys[None, :] <= last_visible[:, None])
     scores = tl.where(visible, scores, float("-inf"))
-
-    m_new = tl.maximum(m_i, tl.max(scores, 1))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet: 2^(-inf - 0) = 0
-    alpha = tl.math.exp2(m_i - m_ref)
-    p = tl.math.exp2(scores - m_ref[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    return m_new, l_i, acc
+    # Any row may have seen nothing yet (left padding, or a split before its first visible key): always guarded.
+    acc, l_i, m_i = online_softmax_step(scores, m_i, l_i, acc, v, True, False, "ieee")
+    return m_i, l_i, acc
 
 
 # kv_len grows every decode step: no recompiling when it crosses a multiple of 16.
@@ -117,10 +106,7 @@ def _decode_attention_fwd_kernel(
 
     q_offsets = batch * stride_qb + query[:, None] * stride_ql + head[:, None] * stride_qh + dims[None, :]
     q_mask = row_valid[:, None] & dim_valid[None, :]
-    if DOT_F32:
-        q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0).to(tl.float32)
-    else:
-        q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0)
+    q = load_tile(q_ptr + q_offsets, row_valid, dim_valid, True, True, DOT_F32)
 
     if KV_LEN_FROM_PTR:
         kv_len = tl.minimum(tl.load(kv_len_ptr).to(tl.int32), kv_len)
@@ -140,9 +126,7 @@ def _decode_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if WHILE_LOOP:
-        # The interpreter cannot take tensors as range() bounds under numpy >= 2.4 (triton#9171); a while
-        # loop runs the same blocks. The GPU keeps the for loop, which Triton software-pipelines.
+    if WHILE_LOOP:  # qvl.kernels.WHILE_LOOP: the interpreter's loop
         start = lo
         while start < hi:
             m_i, l_i, acc = _attend_block(q, k_base, v_base, stride_kl, stride_vl, start, hi, pad, last_visible,
@@ -204,7 +188,7 @@ def _decode_attention_combine_kernel(
     tl.store(out_ptr + out_offsets, to_storage(out, out_ptr.dtype.element_ty), mask=dim_valid)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -241,8 +225,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: tor
 
     q (B, Lq, Hq, D); k, v (B, Lk, Hkv, D) with Lq <= Lk and Hq % Hkv == 0; pad (B,) integer left padding or
     None. Any strides (e.g. k = cache[:, :length]); a last dim that is not contiguous is copied first.
-    fp32 / fp16 / bf16, D <= 256. Returns (B, Lq, Hq, D) contiguous in q.dtype. pad values are clamped to
-    [0, keys present] in the kernel (never read on the host).
+    fp32 / fp16 / bf16, D <= MAX_HEAD_DIM (qvl.kernels). Returns (B, Lq, Hq, D) contiguous in q.dtype. pad
+    values are clamped to [0, keys present] in the kernel (never read on the host). q, k, v, pad and kv_len are
+    those `check_attention_inputs` (qvl.backends.interface) accepts for a CausalMask(pad, kv_len), within the
+    triton backend's support (dtype, head dim): not checked again here.
     num_splits None chooses automatically (`choose_num_splits`); an explicit value is used as given, even
     when it exceeds the number of key blocks (the extra splits are empty).
     kv_len: a 0-dim integer tensor on q's device, the number of keys present when k, v are a whole static
@@ -251,27 +237,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: tor
     block_n (keys per inner step, a power of two >= 16), num_warps and num_stages override the defaults
     (DEFAULT_TILES) for tuning (benchmarks/decode_sweep.py); None keeps them.
     """
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"decode_attention: q (B, Lq, Hq, D) and k, v (B, Lk, Hkv, D) expected; "
-                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    batch, q_len, num_q_heads, head_dim = q.shape
-    num_keys, num_kv_heads = k.shape[1], k.shape[2]
-    if k.shape[0] != batch or k.shape[3] != head_dim or num_kv_heads == 0 or num_q_heads % num_kv_heads:
-        raise ValueError(f"decode_attention: q {tuple(q.shape)} does not match k {tuple(k.shape)}")
-    if q_len > num_keys:
-        raise ValueError(f"decode_attention: more queries ({q_len}) than keys ({num_keys})")
-    if head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"decode_attention: head dim {head_dim} > {MAX_HEAD_DIM}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"decode_attention: q, k, v must share one of fp32/fp16/bf16; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if pad is not None:
-        check_pad("decode_attention", "pad", pad, batch)
+    # The tuning knobs: arguments the operator interface never sees.
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"decode_attention: num_splits must be >= 1, got {num_splits}")
-    if kv_len is not None:
-        check_device_scalar("decode_attention", "kv_len", kv_len, q.device)
-    if block_n is not None and (block_n < 16 or block_n & (block_n - 1)):
-        raise ValueError(f"decode_attention: block_n must be a power of two >= 16, got {block_n}")
+    if block_n is not None and (block_n < MIN_DOT_SIZE or block_n & (block_n - 1)):
+        raise ValueError(f"decode_attention: block_n must be a power of two >= {MIN_DOT_SIZE}, got {block_n}")
+    batch, q_len, num_q_heads, head_dim = q.shape
+    num_keys, num_kv_heads = k.shape[1], k.shape[2]
 
     out = torch.empty((batch, q_len, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
@@ -281,9 +253,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: tor
 
     group = num_q_heads // num_kv_heads
     rows = group * q_len
-    block_m = min(max(16, next_power_of_2(rows)), MAX_ROWS)  # tl.dot needs >= 16 rows
+    block_m = min(max(MIN_DOT_SIZE, next_power_of_2(rows)), MAX_ROWS)
     row_blocks = cdiv(rows, block_m)
-    block_d = max(16, next_power_of_2(head_dim))
+    block_d = max(MIN_DOT_SIZE, next_power_of_2(head_dim))
     if block_n is None:
         block_n = BLOCK_N if block_d <= 128 else BLOCK_N // 2  # keep K + V tiles (and their pipeline stages) in smem
     programs = batch * num_kv_heads * row_blocks
@@ -313,7 +285,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: tor
         out.stride(0), out.stride(1), out.stride(2),
         num_kv_heads, group, q_len, num_keys, float(scale) * LOG2E, blocks_per_split, num_splits,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, ROW_BLOCKS=row_blocks,
-        HAS_PAD=pad is not None, SINGLE_SPLIT=single, DOT_F32=DOT_F32, WHILE_LOOP=INTERPRETED,
+        HAS_PAD=pad is not None, SINGLE_SPLIT=single, DOT_F32=DOT_F32, WHILE_LOOP=WHILE_LOOP,
         KV_LEN_FROM_PTR=kv_len is not None,
         num_warps=num_warps, num_stages=num_stages,
     )

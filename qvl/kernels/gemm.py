@@ -33,14 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import DOT_F32, INTERPRETED, cdiv, next_power_of_2
-from .common import round_to, to_storage
+from . import DOT_F32, INTERPRETED, MIN_DOT_SIZE, WHILE_LOOP, cdiv, input_precision, next_power_of_2
+from .common import erf_gelu, round_to, silu_times, to_storage
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-ACTIVATIONS = ("none", "gelu", "swiglu")
-_SQRT1_2 = tl.constexpr(0.7071067811865476)
-
-INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1)
+# The interpreter's one configuration: the smallest tiles, so small tests still cross tile edges.
+INTERPRETER_CONFIG = dict(BLOCK_M=MIN_DOT_SIZE, BLOCK_N=MIN_DOT_SIZE, BLOCK_K=MIN_DOT_SIZE, GROUP_M=4, num_warps=4,
+                          num_stages=1)
 
 
 @triton.jit
@@ -91,9 +89,7 @@ def _linear_kernel(
     # Whole BLOCK_K steps run unmasked (the pipelined main loop); a K that is not a multiple of BLOCK_K (the
     # vision MLP's 3420) gets one masked step after it, so masks never add registers to the main loop.
     full_steps = K // BLOCK_K
-    if WHILE_LOOP:
-        # The interpreter cannot loop to a runtime bound under numpy >= 2.4 (triton#9171); the GPU keeps the
-        # for loop, which Triton software-pipelines.
+    if WHILE_LOOP:  # qvl.kernels.WHILE_LOOP: the interpreter's loop
         step = 0
         while step < full_steps:
             acc, acc_up = _k_step(acc, acc_up, x_ptrs, w_ptrs, up_offset, step, K, stride_xk, stride_wk,
@@ -111,9 +107,9 @@ def _linear_kernel(
     out = _epilogue(acc, b_ptr, cols, col_ok, HAS_BIAS, STORE_DTYPE)
     if SWIGLU:
         up = _epilogue(acc_up, b_ptr + N, cols, col_ok, HAS_BIAS, STORE_DTYPE)
-        out = out * tl.sigmoid(out) * up
+        out = silu_times(out, up)
     elif ACTIVATION == "gelu":
-        out = 0.5 * out * (1.0 + tl.math.erf(out * _SQRT1_2))
+        out = erf_gelu(out)
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
     tl.store(out_ptrs, to_storage(out, STORE_DTYPE), mask=(rows[:, None] < M) & col_ok[None, :])
 
@@ -202,20 +198,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, acti
     x (..., K): the leading dims must collapse to one row stride (contiguous tensors, row slices), otherwise x
     is copied. w (N, K) or, for "swiglu", (2I, K) holding [W_gate; W_up]; any strides. b: (N,) / (2I,) or None.
     x, w and b share one of float32/float16/bfloat16. `config` runs that tile configuration instead of the
-    tuned (or, interpreted, the fixed) one; tests use it to check every candidate.
+    tuned (or, interpreted, the fixed) one; tests use it to check every candidate. activation is "none" or one of
+    the interface's; the inputs are those `check_mlp_inputs` (qvl.backends.interface) accepts for the MLP's
+    input or output projection, in dtypes the backend supports: not checked again here.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"linear: unknown activation {activation!r}; valid options are {', '.join(ACTIVATIONS)}")
-    if x.dtype not in SUPPORTED_DTYPES or w.dtype != x.dtype or (b is not None and b.dtype != x.dtype):
-        raise ValueError(f"linear: x, w (and b) must share one of float32/float16/bfloat16; got x {x.dtype}, "
-                         f"w {w.dtype}" + (f", b {b.dtype}" if b is not None else ""))
-    if w.dim() != 2 or x.dim() == 0 or w.shape[1] != x.shape[-1]:
-        raise ValueError(f"linear: w {tuple(w.shape)} must be (N, {x.shape[-1] if x.dim() else '?'}) for x "
-                         f"{tuple(x.shape)}")
-    if activation == "swiglu" and w.shape[0] % 2:
-        raise ValueError(f"linear: swiglu needs w = [W_gate; W_up] with an even row count, got {tuple(w.shape)}")
-    if b is not None and tuple(b.shape) != (w.shape[0],):
-        raise ValueError(f"linear: b {tuple(b.shape)} must be ({w.shape[0]},)")
 
     k_dim = x.shape[-1]
     n_out = w.shape[0] // 2 if activation == "swiglu" else w.shape[0]
@@ -232,7 +218,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, acti
             x_rows.stride(0), x_rows.stride(1), w.stride(0), w.stride(1), n_out, n_out * w.stride(0))
     flags = dict(ACTIVATION=activation, HAS_BIAS=b is not None, ROW_ALIGN=_power_of_two_dividing(
                      x_rows.stride(0), w.stride(0), cap=16), DOT_F32=DOT_F32,
-                 INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", WHILE_LOOP=INTERPRETED)
+                 INPUT_PRECISION=input_precision(x.dtype), WHILE_LOOP=WHILE_LOOP)
     grid = lambda meta: (cdiv(rows, meta["BLOCK_M"]) * cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
     if config is None and AUTOTUNE and not INTERPRETED:
         _TUNED[family_of(x.dtype, rows, activation)][grid](*args, **flags)

@@ -24,7 +24,6 @@ import triton.language as tl
 from . import cdiv, next_power_of_2
 from .common import as_rows, round_to, to_storage
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Rows up to this many elements are normalized from registers in one pass (16 warps: <= 32 floats/thread).
 MAX_ONE_PASS_HIDDEN = 16384
 # Chunk width of the two-pass loop for wider rows.
@@ -69,7 +68,7 @@ def _rms_norm_fwd_kernel(
         tl.store(y_row + offs, to_storage(y, Y_DTYPE), mask=mask)
     else:
         sum_sq = tl.zeros([BLOCK_H], dtype=tl.float32)
-        # A constexpr trip count: the interpreter (numpy >= 2.4) cannot loop to a runtime bound.
+        # A constexpr trip count: the interpreter cannot loop to a runtime bound (see qvl.kernels.WHILE_LOOP).
         for chunk in range(NUM_CHUNKS):
             cols = chunk * BLOCK_H + offs
             mask = cols < hidden
@@ -99,17 +98,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     leading dims through one row stride (a copy is made only when they cannot be). weight: (H,).
     residual: None, or the same shape and dtype as x. Returns y, or (y, x + residual) with residual;
     outputs are new contiguous tensors, y in promote_types(weight.dtype, x.dtype), the sum in x.dtype.
+    The inputs are those `check_norm_inputs` (qvl.backends.interface) accepts, in dtypes the triton backend
+    supports: not checked again here.
     """
-    if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
-        raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match hidden size {x.shape[-1]}")
-    if x.dtype not in SUPPORTED_DTYPES or weight.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"rms_norm: dtypes {x.dtype}/{weight.dtype} unsupported; use float32, float16 or bfloat16")
-    if weight.device != x.device:
-        raise ValueError(f"rms_norm: weight on {weight.device}, x on {x.device}")
-    if residual is not None:
-        if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
-            raise ValueError(f"rms_norm: residual {tuple(residual.shape)} {residual.dtype} must match "
-                             f"x {tuple(x.shape)} {x.dtype} on {x.device}")
 
     hidden = x.shape[-1]
     y = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, check_device_scalar, next_power_of_2
+from . import cdiv, next_power_of_2
 from .common import to_storage
 
 # Pairs per program (heads x pairs): 16 heads of head dim 128 (or 80, padded to 64 pairs), about 4 KiB
@@ -119,24 +119,6 @@ def _rope_fwd_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
                         first_head, heads_stored, 2 * HALF, BLOCK_H, 2 * BLOCK_HALF)
 
 
-def _check_rope_args(q, k, positions, inv_freq, stream_of_pair) -> None:
-    if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"rope: q {tuple(q.shape)} and k {tuple(k.shape)} must be (B, L, H, D) with equal B, L, D")
-    d = q.shape[3]
-    if d % 2 or inv_freq.shape != (d // 2,) or stream_of_pair.shape != (d // 2,):
-        raise ValueError(f"rope: head dim {d} needs inv_freq and stream_of_pair of shape ({d // 2},); got "
-                         f"{tuple(inv_freq.shape)} and {tuple(stream_of_pair.shape)}")
-    if positions.dim() != 3 or positions.shape[1:] != q.shape[:2]:
-        raise ValueError(f"rope: positions must be (streams, B, L) = (S, {q.shape[0]}, {q.shape[1]}); "
-                         f"got {tuple(positions.shape)}")
-    if positions.is_floating_point() or stream_of_pair.is_floating_point():
-        raise ValueError("rope: positions and stream_of_pair must be integer tensors")
-    if q.dtype != k.dtype:
-        raise ValueError(f"rope: q and k dtypes differ: {q.dtype} vs {k.dtype}")
-    if len({t.device for t in (q, k, positions, inv_freq, stream_of_pair)}) != 1:
-        raise ValueError("rope: q, k, positions, inv_freq and stream_of_pair must be on one device")
-
-
 def _launch_config(head_dim: int, max_heads: int) -> tuple[int, int, int]:
     """(BLOCK_H, BLOCK_HALF, num_warps): pairs padded to a power of two (80 -> 40 pairs -> 64)."""
     block_half = next_power_of_2(head_dim // 2)
@@ -174,9 +156,9 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: to
 
     positions (S, B, L) integer, one row per position stream; inv_freq (D/2,) float32; stream_of_pair
     (D/2,) integer, the stream (< S) each pair follows (`Rotary.stream_of_pair`). q, k and positions may be
-    any strided views (e.g. slices of a fused qkv projection).
+    any strided views (e.g. slices of a fused qkv projection). The inputs are those `check_rope_inputs`
+    (qvl.backends.interface) accepts with a Rotary(inv_freq, sections): not checked again here.
     """
-    _check_rope_args(q, k, positions, inv_freq, stream_of_pair)
     b, seq_len, n_q, d = q.shape
     n_k = k.shape[2]
     q_out = torch.empty((b, seq_len, n_q, d), dtype=q.dtype, device=q.device)
@@ -196,27 +178,13 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
     Arguments as for `rope`, plus v shaped like k; the caches may be any strided views of k's dtype
     (e.g. one layer of a stacked cache). Slots outside [start, start + L) are left untouched. `start` may be
     a 0-dim integer tensor on the caches' device, read by the kernel (for CUDA-graph capture): it is not
-    range-checked, and slots it puts past the cache's end are not written.
+    range-checked, and slots it puts past the cache's end are not written. The inputs are those
+    `check_cache_inputs` (qvl.backends.interface) accepts: not checked again here.
     """
-    _check_rope_args(q, k, positions, inv_freq, stream_of_pair)
-    if v.shape != k.shape:
-        raise ValueError(f"cache: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
-    if (k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[0] != k.shape[0]
-            or k_cache.shape[2:] != k.shape[2:]):
-        raise ValueError(f"cache: caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} "
-                         f"do not hold k {tuple(k.shape)}")
-    if not (k.dtype == v.dtype == k_cache.dtype == v_cache.dtype):
-        raise ValueError(f"cache: k, v and the caches must share a dtype; got {k.dtype}, {v.dtype}, "
-                         f"{k_cache.dtype}, {v_cache.dtype}")
-    if len({t.device for t in (q, v, k_cache, v_cache)}) != 1:
-        raise ValueError("cache: q, k, v and the caches must be on one device")
     b, seq_len, n_q, d = q.shape
     n_k = k.shape[2]
-    if isinstance(start, torch.Tensor):
-        check_device_scalar("cache", "start", start, k_cache.device)
-    elif not 0 <= (start := int(start)) <= k_cache.shape[1] - seq_len:
-        raise ValueError(f"cache: writing {seq_len} tokens at {start} overflows the cache of "
-                         f"{k_cache.shape[1]} positions")
+    if not isinstance(start, torch.Tensor):
+        start = int(start)
     q_out = torch.empty((b, seq_len, n_q, d), dtype=q.dtype, device=q.device)
     if b * seq_len == 0 or d == 0 or n_q + n_k == 0:
         return q_out

@@ -9,6 +9,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import qvl.kernels.attention as attention_kernels
+from qvl.backends import BackendUnsupportedError, Ops, resolve_plan
 from qvl.backends.eager import EagerAttention
 from qvl.backends.interface import BlockDiagonalMask, CausalMask, check_attention_inputs
 from qvl.kernels import DEVICE_TYPE
@@ -152,13 +153,14 @@ def test_any_pad_value_means_what_it_means_to_eager(device, kernel, pad_value):
 
 
 @pytest.mark.parametrize("kernel", ["causal", "decode"])
-@pytest.mark.parametrize("pad", [torch.tensor([3.7, 0.0]), torch.tensor([True, False]), torch.zeros(3, dtype=torch.long)])
+@pytest.mark.parametrize("pad", [torch.tensor([3.7, 0.0]), torch.tensor([True, False]),
+                                 torch.zeros(3, dtype=torch.long)])
 def test_pad_must_be_a_batch_of_integers(device, kernel, pad):
-    q = torch.randn(2, 2, 2, 16, device=device)
+    """Checked once, by the operator interface, before either kernel (the call's shape picks one) runs."""
+    q = torch.randn(2, 8 if kernel == "causal" else 2, 2, 16, device=device)
     k = torch.randn(2, 8, 1, 16, device=device)
-    run = causal_attention if kernel == "causal" else decode_attention
     with pytest.raises(ValueError, match=r"pad must be a \(2,\) integer tensor"):
-        run(q, k, k, pad.to(device), 0.25)
+        Ops(resolve_plan("triton")).attention(q, k, k, CausalMask(pad.to(device)), 0.25)
     with pytest.raises(ValueError, match=r"CausalMask.pad must be a \(2,\) integer tensor"):
         check_attention_inputs(q, k, k, CausalMask(pad.to(device)))
 
@@ -206,8 +208,10 @@ def test_empty_query(device):
     assert causal_attention(q, k, v, None, 0.25).shape == (2, 0, 4, 16)
 
 
-@pytest.mark.parametrize("bad", ["head_dim", "dtype", "more_queries", "pad_shape", "gqa"])
+@pytest.mark.parametrize("bad", ["head_dim", "dtype", "more_queries", "pad_shape", "gqa", "no_kv_heads"])
 def test_causal_attention_rejects_bad_inputs(bad, device):
+    """Checked once, before the kernel runs: by the operator interface (ValueError), or, for the head dim
+    limit, by the triton backend's support data (the registry's reason)."""
     shape_q, shape_kv, dtype_k, pad = (2, 4, 4, 16), (2, 6, 2, 16), torch.float32, None
     if bad == "head_dim":
         shape_q, shape_kv = (2, 4, 4, 264), (2, 6, 2, 264)
@@ -219,15 +223,30 @@ def test_causal_attention_rejects_bad_inputs(bad, device):
         pad = torch.zeros(3, dtype=torch.int64, device=device)
     elif bad == "gqa":
         shape_kv = (2, 6, 3, 16)
+    elif bad == "no_kv_heads":
+        shape_kv = (2, 6, 0, 16)
     q = torch.randn(shape_q, device=device)
     k = torch.randn(shape_kv, device=device, dtype=dtype_k)
     v = torch.randn(shape_kv, device=device)
-    with pytest.raises(ValueError):
-        causal_attention(q, k, v, pad, 0.25)
+    error, match = {"head_dim": (BackendUnsupportedError, "head dim 264 not supported"),
+                    "dtype": (ValueError, "must share device and dtype"),
+                    "more_queries": (ValueError, "more queries"),
+                    "pad_shape": (ValueError, r"pad must be a \(2,\) integer tensor"),
+                    "gqa": (ValueError, "not a multiple of 3 kv heads"),
+                    "no_kv_heads": (ValueError, "not a multiple of 0 kv heads")}[bad]
+    with pytest.raises(error, match=match):
+        Ops(resolve_plan("triton")).attention(q, k, v, CausalMask(pad), 0.25)
 
 
 def test_varlen_attention_rejects_batches(device):
     q = k = v = torch.randn(2, 8, 2, 16, device=device)
     mask = BlockDiagonalMask.from_seqlens([3, 5], device=device)
     with pytest.raises(ValueError):
-        varlen_attention(q, k, v, mask.cu_seqlens, mask.max_seqlen, 0.25)
+        Ops(resolve_plan("triton")).attention(q, k, v, mask, 0.25)
+
+
+def test_block_diagonal_mask_needs_integer_offsets(device):
+    q = torch.randn(1, 8, 2, 16, device=device)
+    mask = BlockDiagonalMask(torch.tensor([0.0, 3.0, 8.0], device=device), (3, 5))
+    with pytest.raises(ValueError, match=r"cu_seqlens must be \(S \+ 1,\) = \(3,\) integer"):
+        check_attention_inputs(q, q, q, mask)

@@ -5,11 +5,17 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from qvl.backends import BackendUnsupportedError, Ops, resolve_plan
 from qvl.backends.eager import EagerAttention
 from qvl.backends.interface import CausalMask
 from qvl.kernels import DEVICE_TYPE
-from qvl.kernels.decode_attention import (H100_SMS, MAX_SPLITS, MIN_BLOCKS_PER_SPLIT, choose_num_splits,
-                                          decode_attention)
+from qvl.kernels.decode_attention import (
+    H100_SMS,
+    MAX_SPLITS,
+    MIN_BLOCKS_PER_SPLIT,
+    choose_num_splits,
+    decode_attention,
+)
 from tests.ops.compare import DTYPES, assert_close_rel
 
 GQA_GROUPS = [1, 2, 7, 8]
@@ -118,20 +124,23 @@ def test_split_heuristic_bounds(programs, kv_len, num_sms, block_n):
 
 
 def test_rejects_bad_inputs(device):
+    """The launcher checks its tuning knobs; the inputs are checked once, before it runs, by the operator
+    interface (ValueError) and, for the head dim limit, the triton backend's support data (the registry)."""
+    ops = Ops(resolve_plan("triton"))
     q, k, v, pad = _inputs(0, 2, 3, 5, 1, 2, 16, torch.float32, device)
     with pytest.raises(ValueError, match="more queries"):
-        decode_attention(q, k[:, :2], v[:, :2], None, 1.0)
+        ops.attention(q, k[:, :2], v[:, :2], CausalMask(), 1.0)
     with pytest.raises(ValueError, match="pad"):
-        decode_attention(q, k, v, torch.zeros(3, dtype=torch.int64, device=device), 1.0)
+        ops.attention(q, k, v, CausalMask(torch.zeros(3, dtype=torch.int64, device=device)), 1.0)
     with pytest.raises(ValueError, match="num_splits"):
         decode_attention(q, k, v, None, 1.0, num_splits=0)
     with pytest.raises(ValueError, match="block_n must be a power of two >= 16, got 48"):
         decode_attention(q, k, v, None, 1.0, block_n=48)
-    with pytest.raises(ValueError, match="head dim"):
+    with pytest.raises(BackendUnsupportedError, match="head dim 264 not supported"):
         big = torch.zeros(1, 1, 1, 264, device=device)
-        decode_attention(big, big, big, None, 1.0)
+        ops.attention(big, big, big, CausalMask(), 1.0)
     with pytest.raises(ValueError, match="kv heads|does not match"):
-        decode_attention(q, k.expand(-1, -1, 3, -1), v.expand(-1, -1, 3, -1), None, 1.0)
+        ops.attention(q, k.expand(-1, -1, 3, -1), v.expand(-1, -1, 3, -1), CausalMask(), 1.0)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2])
@@ -181,10 +190,11 @@ def test_dense_mask_with_kv_len_is_the_written_slice_then_nothing():
 
 
 def test_kv_len_must_be_a_0_dim_integer_on_the_device(device):
+    """Checked once, by the operator interface, before the kernel runs."""
     q, k, v, _ = _inputs(0, 1, 1, 20, 1, 2, 16, torch.float32, device)
     for bad in (torch.tensor([5], device=device), torch.tensor(5.0, device=device), torch.tensor(True, device=device)):
         with pytest.raises(ValueError, match="kv_len must be a 0-dim integer tensor"):
-            decode_attention(q, k, v, None, 1.0, kv_len=bad)
+            Ops(resolve_plan("triton")).attention(q, k, v, CausalMask(kv_len=bad), 1.0)
 
 
 @pytest.mark.parametrize("kv_len", [41, 100])
