@@ -26,7 +26,6 @@ from qvl.backends import (
     CallInfo,
     CausalMask,
     Ops,
-    Rotary,
     get_backend,
     registry,
     resolve_plan,
@@ -34,7 +33,6 @@ from qvl.backends import (
 from qvl.backends import xformers as xfb
 from qvl.backends.xformers import installed
 from qvl.demo import demo_prompt
-from qvl.model.layers import inverse_frequencies
 from tests.backends import model_checks as checks
 from tests.ops.xformers_sim import install_reference_kernels, register_simulated_backend
 from tests.ops.xformers_sim import needs_xformers as needs_xf
@@ -196,118 +194,6 @@ def test_attention_paths_against_eager(kernels, case, dtype):
     if isinstance(mask, CausalMask) and mask.pad is not None:  # rows that see no key are exact zeros
         empty = ~mask.dense(batch, lq, lk).any(-1)
         assert torch.equal(out[empty], torch.zeros_like(out[empty]))
-
-
-def text_rotary(head_dim=16, theta=1e6, sections=(2, 3, 3), uniform=True):
-    return Rotary(inverse_frequencies(head_dim, theta), sections, uniform)
-
-
-def text_positions(batch, length, start=0, deltas=(0, -2, 5)):
-    pos = torch.arange(start, start + length)[None, :] + torch.tensor(deltas[:batch])[:, None]
-    return pos.unsqueeze(0).expand(3, -1, -1)
-
-
-@needs_xf
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_against_eager(kernels, dtype):
-    rotary = text_rotary()
-    qkv = randn(3, 5, 4 + 2 * 2, 16, dtype=dtype)  # q and k as views of one projection, like the decoder's
-    q, k = qkv[:, :, :4], qkv[:, :, 4:6]
-    before = qkv.clone()
-    positions = text_positions(3, 5, start=2)
-    out_q, out_k = xfb.BACKEND.impls["rope"](q, k, positions, rotary)
-    ref_q, ref_k = EAGER["rope"](q, k, positions, rotary)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert rel_err(out_q, ref_q) < tol and rel_err(out_k, ref_k) < tol
-    assert torch.equal(qkv, before)  # inputs untouched
-
-
-@needs_xf
-@pytest.mark.parametrize("layout", ["contiguous", "rows not packable"])
-@pytest.mark.parametrize("start,length", [(0, 5), (5, 1), (3, 4)])
-def test_cache_against_eager(kernels, layout, start, length):
-    batch, hq, hkv, d, max_len = 3, 4, 2, 16, 12
-    rotary = text_rotary()
-    q, k, v = randn(batch, length, hq, d), randn(batch, length, hkv, d, seed=1), randn(batch, length, hkv, d, seed=2)
-    positions = text_positions(batch, length, start=start)
-
-    def caches():
-        if layout == "contiguous":
-            return torch.zeros(batch, max_len, hkv, d), torch.zeros(batch, max_len, hkv, d)
-        # rows interleaved in memory: not addressable as one packed sequence, so the copy path runs
-        return tuple(torch.zeros(max_len, batch, hkv, d).transpose(0, 1) for _ in range(2))
-
-    kc, vc = caches()
-    ref_kc, ref_vc = caches()
-    out_q = xfb.BACKEND.impls["cache"](q, k, v, positions, rotary, kc, vc, start)
-    ref_q = EAGER["cache"](q, k, v, positions, rotary, ref_kc, ref_vc, start)
-    assert rel_err(out_q, ref_q) < 1e-5
-    assert torch.allclose(kc, ref_kc, atol=1e-5) and torch.equal(vc, ref_vc)  # other slots untouched (zero)
-
-
-@needs_xf
-def test_rope_refuses_non_uniform_streams_and_non_ladder_frequencies():
-    impl = xfb.BACKEND.impls["rope"]
-    call = CallInfo("rope", "cuda", torch.bfloat16, (("head_dim", 128), ("sections", (16, 24, 24)),
-                                                      ("uniform_streams", False)))
-    assert any("rope_padded takes one position per token" in r for r in impl.not_supported_reasons(call))
-    assert any("rope_padded takes one position per token" in r
-               for r in xfb.BACKEND.impls["cache"].not_supported_reasons(call))
-    q, k = randn(1, 3, 2, 16), randn(1, 3, 2, 16)
-    with pytest.raises(BackendUnsupportedError, match="one position per token"):
-        impl(q, k, text_positions(1, 3), text_rotary(uniform=False))
-    half = inverse_frequencies(8, 10000.0)
-    vision = Rotary(torch.cat([half, half]), (4, 4), uniform_streams=True)  # restarts per stream: no theta
-    with pytest.raises(BackendUnsupportedError, match="not a theta"):
-        impl(q, k, text_positions(1, 3), vision)
-
-
-@pytest.mark.parametrize("theta", [10000.0, 1e6, 500000.0, 2.5e4])
-@pytest.mark.parametrize("dim", [8, 16, 80, 128])
-def test_rope_theta_recovered_from_inv_freq(theta, dim):
-    assert xfb.rope_theta(inverse_frequencies(dim, theta)) == theta
-
-
-def test_rope_theta_refuses_other_frequency_tables():
-    inv = inverse_frequencies(128, 1e6)
-    scaled = torch.where(torch.arange(64) > 40, inv / 8, inv)  # llama-3 style low-frequency scaling
-    assert xfb.rope_theta(scaled) is None
-    assert xfb.rope_theta(torch.cat([inverse_frequencies(64, 1e4)] * 2)) is None
-    assert xfb.rope_theta(inv * 0.5) is None
-
-
-@needs_xf
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_norm_against_eager(kernels, dtype):
-    x, r, w = randn(3, 5, 64, dtype=dtype), randn(3, 5, 64, dtype=dtype, seed=1), 1 + randn(64, dtype=dtype, seed=2)
-    x0, r0 = x.clone(), r.clone()
-    impl = xfb.BACKEND.impls["norm"]
-    tol = 1e-6 if dtype == torch.float32 else 1e-2
-    assert rel_err(impl(x, w, 1e-6), EAGER["norm"](x, w, 1e-6)) < tol
-    y, s = impl(x, w, 1e-6, r)
-    ref_y, ref_s = EAGER["norm"](x, w, 1e-6, r)
-    assert torch.equal(s, ref_s) and rel_err(y, ref_y) < tol
-    assert torch.equal(x, x0) and torch.equal(r, r0)  # rms_norm_add works in place, but on a copy
-    with pytest.raises(BackendUnsupportedError, match="output in the input dtype"):
-        impl(randn(2, 8, dtype=torch.bfloat16), torch.ones(8), 1e-6)
-
-
-@needs_xf
-@pytest.mark.parametrize("bias", [False, True])
-def test_mlp_swiglu_runs_xformers_swiglu_against_eager(bias):
-    # xformers.ops.swiglu itself runs here: 0.0.35 has no fused kernel and dispatches to F.linear + silu
-    x, w_in, w_out = randn(2, 3, 32), randn(128, 32, seed=1) * 0.1, randn(32, 64, seed=2) * 0.1
-    b_in, b_out = (randn(128, seed=3), randn(32, seed=4)) if bias else (None, None)
-    out = xfb.BACKEND.impls["mlp"](x, w_in, b_in, w_out, b_out, "swiglu")
-    assert rel_err(out, EAGER["mlp"](x, w_in, b_in, w_out, b_out, "swiglu")) < 1e-6
-
-
-@needs_xf
-def test_mlp_declares_gelu_unsupported():
-    call = CallInfo("mlp", "cuda", torch.bfloat16, (("activation", "gelu"), ("bias", True)))
-    assert xfb.BACKEND.impls["mlp"].not_supported_reasons(call) == [xfb.GELU_REASON]
-    with pytest.raises(BackendUnsupportedError, match="no GELU"):
-        xfb.BACKEND.impls["mlp"](randn(2, 8), randn(16, 8), None, randn(8, 16), None, "gelu")
 
 
 # --- the whole tiny model through those paths (CPU) ---------------------------------------------------------------
@@ -568,64 +454,6 @@ def test_gpu_attention_against_eager(case, dtype):
     if padded:
         empty = ~mask.dense(batch, lq, lk, device="cuda").any(-1)
         assert (out[empty] == 0).all()
-
-
-@needs_gpu
-@needs_xf
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gpu_rope_and_cache_against_eager(dtype):
-    head_dim, batch = 128, 3
-    rotary = Rotary(inverse_frequencies(head_dim, 1e6).cuda(), (16, 24, 24), uniform_streams=True)
-    ops = Ops(resolve_plan("xformers"))
-    qkv = randn(batch, 7, 16 + 2 * 2, head_dim, dtype=dtype, device="cuda")
-    q, k, v = qkv[:, :, :16], qkv[:, :, 16:18], qkv[:, :, 18:]
-    positions = text_positions(batch, 7, start=300).cuda()
-    out_q, out_k = ops.rope(q, k, positions, rotary)
-    ref_q, ref_k = EAGER["rope"](q, k, positions, rotary)
-    assert rel_err(out_q, ref_q) < GPU_TOL[dtype] and rel_err(out_k, ref_k) < GPU_TOL[dtype]
-    for start, n in ((0, 7), (7, 1), (8, 3)):
-        kc, vc = (torch.zeros(batch, 16, 2, head_dim, dtype=dtype, device="cuda") for _ in range(2))
-        rkc, rvc = kc.clone(), vc.clone()
-        pos = text_positions(batch, n, start=start).cuda()
-        out = ops.cache(q[:, :n], k[:, :n], v[:, :n], pos, rotary, kc, vc, start)
-        ref = EAGER["cache"](q[:, :n], k[:, :n], v[:, :n], pos, rotary, rkc, rvc, start)
-        assert rel_err(out, ref) < GPU_TOL[dtype] and rel_err(kc, rkc) < GPU_TOL[dtype] and torch.equal(vc, rvc)
-    non_uniform = Rotary(rotary.inv_freq, rotary.sections)
-    call = CallInfo.of("cache", q, head_dim=head_dim, sections=non_uniform.sections, uniform_streams=False)
-    assert any("one position per token" in r for r in get_backend("xformers").reasons(call))
-
-
-@needs_gpu
-@needs_xf
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("hidden", [2048, 1000])
-def test_gpu_norm_against_eager(dtype, hidden):
-    ops = Ops(resolve_plan("xformers"))
-    x, r = randn(4, 9, hidden, dtype=dtype, device="cuda"), randn(4, 9, hidden, dtype=dtype, device="cuda", seed=1)
-    w = 1 + 0.1 * randn(hidden, dtype=dtype, device="cuda", seed=2)
-    x0, r0 = x.clone(), r.clone()
-    assert rel_err(ops.norm(x, w, 1e-6), EAGER["norm"](x, w, 1e-6)) < GPU_TOL[dtype]
-    y, s = ops.norm(x, w, 1e-6, r)
-    ref_y, ref_s = EAGER["norm"](x, w, 1e-6, r)
-    assert torch.equal(s, ref_s) and rel_err(y, ref_y) < GPU_TOL[dtype]
-    assert torch.equal(x, x0) and torch.equal(r, r0)
-
-
-@needs_gpu
-@needs_xf
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("bias", [False, True])
-def test_gpu_mlp_against_eager(dtype, bias):
-    ops = Ops(resolve_plan("xformers"))
-    x = randn(3, 17, 256, dtype=dtype, device="cuda")
-    w_in, w_out = 0.05 * randn(1024, 256, dtype=dtype, device="cuda", seed=1), 0.05 * randn(256, 512, dtype=dtype,
-                                                                                          device="cuda", seed=2)
-    b_in, b_out = (randn(1024, dtype=dtype, device="cuda", seed=3), randn(256, dtype=dtype, device="cuda", seed=4)) \
-        if bias else (None, None)
-    out = ops.mlp(x, w_in, b_in, w_out, b_out, "swiglu")
-    assert rel_err(out, EAGER["mlp"](x, w_in, b_in, w_out, b_out, "swiglu")) < GPU_TOL[dtype]
-    gelu = CallInfo.of("mlp", x, activation="gelu", bias=True)
-    assert get_backend("xformers").reasons(gelu) == [xfb.GELU_REASON]
 
 
 def _gpu_allowed_fallbacks(dtype):

@@ -47,6 +47,11 @@ def make_ops(name: str, monkeypatch: pytest.MonkeyPatch) -> Ops:
     return Ops(resolve_plan(name))
 
 
+def implementation(ops: Ops, operator: str):
+    """The OpImpl that runs `operator` under this plan (its declared support: activations, device_lengths...)."""
+    return get_backend(ops.plan[operator]).impls[operator]
+
+
 def reference_ops() -> Ops:
     return Ops(resolve_plan(REFERENCE))
 

@@ -1,17 +1,21 @@
-"""The Triton GEMM with fused activations (qvl.kernels.gemm) and the `triton-gemm` MLP, against eager."""
+"""The Triton GEMM with fused activations (qvl.kernels.gemm), the kernel under the `triton-gemm` backend, against eager.
+
+The kernel's own paths: every activation, tile config, layout and edge. The `triton-gemm` MLP as an operator is
+tested with every other mlp backend in tests/ops/test_mlp.py.
+"""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from qvl.backends import Ops, resolve_plan
-from qvl.kernels import DEVICE_TYPE
-from qvl.kernels import gemm
+from qvl.backends import BackendUnsupportedError, Ops, resolve_plan
+from qvl.backends.interface import check_mlp_inputs
+from qvl.kernels import DEVICE_TYPE, gemm
 from qvl.kernels.gemm import INTERPRETER_CONFIG, linear
 from tests.ops.compare import DTYPES, assert_close_rel, rel_err
-from tests.ops.test_mlp import MLP_CASES, check_mlp, randn
+from tests.ops.test_mlp import randn
 
 BLOCK_K = INTERPRETER_CONFIG["BLOCK_K"]
 
@@ -71,7 +75,8 @@ FAMILY_CASES = {"16bit": (70, "none"), "16bit gelu": (70, "gelu"), "16bit swiglu
                 "16bit few rows": (3, "gelu"), "16bit few rows swiglu": (3, "swiglu"), "fp32": (70, "swiglu")}
 
 
-@pytest.mark.parametrize("family, index", [(f, i) for f, configs in gemm._FAMILIES.items() for i in range(len(configs))])
+@pytest.mark.parametrize("family, index",
+                         [(f, i) for f, configs in gemm._FAMILIES.items() for i in range(len(configs))])
 def test_every_tile_config_matches_eager(family, index):
     rows, activation = FAMILY_CASES[family]
     dtype = torch.float32 if family == "fp32" else torch.bfloat16
@@ -82,16 +87,6 @@ def test_every_tile_config_matches_eager(family, index):
     b = randn(w.shape[0], gen=gen, dtype=dtype)
     out = linear(x, w, b, activation, config=gemm._FAMILIES[family][index])
     assert_close_rel(out, reference(x, w, b, activation), dtype)
-
-
-# At most 12 examples on a GPU too: odd sizes bring new specializations (row alignment, bias, activation), each
-# a compile; `linear` itself is covered above, this one checks the backend's composition through the registry.
-@settings(max_examples=12)
-@given(**MLP_CASES)
-def test_triton_gemm_mlp_matches_eager(batch, seq, hidden, inner, activation, bias_in, bias_out, dtype, seed):
-    """The `mlp` operator on the `triton-gemm` backend, called through the registry like the model calls it."""
-    check_mlp(Ops(resolve_plan("mlp=triton-gemm")).mlp, batch, seq, hidden, inner, activation, bias_in, bias_out,
-              dtype, seed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -127,15 +122,21 @@ def test_empty_inputs():
     assert torch.allclose(out, (F.silu(b[:2]) * b[2:]).expand(2, 2))
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda x, w: linear(x, w, None, "relu"), "unknown activation 'relu'"),
-    (lambda x, w: linear(x.double(), w.double()), "float32/float16/bfloat16"),
-    (lambda x, w: linear(x, w.half()), "must share"),
-    (lambda x, w: linear(x, w[:, :5]), r"w \(6, 5\) must be \(N, 8\)"),
-    (lambda x, w: linear(x, w[:5], None, "swiglu"), "even row count"),
-    (lambda x, w: linear(x, w, torch.zeros(5, device=DEVICE_TYPE)), r"b \(5,\) must be \(6,\)"),
+@pytest.mark.parametrize("call, error, match", [
+    (lambda ops, x, w, w_out: ops.mlp(x, w, None, w_out, None, "relu"), ValueError, "unknown activation 'relu'"),
+    (lambda ops, x, w, w_out: ops.mlp(x.double(), w.double(), None, w_out.double(), None, "gelu"),
+     BackendUnsupportedError, "dtype float64 not supported"),
+    (lambda ops, x, w, w_out: ops.mlp(x, w.half(), None, w_out, None, "gelu"), ValueError, "must share"),
+    (lambda ops, x, w, w_out: ops.mlp(x, w[:, :5], None, w_out, None, "gelu"), ValueError,
+     r"w_in \(6, 5\) does not take hidden size 8"),
+    (lambda ops, x, w, w_out: ops.mlp(x, w[:5], None, w_out, None, "swiglu"), ValueError, "even row count"),
+    (lambda ops, x, w, w_out: check_mlp_inputs(x, w, w_out, "gelu", b_in=torch.zeros(5, device=DEVICE_TYPE)),
+     ValueError, r"b_in \(5,\) must be \(6,\)"),
 ])
-def test_bad_inputs_name_the_problem(call, match):
+def test_bad_inputs_name_the_problem(call, error, match):
+    """Checked once, by the operator interface and the registry, before the GEMM under triton-gemm runs."""
+    ops = Ops(resolve_plan("triton,mlp=triton-gemm"))
     x, w = torch.randn(3, 8, device=DEVICE_TYPE), torch.randn(6, 8, device=DEVICE_TYPE)
-    with pytest.raises(ValueError, match=match):
-        call(x, w)
+    w_out = torch.randn(4, 6, device=DEVICE_TYPE)
+    with pytest.raises(error, match=match):
+        call(ops, x, w, w_out)

@@ -1,28 +1,39 @@
-"""The activation kernels (qvl.kernels.activation) alone and inside the `mlp` math, against eager."""
+"""The `mlp` operator on every registered backend (triton-gemm's included), against eager.
+
+First what every backend must do, through `ops.mlp` (the `ops` fixture: one test per backend, tests/ops/backends.py);
+then the activation kernels only the triton backend has (qvl.kernels.activation), and what only the xformers backend
+declares. The Triton GEMM under the triton-gemm backend has its own tests in tests/ops/test_gemm.py.
+"""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qvl.backends import BackendUnsupportedError, CallInfo, Ops, get_backend
+from qvl.backends import xformers as xfb
 from qvl.backends.eager import EagerMLP
+from qvl.backends.interface import ACTIVATIONS
+from qvl.dtypes import dtype_name
 from qvl.kernels import DEVICE_TYPE
 from qvl.kernels.activation import gelu, swiglu
+from tests.ops.backends import backend_params, implementation, make_ops, run
 from tests.ops.compare import DTYPES, assert_close_rel, rel_err
 
 EAGER = EagerMLP()
+# Many tokens of a model-like width: slow in the Triton interpreter (the CPU draws small MLPs instead).
+ON_GPU = pytest.mark.skipif(DEVICE_TYPE != "cuda", reason="model-like sizes run on a GPU")
 
 
 def randn(*shape, gen, dtype, scale=1.0):
     return (torch.randn(*shape, generator=gen) * scale).to(device=DEVICE_TYPE, dtype=dtype)
 
 
-def triton_mlp(x, w_in, b_in, w_out, b_out, activation):
-    """The `mlp` operator as the triton backend computes it: torch projections around the kernels."""
-    h = F.linear(x, w_in, b_in)
-    h = swiglu(h) if activation == "swiglu" else gelu(h)
-    return F.linear(h, w_out, b_out)
+def declared_activations(ops: Ops) -> list[str]:
+    """The activations this backend's mlp declares it supports (xformers: SwiGLU only)."""
+    supported = implementation(ops, "mlp").activations
+    return [a for a in ACTIVATIONS if supported is None or a in supported]
 
 
 # Random MLPs for `check_mlp`: odd sizes, one-token rows, with and without biases.
@@ -31,21 +42,37 @@ MLP_CASES = dict(
     seq=st.one_of(st.just(1), st.integers(2, 20)),
     hidden=st.integers(1, 72),
     inner=st.integers(1, 90),
-    activation=st.sampled_from(["swiglu", "gelu"]),
+    activation=st.sampled_from(ACTIVATIONS),
     bias_in=st.booleans(),
     bias_out=st.booleans(),
     dtype=st.sampled_from(DTYPES),
     seed=st.integers(0, 2**31 - 1),
 )
+# Odd sizes bring the Triton GEMM new specializations (row alignment, bias, activation), each a compile: at most 12
+# examples on a GPU too (its kernel is covered on its own in test_gemm.py; this checks the backend's composition).
+MAX_EXAMPLES = {"triton-gemm": 12}
 
 
-@given(**MLP_CASES)
-def test_mlp_matches_eager(batch, seq, hidden, inner, activation, bias_in, bias_out, dtype, seed):
-    check_mlp(triton_mlp, batch, seq, hidden, inner, activation, bias_in, bias_out, dtype, seed)
+# --- every backend against eager ----------------------------------------------------------------------------------
 
 
-def check_mlp(mlp, batch, seq, hidden, inner, activation, bias_in, bias_out, dtype, seed):
-    """`mlp(x, w_in, b_in, w_out, b_out, activation)` against eager on random weights of these sizes."""
+@pytest.mark.parametrize("ops", backend_params("mlp"), indirect=True)
+def test_mlp_matches_eager(ops):
+    """Random MLPs (see MLP_CASES) in every activation the backend declares, called as the model calls them.
+    The property is built here, per backend: what it draws and how many examples depend on the backend."""
+    cases = dict(MLP_CASES, activation=st.sampled_from(declared_activations(ops)))
+    examples = min(settings.default.max_examples, MAX_EXAMPLES.get(ops.plan["mlp"], settings.default.max_examples))
+
+    @settings(max_examples=examples)
+    @given(**cases)
+    def matches_eager(batch, seq, hidden, inner, activation, bias_in, bias_out, dtype, seed):
+        check_mlp(ops, batch, seq, hidden, inner, activation, bias_in, bias_out, dtype, seed)
+
+    matches_eager()
+
+
+def check_mlp(ops, batch, seq, hidden, inner, activation, bias_in, bias_out, dtype, seed):
+    """`ops.mlp(x, w_in, b_in, w_out, b_out, activation)` against eager on random weights of these sizes."""
     gen = torch.Generator().manual_seed(seed)
     rows_in = 2 * inner if activation == "swiglu" else inner
     x = randn(batch, seq, hidden, gen=gen, dtype=dtype)
@@ -53,7 +80,7 @@ def check_mlp(mlp, batch, seq, hidden, inner, activation, bias_in, bias_out, dty
     w_out = randn(hidden, inner, gen=gen, dtype=dtype, scale=inner ** -0.5)
     b_in = randn(rows_in, gen=gen, dtype=dtype) if bias_in else None
     b_out = randn(hidden, gen=gen, dtype=dtype) if bias_out else None
-    out = mlp(x, w_in, b_in, w_out, b_out, activation)
+    out = run(ops, "mlp", x, w_in, b_in, w_out, b_out, activation)
     ref = EAGER(x, w_in, b_in, w_out, b_out, activation)
     assert_close_rel(out, ref, dtype, factor=down_projection_condition(x, w_in, b_in, w_out, b_out, activation, ref))
 
@@ -72,6 +99,34 @@ def down_projection_condition(x, w_in, b_in, w_out, b_out, activation, ref):
     if b_out is not None:
         magnitude = magnitude + b_out.double().abs()
     return max(1.0, (magnitude.norm() / ref.double().norm().clamp_min(1e-30)).item())
+
+
+# name: (batch, seq, hidden, inner, weight scale, bound on the relative error per dtype), from the xformers
+# backend's tests: a small MLP held to float32 precision, a model-like one (long sums) on a GPU.
+SWIGLU_SIZES = {
+    "small": (2, 3, 32, 64, 0.1, {torch.float32: 1e-6, torch.bfloat16: 2e-2}),
+    "model-like": (3, 17, 256, 512, 0.05, {torch.float32: 2e-4, torch.bfloat16: 2e-2}),
+}
+
+
+@pytest.mark.parametrize("ops", backend_params("mlp"), indirect=True)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+@pytest.mark.parametrize("size", ["small", pytest.param("model-like", marks=ON_GPU)])
+def test_swiglu_mlp_at_fixed_sizes(ops, size, dtype, bias):
+    """The decoder's MLP (SwiGLU on the fused [gate; up] weight) with and without biases."""
+    batch, seq, hidden, inner, scale, bound = SWIGLU_SIZES[size]
+    gen = torch.Generator().manual_seed(0)
+    x = randn(batch, seq, hidden, gen=gen, dtype=dtype)
+    w_in = randn(2 * inner, hidden, gen=gen, dtype=dtype, scale=scale)
+    w_out = randn(hidden, inner, gen=gen, dtype=dtype, scale=scale)
+    b_in = randn(2 * inner, gen=gen, dtype=dtype) if bias else None
+    b_out = randn(hidden, gen=gen, dtype=dtype) if bias else None
+    out = run(ops, "mlp", x, w_in, b_in, w_out, b_out, "swiglu")
+    assert rel_err(out, EAGER(x, w_in, b_in, w_out, b_out, "swiglu")) < bound[dtype]
+
+
+# --- the triton backend's activation kernels (qvl.kernels.activation): paths only they have -----------------------
 
 
 LAYOUTS = ["contiguous", "row_strided", "transposed"]
@@ -164,7 +219,32 @@ def test_swiglu_single_rounding_is_more_accurate(dtype):
 def test_empty_and_bad_inputs():
     assert swiglu(torch.empty(0, 8, device=DEVICE_TYPE)).shape == (0, 4)
     assert gelu(torch.empty(2, 0, device=DEVICE_TYPE)).shape == (2, 0)
+    # Checked once, by the operator interface and the registry, before the activation kernels run.
+    from qvl.backends import resolve_plan
+
+    ops = Ops(resolve_plan("triton"))
+    x, w_in, w_out = (torch.randn(*shape, device=DEVICE_TYPE) for shape in ((2, 8), (8, 8), (3, 8)))
     with pytest.raises(ValueError, match="even"):
-        swiglu(torch.randn(2, 7, device=DEVICE_TYPE))
-    with pytest.raises(ValueError, match="unsupported"):
-        gelu(torch.randn(2, 8, device=DEVICE_TYPE, dtype=torch.float64))
+        ops.mlp(x, w_in[:7], None, w_out, None, "swiglu")
+    with pytest.raises(BackendUnsupportedError, match="dtype float64 not supported"):
+        ops.mlp(x.double(), w_in.double(), None, w_out.double(), None, "gelu")
+
+
+# --- xformers: what only it declares ------------------------------------------------------------------------------
+
+
+def test_xformers_declares_gelu_unsupported(monkeypatch):
+    """xformers.ops.swiglu has no GELU: the implementation declares it (so the registry reports it and
+    fallback="eager" routes the vision merger's MLP), and refuses it when called directly."""
+    impl = xfb.BACKEND.impls["mlp"]
+    call = CallInfo("mlp", "cuda", torch.bfloat16, (("activation", "gelu"), ("bias", True)))
+    assert impl.not_supported_reasons(call) == [xfb.GELU_REASON]
+    gen = torch.Generator().manual_seed(0)
+    x, w_in, w_out = (randn(*shape, gen=gen, dtype=torch.float32) for shape in ((2, 8), (16, 8), (8, 16)))
+    with pytest.raises(BackendUnsupportedError, match="no GELU"):
+        impl(x, w_in, None, w_out, None, "gelu")
+    ops = make_ops("xformers", monkeypatch)  # the real backend on a GPU, its simulated kernels on the CPU
+    assert get_backend(ops.plan["mlp"]).reasons(CallInfo.of("mlp", x, activation="gelu", bias=True)) == [
+        xfb.GELU_REASON]
+    with pytest.raises(BackendUnsupportedError, match="no GELU"):
+        ops.mlp(x, w_in, None, w_out, None, "gelu")

@@ -4,20 +4,36 @@ from __future__ import annotations
 
 import torch
 
-from ..registry import BackendUnsupportedError
+from ...dtypes import dtype_name
+from ..registry import BackendUnsupportedError, CallInfo
 from . import installed
 from .base import TritonKernelOp
+
+
+def _widening_weight(weight_dtype: torch.dtype, dtype: torch.dtype) -> str | None:
+    """Why a weight of `weight_dtype` cannot go with inputs of `dtype`, or None: qvl's norm returns the promoted
+    dtype, and rms_norm writes its output in the input dtype."""
+    promoted = torch.promote_types(weight_dtype, dtype)
+    if promoted == dtype:
+        return None
+    return (f"xformers' rms_norm writes its output in the input dtype {dtype_name(dtype)}, but qvl's norm with a "
+            f"{dtype_name(weight_dtype)} weight returns {dtype_name(promoted)}")
 
 
 class XformersNorm(TritonKernelOp):
     operator = "norm"
 
+    def not_supported_reasons(self, call: CallInfo) -> list[str]:
+        reasons = super().not_supported_reasons(call)
+        weight_dtype = call.get("weight_dtype")  # set only when it differs from x's
+        if weight_dtype is not None and (why := _widening_weight(weight_dtype, call.dtype)):
+            reasons.append(why)
+        return reasons
+
     def __call__(self, x, weight, eps, residual=None):
         dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-        if torch.promote_types(weight.dtype, dtype) != dtype:
-            raise BackendUnsupportedError(
-                f"norm: xformers' rms_norm writes its output in the input dtype {dtype}, but qvl's norm with a "
-                f"{weight.dtype} weight returns {torch.promote_types(weight.dtype, dtype)}")
+        if why := _widening_weight(weight.dtype, dtype):  # a direct call, not routed by the registry
+            raise BackendUnsupportedError(f"norm: {why}")
         w = weight.contiguous()
         rmsnorm = installed.XF.rmsnorm
         if residual is None:
