@@ -1,4 +1,9 @@
-"""Split-KV decode attention (qvl/kernels/decode_attention.py) against the eager attention operator."""
+"""The split-KV decode kernel (qvl/kernels/decode_attention.py): paths only it has, against eager.
+
+Its split heuristic, every split count, tuning overrides, head dims, large query groups, kv_len past the keys.
+What every backend's decode step must do (decode matches eager, a cache length on the device) is tested over
+every backend in test_attention.py, which also holds the shared input helpers.
+"""
 
 import pytest
 import torch
@@ -17,59 +22,11 @@ from qvl.kernels.decode_attention import (
     decode_attention,
 )
 from tests.ops.compare import DTYPES, assert_close_rel
-
-GQA_GROUPS = [1, 2, 7, 8]
-HEAD_DIMS = [8, 16, 64, 80, 128]
-
-
-def _inputs(seed, batch, q_len, kv_len, kv_heads, group, head_dim, dtype, device, pad_values=None):
-    """q as a slice of a fused qkv projection; k, v as cache[:, :kv_len] of a larger preallocated cache."""
-    gen = torch.Generator().manual_seed(seed)
-    q_heads = kv_heads * group
-    qkv = torch.randn(batch, q_len, q_heads + 2 * kv_heads, head_dim, generator=gen)
-    k_cache = torch.randn(batch, kv_len + 13, kv_heads, head_dim, generator=gen)
-    v_cache = torch.randn(batch, kv_len + 13, kv_heads, head_dim, generator=gen)
-    qkv, k_cache, v_cache = (t.to(device=device, dtype=dtype) for t in (qkv, k_cache, v_cache))
-    q = qkv[:, :, :q_heads]
-    k, v = k_cache[:, :kv_len], v_cache[:, :kv_len]
-    pad = None if pad_values is None else torch.tensor(pad_values, dtype=torch.int64, device=device)
-    return q, k, v, pad
+from tests.ops.test_attention import decode_cases, decode_inputs
 
 
 def _reference(q, k, v, pad, scale):
     return EagerAttention()(q, k, v, CausalMask(pad), scale)
-
-
-def _invisible_rows(batch, q_len, kv_len, pad, device):
-    """(B, Lq) bool: query rows that see no key, which must come out as exact zeros."""
-    return ~CausalMask(pad).dense(batch, q_len, kv_len, device=device).any(-1)
-
-
-@st.composite
-def decode_cases(draw, max_kv_len=300):
-    batch = draw(st.integers(1, 3))
-    q_len = draw(st.integers(1, 4))
-    kv_len = draw(st.integers(q_len, max_kv_len))
-    kv_heads = draw(st.integers(1, 2))
-    group = draw(st.sampled_from(GQA_GROUPS))
-    head_dim = draw(st.sampled_from(HEAD_DIMS))
-    dtype = draw(st.sampled_from(DTYPES))
-    padded = draw(st.booleans())
-    pad = draw(st.lists(st.integers(0, kv_len), min_size=batch, max_size=batch)) if padded else None
-    seed = draw(st.integers(0, 2**31 - 1))
-    return seed, batch, q_len, kv_len, kv_heads, group, head_dim, dtype, pad
-
-
-@given(case=decode_cases(), num_splits=st.sampled_from([None, 1, 2, 3, 5]))
-def test_decode_attention_matches_eager(case, num_splits):
-    device = DEVICE_TYPE  # not the fixture: hypothesis rejects function-scoped fixtures
-    seed, batch, q_len, kv_len, kv_heads, group, head_dim, dtype, pad_values = case
-    q, k, v, pad = _inputs(seed, batch, q_len, kv_len, kv_heads, group, head_dim, dtype, device, pad_values)
-    scale = head_dim ** -0.5
-    out = decode_attention(q, k, v, pad, scale, num_splits=num_splits)
-    assert out.is_contiguous()
-    assert_close_rel(out, _reference(q, k, v, pad, scale), dtype)
-    assert not out[_invisible_rows(batch, q_len, kv_len, pad, device)].any()
 
 
 @given(case=decode_cases(max_kv_len=200))
@@ -77,7 +34,7 @@ def test_every_split_count_agrees(case):
     """One split (phase 1 writes the output), several, more splits than key blocks (empty ones), automatic."""
     device = DEVICE_TYPE
     seed, batch, q_len, kv_len, kv_heads, group, head_dim, dtype, pad_values = case
-    q, k, v, pad = _inputs(seed, batch, q_len, kv_len, kv_heads, group, head_dim, dtype, device, pad_values)
+    q, k, v, pad = decode_inputs(seed, batch, q_len, kv_len, kv_heads, group, head_dim, dtype, device, pad_values)
     scale = head_dim ** -0.5
     ref = _reference(q, k, v, pad, scale)
     more_than_key_blocks = kv_len // 32 + 2  # key blocks hold 32 or 64 keys
@@ -89,7 +46,7 @@ def test_every_split_count_agrees(case):
 @pytest.mark.parametrize("head_dim", [8, 16, 64, 80, 128, 256])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_head_dims(device, head_dim, dtype):
-    q, k, v, pad = _inputs(head_dim, 2, 2, 150, 2, 7, head_dim, dtype, device, pad_values=[0, 37])
+    q, k, v, pad = decode_inputs(head_dim, 2, 2, 150, 2, 7, head_dim, dtype, device, pad_values=[0, 37])
     scale = head_dim ** -0.5
     for num_splits in (1, 3):
         assert_close_rel(decode_attention(q, k, v, pad, scale, num_splits=num_splits),
@@ -98,7 +55,7 @@ def test_head_dims(device, head_dim, dtype):
 
 def test_fully_padded_rows_are_zero(device):
     """Padding covers every key of batch 0, and the first queries of batch 1 (pad beyond their position)."""
-    q, k, v, pad = _inputs(0, 2, 4, 70, 2, 2, 16, torch.float32, device, pad_values=[70, 68])
+    q, k, v, pad = decode_inputs(0, 2, 4, 70, 2, 2, 16, torch.float32, device, pad_values=[70, 68])
     for num_splits in (1, 2, 4):
         out = decode_attention(q, k, v, pad, 0.25, num_splits=num_splits)
         assert not out[0].any() and not out[1, :2].any()
@@ -123,11 +80,11 @@ def test_split_heuristic_bounds(programs, kv_len, num_sms, block_n):
     assert (splits - 1) * blocks_per_split < key_blocks  # no empty split
 
 
-def test_rejects_bad_inputs(device):
+def test_rejects_baddecode_inputs(device):
     """The launcher checks its tuning knobs; the inputs are checked once, before it runs, by the operator
     interface (ValueError) and, for the head dim limit, the triton backend's support data (the registry)."""
     ops = Ops(resolve_plan("triton"))
-    q, k, v, pad = _inputs(0, 2, 3, 5, 1, 2, 16, torch.float32, device)
+    q, k, v, pad = decode_inputs(0, 2, 3, 5, 1, 2, 16, torch.float32, device)
     with pytest.raises(ValueError, match="more queries"):
         ops.attention(q, k[:, :2], v[:, :2], CausalMask(), 1.0)
     with pytest.raises(ValueError, match="pad"):
@@ -146,7 +103,7 @@ def test_rejects_bad_inputs(device):
 @pytest.mark.parametrize("num_splits", [1, 2])
 def test_large_groups_take_several_row_blocks(device, num_splits):
     """24 query heads per kv head x 3 queries = 72 rows: more than one program's 64 rows."""
-    q, k, v, pad = _inputs(1, 2, 3, 90, 1, 24, 16, torch.float32, device, pad_values=[0, 50])
+    q, k, v, pad = decode_inputs(1, 2, 3, 90, 1, 24, 16, torch.float32, device, pad_values=[0, 50])
     assert_close_rel(decode_attention(q, k, v, pad, 0.25, num_splits=num_splits),
                      _reference(q, k, v, pad, 0.25), torch.float32)
 
@@ -154,31 +111,11 @@ def test_large_groups_take_several_row_blocks(device, num_splits):
 @pytest.mark.parametrize("block_n, num_warps, num_stages", [(16, 2, 2), (32, 4, 4), (128, 8, 4)])
 def test_tuning_overrides_keep_the_result(device, block_n, num_warps, num_stages):
     """The launch knobs benchmarks/decode_sweep.py turns change speed only (a partial last key block, padding)."""
-    q, k, v, pad = _inputs(2, 2, 2, 333, 2, 8, 128, torch.bfloat16, device, pad_values=[0, 90])
+    q, k, v, pad = decode_inputs(2, 2, 2, 333, 2, 8, 128, torch.bfloat16, device, pad_values=[0, 90])
     for num_splits in (1, 6):
         out = decode_attention(q, k, v, pad, 0.1, num_splits, block_n=block_n, num_warps=num_warps,
                                num_stages=num_stages)
         assert_close_rel(out, _reference(q, k, v, pad, 0.1), torch.bfloat16)
-
-
-@given(case=decode_cases(max_kv_len=200), unwritten=st.integers(0, 150), num_splits=st.sampled_from([None, 1, 4]))
-def test_kv_len_on_device_matches_the_sliced_cache(case, unwritten, num_splits):
-    """Attention over a whole static cache whose last `unwritten` slots hold garbage, the written length read
-    on the device (CausalMask.kv_len), equals attention over the written slice; and eager agrees."""
-    device = DEVICE_TYPE
-    seed, batch, q_len, kv_len, kv_heads, group, head_dim, dtype, pad_values = case
-    q, k, v, pad = _inputs(seed, batch, q_len, kv_len + unwritten, kv_heads, group, head_dim, dtype, device,
-                           pad_values)
-    scale = head_dim ** -0.5
-    length = torch.tensor(kv_len, device=device)
-    sliced = decode_attention(q, k[:, :kv_len], v[:, :kv_len], pad, scale, num_splits=num_splits)
-    whole = decode_attention(q, k, v, pad, scale, num_splits=num_splits, kv_len=length)
-    if num_splits == 1:  # one split walks the same key blocks either way: bit for bit
-        assert torch.equal(whole, sliced)
-    assert_close_rel(whole, sliced, dtype)
-    eager = EagerAttention()(q, k, v, CausalMask(pad, kv_len=length), scale)
-    assert_close_rel(whole, eager, dtype)
-    assert not whole[_invisible_rows(batch, q_len, kv_len, pad, device)].any()
 
 
 def test_dense_mask_with_kv_len_is_the_written_slice_then_nothing():
@@ -191,7 +128,7 @@ def test_dense_mask_with_kv_len_is_the_written_slice_then_nothing():
 
 def test_kv_len_must_be_a_0_dim_integer_on_the_device(device):
     """Checked once, by the operator interface, before the kernel runs."""
-    q, k, v, _ = _inputs(0, 1, 1, 20, 1, 2, 16, torch.float32, device)
+    q, k, v, _ = decode_inputs(0, 1, 1, 20, 1, 2, 16, torch.float32, device)
     for bad in (torch.tensor([5], device=device), torch.tensor(5.0, device=device), torch.tensor(True, device=device)):
         with pytest.raises(ValueError, match="kv_len must be a 0-dim integer tensor"):
             Ops(resolve_plan("triton")).attention(q, k, v, CausalMask(kv_len=bad), 1.0)
@@ -200,7 +137,7 @@ def test_kv_len_must_be_a_0_dim_integer_on_the_device(device):
 @pytest.mark.parametrize("kv_len", [41, 100])
 def test_kv_len_past_the_keys_counts_as_all_of_them_in_both_backends(device, kv_len):
     """Not range-checked (it stays on the device): the kernel and the eager mask both clamp it to Lk."""
-    q, k, v, _ = _inputs(0, 1, 4, 40, 1, 2, 64, torch.float32, device)
+    q, k, v, _ = decode_inputs(0, 1, 4, 40, 1, 2, 64, torch.float32, device)
     present = torch.tensor(kv_len, device=device)
     out = decode_attention(q, k, v, None, 0.125, kv_len=present)
     assert_close_rel(out, EagerAttention()(q, k, v, CausalMask(kv_len=present), 0.125), torch.float32)

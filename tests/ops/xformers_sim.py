@@ -64,9 +64,15 @@ def ref_memory_efficient_attention_forward(query, key, value, attn_bias=None, p=
     b, mq, g, h, d = q.shape
     scale = d**-0.5 if scale is None else scale
     scores = torch.einsum("bqghd,bkghd->bghqk", q.float(), k.float()) * scale
+    vf = v.float()
     if attn_bias is not None:
-        scores = scores + attn_bias.materialize((b, g, h, mq, k.shape[1]), dtype=torch.float32, device=q.device)
-    out = torch.einsum("bghqk,bkghd->bqghd", scores.softmax(-1), v.float()).to(query.dtype)
+        bias = attn_bias.materialize((b, g, h, mq, k.shape[1]), dtype=torch.float32, device=q.device)
+        hidden = bias.isneginf()
+        # Like the kernels, never read what the bias hides (gappy keys' gaps may hold anything, NaN included).
+        scores = torch.where(hidden, float("-inf"), scores + bias)
+        unseen = hidden.all(-2).permute(0, 3, 1, 2)  # (B, Mk, G, H): keys no query sees
+        vf = vf.masked_fill(unseen[..., None], 0)
+    out = torch.einsum("bghqk,bkghd->bqghd", scores.softmax(-1), vf).to(query.dtype)
     return out if five else out.squeeze(3)
 
 

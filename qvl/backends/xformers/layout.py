@@ -28,8 +28,13 @@ def same_rows(a: torch.Tensor, b: torch.Tensor) -> int | None:
 
 
 def packed(x: torch.Tensor, row_pitch: int, length: int) -> torch.Tensor:
-    """(1, length, ...) view of (B, L, ...) x's memory where row b's token l sits at b * row_pitch + l."""
-    return x.as_strided((1, length, *x.shape[2:]), (x.stride(0), x.stride(1), *x.stride()[2:]), x.storage_offset())
+    """(1, length, ...) view of (B, L, ...) x's memory where row b's token l sits at b * row_pitch + l.
+
+    The token stride is the row stride over the pitch: with L == 1, x.stride(1) may be anything (a size-1 dim's
+    stride carries no meaning; .contiguous() leaves it as it is).
+    """
+    token = x.stride(0) // row_pitch if x.shape[0] > 1 else x.stride(1)
+    return x.as_strided((1, length, *x.shape[2:]), (x.stride(0), token, *x.stride()[2:]), x.storage_offset())
 
 
 def within_storage(x: torch.Tensor, shape, stride) -> bool:
