@@ -23,6 +23,20 @@ class RMSNorm(nn.Module):
         return ops.norm(hidden, self.weight, self.eps, residual)
 
 
+class SwiGLUMLP(nn.Module):
+    """SiLU(x W_gate^T) * (x W_up^T), then the down projection; gate and up stacked in one weight [gate; up].
+    The text decoder's MLP has no biases, the vision blocks' have."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)  # [gate; up]
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, ops, x: torch.Tensor) -> torch.Tensor:
+        return ops.mlp(x, self.gate_up_proj.weight, self.gate_up_proj.bias, self.down_proj.weight,
+                       self.down_proj.bias, "swiglu")
+
+
 def inverse_frequencies(dim: int, theta: float) -> torch.Tensor:
     """theta^(-2i/dim) for i < dim/2: the standard rotary frequency ladder, float32."""
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))

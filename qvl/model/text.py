@@ -7,7 +7,7 @@ from torch import nn
 
 from ..backends import CausalMask, Ops, Rotary
 from ..config import TextConfig
-from .layers import RMSNorm
+from .layers import RMSNorm, SwiGLUMLP
 
 
 class Attention(nn.Module):
@@ -41,23 +41,13 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(b, n, -1))
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: TextConfig):
-        super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # [gate; up]
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, ops: Ops, x: torch.Tensor) -> torch.Tensor:
-        return ops.mlp(x, self.gate_up_proj.weight, None, self.down_proj.weight, None, "swiglu")
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, bias=False)
 
     def forward(self, ops, hidden, residual, positions, rotary, mask, kv_cache, start):
         """`hidden` is the previous sublayer's output, `residual` the stream before it (None at layer 0).

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..backends import BlockDiagonalMask, Ops, Rotary
 from ..config import VisionConfig
-from .layers import RMSNorm, inverse_frequencies
+from .layers import RMSNorm, SwiGLUMLP, inverse_frequencies
 from .positions import vision_frame_seqlens, vision_rope_positions, vision_window_index
 
 
@@ -49,24 +49,13 @@ class VisionAttention(nn.Module):
         return self.proj(out.reshape(n, -1))
 
 
-class VisionMLP(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=True)  # [gate; up]
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=True)
-
-    def forward(self, ops: Ops, x: torch.Tensor) -> torch.Tensor:
-        return ops.mlp(x, self.gate_up_proj.weight, self.gate_up_proj.bias, self.down_proj.weight,
-                       self.down_proj.bias, "swiglu")
-
-
 class VisionBlock(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = VisionAttention(cfg)
         self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = VisionMLP(cfg)
+        self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, bias=True)
 
     def forward(self, ops, hidden, residual, positions, rotary, mask):
         """x + attn(norm1(x)), then + mlp(norm2(x)), written as in the text decoder: `hidden` is the previous
