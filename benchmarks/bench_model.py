@@ -16,7 +16,7 @@ BACKENDS = harness.model_specs()
 
 @pytest.fixture(scope="module")
 def model():
-    return qvl.from_config(PRESET, dtype=DT, device=harness.DEVICE, seed=0)
+    return qvl.from_config(PRESET, dtype=DT, device=harness.DEVICE, seed=0).requires_grad_(False)  # inference
 
 
 def weight_bytes(model):

@@ -101,7 +101,7 @@ def measure(backend: str) -> dict[str, float]:
     from qvl.demo import demo_prompt
     from qvl.model.positions import decode_positions
 
-    model = qvl.from_config("tiny", dtype=torch.float32, device="cpu", seed=0)
+    model = qvl.from_config("tiny", dtype=torch.float32, device="cpu", seed=0).requires_grad_(False)  # inference
     model.set_backends(backend)  # strict: every call on this backend
     inputs = demo_prompt(model.cfg)
     prompt = model.prepare(**inputs)

@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     backends = args.backends or ("eager" if small else "eager,triton")
     preset, dtype = ("tiny", torch.float32) if small else ("3b", torch.bfloat16)
     reps = 2 if small else 5
-    model = qvl.from_config(preset, dtype=dtype, device=DEVICE, seed=0)
+    model = qvl.from_config(preset, dtype=dtype, device=DEVICE, seed=0).requires_grad_(False)  # inference
     inputs = demo_prompt(model.cfg)
     rows = []
     for backend in backends.split(","):

@@ -98,7 +98,8 @@ class QvlRow:
 
     def vision(self, inputs: dict):
         self.model.set_backends(self.spec, fallback="eager")
-        return self.model.vision_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        with torch.no_grad():
+            return self.model.vision_features(inputs["pixel_values"], inputs["image_grid_thw"])
 
     def generate(self, inputs: dict, n: int) -> torch.Tensor:
         self.model.set_backends(self.spec, fallback="eager")
@@ -106,7 +107,8 @@ class QvlRow:
 
     def logits(self, inputs: dict) -> torch.Tensor:
         self.model.set_backends(self.spec, fallback="eager")
-        return self.model(**inputs)
+        with torch.no_grad():
+            return self.model(**inputs).logits
 
 
 def measure(row, inputs: dict, n: int, repeats: int, clock: Clock, ref_logits: torch.Tensor) -> dict:
@@ -163,7 +165,7 @@ def main(argv=None) -> int:
     work = build_workload(spec, model.cfg)
     inputs = {k: v.to(DEV) for k, v in work.inputs.items() if v is not None}
     with torch.no_grad():
-        ref_logits = model(**inputs).float()
+        ref_logits = model(**inputs).logits.float()
     model = model.to(dtype)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=scratch_dir(model)) as directory:

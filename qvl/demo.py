@@ -53,7 +53,8 @@ def run_demo(preset: str = "tiny", new_tokens: int = 8, device: str = "cpu", see
         try:
             model.set_backends(spec, fallback="eager")
             start = time.perf_counter()
-            logits = model(**inputs)
+            with torch.no_grad():
+                logits = model(**inputs).logits
             row["forward_ms"] = (time.perf_counter() - start) * 1e3
             start = time.perf_counter()
             tokens = model.generate(**inputs, max_new_tokens=new_tokens)[:, inputs["input_ids"].shape[1]:]

@@ -92,6 +92,7 @@ def check_backends(variant: Variant) -> None:
     resolve_plan(variant.backends)
 
 
+@torch.no_grad()
 def _run_vision(model, work: Workload) -> None:
     x = work.inputs
     if x.get("pixel_values") is not None:

@@ -6,7 +6,7 @@ for one that imports optional packages).
 """
 
 from . import eager
-from .interface import OPERATORS, BlockDiagonalMask, CausalMask, Rotary
+from .interface import IGNORE_INDEX, OPERATORS, BlockDiagonalMask, CausalMask, Rotary
 from .ops import Ops
 from .registry import (
     ENV_VAR,
@@ -34,7 +34,8 @@ register_lazy_backend("xformers", "qvl.backends.xformers", priority=10)
 register_lazy_backend("triton-gemm", "qvl.backends.triton_gemm", priority=15)
 
 __all__ = [
-    "OPERATORS", "BlockDiagonalMask", "CausalMask", "Rotary", "Ops", "ENV_VAR", "Backend", "BackendPlan",
+    "IGNORE_INDEX", "OPERATORS", "BlockDiagonalMask", "CausalMask", "Rotary", "Ops", "ENV_VAR", "Backend",
+    "BackendPlan",
     "BackendUnsupportedError", "CallInfo", "Fallback", "OpImpl", "all_backends", "availability_table",
     "backend_names", "get_backend", "parse_spec", "register_backend", "register_lazy_backend", "resolve_plan",
     "use_backends",

@@ -9,8 +9,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .interface import BlockDiagonalMask, CausalMask, Rotary
+from .interface import IGNORE_INDEX, BlockDiagonalMask, CausalMask, Rotary
 from .registry import Backend, OpImpl
+
+
+class _EagerOp(OpImpl):
+    backward = True  # torch autograd through every op
 
 
 def rope_angles(positions: torch.Tensor, rotary: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,7 +33,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
 
-class EagerRope(OpImpl):
+class EagerRope(_EagerOp):
     operator = "rope"
 
     def __call__(self, q, k, positions, rotary):
@@ -37,7 +41,7 @@ class EagerRope(OpImpl):
         return rotate(q, cos, sin), rotate(k, cos, sin)
 
 
-class EagerCache(OpImpl):
+class EagerCache(_EagerOp):
     operator = "cache"
     device_lengths = True
 
@@ -54,7 +58,7 @@ class EagerCache(OpImpl):
         return rotate(q, cos, sin)
 
 
-class EagerNorm(OpImpl):
+class EagerNorm(_EagerOp):
     operator = "norm"
 
     def __call__(self, x, weight, eps, residual=None):
@@ -66,7 +70,7 @@ class EagerNorm(OpImpl):
         return (y, x) if residual is not None else y
 
 
-class EagerMLP(OpImpl):
+class EagerMLP(_EagerOp):
     operator = "mlp"
 
     def __call__(self, x, w_in, b_in, w_out, b_out, activation):
@@ -79,7 +83,7 @@ class EagerMLP(OpImpl):
         return F.linear(h, w_out, b_out)
 
 
-class EagerAttention(OpImpl):
+class EagerAttention(_EagerOp):
     """Materializes the (Lq, Lk) score matrix: the reference, not the fast path."""
 
     operator = "attention"
@@ -101,10 +105,26 @@ class EagerAttention(OpImpl):
         return out.permute(0, 3, 1, 2, 4).reshape(b, lq, hq, d)
 
 
+class EagerLoss(_EagerOp):
+    """The whole (N, V) logits, then float32 cross-entropy: transformers' causal-LM loss."""
+
+    operator = "loss"
+
+    def __call__(self, hidden, weight, targets, divisor=None):
+        logits = F.linear(hidden, weight)
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64 (gradcheck)
+        total = F.cross_entropy(wide, targets.long(), ignore_index=IGNORE_INDEX, reduction="sum")
+        if divisor is None:
+            divisor = (targets != IGNORE_INDEX).sum().clamp(min=1)  # nothing counted: 0, not 0 / 0
+        elif isinstance(divisor, torch.Tensor):
+            divisor = divisor.reshape(()).to(device=total.device, dtype=total.dtype)
+        return total / divisor, logits
+
+
 BACKEND = Backend(
     "eager",
     {"attention": EagerAttention(), "rope": EagerRope(), "norm": EagerNorm(), "mlp": EagerMLP(),
-     "cache": EagerCache()},
+     "cache": EagerCache(), "loss": EagerLoss()},
     description="plain PyTorch; the reference every backend is tested against",
     priority=0,
 )

@@ -18,6 +18,17 @@ mlp(x, w_in, b_in, w_out, b_out, activation) -> (..., H_out)
 cache(q, k, v, positions, rotary, k_cache, v_cache, start) -> q'
     Rotate q and k, write rotated k and v into the static cache at [:, start:start + L]; return rotated q.
     Caches are (B, max_len, Hkv, D).
+loss(hidden, weight, targets, divisor=None) -> (loss, logits | None)
+    The LM head fused with cross-entropy: logits = hidden weight^T (N, V) in hidden's dtype, then
+    loss = sum over counted tokens of -log_softmax(float32(logits))[target] / divisor, where targets (N,) hold
+    a vocabulary id or IGNORE_INDEX (not counted), and divisor is the count of counted tokens when None (a
+    mean; a sum over nothing divided by no count is 0, not NaN). The loss is a 0-dim float32 tensor. A backend
+    may return the logits it made, or None when they never existed in full (a chunked kernel).
+
+Gradients. Every operator is differentiable through its outputs on the backends that declare
+`OpImpl.backward`; a call made with autograd recording and an input that requires grad is described with
+`grad=True`, and backends without a backward refuse it with the reason "no backward" (or the registry's
+fallback takes it). The cache operator's writes into the static cache are not differentiated.
 
 Lengths on the device. A decode step replayed from a CUDA graph cannot take the cache length as a Python
 number: `start` may be a 0-dim integer tensor, and attention may run over the whole static cache with
@@ -32,8 +43,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-OPERATORS: tuple[str, ...] = ("attention", "rope", "norm", "mlp", "cache")
+OPERATORS: tuple[str, ...] = ("attention", "rope", "norm", "mlp", "cache", "loss")
 ACTIVATIONS: tuple[str, ...] = ("swiglu", "gelu")
+# A target the loss does not count: transformers' and torch's ignore_index (prompt tokens, padding, images).
+IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True, eq=False)
@@ -253,3 +266,22 @@ def check_cache_inputs(q, k, v, positions, rotary, k_cache, v_cache, start) -> N
         raise ValueError(f"cache: writing {k.shape[1]} tokens at {start} overflows the cache of "
                          f"{k_cache.shape[1]} positions; build the cache with a larger max_len")
 
+
+
+def check_loss_inputs(hidden, weight, targets, divisor) -> None:
+    """Shapes, dtypes and devices; the target values are the caller's to check (reading them synchronizes)."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"loss: hidden (N, H) and weight (V, H) expected; got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if tuple(targets.shape) != (hidden.shape[0],) or not _is_integer(targets):
+        raise ValueError(f"loss: targets must be a ({hidden.shape[0]},) integer tensor, got {tuple(targets.shape)} "
+                         f"{targets.dtype}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"loss: hidden and weight dtypes differ: {hidden.dtype} vs {weight.dtype}")
+    if len({t.device for t in (hidden, weight, targets)}) != 1:
+        raise ValueError("loss: hidden, weight and targets must be on one device")
+    if isinstance(divisor, torch.Tensor):
+        if divisor.numel() != 1:
+            raise ValueError(f"loss: divisor must be a number or a one-element tensor, got {tuple(divisor.shape)}")
+    elif divisor is not None and not divisor > 0:
+        raise ValueError(f"loss: divisor must be > 0, got {divisor}")

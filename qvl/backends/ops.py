@@ -28,34 +28,50 @@ class Ops:
         I.check_attention_inputs(q, k, v, mask)
         call = CallInfo.of("attention", q, head_dim=q.shape[-1], mask=mask.kind, gqa=q.shape[2] // k.shape[2],
                            padded=getattr(mask, "pad", None) is not None,
-                           **_device_lengths(getattr(mask, "kv_len", None) is not None))
+                           **_device_lengths(getattr(mask, "kv_len", None) is not None), **_grad(q, k, v))
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         return self._dispatch.select(call)(q, k, v, mask, scale)
 
     def rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, rotary: I.Rotary):
         I.check_rope_inputs(q, k, positions, rotary)
         call = CallInfo.of("rope", q, head_dim=q.shape[-1], sections=rotary.sections,
-                           uniform_streams=rotary.uniform_streams)
+                           uniform_streams=rotary.uniform_streams, **_grad(q, k))
         return self._dispatch.select(call)(q, k, positions, rotary)
 
     def norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
         I.check_norm_inputs(x, weight, residual)
         call = CallInfo.of("norm", x, hidden=x.shape[-1], residual=residual is not None,
-                           **({} if weight.dtype == x.dtype else {"weight_dtype": weight.dtype}))
+                           **({} if weight.dtype == x.dtype else {"weight_dtype": weight.dtype}),
+                           **_grad(x, weight, residual))
         return self._dispatch.select(call)(x, weight, eps, residual)
 
     def mlp(self, x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor,
             b_out: torch.Tensor | None, activation: str) -> torch.Tensor:
         I.check_mlp_inputs(x, w_in, w_out, activation, b_in=b_in, b_out=b_out)
-        call = CallInfo.of("mlp", x, activation=activation, bias=b_in is not None or b_out is not None)
+        call = CallInfo.of("mlp", x, activation=activation, bias=b_in is not None or b_out is not None,
+                           **_grad(x, w_in, b_in, w_out, b_out))
         return self._dispatch.select(call)(x, w_in, b_in, w_out, b_out, activation)
 
     def cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, rotary: I.Rotary,
               k_cache: torch.Tensor, v_cache: torch.Tensor, start: int) -> torch.Tensor:
         I.check_cache_inputs(q, k, v, positions, rotary, k_cache, v_cache, start)
         call = CallInfo.of("cache", q, head_dim=q.shape[-1], sections=rotary.sections,
-                           uniform_streams=rotary.uniform_streams, **_device_lengths(isinstance(start, torch.Tensor)))
+                           uniform_streams=rotary.uniform_streams, **_device_lengths(isinstance(start, torch.Tensor)),
+                           **_grad(q, k, v))
         return self._dispatch.select(call)(q, k, v, positions, rotary, k_cache, v_cache, start)
+
+    def loss(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+             divisor: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        I.check_loss_inputs(hidden, weight, targets, divisor)
+        call = CallInfo.of("loss", hidden, vocab=weight.shape[0], **_grad(hidden, weight))
+        return self._dispatch.select(call)(hidden, weight, targets, divisor)
+
+
+def _grad(*tensors: torch.Tensor | None) -> dict[str, bool]:
+    """grad=True when autograd records this call and an input requires grad: it needs a backward. Only when
+    set, so inference calls describe themselves as before."""
+    needed = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return {"grad": True} if needed else {}
 
 
 def _device_lengths(held_on_device: bool) -> dict[str, bool]:

@@ -42,6 +42,10 @@ AUTO = "auto"
 DEFAULT_BACKEND = "eager"
 
 
+# The reason a backend gives for a call that needs gradients it cannot compute.
+NO_BACKWARD = "no backward (this call needs gradients)"
+
+
 class BackendUnsupportedError(RuntimeError):
     """A chosen backend cannot run a call (and no fallback was allowed)."""
 
@@ -79,6 +83,8 @@ class OpImpl:
     activations: ClassVar[frozenset[str] | None] = None  # mlp activations
     # accepts lengths held on the device (CausalMask.kv_len, a tensor cache start): see qvl.backends.interface
     device_lengths: ClassVar[bool] = False
+    # its outputs carry gradients to every input that requires them (calls described with grad=True)
+    backward: ClassVar[bool] = False
 
     def not_supported_reasons(self, call: CallInfo) -> list[str]:
         reasons = []
@@ -101,6 +107,8 @@ class OpImpl:
             reasons.append(f"activation {act} not supported (supports {', '.join(sorted(self.activations))})")
         if call.get("device_lengths") and not self.device_lengths:
             reasons.append("lengths held on the device (a decode step for CUDA-graph capture) not supported")
+        if call.get("grad") and not self.backward:
+            reasons.append(NO_BACKWARD)
         return reasons
 
     def __call__(self, *args, **kwargs):  # pragma: no cover - interface

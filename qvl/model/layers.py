@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -35,6 +38,14 @@ class SwiGLUMLP(nn.Module):
     def forward(self, ops, x: torch.Tensor) -> torch.Tensor:
         return ops.mlp(x, self.gate_up_proj.weight, self.gate_up_proj.bias, self.down_proj.weight,
                        self.down_proj.bias, "swiglu")
+
+
+def checkpointed(stack: nn.Module, layer: nn.Module):
+    """`layer`, recomputed in backward when `stack` (a tower) has gradient checkpointing on, is training and
+    autograd records (non-reentrant torch.utils.checkpoint: keyword-free calls, any non-tensor arguments)."""
+    if stack.gradient_checkpointing and stack.training and torch.is_grad_enabled():
+        return functools.partial(torch.utils.checkpoint.checkpoint, layer, use_reentrant=False)
+    return layer
 
 
 def inverse_frequencies(dim: int, theta: float) -> torch.Tensor:

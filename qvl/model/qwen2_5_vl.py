@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..backends import CausalMask, Ops, Rotary, resolve_plan
+from ..backends import IGNORE_INDEX, CausalMask, Ops, Rotary, resolve_plan
 from ..config import Qwen25VLConfig
 from .cache import StaticKVCache
 from .graphs import DecodeGraph
@@ -26,6 +26,42 @@ from .positions import check_grids, decode_positions, left_padding, mrope_positi
 from .sampling import Sampler
 from .text import TextDecoder
 from .vision import VisionTower
+
+
+@dataclass
+class Qwen25VLOutput:
+    """What `Qwen25VL.forward` returns; transformers' Qwen2_5_VLCausalLMOutputWithPast fields.
+
+    loss: 0-dim float32, only with labels. logits: (B, L, vocab) in the model's dtype; None when labels were
+    given and the loss backend never made them (a chunked fused loss). rope_deltas (B, 1): decode position =
+    cache slot + delta. past_key_values, hidden_states and attentions are not produced yet (None).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: object = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    rope_deltas: torch.Tensor | None = None
+
+
+def next_token_targets(labels, shape: torch.Size, vocab_size: int, device) -> torch.Tensor:
+    """labels (B, L) -> the target of each position, labels[:, i + 1], with IGNORE_INDEX after the last.
+
+    Checked first (one read of their range, as input_ids' is): the shape of the ids, integer, and every value
+    a vocabulary id or IGNORE_INDEX."""
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(shape):
+        got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must have the shape of input_ids {tuple(shape)}, got {got}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    labels = labels.to(device=device, dtype=torch.long)
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        b, i = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"labels hold ids outside the vocabulary [0, {vocab_size}) other than {IGNORE_INDEX}: "
+                         f"{int(labels[b, i])} at batch row {b}, position {i}")
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
 @dataclass
@@ -102,14 +138,13 @@ class Qwen25VL(nn.Module):
         """Text M-RoPE; `uniform_streams` when every position stream is equal (text-only or decoding)."""
         return self._rotary[uniform_streams]
 
-    @torch.no_grad()
     def vision_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         return self.visual(self.ops, pixel_values.to(self.device), grid_thw)
 
-    @torch.no_grad()
     def prepare(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None) -> Prompt:
-        """Check the inputs, run the vision tower, place its features, compute positions."""
+        """Check the inputs, run the vision tower, place its features, compute positions. Records gradients
+        for the embeddings and the vision tower when autograd does."""
         cfg = self.cfg
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("input_ids must be a (batch, length) integer tensor")
@@ -161,14 +196,42 @@ class Qwen25VL(nn.Module):
 
     # --- forward and generation ------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None) -> torch.Tensor:
-        """Logits (B, L, vocab) for a whole prompt (no cache)."""
+                pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, labels=None,
+                num_items_in_batch=None) -> Qwen25VLOutput:
+        """A whole prompt (no cache): logits, and with `labels` the causal-LM loss (transformers' rule).
+
+        labels (B, L) like input_ids: the logits at position i are scored against labels[i + 1]; -100
+        (IGNORE_INDEX) is not counted. The loss is the mean over counted tokens, or their sum divided by
+        `num_items_in_batch` when given (gradient accumulation over micro-batches). A batch with no counted
+        token has loss 0 and zero gradients. With labels the LM head and the loss run as one `loss` operator:
+        backends that never build the whole logits (triton's chunked kernel) return `logits=None`.
+
+        Gradients flow when autograd records (not under torch.no_grad / inference_mode): wrap inference in
+        one of them, as `generate` does.
+        """
         p = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
                          video_grid_thw, second_per_grid_ts)
         hidden = self.model(self.ops, p.embeds, p.positions, self.rotary(not p.has_vision), CausalMask(p.pad))
-        return self.logits(hidden)
+        if labels is None:
+            return Qwen25VLOutput(logits=self.logits(hidden), rope_deltas=p.deltas)
+        targets = next_token_targets(labels, input_ids.shape, self.cfg.text.vocab_size, self.device)
+        loss, logits = self.ops.loss(hidden.flatten(0, 1), self.lm_weight(), targets.flatten(), num_items_in_batch)
+        if logits is not None:
+            logits = logits.view(*hidden.shape[:2], -1)
+        return Qwen25VLOutput(loss=loss, logits=logits, rope_deltas=p.deltas)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each decoder layer and vision block in backward instead of keeping its activations
+        (non-reentrant torch.utils.checkpoint); the same gradients for less memory. Only while training."""
+        self.model.gradient_checkpointing = self.visual.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.model.gradient_checkpointing = self.visual.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.model.gradient_checkpointing
 
     def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
         t = self.cfg.text

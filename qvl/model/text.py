@@ -7,7 +7,7 @@ from torch import nn
 
 from ..backends import CausalMask, Ops, Rotary
 from ..config import TextConfig
-from .layers import RMSNorm, SwiGLUMLP
+from .layers import RMSNorm, SwiGLUMLP, checkpointed
 
 
 class Attention(nn.Module):
@@ -68,12 +68,13 @@ class TextDecoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False
 
     def forward(self, ops: Ops, embeds: torch.Tensor, positions: torch.Tensor, rotary: Rotary, mask: CausalMask,
                 cache=None, start: int | torch.Tensor = 0) -> torch.Tensor:
         hidden, residual = embeds, None
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else cache.layer(i)
-            hidden, residual = layer(ops, hidden, residual, positions, rotary, mask, kv, start)
+            hidden, residual = checkpointed(self, layer)(ops, hidden, residual, positions, rotary, mask, kv, start)
         out, _ = self.norm.add_and_norm(ops, hidden, residual)
         return out

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..backends import BlockDiagonalMask, Ops, Rotary
 from ..config import VisionConfig
-from .layers import RMSNorm, SwiGLUMLP, inverse_frequencies
+from .layers import RMSNorm, SwiGLUMLP, checkpointed, inverse_frequencies
 from .positions import vision_frame_seqlens, vision_rope_positions, vision_window_index
 
 
@@ -91,6 +91,7 @@ class VisionTower(nn.Module):
         self.patch_embed = PatchEmbed(cfg)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg)
+        self.gradient_checkpointing = False
         # 2-D RoPE: the first half of the rotated pairs follow the patch row, the second half its column,
         # each with the frequency ladder of a head_dim/2 rotary.
         self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
@@ -129,6 +130,6 @@ class VisionTower(nn.Module):
         hidden, residual = x, None
         for i, block in enumerate(self.blocks):
             mask = frame_mask if i in cfg.fullatt_block_indexes else window_mask
-            hidden, residual = block(ops, hidden, residual, positions, rotary, mask)
+            hidden, residual = checkpointed(self, block)(ops, hidden, residual, positions, rotary, mask)
         merged = self.merger(ops, hidden, residual)
         return merged[torch.argsort(window_index.to(device))]

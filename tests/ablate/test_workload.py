@@ -10,6 +10,7 @@ from qvl.ablate.config import ImageSpec, VideoSpec, WorkloadSpec
 from qvl.ablate.workload import CLIP_MEAN, CLIP_STD, build_workload, normalize, patchify, smart_resize
 from qvl.config import get_preset
 from qvl.model.positions import vision_rope_positions
+from tests.backends.model_checks import logits
 
 TINY = get_preset("tiny")
 
@@ -77,7 +78,7 @@ def test_workload_prompt_matches_the_grids_and_runs():
     assert not torch.equal(ids[0], ids[1])  # rows differ in text, share the layout
     assert torch.equal(ids[0] == TINY.image_token_id, ids[1] == TINY.image_token_id)
     model = qvl.from_config(TINY, backends="eager")
-    assert model(**x).shape == (2, work.prompt_length, TINY.text.vocab_size)
+    assert logits(model, **x).shape == (2, work.prompt_length, TINY.text.vocab_size)
     again = build_workload(spec, TINY)
     assert all(torch.equal(again.inputs[k], v) for k, v in x.items())
 

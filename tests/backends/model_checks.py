@@ -9,6 +9,12 @@ from tests.ops.compare import rel_err
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@torch.no_grad()
+def logits(model, *args, **kwargs) -> torch.Tensor:
+    """The forward's logits for inference (no autograd graph)."""
+    return model(*args, **kwargs).logits
+
+
 def perturbed(preset, dtype, seed=0, device=DEVICE):
     model = qvl.from_config(preset, dtype=dtype, device=device, seed=seed)
     g = torch.Generator(device=device).manual_seed(seed + 1)
@@ -40,12 +46,12 @@ def assert_as_close_to_float32_as_eager(model, inputs, spec, fallback=None):
     Returns the fallbacks the spec's run took.
     """
     model.set_backends("eager")
-    eager16 = model(**inputs).float()
+    eager16 = logits(model, **inputs).float()
     model.set_backends(spec, fallback=fallback)
-    out16 = model(**inputs).float()
+    out16 = logits(model, **inputs).float()
     fallbacks = list(model.fallbacks)
     model.to(torch.float32).set_backends("eager")
-    ref = model(**inputs)
+    ref = logits(model, **inputs)
     err_eager, err_spec = rel_err(eager16, ref), rel_err(out16, ref)
     top = ref.argmax(-1)
     agree_eager = (eager16.argmax(-1) == top).float().mean().item()

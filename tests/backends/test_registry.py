@@ -98,7 +98,7 @@ def test_backends():
 
 @pytest.fixture
 def tiny():
-    return qvl.from_config("tiny", seed=0)
+    return qvl.from_config("tiny", seed=0).requires_grad_(False)  # inference: calls describe no grad
 
 
 def _text_ids():
@@ -224,10 +224,11 @@ def test_precedence_explicit_over_scopes_over_env_over_eager_per_operator(monkey
         "mlp": "test_f64",  # innermost scope
         "rope": "eager",  # explicit beats every scope
         "cache": "eager",  # nobody chose: the default
+        "loss": "eager",
     }
     assert outer_only.as_dict() == {"attention": "test_a", "norm": "test_b", "mlp": "test_b", "rope": "test_b",
-                                    "cache": "eager"}
-    assert after.as_dict() == {**_all("test_a"), "cache": "eager"}
+                                    "cache": "eager", "loss": "eager"}
+    assert after.as_dict() == {**_all("test_a"), "cache": "eager", "loss": "eager"}
 
 
 def test_explicit_single_name_beats_scope_for_every_operator(test_backends):
@@ -255,7 +256,8 @@ def test_model_takes_the_scope_active_when_built(test_backends):
         explicit = qvl.from_config("tiny", seed=0, backends={"norm": "test_b"})
     assert model.plan.as_dict() == _all("test_a")
     assert explicit.plan.as_dict() == {**_all("test_a"), "norm": "test_b"}
-    model(_text_ids())  # the plan stays with the model after the scope ends
+    with torch.no_grad():
+        model(_text_ids())  # the plan stays with the model after the scope ends
     assert test_backends.a["attention"] > 0 and test_backends.a["norm"] > 0
     # a plan resolved later (outside the scope) goes back to the default
     model.set_backends()
@@ -269,7 +271,7 @@ def test_set_backends_swaps_operators_without_touching_weights(tiny, test_backen
     inputs = _image_inputs()
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
     ptrs = {k: v.data_ptr() for k, v in tiny.state_dict().items()}
-    expected = tiny(**inputs)
+    expected = tiny(**inputs).logits
     assert tiny.plan.as_dict() == _all("eager")
 
     returned = tiny.set_backends("test_a")
@@ -280,7 +282,7 @@ def test_set_backends_swaps_operators_without_touching_weights(tiny, test_backen
     for k in before:
         assert torch.equal(after[k], before[k]), k
         assert after[k].data_ptr() == ptrs[k], k  # same storage: nothing was copied or reloaded
-    out = tiny(**inputs)
+    out = tiny(**inputs).logits
     assert torch.equal(out, expected)
     # every operator really ran on test_a (vision tower and decoder)
     assert {"attention", "rope", "norm", "mlp"} <= set(test_backends.a)
@@ -288,7 +290,7 @@ def test_set_backends_swaps_operators_without_touching_weights(tiny, test_backen
 
     tiny.set_backends({"attention": "test_b"})
     assert tiny.plan.as_dict() == {**_all("eager"), "attention": "test_b"}
-    assert torch.equal(tiny(**inputs), expected)
+    assert torch.equal(tiny(**inputs).logits, expected)
     assert test_backends.b["attention"] > 0
 
 
@@ -301,6 +303,24 @@ def test_generate_uses_the_cache_operator_of_the_plan(tiny, test_backends):
 
 
 # --- unsupported calls and fallbacks -----------------------------------------------------------------------------
+
+
+def test_a_call_that_needs_gradients_needs_a_backend_with_a_backward(tiny, test_backends):
+    """test_a's wrappers declare no backward: inference runs on them, training is refused with the reason, or
+    routed to the fallback and recorded."""
+    ids = _text_ids()
+    tiny.requires_grad_(True).set_backends({"norm": "test_a"})
+    with torch.no_grad():
+        tiny(ids)
+    assert test_backends.a["norm"] > 0
+    with pytest.raises(BackendUnsupportedError, match="norm: backend 'test_a' cannot run this call .*grad=True"
+                       r"(.|\n)*no backward \(this call needs gradients\)"):
+        tiny(ids, labels=ids)
+    tiny.set_backends({"norm": "test_a"}, fallback="eager")
+    tiny(ids, labels=ids).loss.backward()
+    assert tiny.model.norm.weight.grad is not None
+    assert {(fb.operator, fb.used) for fb in tiny.fallbacks} == {("norm", "eager")}
+    assert all("no backward" in fb.reasons[0] and "grad=True" in fb.call for fb in tiny.fallbacks)
 
 
 def test_explicit_choice_that_cannot_run_raises_with_operator_backend_and_reason(tiny, test_backends):
@@ -317,11 +337,11 @@ def test_explicit_choice_that_cannot_run_raises_with_operator_backend_and_reason
 
 def test_fallback_runs_the_call_and_records_it(tiny, test_backends):
     inputs = _image_inputs()
-    expected = tiny(**inputs)
+    expected = tiny(**inputs).logits
     tiny.set_backends({"mlp": "test_f64", "norm": "test_a"}, fallback="eager")
     assert tiny.plan.fallback == "eager"
     assert "fallback=eager" in str(tiny.plan)
-    out = tiny(**inputs)
+    out = tiny(**inputs).logits
     assert torch.equal(out, expected)
     assert sum(test_backends.f64.values()) == 0
     assert test_backends.a["norm"] > 0
@@ -426,9 +446,9 @@ def test_explicit_unavailable_backend_raises_at_plan_resolution(module, raising_
 
 def test_unavailable_backend_with_fallback_falls_back(tiny, raising_module):
     register_lazy_backend("broken", raising_module)
-    expected = tiny(**_image_inputs())
+    expected = tiny(**_image_inputs()).logits
     tiny.set_backends({"attention": "broken", "norm": "broken"}, fallback="eager")
-    assert torch.equal(tiny(**_image_inputs()), expected)
+    assert torch.equal(tiny(**_image_inputs()).logits, expected)
     ops = {fb.operator for fb in tiny.fallbacks}
     assert ops == {"attention", "norm"}
     for fb in tiny.fallbacks:
@@ -521,10 +541,10 @@ def test_auto_with_nothing_that_fits_lists_every_backend(test_backends):
 
 
 def test_auto_model_matches_eager(tiny, test_backends):
-    expected = tiny(**_image_inputs())
+    expected = tiny(**_image_inputs()).logits
     tiny.set_backends("auto")
     assert tiny.plan.as_dict() == _all("auto")
-    assert torch.equal(tiny(**_image_inputs()), expected)
+    assert torch.equal(tiny(**_image_inputs()).logits, expected)
     assert test_backends.a["attention"] > 0  # test_f64 refused the float32 calls
     assert sum(test_backends.f64.values()) == 0
 

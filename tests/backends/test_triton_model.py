@@ -8,7 +8,7 @@ import torch
 
 from qvl.backends import get_backend
 from qvl.demo import demo_prompt
-from tests.backends.model_checks import assert_as_close_to_float32_as_eager, padded_batch, perturbed
+from tests.backends.model_checks import assert_as_close_to_float32_as_eager, logits, padded_batch, perturbed
 from tests.ops.compare import rel_err
 
 triton_reasons = get_backend("triton").unavailable_reasons()
@@ -20,10 +20,10 @@ SPECS = ["triton", "triton,mlp=triton-gemm"]
 
 def compare(model, inputs, tol, new_tokens, spec):
     model.set_backends("eager")
-    ref = model(**inputs)
+    ref = logits(model, **inputs)
     ref_ids = model.generate(**inputs, max_new_tokens=new_tokens)
     model.set_backends(spec)  # strict: every operator must run where the spec says
-    out = model(**inputs)
+    out = logits(model, **inputs)
     ids = model.generate(**inputs, max_new_tokens=new_tokens)
     assert not model.fallbacks
     assert rel_err(out, ref) <= tol
@@ -45,10 +45,10 @@ def test_tiny_left_padded_batch_all_triton():
     batch = padded_batch()
     ids, mask = batch["input_ids"], batch["attention_mask"]
     model.set_backends("eager")
-    ref = model(ids, attention_mask=mask)[mask.bool()]
+    ref = logits(model, ids, attention_mask=mask)[mask.bool()]
     ref_ids = model.generate(ids, attention_mask=mask, max_new_tokens=10)
     model.set_backends("triton")
-    assert rel_err(model(ids, attention_mask=mask)[mask.bool()], ref) <= 1e-4
+    assert rel_err(logits(model, ids, attention_mask=mask)[mask.bool()], ref) <= 1e-4
     assert model.generate(ids, attention_mask=mask, max_new_tokens=10).tolist() == ref_ids.tolist()
 
 

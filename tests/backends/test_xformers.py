@@ -171,10 +171,10 @@ def check_fallbacks(fallbacks, allowed_fallbacks):
 def compare_model(model, inputs, backend, tol, new_tokens, allowed_fallbacks, exact_tokens=True):
     model.set_backends("eager")
     keep = inputs["attention_mask"].bool() if "attention_mask" in inputs else slice(None)
-    ref = model(**inputs)[keep]
+    ref = checks.logits(model, **inputs)[keep]
     ref_ids = model.generate(**inputs, max_new_tokens=new_tokens)
     model.set_backends(backend, fallback="eager")
-    out = model(**inputs)[keep]
+    out = checks.logits(model, **inputs)[keep]
     ids = model.generate(**inputs, max_new_tokens=new_tokens)
     check_fallbacks(model.fallbacks, allowed_fallbacks)
     assert rel_err(out, ref) <= tol
@@ -191,7 +191,8 @@ def test_tiny_model_through_simulated_xformers(simulated):
     model = checks.perturbed("tiny", torch.float32, device="cpu")
     compare_model(model, demo_prompt(model.cfg), name, 1e-4, 6, EXPECTED_FALLBACKS)
     compare_model(model, checks.padded_batch(), name, 1e-4, 6, EXPECTED_FALLBACKS)
-    assert all(calls[op] > 0 for op in OPERATORS), calls  # every operator ran on the xformers paths
+    # every operator of an inference forward ran on the xformers paths (the loss needs labels; xFormers has none)
+    assert all(calls[op] > 0 for op in OPERATORS if op != "loss"), calls
 
 
 # --- availability -------------------------------------------------------------------------------------------------

@@ -39,21 +39,25 @@ GRID = torch.tensor([[1, 4, 6]])
 
 def test_good_inputs_run(model):
     """The baseline the other tests perturb."""
-    out = model(_image_ids(), pixel_values=_pixels(24), image_grid_thw=GRID)
+    out = model(_image_ids(), pixel_values=_pixels(24), image_grid_thw=GRID).logits
     assert out.shape == (1, 11, 1024)
     vid = torch.tensor([[5, VS] + [VID] * 8 + [VE]])
     out = model(vid, pixel_values_videos=_pixels(32), video_grid_thw=torch.tensor([[2, 4, 4]]),
-                second_per_grid_ts=torch.tensor([0.5]))
+                second_per_grid_ts=torch.tensor([0.5])).logits
     assert out.shape == (1, 11, 1024)
 
 
-def test_entry_points_build_no_autograd_graph(model):
-    """Every public entry point runs without autograd, also with the weights' requires_grad left on as
-    nn.Parameter has it: xformers' rms_norm refuses such inputs, and a graph would hold every activation."""
+def test_generation_builds_no_autograd_graph(model):
+    """Generation runs without autograd, with the weights' requires_grad left on as nn.Parameter has it (a
+    graph would hold every activation); forward, prepare and vision_features follow torch's grad mode."""
     prompt = model.prepare(_image_ids(), pixel_values=_pixels(24), image_grid_thw=GRID)
-    assert not prompt.embeds.requires_grad
-    assert not model.vision_features(_pixels(24), GRID).requires_grad
-    assert not model(_image_ids(), pixel_values=_pixels(24), image_grid_thw=GRID).requires_grad
+    assert prompt.embeds.requires_grad  # recorded: training runs through here
+    cache = model.new_cache(1, 16)
+    assert not model.prefill(prompt, cache).requires_grad
+    assert not model.decode_step(torch.tensor([5]), prompt, cache).requires_grad
+    with torch.no_grad():
+        assert not model.vision_features(_pixels(24), GRID).requires_grad
+        assert not model(_image_ids(), pixel_values=_pixels(24), image_grid_thw=GRID).logits.requires_grad
 
 
 # --- images and videos -------------------------------------------------------------------------------------------

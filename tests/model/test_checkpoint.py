@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_leaves
 import qvl
 import qvl.checkpoint as ckpt
 from qvl.config import config_to_hf_dict, load_hf_config
+from tests.backends.model_checks import logits
 
 transformers = pytest.importorskip("transformers")
 
@@ -155,7 +156,7 @@ def test_round_trip_single_file(saved, tiny_model):
     assert loaded.cfg == tiny_model.cfg
     _assert_same_params(tiny_model, loaded)
     inputs = _inputs()
-    assert torch.equal(tiny_model(**inputs), loaded(**inputs))
+    assert torch.equal(logits(tiny_model, **inputs), logits(loaded, **inputs))
 
 
 def test_round_trip_sharded(tmp_path, tiny_model):
@@ -177,7 +178,7 @@ def test_round_trip_sharded(tmp_path, tiny_model):
     loaded = qvl.from_pretrained(tmp_path)
     _assert_same_params(tiny_model, loaded)
     inputs = _inputs()
-    assert torch.equal(tiny_model(**inputs), loaded(**inputs))
+    assert torch.equal(logits(tiny_model, **inputs), logits(loaded, **inputs))
 
 
 def test_saved_file_uses_flat_layout_with_split_projections(saved, tiny_model):
@@ -294,7 +295,7 @@ def test_transformers_checkpoint_same_logits(tmp_path, hf_tied):
     mm_token_type_ids = (inputs["input_ids"] == TINY.image_token_id).int()
     with torch.no_grad():
         ref = hf_tied(**inputs, mm_token_type_ids=mm_token_type_ids).logits
-    torch.testing.assert_close(model(**inputs), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits(model, **inputs), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_qvl_checkpoint_readable_by_transformers(tmp_path, tiny_model):
@@ -319,7 +320,7 @@ def test_untied_round_trip(tmp_path):
     assert torch.equal(loaded.lm_weight(), model.lm_head.weight)
     assert not torch.equal(loaded.lm_weight(), loaded.model.embed_tokens.weight)
     inputs = _inputs()
-    assert torch.equal(model(**inputs), loaded(**inputs))
+    assert torch.equal(logits(model, **inputs), logits(loaded, **inputs))
 
 
 def test_untied_checkpoint_without_lm_head_is_refused(tmp_path):
@@ -460,7 +461,8 @@ def test_load_as_bf16_rounds_float32_checkpoint(saved, tiny_model):
     _assert_rotary(model, TINY)
     torch.testing.assert_close(model.inv_freq, tiny_model.inv_freq, rtol=0, atol=0)
     torch.testing.assert_close(model.visual.inv_freq, tiny_model.visual.inv_freq, rtol=0, atol=0)
-    logits = model(**_inputs())
+    with torch.no_grad():
+        logits = model(**_inputs()).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
 
 
@@ -617,7 +619,7 @@ def test_rope_spelling_reaches_model(tmp_path, layout):
     _assert_same_params(model, loaded)
     _assert_rotary(loaded, expected)
     inputs = _inputs()
-    assert torch.equal(model(**inputs), loaded(**inputs))
+    assert torch.equal(logits(model, **inputs), logits(loaded, **inputs))
 
 
 # --- regressions: bugs found while writing these tests ------------------------------------------------------------

@@ -75,7 +75,8 @@ def check(cfg, hf, model, input_ids, valid=None, hf_position_ids=None, **inputs)
     with torch.no_grad():
         extra = {} if hf_position_ids is None else {"position_ids": hf_position_ids}
         ref = hf(**hf_kwargs(cfg, input_ids, **inputs), **extra).logits
-    out = model(input_ids, **inputs)
+    with torch.no_grad():
+        out = model(input_ids, **inputs).logits
     if valid is not None:  # padding positions carry no meaning in either model
         ref, out = ref[valid], out[valid]
     assert rel_err(out, ref) <= 1e-4

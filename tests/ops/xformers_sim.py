@@ -72,8 +72,19 @@ def ref_memory_efficient_attention_forward(query, key, value, attn_bias=None, p=
         scores = torch.where(hidden, float("-inf"), scores + bias)
         unseen = hidden.all(-2).permute(0, 3, 1, 2)  # (B, Mk, G, H): keys no query sees
         vf = vf.masked_fill(unseen[..., None], 0)
-    out = torch.einsum("bghqk,bkghd->bqghd", scores.softmax(-1), vf).to(query.dtype)
+    probs = scores.softmax(-1)
+    if torch.is_grad_enabled() and query.requires_grad:  # the autograd entry point: see below
+        probs = probs.nan_to_num(0.0)
+    out = torch.einsum("bghqk,bkghd->bqghd", probs, vf).to(query.dtype)
     return out if five else out.squeeze(3)
+
+
+def ref_memory_efficient_attention(query, key, value, attn_bias=None, p=0.0, scale=None, *, op=None,
+                                   output_dtype=None):
+    """xFormers' autograd entry point: the same reference, differentiable by torch, with rows that see no key
+    at 0 (a NaN row would make every gradient NaN through the softmax's backward, which the kernels avoid)."""
+    return ref_memory_efficient_attention_forward(query, key, value, attn_bias, p, scale, op=op,
+                                                  output_dtype=output_dtype)
 
 
 def ref_rope_padded(xq, xk, xv, cache_k, cache_v, attn_bias, *, theta=10000.0, linear_scale=1.0,
@@ -141,6 +152,7 @@ def install_reference_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     """Replace xFormers' kernel entry points by the references above, for this test (the backend looks them up
     on `installed.XF` at every call). xformers.ops.swiglu stays: 0.0.35 runs it as F.linear + silu anywhere."""
     monkeypatch.setattr(installed.XF.ops, "memory_efficient_attention_forward", ref_memory_efficient_attention_forward)
+    monkeypatch.setattr(installed.XF.ops, "memory_efficient_attention", ref_memory_efficient_attention)
     monkeypatch.setattr(installed.XF.ops, "rope_padded", ref_rope_padded)
     monkeypatch.setattr(installed.XF.rmsnorm, "rms_norm", ref_rms_norm)
     monkeypatch.setattr(installed.XF.rmsnorm, "rms_norm_add", ref_rms_norm_add)

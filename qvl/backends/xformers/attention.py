@@ -48,6 +48,8 @@ class AttentionCall:
     def finish(self, out: torch.Tensor) -> torch.Tensor:
         out = out.reshape(self.out_shape)
         if self.empty_rows is not None:
+            if out.requires_grad:  # autograd keeps the kernel's output for its backward: not in place
+                return out.masked_fill(self.empty_rows[:, :, None, None], 0)
             out.masked_fill_(self.empty_rows[:, :, None, None], 0)  # out is the kernel's fresh output
         return out
 
@@ -130,9 +132,12 @@ def prepare_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -
 
 
 def memory_efficient_attention(call: AttentionCall, scale: float) -> torch.Tensor:
+    """xFormers' forward-only entry point for inference; its autograd one when gradients are needed."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (call.query, call.key, call.value))
+    ops = installed.XF.ops
+    attend = ops.memory_efficient_attention if grad else ops.memory_efficient_attention_forward
     try:
-        out = installed.XF.ops.memory_efficient_attention_forward(call.query, call.key, call.value,
-                                                                  attn_bias=call.bias, scale=scale)
+        out = attend(call.query, call.key, call.value, attn_bias=call.bias, scale=scale)
     except NotImplementedError as e:  # no kernel for these exact inputs (the support probe missed it)
         raise BackendUnsupportedError(f"attention: {_dispatch_summary(str(e))}") from e
     return call.finish(out)
@@ -202,6 +207,7 @@ def probe_attention(call: CallInfo) -> tuple[str, ...]:
 class XformersAttention(XformersOp):
     operator = "attention"
     masks = frozenset({"causal", "block_diagonal"})
+    backward = True  # memory_efficient_attention's own backward kernels
 
     def not_supported_reasons(self, call: CallInfo) -> list[str]:
         reasons = super().not_supported_reasons(call)
