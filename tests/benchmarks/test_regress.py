@@ -50,6 +50,18 @@ def test_dispatch_bound_cpu_rows_get_the_wider_threshold_and_slower_ones_do_not(
     assert not ok  # the planted 30% on a slower row is still caught
 
 
+def test_interpreted_triton_rows_on_a_cpu_fail_only_beyond_double_their_baseline():
+    fig = {"device": "cpu (triton interpreted)", "median_s": 5e-2}
+    names = ["bench_norm.py::test_rms_norm[qvl[triton]-64x256]", "bench_norm.py::test_rms_norm[qvl[eager]-64x256]"]
+    base = doc(dict.fromkeys(names, 1.0)) | {"figures": dict.fromkeys(names, fig)}
+    ok, table = regress.compare(doc({names[0]: 1.9, names[1]: 1.0}), base, THRESHOLD)
+    assert ok, table
+    ok, table = regress.compare(doc({names[0]: 2.1, names[1]: 1.0}), base, THRESHOLD)
+    assert not ok and "+110%" in table
+    ok, _ = regress.compare(doc({names[0]: 1.0, names[1]: 1.3}), base, THRESHOLD)
+    assert not ok  # the eager row beside it keeps the ordinary threshold
+
+
 def h200_doc(rows: dict) -> dict:
     """A document measured on the H200: {name: (normalized timing, median seconds)}."""
     return doc({name: t for name, (t, _) in rows.items()}) | {
@@ -91,9 +103,10 @@ def test_short_gpu_calls_are_host_bound_and_normalized():
 
 
 def test_cpu_rows_keep_the_normalized_comparison():
-    cpu = doc({STEP: 1.0}) | {"figures": {STEP: {"device": "cpu (triton interpreted)", "median_s": 2.0}}}
-    ok, _ = regress.compare(doc({STEP: 1.3}), cpu, THRESHOLD)
-    assert not ok  # on the CPU machine the interpreted model rows are not host-bound: 25%
+    eager_step = STEP.replace("[triton]", "[eager]")
+    cpu = doc({eager_step: 1.0}) | {"figures": {eager_step: {"device": "cpu (triton interpreted)", "median_s": 2e-3}}}
+    ok, _ = regress.compare(doc({eager_step: 1.3}), cpu, THRESHOLD)
+    assert not ok  # on the CPU machine the model's eager rows are not host-bound: 25%
 
 
 def _remeasured_at(value, calls):
