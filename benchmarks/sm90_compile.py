@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 
 # Compiled, not interpreted: this must precede every triton import (qvl keeps an explicit 0).
 os.environ["TRITON_INTERPRET"] = "0"
@@ -147,6 +148,7 @@ def cases(quick: bool):
     from qvl.kernels import gemm
     from qvl.kernels.activation import gelu, swiglu
     from qvl.kernels.attention import causal_attention, varlen_attention
+    from qvl.kernels.cross_entropy import fused_linear_cross_entropy
     from qvl.kernels.decode_attention import decode_attention
     from qvl.kernels.rms_norm import rms_norm
     from qvl.kernels.rope import rope, rope_and_cache
@@ -166,6 +168,14 @@ def cases(quick: bool):
     def t(*shape, dtype):
         return torch.empty(*shape, dtype=dtype)
 
+    def backward(fn, *inputs):
+        """A training step of a launcher: its forward on inputs that require grad (saving what backward needs),
+        then the backward kernels. Launches are cancelled, so the tensors are never read."""
+        leaves = [x.detach().requires_grad_(x.is_floating_point()) for x in inputs]
+        outs = fn(*leaves)
+        outs = [o for o in (outs if isinstance(outs, tuple) else (outs,)) if o.requires_grad]
+        torch.autograd.backward(outs, [torch.empty_like(o) for o in outs])
+
     text, vision = Rotary(torch.ones(64), (16, 24, 24)), Rotary(torch.ones(40), (20, 20))
     pos = torch.zeros(3, 1, 64, dtype=torch.long)
     slot = torch.tensor(100)  # a decode step for CUDA-graph capture: the slot is read on the device
@@ -176,9 +186,13 @@ def cases(quick: bool):
             x, w = t(64, hidden, dtype=dt), t(hidden, dtype=dt)
             out.append((f"rms_norm {name} H={hidden}", lambda x=x, w=w: rms_norm(x, w, 1e-6)))
             out.append((f"rms_norm+residual {name} H={hidden}", lambda x=x, w=w: rms_norm(x, w, 1e-6, x.clone())))
+            out.append((f"rms_norm+residual backward {name} H={hidden}", lambda x=x, w=w: backward(
+                lambda x, w, r: rms_norm(x, w, 1e-6, r), x, w, x.clone())))
         h = t(64, 2 * 11008, dtype=dt)
         out.append((f"swiglu {name}", lambda h=h: swiglu(h)))
         out.append((f"gelu {name}", lambda h=h: gelu(h)))
+        out.append((f"swiglu backward {name}", lambda h=h: backward(swiglu, h)))
+        out.append((f"gelu backward {name}", lambda h=h: backward(gelu, h)))
 
         q, k, qv = t(1, 64, 16, 128, dtype=dt), t(1, 64, 2, 128, dtype=dt), t(1, 64, 16, 80, dtype=dt)
         out.append((f"rope {name} d=128", lambda q=q, k=k: rope(q, k, pos, text.inv_freq, text.stream_of_pair)))
@@ -193,6 +207,8 @@ def cases(quick: bool):
                                                                text.inv_freq, text.stream_of_pair, kc1, kc1, slot)))
         out.append((f"rope {name} d=80 (vision)", lambda qv=qv: rope(
             qv, qv, pos[:2], vision.inv_freq, vision.stream_of_pair)))
+        out.append((f"rope backward {name} d=128", lambda q=q, k=k: backward(
+            partial(rope, positions=pos, inv_freq=text.inv_freq, stream_of_pair=text.stream_of_pair), q, k)))
 
         for d, heads in ((128, (16, 2)), (128, (28, 4)), (64, (16, 16)), (256, (8, 1))):
             q, k = t(1, 1024, heads[0], d, dtype=dt), t(1, 1024, heads[1], d, dtype=dt)
@@ -201,6 +217,9 @@ def cases(quick: bool):
                         lambda q=q, k=k, d=d: causal_attention(q, k, k, None, d ** -0.5)))
             out.append((f"causal attention {name} d={d} padded",
                         lambda q=q, k=k, d=d, pad=pad: causal_attention(q, k, k, pad, d ** -0.5)))
+            out.append((f"causal attention backward {name} d={d} {heads[0]}/{heads[1]} heads padded",
+                        lambda q=q, k=k, d=d, pad=pad: backward(
+                            partial(causal_attention, pad=pad, scale=d ** -0.5), q, k, k.clone())))
             kc = t(1, 32768, heads[1], d, dtype=dt)
             out.append((f"decode attention {name} d={d} 32k cache",
                         lambda q=q, kc=kc, d=d: decode_attention(q[:, :1], kc, kc, None, d ** -0.5)))
@@ -212,6 +231,14 @@ def cases(quick: bool):
             mask = BlockDiagonalMask.from_seqlens([64] * 16)
             out.append((f"varlen attention {name} d={d}", lambda qv=qv, d=d, mask=mask:
                         varlen_attention(qv, qv, qv, mask.cu_seqlens, mask.max_seqlen, d ** -0.5)))
+            out.append((f"varlen attention backward {name} d={d}", lambda qv=qv, d=d, mask=mask: backward(
+                partial(varlen_attention, cu_seqlens=mask.cu_seqlens, max_seqlen=mask.max_seqlen, scale=d ** -0.5),
+                qv, qv.clone(), qv.clone())))
+
+        hidden_states, lm_head = t(2048, 2048, dtype=dt), t(151936, 2048, dtype=dt)
+        targets = torch.zeros(2048, dtype=torch.long)
+        out.append((f"fused linear cross-entropy {name} V=151936", lambda h=hidden_states, w=lm_head, y=targets:
+                    backward(partial(fused_linear_cross_entropy, targets=y), h, w)))
 
         for rows in (4096, 1):  # prefill, decode
             for k_dim, n, act, bias in ((2048, 2 * 11008, "swiglu", False), (11008, 2048, "none", False),

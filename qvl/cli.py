@@ -19,7 +19,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
         if operator not in backend.impls:
             return "-"  # a partial backend (triton-gemm): nothing to explain
         if text == "ok" or text.startswith("ok ("):
-            return text
+            return ("fwd+bwd" if backend.impls[operator].backward else "fwd only") + text[2:]
         number = notes.setdefault(text, len(notes) + 1)
         return f"unavailable [{number}]"
 
@@ -29,6 +29,8 @@ def cmd_backends(args: argparse.Namespace) -> int:
     print("  ".join(h.ljust(w) for h, w in zip(["operator"] + names, widths, strict=True)))
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    print("\nfwd+bwd: forward and backward (training); fwd only: calls that need gradients are refused (\"no "
+          "backward\"), or routed to the fallback")
     for text, number in notes.items():
         print(f"\n[{number}] {text}")
     print()

@@ -96,7 +96,8 @@ class EagerAttention(_EagerOp):
         # (B, Hkv, group, L, D): each kv head serves `group` query heads, without copying K/V.
         qh = q.reshape(b, lq, hkv, group, d).permute(0, 2, 3, 1, 4)
         kh, vh = k.permute(0, 2, 1, 3).unsqueeze(2), v.permute(0, 2, 1, 3).unsqueeze(2)
-        scores = torch.matmul(qh, kh.transpose(-1, -2)).to(torch.float32) * scale
+        wide = torch.promote_types(q.dtype, torch.float32)  # float64 stays float64 (gradcheck)
+        scores = torch.matmul(qh, kh.transpose(-1, -2)).to(wide) * scale
         allowed = mask.dense(b, lq, lk, device=q.device)[:, None, None]  # (B, 1, 1, Lq, Lk)
         scores = scores.masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(scores, dim=-1)

@@ -145,6 +145,11 @@ class Rotary:
         object.__setattr__(self, "stream_of_pair", table.to(device=self.inv_freq.device, dtype=torch.int32))
 
 
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Autograd records this call and one of the tensors requires grad: the call needs a backward."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def check_device_scalar(where: str, name: str, value: torch.Tensor, device: torch.device) -> None:
     """A length read from device memory (for CUDA-graph capture) must be one integer on `device`."""
     if value.dim() != 0 or not _is_integer(value) or value.device != device:

@@ -70,8 +70,7 @@ class Ops:
 def _grad(*tensors: torch.Tensor | None) -> dict[str, bool]:
     """grad=True when autograd records this call and an input requires grad: it needs a backward. Only when
     set, so inference calls describe themselves as before."""
-    needed = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    return {"grad": True} if needed else {}
+    return {"grad": True} if I.needs_grad(*tensors) else {}
 
 
 def _device_lengths(held_on_device: bool) -> dict[str, bool]:

@@ -12,9 +12,11 @@ from ..dtypes import FLOAT_DTYPES
 from ..kernels import DEVICE_TYPE, HAS_CUDA, INTERPRETED, MAX_HEAD_DIM, TRITON_IMPORTED_TOO_EARLY
 from ..kernels.activation import gelu, swiglu
 from ..kernels.attention import causal_attention, varlen_attention
+from ..kernels.cross_entropy import fused_linear_cross_entropy
 from ..kernels.decode_attention import decode_attention
 from ..kernels.rms_norm import rms_norm
 from ..kernels.rope import rope, rope_and_cache
+from .interface import needs_grad
 from .registry import Backend, OpImpl
 
 # Causal calls with at most this many queries against a longer key range are decode steps: split-KV.
@@ -39,17 +41,26 @@ class TritonAttention(_TritonOp):
     operator = "attention"
     masks = frozenset({"causal", "block_diagonal"})
     device_lengths = True  # a static cache's length on the device: the split-KV kernel reads it
+    backward = True  # flash-attention backward for both masks; not through the split-KV decode kernel
+
+    def not_supported_reasons(self, call):
+        reasons = super().not_supported_reasons(call)
+        if call.get("grad") and call.get("device_lengths"):
+            reasons.append("no backward for lengths held on the device (the split-KV decode kernel)")
+        return reasons
 
     def __call__(self, q, k, v, mask, scale):
         if mask.kind == "block_diagonal":
             return varlen_attention(q, k, v, mask.cu_seqlens, mask.max_seqlen, scale)
-        if mask.kv_len is not None or (q.shape[1] <= DECODE_MAX_QUERIES and k.shape[1] > q.shape[1]):
+        decode_shaped = q.shape[1] <= DECODE_MAX_QUERIES and k.shape[1] > q.shape[1]
+        if mask.kv_len is not None or (decode_shaped and not needs_grad(q, k, v)):
             return decode_attention(q, k, v, mask.pad, scale, kv_len=mask.kv_len)
         return causal_attention(q, k, v, mask.pad, scale)
 
 
 class TritonRope(_TritonOp):
     operator = "rope"
+    backward = True  # the rotation by minus the angle
 
     def __call__(self, q, k, positions, rotary):
         return rope(q, k, positions, rotary.inv_freq, rotary.stream_of_pair)
@@ -67,6 +78,7 @@ class TritonCache(_TritonOp):
 
 class TritonNorm(_TritonOp):
     operator = "norm"
+    backward = True
 
     def __call__(self, x, weight, eps, residual=None):
         return rms_norm(x, weight, eps, residual)
@@ -77,11 +89,22 @@ class TritonMLP(_TritonOp):
 
     operator = "mlp"
     activations = frozenset({"swiglu", "gelu"})
+    backward = True  # the activations' backward recomputes them from the projection output; matmuls by autograd
 
     def __call__(self, x, w_in, b_in, w_out, b_out, activation):
         h = F.linear(x, w_in, b_in)
         h = swiglu(h) if activation == "swiglu" else gelu(h)
         return F.linear(h, w_out, b_out)
+
+
+class TritonLoss(_TritonOp):
+    """The LM head fused with cross-entropy, chunked over tokens: the whole logits never exist (returns None)."""
+
+    operator = "loss"
+    backward = True  # the logits' gradient is made chunk by chunk in the forward, scaled in the backward
+
+    def __call__(self, hidden, weight, targets, divisor=None):
+        return fused_linear_cross_entropy(hidden, weight, targets, divisor), None
 
 
 def availability() -> list[str]:
@@ -96,7 +119,7 @@ def availability() -> list[str]:
 BACKEND = Backend(
     "triton",
     {"attention": TritonAttention(), "rope": TritonRope(), "norm": TritonNorm(), "mlp": TritonMLP(),
-     "cache": TritonCache()},
+     "cache": TritonCache(), "loss": TritonLoss()},
     description="qvl's Triton kernels (qvl/kernels)" + (" through the Triton interpreter" if INTERPRETED else ""),
     # `auto` prefers compiled kernels over everything, but never the interpreter over eager: interpreted
     # kernels are for checking correctness on a CPU, hundreds of times slower than plain PyTorch there.

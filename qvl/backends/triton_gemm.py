@@ -20,6 +20,9 @@ class TritonGemmMLP(TritonMLP):
     """in: activation(x W_in^T + b_in) in one kernel (SwiGLU: both halves of W_in per output tile);
     out: x W_out^T + b_out on the same GEMM."""
 
+    backward = False  # the GEMM has no backward kernels: training calls go to the fallback
+
+
     def __call__(self, x, w_in, b_in, w_out, b_out, activation):
         return linear(linear(x, w_in, b_in, activation), w_out, b_out)
 

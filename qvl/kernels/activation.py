@@ -10,6 +10,13 @@ gelu(h): exact (erf) GELU, torch's default F.gelu:  out = 0.5 * h * (1 + erf(h /
 
 Both tile a 2-D grid over (rows, columns) so any width works (e.g. I = 3420, 11008, 18944); rows go
 on grid axis 0 (no 65535 limit there), column tiles on axis 1.
+
+Backward, when autograd needs it (a torch.autograd.Function, only then: inference runs the forward alone). Both
+recompute from h, which autograd keeps anyway as the projection's output, so no activation is stored:
+    swiglu: with s = sigmoid(gate), dgate = dout * up * s * (1 + gate * (1 - s)), dup = dout * gate * s,
+            written as dh = [dgate | dup] (..., 2I) in one launch;
+    gelu:   dh = dout * (Phi(h) + h * phi(h)), Phi(h) = 0.5 (1 + erf(h / sqrt(2))), phi(h) = exp(-h^2 / 2) / sqrt(2 pi).
+float32 math, rounded once to the storage dtype, on the same tiles as the forward.
 """
 
 from __future__ import annotations
@@ -18,12 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends.interface import needs_grad
 from . import cdiv, next_power_of_2
-from .common import as_rows, erf_gelu, rows_view, silu_times, to_storage
+from .common import _SQRT1_2, as_rows, erf_gelu, rows_view, silu_times, to_storage
 
 BLOCK_COLS = 1024  # columns per tile: contiguous, vectorized loads
 TILE_ELEMENTS = 4096  # elements per program; rows per tile = TILE_ELEMENTS // column block
 NUM_WARPS = 8
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi), the standard normal density at 0
 
 
 @triton.jit
@@ -66,6 +75,55 @@ def _gelu_fwd_kernel(
              to_storage(out, out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _swiglu_grads(gate, up, dout):
+    """(dgate, dup) of silu(gate) * up, silu recomputed from gate; float32 in and out."""
+    sig = tl.sigmoid(gate)
+    dgate = dout * up * sig * (1.0 + gate * (1.0 - sig))
+    dup = dout * gate * sig
+    return dgate, dup
+
+
+@triton.jit
+def _erf_gelu_grad(x):
+    """d/dx of the exact GELU: Phi(x) + x phi(x), the normal CDF and density, in x's (float32) precision."""
+    return 0.5 * (1.0 + tl.math.erf(x * _SQRT1_2)) + x * tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
+
+
+@triton.jit
+def _swiglu_bwd_kernel(
+    h_ptr, dout_ptr, dh_ptr,
+    n_rows, inner,
+    h_row_stride, dout_row_stride, dh_row_stride,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dh = [dgate | dup]: each program writes the same columns of both halves, from one read of gate and up."""
+    rows, cols, mask = _tile(tl.program_id(0), tl.program_id(1), n_rows, inner, BLOCK_M, BLOCK_N)
+    gate_ptrs = h_ptr + rows[:, None] * h_row_stride + cols[None, :]
+    gate = tl.load(gate_ptrs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_ptrs + inner, mask=mask, other=0.0).to(tl.float32)
+    dout = tl.load(dout_ptr + rows[:, None] * dout_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dgate, dup = _swiglu_grads(gate, up, dout)
+    dgate_ptrs = dh_ptr + rows[:, None] * dh_row_stride + cols[None, :]
+    tl.store(dgate_ptrs, to_storage(dgate, dh_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgate_ptrs + inner, to_storage(dup, dh_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gelu_bwd_kernel(
+    x_ptr, dout_ptr, dx_ptr,
+    n_rows, n_cols,
+    x_row_stride, dout_row_stride, dx_row_stride,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows, cols, mask = _tile(tl.program_id(0), tl.program_id(1), n_rows, n_cols, BLOCK_M, BLOCK_N)
+    x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dout = tl.load(dout_ptr + rows[:, None] * dout_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dx = dout * _erf_gelu_grad(x)
+    tl.store(dx_ptr + rows[:, None] * dx_row_stride + cols[None, :],
+             to_storage(dx, dx_ptr.dtype.element_ty), mask=mask)
+
+
 def _grid_and_blocks(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int, int]:
     block_n = min(next_power_of_2(n_cols), BLOCK_COLS)
     block_m = min(next_power_of_2(n_rows), max(1, TILE_ELEMENTS // block_n))
@@ -84,9 +142,58 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     float32/float16/bfloat16, any leading dims. The last dim is read with unit stride and the leading dims
     through one row stride, so a row-strided view (e.g. a slice of a wider buffer) is read in place; a
     copy is made only when the leading dims cannot collapse to one stride. The last dim is even: the interface
-    checks the input projection's rows (`check_mlp_inputs`).
+    checks the input projection's rows (`check_mlp_inputs`). Differentiable in h (`_SwiGLU`) when autograd
+    needs it.
     """
     _check("swiglu", h)
+    if needs_grad(h):
+        return _SwiGLU.apply(h)
+    return _swiglu_forward(h)
+
+
+def gelu(h: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Exact (erf) GELU of h, float32 math, rounded once to h.dtype.
+
+    float32/float16/bfloat16, any shape (last dim read with unit stride, leading dims through one row
+    stride; otherwise a copy is taken). inplace=True overwrites h and returns it; otherwise returns a
+    new contiguous tensor. Differentiable in h (`_GELU`) when autograd needs it; then always out of place,
+    since the backward reads h.
+    """
+    _check("gelu", h)
+    if needs_grad(h):
+        return _GELU.apply(h)
+    return _gelu_forward(h, inplace)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """swiglu with its Triton backward; saves only h."""
+
+    @staticmethod
+    def forward(ctx, h):
+        ctx.save_for_backward(h)
+        return _swiglu_forward(h)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (h,) = ctx.saved_tensors
+        return _swiglu_backward(h, dout)
+
+
+class _GELU(torch.autograd.Function):
+    """Out-of-place gelu with its Triton backward; saves only h."""
+
+    @staticmethod
+    def forward(ctx, h):
+        ctx.save_for_backward(h)
+        return _gelu_forward(h, inplace=False)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (h,) = ctx.saved_tensors
+        return _gelu_backward(h, dout)
+
+
+def _swiglu_forward(h: torch.Tensor) -> torch.Tensor:
     inner = h.shape[-1] // 2
     out = torch.empty((*h.shape[:-1], inner), dtype=h.dtype, device=h.device)
     if out.numel() == 0:
@@ -100,14 +207,22 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def gelu(h: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """Exact (erf) GELU of h, float32 math, rounded once to h.dtype.
+def _swiglu_backward(h: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    """dh (..., 2I), new and contiguous in h.dtype, from h and dout (..., I) in any layout."""
+    inner = h.shape[-1] // 2
+    dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    if dh.numel() == 0:
+        return dh
+    h_rows, dout_rows, dh_rows = as_rows(h), as_rows(dout), dh.view(-1, 2 * inner)
+    grid, block_m, block_n = _grid_and_blocks(h_rows.shape[0], inner)
+    _swiglu_bwd_kernel[grid](
+        h_rows, dout_rows, dh_rows, h_rows.shape[0], inner, h_rows.stride(0), dout_rows.stride(0), dh_rows.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS,
+    )
+    return dh
 
-    float32/float16/bfloat16, any shape (last dim read with unit stride, leading dims through one row
-    stride; otherwise a copy is taken). inplace=True overwrites h and returns it; otherwise returns a
-    new contiguous tensor.
-    """
-    _check("gelu", h)
+
+def _gelu_forward(h: torch.Tensor, inplace: bool) -> torch.Tensor:
     if h.numel() == 0:
         return h if inplace else torch.empty_like(h, memory_format=torch.contiguous_format)
     n_cols = h.shape[-1]
@@ -126,3 +241,18 @@ def gelu(h: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     if inplace and view is None:
         h.copy_(h_rows.view(h.shape))
     return out
+
+
+def _gelu_backward(h: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    """dh, new and contiguous in h.dtype, from h and dout (h's shape) in any layout."""
+    dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    if h.numel() == 0:
+        return dh
+    n_cols = h.shape[-1]
+    h_rows, dout_rows, dh_rows = as_rows(h), as_rows(dout), dh.view(-1, n_cols)
+    grid, block_m, block_n = _grid_and_blocks(h_rows.shape[0], n_cols)
+    _gelu_bwd_kernel[grid](
+        h_rows, dout_rows, dh_rows, h_rows.shape[0], n_cols, h_rows.stride(0), dout_rows.stride(0), dh_rows.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS,
+    )
+    return dh

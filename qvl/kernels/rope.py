@@ -10,6 +10,10 @@ all in float32 and rounded once to the storage dtype, the formula of `qvl.backen
 `rotate`). The angles come from the integer positions inside the kernel: no cos/sin tables go through
 memory. One program handles one token and a block of heads, either of q or of k, so a single launch
 rotates both; its cos/sin row (D/2 values) is shared by all heads of the block.
+
+Backward: the rotation is orthogonal, so its adjoint is the rotation by minus the angle, (dq, dk) = R(-angle)
+(dq', dk'): the same kernel with the sine negated (INVERSE), one launch for both gradients. positions and
+inv_freq take no gradient. The cache write (`rope_and_cache`) is inference only and has no backward.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends.interface import needs_grad
 from . import cdiv, next_power_of_2
 from .common import to_storage
 
@@ -71,23 +76,24 @@ def _copy_heads(src_ptr, src_stride_h, src_stride_d, dst_ptr, dst_stride_h, dst_
 
 
 @triton.jit
-def _rope_fwd_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
-                           pos_ptr, inv_freq_ptr, stream_ptr, start_ptr,
-                           seq_len, n_q_heads, n_k_heads, start, cache_len,
-                           stride_qb, stride_ql, stride_qh, stride_qd,
-                           stride_kb, stride_kl, stride_kh, stride_kd,
-                           stride_vb, stride_vl, stride_vh, stride_vd,
-                           stride_qob, stride_qol, stride_qoh,
-                           stride_kcb, stride_kcl, stride_kch, stride_kcd,
-                           stride_vcb, stride_vcl, stride_vch, stride_vcd,
-                           stride_ps, stride_pb, stride_pl,
-                           HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                           HAS_V: tl.constexpr, START_FROM_PTR: tl.constexpr):
+def _rope_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
+                 pos_ptr, inv_freq_ptr, stream_ptr, start_ptr,
+                 seq_len, n_q_heads, n_k_heads, start, cache_len,
+                 stride_qb, stride_ql, stride_qh, stride_qd,
+                 stride_kb, stride_kl, stride_kh, stride_kd,
+                 stride_vb, stride_vl, stride_vh, stride_vd,
+                 stride_qob, stride_qol, stride_qoh,
+                 stride_kcb, stride_kcl, stride_kch, stride_kcd,
+                 stride_vcb, stride_vcl, stride_vch, stride_vcd,
+                 stride_ps, stride_pb, stride_pl,
+                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                 HAS_V: tl.constexpr, START_FROM_PTR: tl.constexpr, INVERSE: tl.constexpr):
     """Grid (B * L, q head blocks + kv head blocks). A q program writes rotated q to q_out; a kv program
     writes its rotated k heads straight into k_cache slot start + l and, with HAS_V, copies the same v
     heads into v_cache, so un-rotated k never reaches memory. `rope` alone is this kernel with k_cache a
     fresh (B, L, Hk, D) output, start 0 and no v. START_FROM_PTR: the start slot is read from start_ptr (a
-    length held on the device), and slots past cache_len are not written (it was not range-checked)."""
+    length held on the device), and slots past cache_len are not written (it was not range-checked). INVERSE:
+    rotate by minus the angle (the backward of `rope`, on the output gradients)."""
     token = tl.program_id(0)
     head_block = tl.program_id(1)
     b = (token // seq_len).to(tl.int64)
@@ -95,6 +101,8 @@ def _rope_fwd_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
     pairs = tl.arange(0, BLOCK_HALF)
     cos, sin = _rope_angles(pos_ptr + b * stride_pb + l * stride_pl, stride_ps, inv_freq_ptr, stream_ptr,
                             pairs, pairs < HALF)
+    if INVERSE:  # the transpose of a rotation: the same cosine, the sine negated
+        sin = -sin
     n_q_blocks = tl.cdiv(n_q_heads, BLOCK_H)
     if head_block < n_q_blocks:
         _rotate_heads(q_ptr + b * stride_qb + l * stride_ql, stride_qh, stride_qd,
@@ -128,9 +136,10 @@ def _launch_config(head_dim: int, max_heads: int) -> tuple[int, int, int]:
     return block_h, block_half, num_warps
 
 
-def _launch(q, k, v, q_out, k_dst, v_dst, positions, inv_freq, stream_of_pair, start: int | torch.Tensor) -> None:
+def _launch(q, k, v, q_out, k_dst, v_dst, positions, inv_freq, stream_of_pair, start: int | torch.Tensor,
+            inverse: bool = False) -> None:
     """Rotate q into q_out and k into k_dst slots [start, start + L); copy v into v_dst unless v is None.
-    A tensor `start` is read by the kernel."""
+    A tensor `start` is read by the kernel. `inverse`: rotate by minus the angle."""
     b, seq_len, n_q, d = q.shape
     n_k = k.shape[2]
     has_v = v is not None
@@ -139,14 +148,14 @@ def _launch(q, k, v, q_out, k_dst, v_dst, positions, inv_freq, stream_of_pair, s
     block_h, block_half, num_warps = _launch_config(d, max(n_q, n_k))
     grid = (b * seq_len, cdiv(n_q, block_h) + cdiv(n_k, block_h))
     on_device = isinstance(start, torch.Tensor)
-    _rope_fwd_kernel[grid](
+    _rope_kernel[grid](
         q, k, v, q_out, k_dst, v_dst, positions, inv_freq.contiguous(), stream_of_pair.contiguous(),
         start if on_device else positions,  # positions: an unread placeholder
         seq_len, n_q, n_k, 0 if on_device else start, k_dst.shape[1],
         *q.stride(), *k.stride(), *v.stride(), *q_out.stride()[:3], *k_dst.stride(), *v_dst.stride(),
         *positions.stride(),
         HALF=d // 2, BLOCK_H=block_h, BLOCK_HALF=block_half, HAS_V=has_v, START_FROM_PTR=on_device,
-        num_warps=num_warps,
+        INVERSE=inverse, num_warps=num_warps,
     )
 
 
@@ -158,14 +167,40 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: to
     (D/2,) integer, the stream (< S) each pair follows (`Rotary.stream_of_pair`). q, k and positions may be
     any strided views (e.g. slices of a fused qkv projection). The inputs are those `check_rope_inputs`
     (qvl.backends.interface) accepts with a Rotary(inv_freq, sections): not checked again here.
+    Differentiable in q and k (`_Rope`) when autograd needs it.
     """
+    if needs_grad(q, k):
+        return _Rope.apply(q, k, positions, inv_freq, stream_of_pair)
+    return _rotate(q, k, positions, inv_freq, stream_of_pair, inverse=False)
+
+
+class _Rope(torch.autograd.Function):
+    """rope with its backward: the output gradients rotated by minus the angle, in one launch."""
+
+    @staticmethod
+    def forward(ctx, q, k, positions, inv_freq, stream_of_pair):
+        ctx.save_for_backward(positions, inv_freq, stream_of_pair)
+        return _rotate(q, k, positions, inv_freq, stream_of_pair, inverse=False)
+
+    @staticmethod
+    def backward(ctx, dq_out, dk_out):
+        positions, inv_freq, stream_of_pair = ctx.saved_tensors
+        need_q, need_k = ctx.needs_input_grad[:2]
+        # A gradient nobody needs is left out of the launch: zero heads of it, so no programs.
+        dq, dk = _rotate(dq_out if need_q else dq_out[:, :, :0], dk_out if need_k else dk_out[:, :, :0],
+                         positions, inv_freq, stream_of_pair, inverse=True)
+        return dq if need_q else None, dk if need_k else None, None, None, None
+
+
+def _rotate(q, k, positions, inv_freq, stream_of_pair, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k rotated by the angle (by minus it when `inverse`) into new contiguous tensors, one launch."""
     b, seq_len, n_q, d = q.shape
     n_k = k.shape[2]
     q_out = torch.empty((b, seq_len, n_q, d), dtype=q.dtype, device=q.device)
     k_out = torch.empty((b, seq_len, n_k, d), dtype=k.dtype, device=k.device)
     if b * seq_len == 0 or d == 0 or n_q + n_k == 0:
         return q_out, k_out
-    _launch(q, k, None, q_out, k_out, None, positions, inv_freq, stream_of_pair, 0)
+    _launch(q, k, None, q_out, k_out, None, positions, inv_freq, stream_of_pair, 0, inverse)
     return q_out, k_out
 
 

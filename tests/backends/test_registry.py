@@ -591,6 +591,7 @@ def test_backends_table_marks_operators_a_partial_backend_lacks(capsys):
     eager_norm = get_backend("eager").impls["norm"]
     register_backend(Backend("test_partial", {"norm": eager_norm}))
     register_backend(Backend("test_partial_off", {"norm": eager_norm}, availability=lambda: ["no test device"]))
+    register_backend(Backend("test_partial_fwd", {"norm": EagerWrapper("norm", collections.Counter())}))
     assert main(["backends"]) == 0
     lines = capsys.readouterr().out.splitlines()
 
@@ -604,7 +605,8 @@ def test_backends_table_marks_operators_a_partial_backend_lacks(capsys):
         return {op: rows[op][name] for op in OPERATORS}
 
     partial, off = column("test_partial"), column("test_partial_off")
-    assert partial["norm"] == "ok" and all(partial[op] == "-" for op in OPERATORS if op != "norm")
+    assert partial["norm"] == "fwd+bwd" and all(partial[op] == "-" for op in OPERATORS if op != "norm")
+    assert column("test_partial_fwd")["norm"] == "fwd only"  # no backward declared
     assert off["norm"].startswith("unavailable [") and all(off[op] == "-" for op in OPERATORS if op != "norm")
     number = off["norm"].removeprefix("unavailable ")
     assert f"{number} no test device" in lines

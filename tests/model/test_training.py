@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import qvl
-from qvl.backends import IGNORE_INDEX
+from qvl.backends import IGNORE_INDEX, get_backend
 from qvl.checkpoint import canonical_key, checkpoint_sources
 from qvl.config import PRESETS
 from tests.backends.model_checks import perturbed
@@ -24,11 +24,16 @@ IMAGES = [[1, 4, 6], [1, 6, 4]]
 VIDEO = [[3, 6, 8]]
 
 
-def training_batch(cfg=TINY) -> dict:
+# The same kinds of input, smaller, for the triton backend: it runs through the Triton interpreter here, whose
+# time grows with every program a kernel launches.
+SMALL_IMAGES, SMALL_VIDEO = [[1, 4, 4], [1, 2, 4]], [[2, 4, 4]]
+
+
+def training_batch(cfg=TINY, images=IMAGES, video=VIDEO) -> dict:
     """Row 0: text, an image, text, the video, text. Row 1: text, the second image, text, left-padded."""
-    rows = [text_ids(4, 40) + placeholders(cfg, cfg.image_token_id, IMAGES[0]) + text_ids(3, 41)
-            + placeholders(cfg, cfg.video_token_id, VIDEO[0]) + text_ids(5, 42),
-            text_ids(6, 43) + placeholders(cfg, cfg.image_token_id, IMAGES[1]) + text_ids(4, 44)]
+    rows = [text_ids(4, 40) + placeholders(cfg, cfg.image_token_id, images[0]) + text_ids(3, 41)
+            + placeholders(cfg, cfg.video_token_id, video[0]) + text_ids(5, 42),
+            text_ids(6, 43) + placeholders(cfg, cfg.image_token_id, images[1]) + text_ids(4, 44)]
     ids, mask = left_pad(rows, cfg.pad_token_id)
     labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
     # A row's first token has no predecessor: the last padding position would be scored on it, and padding
@@ -36,9 +41,9 @@ def training_batch(cfg=TINY) -> dict:
     labels[torch.arange(len(rows)), (mask == 0).sum(1)] = IGNORE_INDEX
     for token in (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id):
         labels = labels.masked_fill(ids == token, IGNORE_INDEX)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels(IMAGES, 45),
-            "image_grid_thw": torch.tensor(IMAGES), "pixel_values_videos": pixels(VIDEO, 46),
-            "video_grid_thw": torch.tensor(VIDEO), "second_per_grid_ts": torch.tensor([0.75])}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels(images, 45),
+            "image_grid_thw": torch.tensor(images), "pixel_values_videos": pixels(video, 46),
+            "video_grid_thw": torch.tensor(video), "second_per_grid_ts": torch.tensor([0.75])}
 
 
 def loss_and_grads(model, batch, **extra) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -138,3 +143,55 @@ def test_bad_labels_say_what_and_where():
         model(**batch | {"labels": bad})
     with pytest.raises(ValueError, match=r"loss: divisor must be > 0, got 0"):
         model(**batch, num_items_in_batch=0)
+
+
+# --- the triton backend (interpreted on a CPU) against eager --------------------------------------------------
+
+triton_reasons = get_backend("triton").unavailable_reasons()
+needs_triton = pytest.mark.skipif(bool(triton_reasons), reason=f"triton backend unavailable: {triton_reasons}")
+
+
+@needs_triton
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_triton_loss_and_every_gradient_match_eager(checkpointing):
+    model = perturbed("tiny", torch.float32).train()
+    batch = training_batch(images=SMALL_IMAGES, video=SMALL_VIDEO)
+    ref_loss, ref_grads = loss_and_grads(model, batch)
+    ref_grads = {n: g.clone() for n, g in ref_grads.items()}
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    model.set_backends("triton")  # strict: every operator, forward and backward, on triton
+    loss, grads = loss_and_grads(model, batch)
+    assert not model.fallbacks
+    assert rel_err(loss, ref_loss) <= 1e-3
+    assert_grads_match(grads, ref_grads, 1e-3)
+
+
+def adamw_losses(model, batch, steps: int) -> list[float]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@needs_triton
+def test_twenty_adamw_steps_lower_the_loss_alike_on_eager_and_triton():
+    # One text layer, one vision block of each kind (windowed, full): the tiny preset made cheaper to step
+    # twenty times through the interpreter.
+    cfg = TINY.with_overrides({"text.num_hidden_layers": 1, "vision.depth": 2, "vision.fullatt_block_indexes": [1]})
+    grid = [[1, 2, 4]]
+    ids = torch.tensor([text_ids(4, 50) + placeholders(cfg, cfg.image_token_id, grid[0]) + text_ids(6, 51)])
+    batch = {"input_ids": ids, "pixel_values": pixels(grid, 52), "image_grid_thw": torch.tensor(grid),
+             "labels": ids.masked_fill(ids == cfg.image_token_id, IGNORE_INDEX)}
+    curves = {}
+    for backend in ("eager", "triton"):
+        model = qvl.from_config(cfg, seed=0, backends=backend).train()
+        curves[backend] = adamw_losses(model, batch, steps=20)
+    eager, triton = torch.tensor(curves["eager"]), torch.tensor(curves["triton"])
+    assert eager[-5:].mean() < 0.8 * eager[:5].mean(), curves["eager"]
+    assert ((triton - eager).abs() / eager).max() <= 1e-3, curves

@@ -4,7 +4,8 @@ First what every backend must do, through `ops.attention` (the `ops` fixture: on
 tests/ops/backends.py): causal attention (prefill, a chunk or one query against a cache, left padding), vision
 windows (BlockDiagonalMask), decode steps, a static cache's length held on the device, any pad value. Then the
 paths only qvl's Triton flash-attention kernels have (qvl/kernels/attention.py); the split-KV decode kernel's own
-tests are in test_decode_attention.py, the xformers bias translation in tests/backends/test_xformers.py.
+tests are in test_decode_attention.py, the xformers bias translation in tests/backends/test_xformers.py. Last,
+the flash-attention backward (dq, dk, dv against eager autograd) and a float64 gradcheck of eager itself.
 
 The Triton interpreter's tile shapes (BLOCK_M, BLOCK_N) are drawn with every case and patched around every
 backend's call: only the Triton kernels read them, so the other backends run the same cases unchanged.
@@ -16,7 +17,7 @@ from unittest import mock
 
 import pytest
 import torch
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import qvl.kernels.attention as attention_kernels
@@ -28,10 +29,10 @@ from qvl.backends.triton import TritonAttention
 from qvl.backends.xformers.attention import XformersAttention
 from qvl.dtypes import dtype_name
 from qvl.kernels import DEVICE_TYPE
-from qvl.kernels.attention import causal_attention
+from qvl.kernels.attention import causal_attention, varlen_attention
 from qvl.kernels.decode_attention import decode_attention
 from tests.ops.backends import backend_params, implementation, run
-from tests.ops.compare import DTYPES, assert_close_rel, rel_err
+from tests.ops.compare import DTYPES, GRAD_TOLERANCE, assert_close_rel, assert_grads_close, rel_err
 
 EAGER = EagerAttention()
 HEAD_DIMS = [8, 16, 64, 80, 128]  # tiny test models, vision (1280 / 16: not a power of two), text
@@ -506,3 +507,211 @@ def test_block_diagonal_mask_needs_integer_offsets(device):
     mask = BlockDiagonalMask(torch.tensor([0.0, 3.0, 8.0], device=device), (3, 5))
     with pytest.raises(ValueError, match=r"cu_seqlens must be \(S \+ 1,\) = \(3,\) integer"):
         check_attention_inputs(q, q, q, mask)
+
+
+# --- backward: the triton kernels' gradients against eager autograd -----------------------------------------------
+
+
+GRAD_HEAD_DIMS = [16, 32, 40]  # 40 is padded to 64 in the kernel
+GRAD_GQA_RATIOS = [1, 2, 7]
+# Interpreted, each example runs the forward twice and three backward kernels (~1-2 s): fewer than the cpu profile's
+# examples. On a GPU the profile's count (QVL_HYPOTHESIS_EXAMPLES).
+GRAD_EXAMPLES = 10 if DEVICE_TYPE == "cpu" else settings().max_examples
+
+
+def grad_of_output(shape, dtype, strided, seed):
+    """The incoming gradient dO; strided: a (L, B, H, D) storage seen as (B, L, H, D), as a transposed
+    downstream op would hand it back."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    if strided:
+        batch, length, heads, dim = shape
+        return torch.randn(length, batch, heads, dim, generator=gen).to(DEVICE_TYPE, dtype).transpose(0, 1)
+    return torch.randn(*shape, generator=gen).to(DEVICE_TYPE, dtype)
+
+
+def kernel_and_eager_grads(kernel, eager, q, k, v, grad_out):
+    """(out, grads) of the kernel on q, k, v as given (strides kept: detached views made leaves) and of eager
+    autograd on detached clones of the same values; plus the kernel's inference-path output."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = kernel(*leaves)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    with torch.no_grad():
+        inference = kernel(*leaves)
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref_grads = torch.autograd.grad(eager(*ref_leaves), ref_leaves, grad_out)
+    return out, inference, grads, ref_grads
+
+
+def assert_attention_grads_close(grads, ref_grads, dense_mask, dtype):
+    """assert_grads_close for (dq, dk, dv). When no row sees more than one key, dS = P (dP - delta) is 0 in exact
+    arithmetic (a softmax over one key has no gradient), so are dq and dk: eager's are rounding noise or exact
+    zeros and a relative error means nothing there; the kernel's are checked against the size of dv instead."""
+    if dense_mask.sum(-1).max() > 1:
+        assert_grads_close(grads, ref_grads, ["q", "k", "v"], dtype)
+        return
+    assert_grads_close(grads[2:], ref_grads[2:], ["v"], dtype)
+    for grad in grads[:2]:
+        assert grad.float().norm() <= GRAD_TOLERANCE[dtype] * ref_grads[2].float().norm()
+
+
+@st.composite
+def causal_grad_cases(draw):
+    gqa = draw(st.sampled_from(GRAD_GQA_RATIOS))
+    q_len = draw(st.one_of(st.sampled_from([1, 17, 33]), st.integers(1, 33)))
+    kv_len = q_len + draw(st.one_of(st.just(0), st.integers(1, 15)))  # prefill, or a chunk against a cache
+    batch = draw(st.integers(1, 2))
+    # Left padding per row: none, anything, or nearly all of the keys (queries that see nothing).
+    row_pad = st.one_of(st.just(0), st.integers(0, kv_len), st.integers(max(0, kv_len - q_len - 2), kv_len))
+    pad = draw(st.one_of(st.none(), st.lists(row_pad, min_size=batch, max_size=batch)))
+    return Case(
+        batch=batch, q_len=q_len, kv_len=kv_len, kv_heads=1 if gqa > 2 else draw(st.integers(1, 2)), gqa=gqa,
+        head_dim=draw(st.sampled_from(GRAD_HEAD_DIMS)), dtype=draw(st.sampled_from(DTYPES)),
+        layout=draw(st.sampled_from(LAYOUTS)), pad=pad, scale_factor=draw(st.floats(0.5, 1.5)),
+        blocks=draw(st.sampled_from(BLOCK_SHAPES)), seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@settings(max_examples=GRAD_EXAMPLES)
+@given(case=causal_grad_cases(), strided_grad=st.booleans())
+@example(case=Case(2, 33, 33, 1, 7, 40, torch.bfloat16, "fused", [0, 33]), strided_grad=True)  # a row all padding
+@example(case=Case(2, 17, 33, 1, 2, 16, torch.float16, "fused", [3, 25]), strided_grad=False)  # rows that see nothing
+@example(case=Case(1, 33, 33, 2, 1, 32, torch.float32, "transposed", None, blocks=(32, 16)), strided_grad=True)
+@example(case=Case(2, 1, 17, 1, 7, 40, torch.float32, "contiguous", [16, 17], blocks=(16, 32)), strided_grad=False)
+@example(case=Case(1, 20, 34, 1, 2, 16, torch.bfloat16, "contiguous", [15]), strided_grad=False)  # pad mid-block
+def test_causal_attention_grads_match_eager(case, strided_grad):
+    """dq, dk, dv of the flash-attention backward against eager autograd, through GQA, Lq < Lk, left padding and
+    ragged blocks. Rows that see no key pass no gradient, keys before pad get none; the forward that saves the
+    log-sum-exp returns what the inference path returns."""
+    q, k, v, mask = causal_inputs(case)
+    grad_out = grad_of_output(q.shape, case.dtype, strided_grad, case.seed)
+    with interpreter_blocks(case.blocks):
+        out, inference, grads, ref_grads = kernel_and_eager_grads(
+            lambda q, k, v: causal_attention(q, k, v, mask.pad, case.scale),
+            lambda q, k, v: EAGER(q, k, v, mask, case.scale), q, k, v, grad_out)
+    assert torch.equal(out, inference)
+    assert_attention_grads_close(grads, ref_grads, mask.dense(case.batch, case.q_len, case.kv_len, q.device),
+                                 case.dtype)
+    dq, dk, dv = grads
+    assert not dq[invisible_rows(case.batch, case.q_len, case.kv_len, mask, q.device)].any()
+    for b, p in enumerate(case.pad or []):
+        assert not dk[b, :p].any() and not dv[b, :p].any()
+
+
+@st.composite
+def varlen_grad_cases(draw):
+    gqa = draw(st.sampled_from([1, 2]))
+    seqlens = draw(st.lists(st.one_of(st.just(0), st.just(1), st.integers(1, 20)), min_size=1, max_size=4)
+                   .filter(lambda s: 0 < sum(s) <= 48))
+    return dict(seqlens=seqlens, kv_heads=draw(st.integers(1, 2)), gqa=gqa,
+                head_dim=draw(st.sampled_from(GRAD_HEAD_DIMS)), dtype=draw(st.sampled_from(DTYPES)),
+                layout=draw(st.sampled_from(["fused", "vision", "contiguous"])), strided_grad=draw(st.booleans()),
+                blocks=draw(st.sampled_from(BLOCK_SHAPES)), seed=draw(st.integers(0, 2**16)))
+
+
+def varlen_grad_inputs(case):
+    """q, k, v (1, L, H, D); layout "vision": the vision tower's qkv(x).view(1, L, 3, H, D).unbind(2) (Hq == Hkv:
+    with GQA the split of a fused projection instead)."""
+    gen = torch.Generator().manual_seed(case["seed"])
+    kv_heads, head_dim, dtype = case["kv_heads"], case["head_dim"], case["dtype"]
+    seq_len = sum(case["seqlens"])
+    if case["layout"] == "vision" and case["gqa"] == 1:
+        qkv = torch.randn(1, seq_len, 3 * kv_heads * head_dim, generator=gen).to(DEVICE_TYPE, dtype)
+        return qkv.view(1, seq_len, 3, kv_heads, head_dim).unbind(2)
+    layout = "fused" if case["layout"] == "vision" else case["layout"]
+    return make_qkv(1, seq_len, seq_len, kv_heads * case["gqa"], kv_heads, head_dim, layout, dtype, gen, DEVICE_TYPE)
+
+
+@settings(max_examples=GRAD_EXAMPLES)
+@given(case=varlen_grad_cases())
+@example(case=dict(seqlens=[1, 17, 0, 23], kv_heads=2, gqa=1, head_dim=40, dtype=torch.bfloat16, layout="vision",
+                   strided_grad=True, blocks=(16, 16), seed=0))  # unequal windows, an empty one
+@example(case=dict(seqlens=[5, 0, 32], kv_heads=1, gqa=2, head_dim=16, dtype=torch.float16, layout="fused",
+                   strided_grad=False, blocks=(16, 32), seed=1))
+@example(case=dict(seqlens=[33, 15], kv_heads=2, gqa=2, head_dim=32, dtype=torch.float32, layout="contiguous",
+                   strided_grad=False, blocks=(32, 16), seed=2))
+def test_varlen_attention_grads_match_eager(case):
+    """dq, dk, dv for vision windows (BlockDiagonalMask): unequal and empty segments, GQA, the vision tower's qkv
+    layout; the forward that saves the log-sum-exp returns what the inference path returns."""
+    q, k, v = varlen_grad_inputs(case)
+    mask = BlockDiagonalMask.from_seqlens(case["seqlens"], device=DEVICE_TYPE)
+    scale = case["head_dim"] ** -0.5
+    grad_out = grad_of_output(q.shape, case["dtype"], case["strided_grad"], case["seed"])
+    with interpreter_blocks(case["blocks"]):
+        out, inference, grads, ref_grads = kernel_and_eager_grads(
+            lambda q, k, v: varlen_attention(q, k, v, mask.cu_seqlens, mask.max_seqlen, scale),
+            lambda q, k, v: EAGER(q, k, v, mask, scale), q, k, v, grad_out)
+    assert torch.equal(out, inference)
+    assert_attention_grads_close(grads, ref_grads, mask.dense(1, q.shape[1], q.shape[1], q.device), case["dtype"])
+
+
+def projected_attention(ops, x, weight, q_heads, kv_heads, mask):
+    """The text model's path: one qkv projection split into q, k, v views (text.py), then attention."""
+    batch, length, _ = x.shape
+    head_dim = weight.shape[0] // (q_heads + 2 * kv_heads)
+    q, k, v = (x @ weight.t()).split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+    return ops.attention(q.view(batch, length, q_heads, head_dim), k.view(batch, length, kv_heads, head_dim),
+                         v.view(batch, length, kv_heads, head_dim), mask)
+
+
+@pytest.mark.parametrize("masked", ["causal padded", "windows"])
+def test_grads_reach_the_fused_projection(masked):
+    """Through the registry (the triton backend, a call with grad), q, k, v as views of one projection: the
+    gradients of the input and of the projection weight match eager's."""
+    device, dtype = DEVICE_TYPE, torch.bfloat16
+    gen = torch.Generator().manual_seed(7)
+    batch, length, q_heads, kv_heads, head_dim = (2, 19, 4, 2, 16) if masked == "causal padded" else (1, 21, 2, 2, 16)
+    mask = (CausalMask(torch.tensor([0, 12], device=device)) if masked == "causal padded"
+            else BlockDiagonalMask.from_seqlens([8, 0, 13], device=device))
+    x = torch.randn(batch, length, 24, generator=gen).to(device, dtype)
+    weight = (torch.randn((q_heads + 2 * kv_heads) * head_dim, 24, generator=gen) / 5).to(device, dtype)
+    grad_out = torch.randn(batch, length, q_heads, head_dim, generator=gen).to(device, dtype)
+    grads = {}
+    for name in ("triton", "eager"):
+        leaves = [x.clone().requires_grad_(), weight.clone().requires_grad_()]
+        projected_attention(Ops(resolve_plan(name)), *leaves, q_heads, kv_heads, mask).backward(grad_out)
+        grads[name] = [t.grad for t in leaves]
+    assert_grads_close(grads["triton"], grads["eager"], ["x", "weight"], dtype)
+
+
+@pytest.mark.parametrize("needs", ["q", "v"])
+def test_only_the_inputs_that_require_grad_get_one(needs):
+    """The backward skips the kernel whose gradients nobody asked for, and returns None for those inputs."""
+    q, k, v, mask = causal_inputs(Case(1, 17, 20, 1, 2, 16, torch.float32, "fused", [2]))
+    grads = []
+    for attend, copy in ((lambda *qkv: causal_attention(*qkv, mask.pad, 0.25), torch.Tensor.detach),
+                         (lambda *qkv: EAGER(*qkv, mask, 0.25), lambda t: t.detach().clone())):
+        leaves = [copy(t).requires_grad_(name == needs) for name, t in zip("qkv", (q, k, v), strict=True)]
+        attend(*leaves).sum().backward()
+        grads.append([t.grad for t in leaves])
+    assert [g is None for g in grads[0]] == [name != needs for name in "qkv"]
+    assert_grads_close(grads[0], grads[1], ["q", "k", "v"], torch.float32)
+
+
+def test_inference_path_saves_nothing(device):
+    """Without grad mode (or with no input requiring grad) the launchers run only the forward kernel: no graph."""
+    q = torch.randn(1, 17, 2, 16, device=device, requires_grad=True)
+    k = v = torch.randn(1, 17, 1, 16, device=device)
+    with torch.no_grad():
+        assert causal_attention(q, k, v, None, 0.25).grad_fn is None
+    assert causal_attention(q.detach(), k, v, None, 0.25).grad_fn is None
+    mask = BlockDiagonalMask.from_seqlens([9, 8], device=device)
+    with torch.no_grad():
+        assert varlen_attention(q, k, v, mask.cu_seqlens, mask.max_seqlen, 0.25).grad_fn is None
+    assert causal_attention(q, k, v, None, 0.25).grad_fn is not None
+
+
+@pytest.mark.parametrize("masked", ["causal padded", "windows"])
+def test_eager_attention_gradcheck(masked):
+    """The reference itself: eager attention's autograd against finite differences, in float64, with GQA, a row
+    that sees nothing (causal) and an empty window (block-diagonal)."""
+    gen = torch.Generator().manual_seed(3)
+    if masked == "causal padded":
+        shapes, mask = ((2, 3, 2, 4), (2, 5, 1, 4)), CausalMask(torch.tensor([1, 4]))
+    else:
+        shapes, mask = ((1, 6, 2, 4), (1, 6, 1, 4)), BlockDiagonalMask.from_seqlens([2, 0, 4])
+    q = torch.randn(*shapes[0], generator=gen, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(*shapes[1], generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    # EagerAttention computes the scores in float32 whatever the input dtype: a default step (1e-6) would only
+    # difference float32 rounding, so the step is 1e-3 and the tolerances cover float32 rounding / step (~1e-4).
+    assert torch.autograd.gradcheck(lambda q, k, v: EAGER(q, k, v, mask, 0.5), (q, k, v), eps=1e-3, atol=5e-4,
+                                    rtol=1e-3)

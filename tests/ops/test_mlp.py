@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qvl.backends import BackendUnsupportedError, CallInfo, Ops, get_backend
+from qvl.backends import BackendUnsupportedError, CallInfo, Ops, get_backend, resolve_plan
 from qvl.backends import xformers as xfb
 from qvl.backends.eager import EagerMLP
 from qvl.backends.interface import ACTIVATIONS
@@ -19,7 +19,7 @@ from qvl.dtypes import dtype_name
 from qvl.kernels import DEVICE_TYPE
 from qvl.kernels.activation import gelu, swiglu
 from tests.ops.backends import backend_params, implementation, make_ops, run
-from tests.ops.compare import DTYPES, assert_close_rel, rel_err
+from tests.ops.compare import DTYPES, assert_close_rel, assert_grads_close, rel_err
 
 EAGER = EagerMLP()
 # Many tokens of a model-like width: slow in the Triton interpreter (the CPU draws small MLPs instead).
@@ -133,13 +133,12 @@ LAYOUTS = ["contiguous", "row_strided", "transposed"]
 
 
 def make_h(lead, width, dtype, gen, layout, scale):
+    """(*lead, width) in `layout`: the view is taken after scaling and conversion, which would make it contiguous."""
     if layout == "row_strided":  # the projection output inside a wider buffer: read in place
-        t = torch.randn(*lead, width + 6, generator=gen)[..., 2:2 + width]
-    elif layout == "transposed" and len(lead) >= 2:  # leading dims that do not collapse: copied
-        t = torch.randn(lead[1], lead[0], *lead[2:], width, generator=gen).transpose(0, 1)
-    else:
-        t = torch.randn(*lead, width, generator=gen)
-    return (t * scale).to(device=DEVICE_TYPE, dtype=dtype)
+        return randn(*lead, width + 6, gen=gen, dtype=dtype, scale=scale)[..., 2:2 + width]
+    if layout == "transposed" and len(lead) >= 2:  # leading dims that do not collapse: copied
+        return randn(lead[1], lead[0], *lead[2:], width, gen=gen, dtype=dtype, scale=scale).transpose(0, 1)
+    return randn(*lead, width, gen=gen, dtype=dtype, scale=scale)
 
 
 @given(
@@ -220,8 +219,6 @@ def test_empty_and_bad_inputs():
     assert swiglu(torch.empty(0, 8, device=DEVICE_TYPE)).shape == (0, 4)
     assert gelu(torch.empty(2, 0, device=DEVICE_TYPE)).shape == (2, 0)
     # Checked once, by the operator interface and the registry, before the activation kernels run.
-    from qvl.backends import resolve_plan
-
     ops = Ops(resolve_plan("triton"))
     x, w_in, w_out = (torch.randn(*shape, device=DEVICE_TYPE) for shape in ((2, 8), (8, 8), (3, 8)))
     with pytest.raises(ValueError, match="even"):
@@ -248,3 +245,156 @@ def test_xformers_declares_gelu_unsupported(monkeypatch):
         xfb.GELU_REASON]
     with pytest.raises(BackendUnsupportedError, match="no GELU"):
         ops.mlp(x, w_in, None, w_out, None, "gelu")
+
+
+# --- backward: the activations' Triton backward kernels, and the mlp operator differentiated through them ---------
+
+
+def eager_swiglu(h):
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def h_storage(rows, width, layout, dtype, gen, scale):
+    """The leaf that holds h (rows, width), and how h is taken from it: the leaf itself, a row-strided slice of a
+    wider buffer (read in place), or a transposed view whose leading dims do not collapse (read from a copy)."""
+    if layout == "row_strided":
+        return randn(rows, width + 6, gen=gen, dtype=dtype, scale=scale), lambda t: t[:, 2:2 + width]
+    if layout == "transposed":
+        return randn(2, rows, width, gen=gen, dtype=dtype, scale=scale), lambda t: t.transpose(0, 1)
+    return randn(rows, width, gen=gen, dtype=dtype, scale=scale), lambda t: t
+
+
+def make_dout(shape, layout, dtype, gen):
+    """The output gradient as autograd may hand it over: contiguous, with a strided last dim (the kernel reads a
+    copy), or one row broadcast to all (the gradient of a sum over rows: row stride 0, read in place)."""
+    if layout == "strided":
+        return randn(*shape[:-1], 2 * shape[-1], gen=gen, dtype=dtype)[..., ::2]
+    if layout == "broadcast":
+        return randn(*[1] * (len(shape) - 1), shape[-1], gen=gen, dtype=dtype).expand(shape)
+    return randn(*shape, gen=gen, dtype=dtype)
+
+
+def storage_grad(activation, storage, take_h, dout):
+    """The gradient of <activation(take_h(storage)), dout> with respect to storage, on a fresh leaf."""
+    leaf = storage.detach().clone().requires_grad_()
+    return torch.autograd.grad(activation(take_h(leaf)), leaf, dout)[0]
+
+
+ACTIVATION_GRAD_CASES = dict(
+    rows=st.integers(1, 33),
+    inner=st.integers(1, 300),
+    dtype=st.sampled_from(DTYPES),
+    layout=st.sampled_from(LAYOUTS),
+    dout_layout=st.sampled_from(["contiguous", "strided", "broadcast"]),
+    scale=st.sampled_from([0.1, 1.0, 8.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+
+
+@given(**ACTIVATION_GRAD_CASES)
+def test_swiglu_backward_matches_autograd(rows, inner, dtype, layout, dout_layout, scale, seed):
+    """dh = [dgate | dup] from the kernel against autograd of F.silu(gate) * up."""
+    gen = torch.Generator().manual_seed(seed)
+    storage, take_h = h_storage(rows, 2 * inner, layout, dtype, gen, scale)
+    dout = make_dout((*take_h(storage).shape[:-1], inner), dout_layout, dtype, gen)
+    grad = storage_grad(swiglu, storage, take_h, dout)
+    assert_grads_close([grad], [storage_grad(eager_swiglu, storage, take_h, dout)], ["h"], dtype)
+
+
+@given(**ACTIVATION_GRAD_CASES, inplace=st.booleans())
+def test_gelu_backward_matches_autograd(rows, inner, dtype, layout, dout_layout, scale, seed, inplace):
+    """The kernel's dh against autograd of F.gelu; in place or not, a call that needs gradients leaves h alone."""
+    gen = torch.Generator().manual_seed(seed)
+    storage, take_h = h_storage(rows, inner, layout, dtype, gen, scale)
+    dout = make_dout(take_h(storage).shape, dout_layout, dtype, gen)
+    grad = storage_grad(lambda h: gelu(h, inplace=inplace), storage, take_h, dout)
+    assert_grads_close([grad], [storage_grad(F.gelu, storage, take_h, dout)], ["h"], dtype)
+
+
+def graph_node_names(out: torch.Tensor) -> set[str]:
+    """The type names of every autograd node that out's backward runs."""
+    names, seen, stack = set(), set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(parent for parent, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_activation_backward_only_when_needed(activation):
+    """The autograd.Function only when autograd records the call and h requires grad; otherwise the plain forward.
+    A gelu asked to work in place while gradients are needed runs out of place: its backward reads h."""
+    gen = torch.Generator().manual_seed(0)
+    h = randn(3, 10, gen=gen, dtype=torch.float32)
+    fn = swiglu if activation == "swiglu" else lambda t: gelu(t, inplace=True)
+    node = "_SwiGLUBackward" if activation == "swiglu" else "_GELUBackward"
+    assert fn(h.clone()).grad_fn is None
+    with torch.no_grad():
+        assert fn(h.clone().requires_grad_()).grad_fn is None
+    leaf = h.clone().requires_grad_()
+    out = fn(leaf)
+    assert type(out.grad_fn).__name__ == node
+    assert out is not leaf and torch.equal(leaf.detach(), h)
+
+
+def mlp_grads(ops, inputs, take_x, activation, dout):
+    """Gradients of <ops.mlp(...), dout> for (x storage, w_in, b_in, w_out, b_out); None for an absent bias.
+    Also the autograd node names of the call, to tell which backward ran."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+    x_storage, w_in, b_in, w_out, b_out = leaves
+    out = ops.mlp(take_x(x_storage), w_in, b_in, w_out, b_out, activation)
+    present = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(out, present, dout))
+    return [None if t is None else next(grads) for t in leaves], graph_node_names(out)
+
+
+# name: (activation, biases), as the model calls the mlp operator.
+MLP_GRAD_CASES = {
+    "text decoder": ("swiglu", False),
+    "vision block": ("swiglu", True),
+    "vision merger": ("gelu", True),
+}
+
+
+@pytest.mark.parametrize("case", list(MLP_GRAD_CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("x_layout", ["contiguous", "row_strided"])
+def test_mlp_backward_matches_eager(case, dtype, x_layout):
+    """The triton backend's mlp (F.linear, the activation kernels, F.linear) differentiated against eager's:
+    gradients of x, w_in, b_in, w_out and b_out."""
+    activation, bias = MLP_GRAD_CASES[case]
+    batch, seq, hidden, inner = 2, 7, 24, 37
+    rows_in = 2 * inner if activation == "swiglu" else inner
+    gen = torch.Generator().manual_seed(len(case) + 3 * DTYPES.index(dtype))
+    if x_layout == "row_strided":  # x inside a wider buffer, e.g. a slice of a fused projection
+        x_storage, take_x = randn(batch, seq, hidden + 8, gen=gen, dtype=dtype), lambda t: t[..., 4:4 + hidden]
+    else:
+        x_storage, take_x = randn(batch, seq, hidden, gen=gen, dtype=dtype), lambda t: t
+    inputs = (
+        x_storage,
+        randn(rows_in, hidden, gen=gen, dtype=dtype, scale=hidden ** -0.5),
+        randn(rows_in, gen=gen, dtype=dtype) if bias else None,
+        randn(hidden, inner, gen=gen, dtype=dtype, scale=inner ** -0.5),
+        randn(hidden, gen=gen, dtype=dtype) if bias else None,
+    )
+    dout = randn(batch, seq, hidden, gen=gen, dtype=dtype)
+    grads, nodes = mlp_grads(Ops(resolve_plan("triton")), inputs, take_x, activation, dout)
+    ref_grads, _ = mlp_grads(Ops(resolve_plan("eager")), inputs, take_x, activation, dout)
+    assert ("_SwiGLUBackward" if activation == "swiglu" else "_GELUBackward") in nodes
+    assert_grads_close(grads, ref_grads, ["x", "w_in", "b_in", "w_out", "b_out"], dtype)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_eager_mlp_gradcheck(activation):
+    """The reference itself: EagerMLP's autograd against finite differences in float64, biases included."""
+    gen = torch.Generator().manual_seed(0)
+    hidden, inner = 4, 5
+    rows_in = 2 * inner if activation == "swiglu" else inner
+    shapes = [(2, 3, hidden), (rows_in, hidden), (rows_in,), (hidden, inner), (hidden,)]
+    inputs = [torch.randn(*s, generator=gen, dtype=torch.float64).requires_grad_() for s in shapes]
+    assert torch.autograd.gradcheck(lambda *t: EAGER(*t, activation), inputs)

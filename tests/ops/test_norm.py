@@ -4,11 +4,12 @@ First what every backend must do, through `ops.norm` (the `ops` fixture: one tes
 then the paths only qvl's Triton kernel has (qvl.kernels.rms_norm), and what only the xformers backend declares.
 """
 
+import math
 from unittest import mock
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qvl.kernels.rms_norm as rms_norm_module
@@ -20,7 +21,7 @@ from qvl.dtypes import dtype_name
 from qvl.kernels import DEVICE_TYPE
 from qvl.kernels.rms_norm import rms_norm
 from tests.ops.backends import backend_params, implementation, make_ops, run
-from tests.ops.compare import DTYPES, assert_close_rel, rel_err
+from tests.ops.compare import DTYPES, GRAD_TOLERANCE, assert_close_rel, assert_grads_close, rel_err
 
 EAGER = EagerNorm()
 # Qwen2.5-VL widths (vision 1280, text 2048/3584) next to odd and tiny ones: the tail is masked.
@@ -231,3 +232,217 @@ def test_xformers_refuses_a_weight_that_would_promote_the_output(monkeypatch):
     routed = Ops(resolve_plan(ops.plan["norm"], fallback="eager"))
     y = routed.norm(x, torch.ones(8, device=DEVICE_TYPE), 1e-6)
     assert y.dtype == torch.float32 and "output in the input dtype" in routed.fallbacks[0].reasons[-1]
+
+
+# --- backward: the triton kernel's gradients against eager autograd ------------------------------------------------
+
+INPUT_NAMES = ("x", "weight", "residual")
+# Which outputs the loss reads: y, the returned sum, or both (an output left out gets no gradient at all).
+LOSS_OUTPUTS = ["both", "y", "sum"]
+# x, the residual and the arriving gradients: contiguous, or row-strided views (x as the model passes it).
+BACKWARD_LAYOUTS = ["contiguous", "row_strided"]
+
+
+def backprop(norm, inputs, requires, eps, out_grads):
+    """Run `norm` on (x, weight, residual) with requires_grad as in `requires`, backpropagate `out_grads` (y's, and
+    the sum's with a residual; None: that output is left out of the loss) and return the inputs' .grad.
+
+    The inputs keep their layout (detach() is a view): the kernel sees the strided x the model gives it."""
+    leaves = [None if t is None else t.detach().requires_grad_(r) for t, r in zip(inputs, requires, strict=True)]
+    x, weight, residual = leaves
+    out = norm(x, weight, eps, residual)
+    outs = out if residual is not None else (out,)
+    used = [(o, g) for o, g in zip(outs, out_grads, strict=True) if g is not None and o.requires_grad]
+    torch.autograd.backward([o for o, _ in used], [g for _, g in used])
+    return [None if t is None else t.grad for t in leaves]
+
+
+def reference_backprop(inputs, requires, eps, out_grads):
+    """`backprop` through EagerNorm on contiguous clones of the same values."""
+    clones = [None if t is None else t.detach().clone() for t in inputs]
+    return backprop(EAGER, clones, requires, eps, out_grads)
+
+
+def assert_norm_grads_close(grads, ref_grads, inputs, eps, out_grads, dtype):
+    """assert_grads_close, except x's and the residual's gradient at hidden 1: there n_hat = +-1 and the
+    normalization's gradient rstd * (dn - n_hat * dn * n_hat) cancels to eps / s^2 of its terms, rounding noise on
+    both sides. Those are held to the tolerance relative to the terms that cancel (plus the sum's own gradient)."""
+    x, weight, residual = inputs
+    if x.shape[-1] != 1:
+        assert_grads_close(grads, ref_grads, INPUT_NAMES, dtype)
+        return
+    assert_grads_close(grads[1:2], ref_grads[1:2], INPUT_NAMES[1:2], dtype)
+    s = (x + residual if residual is not None else x).float()
+    dn = out_grads[0].float() * weight.float() if out_grads[0] is not None else torch.zeros_like(s)
+    terms = torch.rsqrt(s * s + eps) * dn.abs()
+    if len(out_grads) > 1 and out_grads[1] is not None:
+        terms = terms + out_grads[1].float().abs()
+    for name, grad, ref in zip(INPUT_NAMES[::2], grads[::2], ref_grads[::2], strict=True):
+        assert (grad is None) == (ref is None), f"{name}: gradient {grad is not None} vs reference {ref is not None}"
+        if ref is not None:
+            err = ((grad.float() - ref.float()).norm() / terms.norm().clamp_min(1e-30)).item()
+            assert err <= GRAD_TOLERANCE[dtype], f"grad of {name}: error {err:.3e} relative to the cancelled terms"
+
+
+def draw_out_grads(shape, y_dtype, dtype, with_residual, loss_outputs, layout, gen):
+    """The gradients arriving on y and, with a residual, on the sum (None for an output the loss leaves out)."""
+    if not with_residual:
+        return (make(shape, y_dtype, gen, layout),)
+    grad_y = make(shape, y_dtype, gen, layout) if loss_outputs != "sum" else None
+    grad_s = make(shape, dtype, gen, layout) if loss_outputs != "y" else None
+    return grad_y, grad_s
+
+
+@given(
+    lead=st.sampled_from([(), (1,), (2,)]),
+    rows=st.integers(1, 40),
+    hidden=st.integers(1, 300),
+    dtype=st.sampled_from(DTYPES),
+    f32_weight=st.booleans(),
+    with_residual=st.booleans(),
+    layout=st.sampled_from(BACKWARD_LAYOUTS),
+    grad_layout=st.sampled_from(BACKWARD_LAYOUTS),
+    loss_outputs=st.sampled_from(LOSS_OUTPUTS),
+    frozen=st.sampled_from([None, *INPUT_NAMES]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_backward_matches_eager_autograd(lead, rows, hidden, dtype, f32_weight, with_residual, layout, grad_layout,
+                                         loss_outputs, frozen, seed):
+    """Every input's gradient (x, weight, residual; one of them, `frozen`, may not require grad) with gradients
+    arriving on y, on the sum or on both, for x (and the gradients) contiguous or row-strided, a weight in x's
+    dtype or float32, up to 40 rows in one to three dims."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = max(1, rows // math.prod(lead))  # at most 40 rows in all
+    shape = (*lead, rows, hidden)
+    weight_dtype = torch.float32 if f32_weight else dtype
+    inputs = (make(shape, dtype, gen, layout), make((hidden,), weight_dtype, gen) * 0.5 + 1.0,
+              make(shape, dtype, gen, layout) if with_residual else None)
+    y_dtype = torch.promote_types(weight_dtype, dtype)
+    out_grads = draw_out_grads(shape, y_dtype, dtype, with_residual, loss_outputs, grad_layout, gen)
+    requires = [name != frozen for name in INPUT_NAMES]
+    if not with_residual and frozen == "x":
+        requires[1] = True  # the weight alone, as with the residual frozen
+
+    grads = backprop(rms_norm, inputs, requires, 1e-6, out_grads)
+    ref_grads = reference_backprop(inputs, requires, 1e-6, out_grads)
+    assert_norm_grads_close(grads, ref_grads, inputs, 1e-6, out_grads, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("weight_dtype", [None, torch.float32], ids=["weight in x dtype", "float32 weight"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["norm", "residual add + norm"])
+def test_backward_every_dtype(dtype, weight_dtype, with_residual):
+    """Each dtype, with its own weight and with a float32 one (the vision tower's norms), x a row-strided view:
+    gradients on both outputs, every input requiring grad."""
+    gen = torch.Generator().manual_seed(7)
+    shape = (2, 7, 48)
+    weight = make(shape[-1:], weight_dtype or dtype, gen) * 0.5 + 1.0
+    inputs = (make(shape, dtype, gen, "row_strided"), weight, make(shape, dtype, gen) if with_residual else None)
+    out_grads = draw_out_grads(shape, torch.promote_types(weight.dtype, dtype), dtype, with_residual, "both",
+                               "contiguous", gen)
+    requires = (True, True, True)
+    grads = backprop(rms_norm, inputs, requires, 1e-5, out_grads)
+    ref_grads = reference_backprop(inputs, requires, 1e-5, out_grads)
+    assert grads[1].dtype == weight.dtype
+    assert_norm_grads_close(grads, ref_grads, inputs, 1e-5, out_grads, dtype)
+
+
+def test_backward_weight_alone():
+    """Only the weight requires grad: no ds is written, and the sum, which does not depend on it, records nothing
+    (as in eager)."""
+    gen = torch.Generator().manual_seed(3)
+    shape = (6, 40)
+    inputs = (make(shape, torch.bfloat16, gen), make((40,), torch.float32, gen), make(shape, torch.bfloat16, gen))
+    requires = (False, True, False)
+    x, weight, residual = (t.detach().requires_grad_(r) for t, r in zip(inputs, requires, strict=True))
+    y, s = rms_norm(x, weight, 1e-6, residual)
+    assert y.requires_grad and not s.requires_grad
+    out_grads = draw_out_grads(shape, torch.float32, torch.bfloat16, True, "both", "contiguous", gen)
+    grads = backprop(rms_norm, inputs, requires, 1e-6, out_grads)
+    ref_grads = reference_backprop(inputs, requires, 1e-6, out_grads)
+    assert_grads_close(grads, ref_grads, INPUT_NAMES, torch.bfloat16)
+
+
+@given(
+    rows=st.integers(1, 40),
+    hidden=st.integers(33, 200),
+    dtype=st.sampled_from(DTYPES),
+    with_residual=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+@settings(max_examples=5)  # each example ~3 s interpreted: the chunk loops run per row
+def test_backward_chunked_path(rows, hidden, dtype, with_residual, seed):
+    """Rows wider than the backward's one-pass width (half MAX_ONE_PASS_HIDDEN): mean(dn * n_hat) over the chunks,
+    then ds, and dweight chunk by chunk; the limits shrunk so that small rows take that path (ragged last chunk
+    included), with the forward in one pass (hidden <= 64) or chunked too."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (rows, hidden)
+    inputs = (make(shape, dtype, gen, "row_strided"), make((hidden,), dtype, gen) * 0.5 + 1.0,
+              make(shape, dtype, gen) if with_residual else None)
+    out_grads = draw_out_grads(shape, dtype, dtype, with_residual, "both", "contiguous", gen)
+    requires = (True, True, True)
+    with mock.patch.object(rms_norm_module, "MAX_ONE_PASS_HIDDEN", 64), \
+            mock.patch.object(rms_norm_module, "CHUNK_HIDDEN", 64):
+        grads = backprop(rms_norm, inputs, requires, 1e-6, out_grads)
+    ref_grads = reference_backprop(inputs, requires, 1e-6, out_grads)
+    assert_norm_grads_close(grads, ref_grads, inputs, 1e-6, out_grads, dtype)
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["norm", "residual add + norm"])
+def test_backward_of_empty_rows(with_residual):
+    x = torch.empty(0, 3, 16, device=DEVICE_TYPE, requires_grad=True)
+    weight = torch.ones(16, device=DEVICE_TYPE, requires_grad=True)
+    residual = torch.empty(0, 3, 16, device=DEVICE_TYPE, requires_grad=True) if with_residual else None
+    out = rms_norm(x, weight, 1e-6, residual)
+    outs = out if with_residual else (out,)
+    torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    assert x.grad.shape == x.shape and torch.equal(weight.grad, torch.zeros(16, device=DEVICE_TYPE))
+    if with_residual:
+        assert residual.grad.shape == residual.shape
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["norm", "residual add + norm"])
+def test_forward_records_nothing_without_grad(with_residual):
+    """No grad mode, or no input requiring grad: the inference path, no autograd Function (nothing saved)."""
+    gen = torch.Generator().manual_seed(0)
+    x, weight = make((3, 16), torch.float32, gen), make((16,), torch.float32, gen)
+    residual = make((3, 16), torch.float32, gen) if with_residual else None
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, weight, residual)]
+    with mock.patch.object(rms_norm_module._RMSNormFunction, "apply") as apply:
+        with torch.no_grad():
+            recorded_off = rms_norm(*leaves[:2], 1e-6, leaves[2])
+        plain = rms_norm(x, weight, 1e-6, residual)
+    apply.assert_not_called()
+    for out in (recorded_off, plain):
+        for t in out if with_residual else (out,):
+            assert t.grad_fn is None and not t.requires_grad
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["norm", "residual add + norm"])
+def test_eager_norm_gradcheck(with_residual):
+    """The reference itself: EagerNorm's autograd against finite differences, float64 inputs. EagerNorm normalizes
+    in float32 whatever the input dtype (as Qwen2RMSNorm), so the step and the tolerances fit float32's precision:
+    a 1e-3 step leaves ~1e-4 of rounding in each difference quotient, and the wrong gradient this guards against
+    (a missing term) is off by O(1)."""
+    gen = torch.Generator().manual_seed(0)
+    x = make((3, 8), torch.float64, gen).requires_grad_()
+    weight = (make((8,), torch.float64, gen) * 0.5 + 1.0).requires_grad_()
+    residual = make((3, 8), torch.float64, gen).requires_grad_() if with_residual else None
+    assert torch.autograd.gradcheck(lambda *a: EAGER(a[0], a[1], 1e-6, *a[2:]),
+                                    (x, weight, *([residual] if with_residual else [])), eps=1e-3, atol=1e-3,
+                                    rtol=1e-3)
+
+
+def test_triton_ops_norm_records_autograd():
+    """Through the registry (a call with grad=True): outputs carry a grad_fn and backpropagate as eager's."""
+    ops = Ops(resolve_plan("triton"))
+    gen = torch.Generator().manual_seed(0)
+    inputs = (make((5, 24), torch.float32, gen, "row_strided"), make((24,), torch.float32, gen),
+              make((5, 24), torch.float32, gen))
+    out_grads = draw_out_grads((5, 24), torch.float32, torch.float32, True, "both", "contiguous", gen)
+    x, weight, residual = (t.detach().requires_grad_() for t in inputs)
+    y, s = ops.norm(x, weight, 1e-6, residual)
+    assert y.grad_fn is not None and s.grad_fn is not None
+    torch.autograd.backward((y, s), out_grads)
+    ref_grads = reference_backprop(inputs, (True, True, True), 1e-6, out_grads)
+    assert_grads_close([x.grad, weight.grad, residual.grad], ref_grads, INPUT_NAMES, torch.float32)

@@ -7,15 +7,17 @@ tower's 2-D RoPE.
 
 import pytest
 import torch
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from qvl.backends import BackendUnsupportedError, CallInfo, Ops, Rotary, get_backend
+from qvl.backends import BackendUnsupportedError, CallInfo, Ops, Rotary, get_backend, resolve_plan
 from qvl.backends import xformers as xfb
+from qvl.backends.eager import EagerRope
 from qvl.kernels import DEVICE_TYPE
+from qvl.kernels.rope import rope
 from qvl.model.layers import inverse_frequencies
 from tests.ops.backends import backend_params, implementation, reference_ops, run
-from tests.ops.compare import DTYPES, TOLERANCE, assert_close_rel
+from tests.ops.compare import DTYPES, TOLERANCE, assert_close_rel, assert_grads_close
 from tests.ops.xformers_sim import needs_xformers
 
 HEAD_DIMS = [8, 16, 64, 80, 128]  # tiny test models, vision (1280 / 16: not a power of two), text
@@ -183,8 +185,6 @@ def test_rope_distinguishes_streams(ops, device):
 
 def test_rope_rejects_bad_inputs(device):
     """Checked once, by the operator interface, before the triton kernel (or any backend) runs."""
-    from qvl.backends import resolve_plan
-
     ops = Ops(resolve_plan("triton"))
     gen = torch.Generator().manual_seed(0)
     rotary = make_rotary("text", 16, gen, device)
@@ -237,3 +237,128 @@ def test_rope_theta_refuses_other_frequency_tables():
     assert xfb.rope_theta(scaled) is None
     assert xfb.rope_theta(torch.cat([inverse_frequencies(64, 1e4)] * 2)) is None
     assert xfb.rope_theta(inv * 0.5) is None
+
+
+# --- backward: the triton rope differentiated (the rotation by minus the angle) against eager autograd -----------
+
+
+def grad_rotary(mode: str, head_dim: int, gen: torch.Generator, device) -> Rotary:
+    """Text M-RoPE (head dim 32: sections (4, 6, 6); otherwise a random 3-way split) or the vision tower's 2-D
+    rotary, Rotary(inv_freq, (D/4, D/4)) as qvl/model/vision.py builds it."""
+    if mode == "text" and head_dim == 32:
+        return Rotary(inverse_frequencies(head_dim, 1e6).to(device), (4, 6, 6))
+    return make_rotary(mode, head_dim, gen, device)
+
+
+def grad_leaves(storage):
+    """Fresh leaves requiring grad for each storage tensor, so each backend differentiates its own graph."""
+    return [s.detach().clone().requires_grad_() for s in storage]
+
+
+def heads_of(leaves, batch, seq_len, head_counts, head_dim, layout):
+    """q and k as `make_heads` lays them out, taken from the given leaves (a fused qkv or separate tensors)."""
+    if layout == "fused":
+        parts = leaves[0].split([h * head_dim for h in head_counts], -1)
+        return [p.view(batch, seq_len, h, head_dim) for p, h in zip(parts, head_counts, strict=True)]
+    return [t.transpose(0, 1) if layout == "transposed" else t for t in leaves]
+
+
+def rope_grads(ops, storage, shape, layout, positions, rotary, douts, needs=(True, True)):
+    """Gradients of <rope(q, k), (dq', dk')> for q and k (None where `needs` says it is not required); through
+    a fused storage, the q and k column blocks of its gradient."""
+    batch, seq_len, head_counts, head_dim = shape
+    leaves = grad_leaves(storage)
+    q, k = heads_of(leaves, batch, seq_len, head_counts, head_dim, layout)
+    if layout != "fused":
+        q, k = (t if need else t.detach() for t, need in zip((q, k), needs, strict=True))
+    outs = ops.rope(q, k, positions, rotary)
+    if layout == "fused":
+        (grad,) = torch.autograd.grad(outs, leaves, douts)
+        return [g.reshape(batch, seq_len, h, head_dim)
+                for g, h in zip(grad.split([h * head_dim for h in head_counts], -1), head_counts, strict=True)]
+    used = [i for i, need in enumerate(needs) if need]  # an output of an input without grad may carry none
+    grads = iter(torch.autograd.grad([outs[i] for i in used], [(q, k)[i] for i in used], [douts[i] for i in used]))
+    return [next(grads) if need else None for need in needs]
+
+
+def make_douts(batch, seq_len, head_counts, head_dim, layout, dtype, gen, device):
+    """Output gradients; (L, B, H, D) storage seen as (B, L, H, D) for the transposed layout, to read strided."""
+    shape = (seq_len, batch) if layout == "transposed" else (batch, seq_len)
+    douts = [torch.randn(*shape, h, head_dim, generator=gen).to(device=device, dtype=dtype) for h in head_counts]
+    return [d.transpose(0, 1) if layout == "transposed" else d for d in douts]
+
+
+def check_rope_backward(mode, head_dim, batch, seq_len, kv_heads, ratio, layout, dtype, seed, max_pos=300):
+    gen = torch.Generator().manual_seed(seed)
+    device = DEVICE_TYPE
+    rotary = grad_rotary(mode, head_dim, gen, device)
+    positions = make_positions(len(rotary.sections), batch, seq_len, max_pos, layout != "contiguous", gen, device)
+    head_counts = [kv_heads * ratio, kv_heads]
+    _, storage = make_heads(batch, seq_len, head_counts, head_dim, layout, dtype, gen, device)
+    douts = make_douts(batch, seq_len, head_counts, head_dim, layout, dtype, gen, device)
+    shape = (batch, seq_len, head_counts, head_dim)
+    grads = rope_grads(Ops(resolve_plan("triton")), storage, shape, layout, positions, rotary, douts)
+    ref_grads = rope_grads(reference_ops(), storage, shape, layout, positions, rotary, douts)
+    assert_grads_close(grads, ref_grads, ["q", "k"], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode, head_dim", [("text", 32), ("vision", 32), ("vision", 80)])
+def test_rope_backward_matches_eager(mode, head_dim, dtype):
+    """As the model calls it: q/k slices of one fused qkv, GQA, text M-RoPE with three distinct streams (sections
+    (4, 6, 6)) or the vision 2-D rotary (two streams; head dim 80: 40 pairs padded to 64), large positions."""
+    check_rope_backward(mode, head_dim, batch=2, seq_len=5, kv_heads=2, ratio=3, layout="fused", dtype=dtype,
+                        seed=head_dim + len(mode), max_pos=30000)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@settings(max_examples=6)
+@given(mode=st.sampled_from(["text", "vision"]), head_dim=st.sampled_from([8, 16, 32, 64]), batch=st.integers(1, 3),
+       seq_len=st.integers(1, 9), kv_heads=st.integers(1, 3), ratio=st.sampled_from(GQA_RATIOS),
+       layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**31 - 1))
+def test_rope_backward_shapes(mode, head_dim, batch, seq_len, kv_heads, ratio, layout, dtype, seed):
+    """Odd B, L and head counts (GQA ratios of the Qwen2.5-VL sizes) in every layout: separate contiguous tensors,
+    fused slices, (L, B)-major storage; the output gradients then strided too."""
+    check_rope_backward(mode, head_dim, batch, seq_len, kv_heads, ratio, layout, dtype, seed)
+
+
+@pytest.mark.parametrize("needs", [(True, False), (False, True)], ids=["q only", "k only"])
+def test_rope_backward_one_input(needs, device):
+    """Only one of q, k requires grad: its gradient matches eager's, the other is None (and left out of the
+    backward launch)."""
+    gen = torch.Generator().manual_seed(0)
+    rotary = grad_rotary("text", 32, gen, device)
+    positions = make_positions(3, 2, 4, 300, False, gen, device)
+    head_counts, dtype = [4, 2], torch.float32
+    _, storage = make_heads(2, 4, head_counts, 32, "contiguous", dtype, gen, device)
+    douts = make_douts(2, 4, head_counts, 32, "contiguous", dtype, gen, device)
+    shape = (2, 4, head_counts, 32)
+    grads = rope_grads(Ops(resolve_plan("triton")), storage, shape, "contiguous", positions, rotary, douts, needs)
+    ref_grads = rope_grads(reference_ops(), storage, shape, "contiguous", positions, rotary, douts, needs)
+    assert_grads_close(grads, ref_grads, ["q", "k"], dtype)
+
+
+def test_rope_backward_only_when_needed(device):
+    """The autograd.Function only when autograd records the call and q or k requires grad."""
+    gen = torch.Generator().manual_seed(0)
+    rotary = grad_rotary("vision", 16, gen, device)
+    positions = make_positions(2, 1, 3, 10, False, gen, device)
+    (q, k), _ = make_heads(1, 3, [2, 1], 16, "contiguous", torch.float32, gen, device)
+    args = (positions, rotary.inv_freq, rotary.stream_of_pair)
+    assert rope(q, k, *args)[0].grad_fn is None
+    with torch.no_grad():
+        assert rope(q.requires_grad_(), k, *args)[0].grad_fn is None
+    assert type(rope(q, k, *args)[0].grad_fn).__name__ == "_RopeBackward"
+
+
+@pytest.mark.parametrize("mode", ["text", "vision"])
+def test_eager_rope_gradcheck(mode, device):
+    """The reference itself: EagerRope's autograd against finite differences in float64. EagerRope rotates in
+    float32 whatever the input dtype, so the differences carry float32 rounding: the rotation is linear in q and
+    k, so a large step (eps) costs no truncation error and keeps that rounding small against it."""
+    gen = torch.Generator().manual_seed(0)
+    rotary = grad_rotary(mode, 16, gen, "cpu")
+    positions = make_positions(len(rotary.sections), 2, 3, 300, False, gen, "cpu")
+    q, k = (torch.randn(2, 3, h, 16, generator=gen, dtype=torch.float64).requires_grad_() for h in (2, 1))
+    assert torch.autograd.gradcheck(lambda q, k: EagerRope()(q, k, positions, rotary), (q, k), eps=0.5, atol=1e-5,
+                                    rtol=1e-4)
