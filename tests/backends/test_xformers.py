@@ -195,6 +195,27 @@ def test_tiny_model_through_simulated_xformers(simulated):
     assert all(calls[op] > 0 for op in OPERATORS if op != "loss"), calls
 
 
+@needs_xf
+def test_training_through_simulated_xformers_attention(simulated):
+    """Attention trains on xformers (memory_efficient_attention's autograd, through the backend's layouts and
+    biases); norm, rope and mlp declare no backward and go to eager, as does the loss xFormers does not have."""
+    from tests.model.test_training import assert_grads_match, loss_and_grads, training_batch
+
+    name, calls = simulated
+    model = checks.perturbed("tiny", torch.float32, device="cpu")
+    batch = training_batch()
+    ref_loss, ref_grads = loss_and_grads(model, batch)
+    ref_grads = {n: g.clone() for n, g in ref_grads.items()}
+    model.set_backends(name, fallback="eager")
+    loss, grads = loss_and_grads(model, batch)
+    assert calls["attention"] > 0
+    assert rel_err(loss, ref_loss) <= 1e-5
+    assert_grads_match(grads, ref_grads, 1e-4)
+    refused = {fb.operator for fb in model.fallbacks if any("no backward" in r for r in fb.reasons)}
+    assert refused == {"norm", "rope", "mlp"}
+    assert not any(fb.operator == "attention" for fb in model.fallbacks)
+
+
 # --- availability -------------------------------------------------------------------------------------------------
 
 
@@ -349,6 +370,22 @@ def test_attention_probe_turns_xformers_dispatch_refusal_into_a_reason(monkeypat
         assert reason.startswith("memory_efficient_attention has no kernel for these inputs: `") and "\n" not in reason
         for op in ops:
             assert f"`{op.NAME}` is not supported because: " in reason and "device=cpu" in reason
+
+
+@needs_xf
+def test_attention_probe_asks_the_backward_kernels_for_a_call_that_needs_gradients(monkeypatch, fresh_probe):
+    """Forward kernels that take the call are not enough when it needs gradients: a backward kernel must too."""
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    backward_ops = xfb.forward_ops("BwOp")  # this release's; on the CPU every one refuses
+    assert backward_ops
+    takes_all = type("TakesAll", (), {"not_supported_reasons": staticmethod(lambda inputs: [])})
+    monkeypatch.setattr(xfb.attention, "forward_ops", lambda kind="FwOp": [takes_all] if kind == "FwOp"
+                        else backward_ops)
+    assert fresh_probe(probe_call()) == ()  # inference: a forward kernel is enough
+    grad = CallInfo("attention", "cpu", torch.float32, probe_call().features + (("grad", True),))
+    (reason,) = fresh_probe(grad)
+    assert reason.startswith("no backward: memory_efficient_attention has no backward kernel for these inputs: `")
+    assert all(f"`{op.NAME}` is not supported because: " in reason for op in backward_ops)
 
 
 @needs_xf

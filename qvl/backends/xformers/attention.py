@@ -26,12 +26,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..interface import BlockDiagonalMask, CausalMask
+from ..interface import BlockDiagonalMask, CausalMask, needs_grad
 from ..registry import BackendUnsupportedError, CallInfo
 from . import installed, layout
 from .base import XformersOp
 
 NO_KERNEL = "memory_efficient_attention has no kernel for these inputs: "
+NO_BACKWARD_KERNEL = "no backward: memory_efficient_attention has no backward kernel for these inputs: "
 
 
 @dataclass
@@ -133,8 +134,8 @@ def prepare_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -
 
 def memory_efficient_attention(call: AttentionCall, scale: float) -> torch.Tensor:
     """xFormers' forward-only entry point for inference; its autograd one when gradients are needed."""
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (call.query, call.key, call.value))
     ops = installed.XF.ops
+    grad = needs_grad(call.query, call.key, call.value)
     attend = ops.memory_efficient_attention if grad else ops.memory_efficient_attention_forward
     try:
         out = attend(call.query, call.key, call.value, attn_bias=call.bias, scale=scale)
@@ -152,23 +153,24 @@ def _dispatch_summary(message: str) -> str:
 # --- the support probe: xFormers' forward kernels asked through their public not_supported_reasons ------------
 
 
-def forward_ops() -> list[type]:
+def forward_ops(kind: str = "FwOp") -> list[type]:
     """The forward kernel classes memory_efficient_attention_forward chooses among, in its order of preference:
-    flash3, flash, cutlass with a CUDA build of torch, ck otherwise (ROCm). A class the installed release lacks
-    is left out.
+    flash3, flash, cutlass with a CUDA build of torch, ck otherwise (ROCm); with kind="BwOp" the backward kernel
+    classes memory_efficient_attention's autograd chooses among, in the same order. A class the installed
+    release lacks is left out.
 
     (For GQA decode with long keys xFormers also tries its split-KV Triton kernel first; the probe never has
     that shape, and flash and cutlass stay on the list there too.)
     """
     fmha = installed.XF.fmha
     names = ("flash3", "flash", "cutlass") if torch.version.cuda else ("ck",)
-    found = (getattr(getattr(fmha, name, None), "FwOp", None) for name in names)
+    found = (getattr(getattr(fmha, name, None), kind, None) for name in names)
     return [op for op in found if op is not None]
 
 
-def _refusals_summary(refusals: list[tuple[type, list[str]]]) -> str:
+def _refusals_summary(refusals: list[tuple[type, list[str]]], what: str = NO_KERNEL) -> str:
     """One line naming each kernel and its reasons."""
-    return NO_KERNEL + " | ".join(
+    return what + " | ".join(
         f"`{getattr(op, 'NAME', op.__name__)}` is not supported because: "
         + "; ".join(installed.one_line(r) for r in reasons) for op, reasons in refusals)
 
@@ -181,9 +183,9 @@ def _probe_mask(call: CallInfo, device) -> object:
 
 @functools.cache
 def probe_attention(call: CallInfo) -> tuple[str, ...]:
-    """Whether a forward kernel of xFormers takes this kind of call, asked with tiny tensors on the device in
-    the exact layout and bias type `prepare_attention` would produce: () when one does, else the one-line
-    summary of every kernel's reasons."""
+    """Whether a forward kernel of xFormers takes this kind of call (and, for a call that needs gradients, a
+    backward kernel too), asked with tiny tensors on the device in the exact layout and bias type
+    `prepare_attention` would produce: () when one does, else the one-line summary of every kernel's reasons."""
     try:
         device = torch.device(call.device)
         mask = _probe_mask(call, device)
@@ -196,12 +198,16 @@ def probe_attention(call: CallInfo) -> tuple[str, ...]:
                                           attn_bias=probe.bias, p=0.0, scale=d**-0.5)
         inputs.validate_inputs()
         refusals = [(op, list(op.not_supported_reasons(inputs))) for op in forward_ops()]
+        backward = [(op, list(op.not_supported_reasons(inputs))) for op in forward_ops("BwOp")] if call.get(
+            "grad") else []
     except Exception as e:  # the probe itself broke (xFormers API moved?): let the real call decide
         logging.getLogger("qvl.backends").debug("xformers attention probe failed: %s", e)
         return ()
-    if not refusals or any(not reasons for _, reasons in refusals):
-        return ()
-    return (_refusals_summary(refusals),)
+    if refusals and all(reasons for _, reasons in refusals):
+        return (_refusals_summary(refusals),)
+    if backward and all(reasons for _, reasons in backward):
+        return (_refusals_summary(backward, NO_BACKWARD_KERNEL),)
+    return ()
 
 
 class XformersAttention(XformersOp):
