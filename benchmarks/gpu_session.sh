@@ -90,7 +90,7 @@ stage_ablate() {
 # long_prompt_prefill.toml is 3b already. The stage's cap is shared out among the configs left by their
 # number of variants (each variant costs about the same: warm-up, repeats, the error pass).
 stage_configs() {
-  local configs=(backend_mix backend_per_operator vision_window_size dtype long_prompt_prefill) cap=$1 left_n=0
+  local configs=(backend_mix backend_per_operator vision_window_size dtype long_prompt_prefill train) cap=$1 left_n=0
   local -A variants
   for name in "${configs[@]}"; do
     variants[$name]=$(grep -c '^\[\[variants\]\]' "ablations/$name.toml"); left_n=$(( left_n + variants[$name] ))

@@ -4,8 +4,9 @@
     qvl report results/backend_mix/<timestamp> [more runs ...]
 
 `config` holds the config schema (dataclasses; `schema` derives the parser, the docs tables and the TOML
-``--check`` prints from them), `workload` builds the inputs, `runner` measures, `report` renders tables,
-report.md and the plot.
+``--check`` prints from them), `workload` builds the inputs (and a training batch's labels), `runner` measures
+generation, or with ``[run] mode = "train"`` training steps (`train`: step time, gradients against the
+reference, a loss curve), `report` renders tables, report.md and the plot.
 """
 
 from .config import AblationConfig, ConfigError, Variant, load_config, parse_config

@@ -42,6 +42,8 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 STRICT = "none"  # the fallback that means: a call the chosen backend cannot run fails
+GENERATE, TRAIN = "generate", "train"  # [run] mode: what is measured
+MODES = (GENERATE, TRAIN)
 # Qwen2.5-VL's preprocessor_config.json bounds on resized image area (pixels).
 MIN_PIXELS = 56 * 56
 MAX_PIXELS = 12845056
@@ -171,7 +173,8 @@ class VideoSpec:
 
 @dataclass(frozen=True)
 class WorkloadSpec:
-    """The prompt every variant runs: images, videos and text, then greedy decoding."""
+    """The prompt every variant runs: images, videos and text, then greedy decoding (generate mode); in train mode
+    the batch of every training step, its labels the prompt's own tokens."""
 
     images: tuple[ImageSpec, ...] = key(
         (), "images in the prompt, e.g. `[{ size = [224, 336] }, { file = \"cat.png\" }]`")
@@ -179,7 +182,8 @@ class WorkloadSpec:
         (), "videos in the prompt, e.g. `[{ size = [224, 224], frames = 8, fps = 2.0 }]`")
     prompt_tokens: int = key(
         16, "text tokens around the vision placeholders (>= 1 without images or videos)", minimum=0)
-    decode_tokens: int = key(8, "new tokens, greedy (the first comes from the prefill)", minimum=1)
+    decode_tokens: int = key(8, "generate mode only: new tokens, greedy (the first comes from the prefill)",
+                             minimum=1)
     batch_size: int = key(1, "prompts per batch (the same prompt repeated)", minimum=1)
     seed: int = key(0, "seed of the prompt text and the synthesized pixels")
     min_pixels: int = key(MIN_PIXELS, "the processor's lower bound on a resized image's area", minimum=1)
@@ -228,6 +232,11 @@ class RunSpec:
     fallback: str | None = key(
         None, "`none`: strict, a call a variant's backends cannot run fails the variant; a backend: such calls run "
               "there and are listed as fallbacks", toml_default=STRICT, **FALLBACK)  # None: strict
+    mode: str = key(GENERATE, "`generate`: prefill and greedy decoding are timed, logits compared; `train`: forward + "
+                              "backward with labels is timed, gradients compared, a loss curve drawn", choices=MODES)
+    train_steps: int = key(8, "train mode only: AdamW steps of the loss curve, from the same initial weights for "
+                              "every variant", minimum=1)
+    learning_rate: float = key(1e-4, "train mode only: AdamW's learning rate (torch's other defaults)", above=0)
 
 
 @dataclass(frozen=True)
@@ -248,7 +257,10 @@ class Variant:
     overrides: dict[str, Any] = key({}, "architecture overrides on top of [model] overrides", parse=_overrides,
                                     type_text=OVERRIDES_TEXT)
     description: str = key("", "free text, shown in reports")
-    cuda_graph: bool = key(False, "decode steps replayed from a CUDA graph (CUDA devices only; `qvl.model.graphs`)")
+    cuda_graph: bool = key(False, "generate mode only: decode steps replayed from a CUDA graph (CUDA devices only; "
+                                  "`qvl.model.graphs`)")
+    gradient_checkpointing: bool = key(False, "train mode only: recompute each decoder layer and vision block in "
+                                              "the backward instead of keeping its activations")
 
     @classmethod
     def finish_parse(cls, values: dict[str, Any], raw: dict, at: At) -> None:
@@ -285,6 +297,7 @@ class AblationConfig:
         run = values["run"]  # a variant without its own fallback takes [run]'s
         values["variants"] = tuple(v if "fallback" in written else replace(v, fallback=run.fallback)
                                    for v, written in zip(values["variants"], raw["variants"], strict=True))
+        _check_mode_keys(values, raw, at)
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:
@@ -314,6 +327,32 @@ class AblationConfig:
         out = plain(self)
         out.pop("source")
         return out
+
+
+# the keys that mean something in one [run] mode only, as (section, key): help texts say so too
+MODE_ONLY = {TRAIN: (("run", "train_steps"), ("run", "learning_rate"), ("variants", "gradient_checkpointing")),
+             GENERATE: (("workload", "decode_tokens"), ("variants", "cuda_graph"))}
+SECTION_SPECS = {"run": RunSpec, "workload": WorkloadSpec, "variants": Variant}
+
+
+def _check_mode_keys(values: dict[str, Any], raw: dict, at: At) -> None:
+    """A key of the other mode set to anything but its default would be silently ignored: an error. Its default
+    is accepted, so `config_toml`'s output (every default written out) parses back."""
+    mode = values["run"].mode
+    for other, keys in MODE_ONLY.items():
+        if other == mode:
+            continue
+        for section, name in keys:
+            spec = SECTION_SPECS[section]
+            default = toml_fields(spec)[name][0].default
+            why = (f"only used when [run] mode = {show_value(other)}; this config's mode is {show_value(mode)} "
+                   f"(leave it out, or at its default {show_value(default)})")
+            if section == "variants":
+                for i, (v, written) in enumerate(zip(values["variants"], raw["variants"], strict=True)):
+                    if getattr(v, name) != default:
+                        raise at.item("variants", i, written).error(name, why)
+            elif getattr(values[section], name) != default:
+                raise at.table(section).error(name, why)
 
 
 # --- loading ------------------------------------------------------------------------------------------------------

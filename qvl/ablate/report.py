@@ -1,6 +1,7 @@
 """Render ablation results: the terminal table, report.md, the speed/error plot, and side-by-side comparisons.
 
 Everything here reads the stored results.json, so `qvl report DIR` renders a past run exactly as the run did.
+A train run (results.json `run.mode` = "train") has its own columns, figure notes and plot (loss curves).
 """
 
 from __future__ import annotations
@@ -30,6 +31,24 @@ FIGURES_TEXT = """\
   **first div**: the first step where any row differs (0 = the token out of the prefill), "-" if none.
 - **fallbacks**: distinct calls the registry routed to the fallback backend because the chosen one could not
   run them (listed below the table)."""
+
+TRAIN_FIGURES_TEXT = """\
+- **step ms**: one training step on the batch: the forward with labels (the LM head and the loss included) and
+  the backward, gradients of every parameter. Median over the repeats after the warm-up runs, with [min-max]
+  (the terminal shows +-half the range as a percentage of the median); no weight is updated while timing. CUDA
+  events on a GPU, `time.perf_counter` on a CPU.
+- **tokens/s**: tokens in the batch (batch x prompt length, vision placeholders included) / step time.
+- **peak MiB**: on a GPU, what the variant's steps need: its weights plus the most `torch.cuda.max_memory_allocated`
+  rose over them (activations, gradients) above what was resident when it started. Not measured on a CPU.
+- **loss**: the loss of the first step, at the initial weights: mean cross-entropy over the counted tokens (the
+  prompt's text tokens; vision placeholders, vision start/end and padding are not counted).
+- **final loss**: the last point of the loss curve: the loss before the last of the `train_steps` AdamW steps on
+  the same batch, from the same initial weights for every variant (the curve is in results.json and the plot).
+- **grad rel err**: the worst parameter's gradient error against the reference's, of one step at the same
+  weights: max over parameters of ||g - g_ref|| / ||g_ref|| in float32; **worst param** names that parameter.
+  Compared only where the variant's architecture and prompt match the reference's.
+- **fallbacks**: distinct calls the registry routed to the fallback backend because the chosen one could not
+  run them, e.g. a backward it does not have (listed below the table)."""
 
 
 # --- reading ------------------------------------------------------------------------------------------------------
@@ -91,11 +110,25 @@ def _err(x) -> str:
     return "0" if x == 0 else f"{x:.2e}"
 
 
+def is_train(results: dict) -> bool:
+    return (results.get("run") or {}).get("mode") == "train"
+
+
+def _last(values) -> Any:
+    return values[-1] if isinstance(values, list) and values else None
+
+
 def variant_cells(e: dict, style: str = "text") -> dict[str, str]:
     f, c = e.get("figures") or {}, e.get("comparison") or {}
     name = e["name"] + (" (ref)" if e.get("reference") else "")
     agree = c.get("token_agreement")
     return {
+        "step ms": _timing(f.get("step_ms"), ".1f", style),
+        "tokens/s": _timing(f.get("tokens_per_s"), ".1f", style),
+        "loss": _num(f.get("loss"), ".4f"),
+        "final loss": _num(_last(f.get("loss_curve")), ".4f"),
+        "grad rel err": _err(c.get("grad_rel_err")),
+        "worst param": c.get("grad_rel_err_param") or "-",
         "variant": name,
         "status": e["status"],
         "vision ms": _timing(f.get("vision_ms"), ".1f", style),
@@ -113,6 +146,13 @@ def variant_cells(e: dict, style: str = "text") -> dict[str, str]:
 
 COLUMNS = ["variant", "status", "vision ms", "prefill ms", "decode tok/s", "launches/step", "peak MiB", "rel err",
            "max err", "agree", "first div", "fallbacks"]
+TRAIN_COLUMNS = ["variant", "status", "step ms", "tokens/s", "peak MiB", "loss", "final loss", "grad rel err",
+                 "worst param", "fallbacks"]
+
+
+def columns(results: dict) -> list[str]:
+    """The table's columns for the run's mode."""
+    return TRAIN_COLUMNS if is_train(results) else COLUMNS
 
 
 def _grid(header: list[str], rows: list[list[str]]) -> str:
@@ -132,11 +172,12 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 def format_table(results: dict) -> str:
     """The terminal table, failures and fallbacks under it."""
+    cols = columns(results)
     rows = []
     for e in results["variants"]:
         cells = variant_cells(e)
-        rows.append([cells[c] for c in COLUMNS])
-    out = [_grid(COLUMNS, rows)]
+        rows.append([cells[c] for c in cols])
+    out = [_grid(cols, rows)]
     failed = [f"  {e['name']}: {e['error'].splitlines()[0] if e['error'] else ''}" for e in results["variants"]
               if e["status"] in ("failed", "interrupted") and e.get("error")]
     if failed:
@@ -157,6 +198,7 @@ def format_table(results: dict) -> str:
 
 def render_markdown(results: dict, plot_file: str | None = None, plot_note: str | None = None) -> str:
     env, run, cfg = results.get("environment") or {}, results.get("run") or {}, results.get("config") or {}
+    train = is_train(results)
     model, work = cfg.get("model") or {}, results.get("workload") or {}
     git = env.get("git") or {}
     lines = [f"# Ablation: {results['name']}", ""]
@@ -179,23 +221,28 @@ def render_markdown(results: dict, plot_file: str | None = None, plot_note: str 
             vis.append("images (t, h, w patches) " + ", ".join(str(tuple(g)) for g in work["image_grids_thw"]))
         if work.get("video_grids_thw"):
             vis.append("videos " + ", ".join(str(tuple(g)) for g in work["video_grids_thw"]))
+        what = (f"training on the prompt's own tokens, {run.get('train_steps')} AdamW steps at learning rate "
+                f"{run.get('learning_rate')} for the loss curve" if train else f"{work['decode_tokens']} new tokens")
         lines.append(f"- workload: batch {work['batch_size']}, prompt {work['prompt_length']} tokens "
                      f"({work['text_tokens']} text, {work['vision_tokens']} vision placeholders), "
-                     f"{work['decode_tokens']} new tokens" + (f"; {'; '.join(vis)}" if vis else ""))
+                     f"{what}" + (f"; {'; '.join(vis)}" if vis else ""))
     lines.append(f"- environment: {env.get('device_name')}; python {env.get('python')}, torch {env.get('torch')}, "
                  f"triton {env.get('triton') or 'not installed'}"
                  + (" (interpreted)" if env.get("triton_interpret") else "")
                  + f", xformers {env.get('xformers') or 'not installed'}, qvl {env.get('qvl')}; "
                  f"git {git.get('commit', 'unknown')}" + (" (uncommitted changes)" if git.get("dirty") else ""))
     lines += ["", "## Results", ""]
-    header = ["variant", "backends", "dtype", "status"] + COLUMNS[2:]
+    figures = columns(results)[2:]
+    header = ["variant", "backends", "dtype", "status"] + figures
     rows = []
     for e in results["variants"]:
         cells = variant_cells(e, "md")
         req = e.get("requested") or {}
         extra = f"; overrides {_inline(req['overrides'])}" if req.get("overrides") else ""
+        if train and req.get("gradient_checkpointing"):
+            extra += "; gradient checkpointing"
         rows.append([cells["variant"], f"`{e.get('backends')}`{extra}", str(req.get("dtype", "")), cells["status"]]
-                    + [cells[c] for c in COLUMNS[2:]])
+                    + [cells[c] for c in figures])
     lines.append(_md_table(header, rows))
     lines += ["", "Timings: median [min-max]."]
     failed = [e for e in results["variants"] if e["status"] in ("failed", "interrupted", "pending", "running")]
@@ -221,7 +268,7 @@ def render_markdown(results: dict, plot_file: str | None = None, plot_note: str 
         lines.append(f"- `{e['name']}`: {plan or 'not resolved'}" + (f"; weights {weights}" if weights else ""))
     lines += ["", "## Plot", ""]
     lines.append(f"![speed and error per variant]({plot_file})" if plot_file else f"No plot: {plot_note}")
-    lines += ["", "## What the figures mean", "", FIGURES_TEXT, ""]
+    lines += ["", "## What the figures mean", "", TRAIN_FIGURES_TEXT if train else FIGURES_TEXT, ""]
     return "\n".join(lines)
 
 
@@ -237,8 +284,18 @@ def _code(text: str) -> str:
 # --- the plot -----------------------------------------------------------------------------------------------------
 
 
+# (title, key, log scale): bars of a timing's median with its min-max, or of an error against the reference
+PANELS = [("vision tower ms", "vision_ms", False), ("prefill ms (time to first token)", "prefill_ms", False),
+          ("decode tokens/s", "decode_tok_s", False), ("logits rel. error vs reference", "logits_rel_err", True)]
+TRAIN_PANELS = [("step ms (forward + backward)", "step_ms", False), ("training tokens/s", "tokens_per_s", False),
+                ("gradient rel. error vs reference", "grad_rel_err", True)]
+ERROR_KEYS = {"logits_rel_err", "grad_rel_err"}  # read from the comparison, not the figures
+CURVE_STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ("-", "x"), ("--", "v")]
+
+
 def plot_results(results: dict, path: str) -> str | None:
-    """Speed and error per variant as one PNG. Returns None when written, else why it was skipped."""
+    """Speed and error per variant as one PNG; a train run adds every variant's loss curve below the bars.
+    Returns None when written, else why it was skipped."""
     try:
         import matplotlib
 
@@ -247,10 +304,31 @@ def plot_results(results: dict, path: str) -> str | None:
     except ImportError as e:
         return f"matplotlib is not installed ({e}); pip install matplotlib"
     variants = results["variants"]
+    train = is_train(results)
+    panels = TRAIN_PANELS if train else PANELS
+    bars_height, curve_height = 0.9 + 0.45 * len(variants), 3.4 if train else 0.0
+    fig = plt.figure(figsize=(4.2 * len(panels), bars_height + curve_height))
+    grid = fig.add_gridspec(2 if train else 1, len(panels),
+                            height_ratios=[bars_height, curve_height] if train else None)
+    axes: list = []
+    for i in range(len(panels)):
+        axes.append(fig.add_subplot(grid[0, i], sharey=axes[0] if axes else None))
+        if i:
+            axes[i].tick_params(labelleft=False)
+    _bar_panels(axes, panels, variants)
+    if train:
+        _loss_curves(fig.add_subplot(grid[1, :]), variants)
+    env = results.get("environment") or {}
+    fig.suptitle(f"{results['name']}: {env.get('device_name', '')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def _bar_panels(axes: list, panels: list, variants: list[dict]) -> None:
+    """One horizontal bar per variant in each panel; the variants' names on the first panel's axis."""
     names = [e["name"] + (" (ref)" if e.get("reference") else "") for e in variants]
-    panels = [("vision tower ms", "vision_ms", False), ("prefill ms (time to first token)", "prefill_ms", False),
-              ("decode tokens/s", "decode_tok_s", False), ("logits rel. error vs reference", "logits_rel_err", True)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.9 + 0.45 * len(variants)), sharey=True)
     ys = list(range(len(variants)))
     for ax, (title, key, log) in zip(axes, panels, strict=True):
         for y, e in zip(ys, variants, strict=True):
@@ -258,7 +336,7 @@ def plot_results(results: dict, path: str) -> str | None:
                 ax.text(0.02, y, e["status"], va="center", ha="left", color="tab:red",
                         transform=ax.get_yaxis_transform())
                 continue
-            if key == "logits_rel_err":
+            if key in ERROR_KEYS:
                 value = (e.get("comparison") or {}).get(key)
                 if not isinstance(value, (int, float)) or value <= 0:
                     label = "ref" if e.get("reference") else ("0" if value == 0 else (value or "n/a"))
@@ -277,16 +355,35 @@ def plot_results(results: dict, path: str) -> str | None:
         values = [v for v in _panel_values(variants, key) if v > 0]
         if log or (values and max(values) / min(values) > 50):  # e.g. interpreted Triton next to eager
             ax.set_xscale("log")
+            # within one decade matplotlib labels the minor ticks too: turned, so they do not overlap
+            ax.tick_params(axis="x", which="minor", labelsize=7, labelrotation=45)
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(ys)
     axes[0].set_yticklabels(names, fontsize=9)
     axes[0].invert_yaxis()
-    env = results.get("environment") or {}
-    fig.suptitle(f"{results['name']}: {env.get('device_name', '')}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return None
+
+
+def _loss_curves(ax, variants: list[dict]) -> None:
+    """Every measured variant's loss curve on one axis; line and marker styles differ, since equal curves
+    (a checkpointing variant and its reference) lie on top of each other."""
+    drawn = 0
+    for e in variants:
+        curve = (e.get("figures") or {}).get("loss_curve")
+        if e["status"] != "ok" or not isinstance(curve, list) or not curve:
+            continue
+        line, marker = CURVE_STYLES[drawn % len(CURVE_STYLES)]
+        values = [float(v) if isinstance(v, (int, float)) else float("nan") for v in curve]  # "nan" as stored
+        ax.plot(range(len(values)), values, linestyle=line, marker=marker, markersize=4, alpha=0.8,
+                label=e["name"] + (" (ref)" if e.get("reference") else ""))
+        drawn += 1
+    ax.set_title("loss before each AdamW step (same batch, same initial weights)", fontsize=10)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no loss curve measured", ha="center", va="center", color="gray", transform=ax.transAxes)
 
 
 def _panel_values(variants: list[dict], key: str) -> list[float]:
@@ -294,7 +391,7 @@ def _panel_values(variants: list[dict], key: str) -> list[float]:
     for e in variants:
         if e["status"] != "ok":
             continue
-        if key == "logits_rel_err":
+        if key in ERROR_KEYS:
             value = (e.get("comparison") or {}).get(key)
         else:
             value = _median((e.get("figures") or {}).get(key))
@@ -327,9 +424,14 @@ def run_label(results: dict, directory: str) -> str:
 
 
 def compare_runs(runs: list[tuple[dict, str]], style: str = "text") -> str:
-    """Variants of several runs side by side: one row per (variant, run), speed relative to the first run."""
-    header = ["variant", "run", "device", "status", "vision ms", "prefill ms", "decode tok/s", "launches/step",
-              "rel err", "agree", "prefill vs first"]
+    """Variants of several runs side by side: one row per (variant, run), speed relative to the first run.
+    Train runs compare their step time, unless generate runs are among them."""
+    train = all(is_train(r) for r, _ in runs)
+    figures, speed, ratio_name = ((["step ms", "tokens/s", "loss", "grad rel err"], "step_ms", "step vs first")
+                                  if train else
+                                  (["vision ms", "prefill ms", "decode tok/s", "launches/step", "rel err", "agree"],
+                                   "prefill_ms", "prefill vs first"))
+    header = ["variant", "run", "device", "status", *figures, ratio_name]
     names: list[str] = []
     for results, _ in runs:
         for e in results["variants"]:
@@ -343,15 +445,14 @@ def compare_runs(runs: list[tuple[dict, str]], style: str = "text") -> str:
             if e is None:
                 continue
             cells = variant_cells(e, "md" if style == "md" else "text")
-            prefill = _median((e.get("figures") or {}).get("prefill_ms"))
-            if base is None and prefill:
-                base, ratio = prefill, "1.00x"
+            ms = _median((e.get("figures") or {}).get(speed))
+            if base is None and ms:
+                base, ratio = ms, "1.00x"
             else:
-                ratio = f"{prefill / base:.2f}x" if prefill and base else "-"
+                ratio = f"{ms / base:.2f}x" if ms and base else "-"
             rows.append([name, run_label(results, directory), (results.get("environment") or {}).get("device_name", "-")
                          if style == "md" else (results.get("run") or {}).get("device", "-"), e["status"],
-                         cells["vision ms"], cells["prefill ms"], cells["decode tok/s"], cells["launches/step"],
-                         cells["rel err"], cells["agree"], ratio])
+                         *(cells[c] for c in figures), ratio])
     if style == "md":
         def environment(r: dict) -> dict:
             return r.get("environment") or {}
@@ -361,8 +462,8 @@ def compare_runs(runs: list[tuple[dict, str]], style: str = "text") -> str:
                                                     f"git {(environment(r).get('git') or {}).get('commit')}"
                                                     for r, d in runs]
         return "\n".join(intro + ["", _md_table(header, rows), "",
-                                  "prefill vs first: this run's median prefill time over the first listed run's "
-                                  "for the same variant.", ""])
+                                  f"{ratio_name}: this run's median {'step' if train else 'prefill'} time over "
+                                  "the first listed run's for the same variant.", ""])
     return _grid(header, rows)
 
 

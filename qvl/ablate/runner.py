@@ -23,6 +23,10 @@ Variants with architecture overrides or another dtype get their own model, with 
 parameter shapes agree (copied, cast to the variant's dtype, from the base model), so their error is the
 effect of the ablation itself. Variants whose prompt differs from the reference's (other patch or merge
 size) or whose vocabulary differs are not compared.
+
+With [run] mode = "train" the variant is measured training instead (`qvl.ablate.train`: step time, tokens/s,
+peak memory, the first step's loss, gradients against the reference's, a loss curve); the same models are
+shared, and given back with their weights, mode and checkpointing unchanged.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ from ..backends import resolve_plan
 from ..checkpoint import from_config, from_pretrained
 from ..dtypes import DTYPES, dtype_name
 from ..files import write_json
-from .config import AblationConfig, Variant
+from .config import TRAIN, AblationConfig, Variant
 from .measure import Clock, PeakMemory, Progress, environment, summarize
+from .train import compare_gradients, loss_curve, measure_steps, training, training_batch
 from .workload import Workload, build_workload
 
 FORMAT = "qvl-ablation/1"
@@ -238,7 +243,7 @@ class AblationRun:
             "config_path": config.path,
             "config": config.to_dict(),
             "config_source": config.source,
-            "run": {"device": str(self.device), "repeats": self.repeats, "warmup": self.warmup},
+            "run": self._run_info(),
             "environment": environment(self.device, self.clock, self.memory),
             "reference": config.reference,
             "workload": None,
@@ -249,11 +254,23 @@ class AblationRun:
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
 
+    @property
+    def training(self) -> bool:
+        return self.config.run.mode == TRAIN
+
+    def _run_info(self) -> dict:
+        run = self.config.run
+        info = {"device": str(self.device), "repeats": self.repeats, "warmup": self.warmup, "mode": run.mode}
+        if self.training:
+            info.update(train_steps=run.train_steps, learning_rate=run.learning_rate)
+        return info
+
     def _pending(self, v: Variant) -> dict:
         return {"name": v.name, "status": "pending", "reference": v.name == self.config.reference,
                 "description": v.description, "backends": v.spec,
                 "requested": {"backends": v.backends, "fallback": v.fallback, "dtype": self.config.dtype_of(v),
-                              "overrides": v.overrides, "cuda_graph": v.cuda_graph},
+                              "overrides": v.overrides, "cuda_graph": v.cuda_graph,
+                              "gradient_checkpointing": v.gradient_checkpointing},
                 "plan": None, "model": None, "workload": None, "figures": None, "comparison": None,
                 "fallbacks": [], "error": None, "traceback": None, "seconds": None}
 
@@ -403,20 +420,13 @@ class AblationRun:
             if v.name == self.config.reference:
                 self.results["workload"] = work.describe()
 
-            self.memory.reset()
-            figures, tokens = measure_timings(model, work, self.clock, self.warmup, self.repeats,
-                                              lambda what, n: self.progress.update(
-                                                  None if what is None else f"{label}: {what}", advance=n),
-                                              cuda_graph=v.cuda_graph)
-            figures["model_mib"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-            figures["device_peak_mib"] = self.memory.read_mib()
-            figures["peak_memory_mib"] = self.memory.variant_peak_mib(figures["model_mib"], figures["device_peak_mib"])
-            figures["process_max_rss_mib"] = self.memory.process_max_rss_mib()
-            figures["launches_per_decode_step"] = decode_step_launches(model, work, v.cuda_graph)
-            entry["figures"] = figures
+            def tick(what, n):
+                self.progress.update(None if what is None else f"{label}: {what}", advance=n)
 
-            self.progress.update(f"{label}: comparing with {self.config.reference}")
-            entry["comparison"] = self._compare(v, model, work, tokens)
+            if self.training:
+                self._measure_training(entry, v, model, work, tick)
+            else:
+                self._measure_generation(entry, v, model, work, tick)
             self.progress.update(advance=1)
             entry["fallbacks"] = _fallbacks(model)
             entry["status"] = "ok"
@@ -440,6 +450,64 @@ class AblationRun:
             entry["seconds"] = time.perf_counter() - start
             self.save()
 
+    def _comparable(self, work: Workload) -> tuple[dict | None, str | None]:
+        """The reference's stored pass, or why a variant with this workload cannot be compared with it."""
+        ref = self._ref
+        if ref is None:
+            return None, f"not compared: the reference variant {self.config.reference!r} failed"
+        if not work.same_prompt(ref["workload"]):
+            return None, ("not compared: this architecture gives another prompt (placeholder count or pixel layout) "
+                          "than the reference's")
+        return ref, None
+
+    def _memory_figures(self, model) -> dict:
+        """Peak memory since `self.memory.reset()` (see PeakMemory) and the model's own size."""
+        model_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+        device_peak = self.memory.read_mib()
+        return {"model_mib": model_mib, "device_peak_mib": device_peak,
+                "peak_memory_mib": self.memory.variant_peak_mib(model_mib, device_peak),
+                "process_max_rss_mib": self.memory.process_max_rss_mib()}
+
+    def _measure_generation(self, entry: dict, v: Variant, model, work: Workload, tick) -> None:
+        self.memory.reset()
+        figures, tokens = measure_timings(model, work, self.clock, self.warmup, self.repeats, tick,
+                                          cuda_graph=v.cuda_graph)
+        figures.update(self._memory_figures(model))
+        figures["launches_per_decode_step"] = decode_step_launches(model, work, v.cuda_graph)
+        entry["figures"] = figures
+        tick(f"comparing with {self.config.reference}", 0)
+        entry["comparison"] = self._compare(v, model, work, tokens)
+
+    def _measure_training(self, entry: dict, v: Variant, model, work: Workload, tick) -> None:
+        """Steps at the initial weights (timed; peak memory over them), the gradient comparison, then the loss
+        curve; the shared model comes back unchanged."""
+        run = self.config.run
+        batch = training_batch(work, model.cfg)
+        with training(model, v.gradient_checkpointing):
+            self.memory.reset()
+            figures, grads = measure_steps(model, batch, self.clock, self.warmup, self.repeats, tick)
+            figures.update(self._memory_figures(model))
+            entry["figures"] = figures
+            entry["comparison"] = self._compare_training(v, work, figures["loss"], grads)
+            del grads  # the reference's are kept in self._ref
+            tick(f"loss curve ({run.train_steps} AdamW steps)", 0)
+            figures["loss_curve"] = loss_curve(model, batch, run.train_steps, run.learning_rate)
+
+    def _compare_training(self, v: Variant, work: Workload, loss: float, grads) -> dict:
+        ref_name = self.config.reference
+        if v.name == ref_name:
+            self._ref = {"grads": grads, "loss": loss, "workload": work}
+            return {"compared_to": ref_name, "grad_rel_err": 0.0, "grad_rel_err_param": None, "loss_abs_err": 0.0,
+                    "note": "the reference"}
+        ref, why_not = self._comparable(work)
+        if why_not:
+            return {"compared_to": None, "note": why_not}
+        out = compare_gradients(grads, ref["grads"])
+        if "note" in out:
+            return out
+        return {"compared_to": ref_name, **out, "loss_abs_err": abs(loss - ref["loss"]),
+                "note": "gradients of one step at the same initial weights"}
+
     def _compare(self, v: Variant, model, work: Workload, tokens: torch.Tensor) -> dict:
         ref_name = self.config.reference
         if v.name == ref_name:
@@ -448,12 +516,9 @@ class AblationRun:
             return {"compared_to": ref_name, "logits_rel_err": 0.0, "logits_max_err": 0.0, "token_agreement": 1.0,
                     "first_divergence": None, "note": "the reference", "deterministic":
                         bool(torch.equal(tokens, ref_tokens))}
-        ref = self._ref
-        if ref is None:
-            return {"compared_to": None, "note": f"not compared: the reference variant {ref_name!r} failed"}
-        if not work.same_prompt(ref["workload"]):
-            return {"compared_to": None, "note": "not compared: this architecture gives another prompt (placeholder "
-                                                 "count or pixel layout) than the reference's"}
+        ref, why_not = self._comparable(work)
+        if why_not:
+            return {"compared_to": None, "note": why_not}
         if model.cfg.text.vocab_size != ref["logits"].shape[-1]:
             return {"compared_to": None, "note": f"not compared: vocabulary {model.cfg.text.vocab_size} vs "
                                                  f"{ref['logits'].shape[-1]} in the reference"}
@@ -487,6 +552,12 @@ def _fallbacks(model) -> list[dict]:
 def _one_line(entry: dict) -> str:
     f, c = entry["figures"] or {}, entry["comparison"] or {}
     parts = []
+    if f.get("step_ms"):
+        parts.append(f"step {f['step_ms']['median']:.1f} ms")
+    if f.get("loss") is not None:
+        parts.append(f"loss {f['loss']:.4f}")
+    if c.get("grad_rel_err") is not None:
+        parts.append(f"grad rel err {c['grad_rel_err']:.2e}")
     if f.get("prefill_ms"):
         parts.append(f"prefill {f['prefill_ms']['median']:.1f} ms")
     if f.get("decode_tok_s"):

@@ -8,7 +8,8 @@ of each 2x2 merge unit adjacent: the order `qvl.model.positions.vision_rope_posi
 
 The prompt of each batch row: half of the text tokens, then every image and video wrapped in
 vision_start / vision_end around its placeholder tokens, then the other half. Rows hold different text and
-pixels but the same layout, so no padding is needed.
+pixels but the same layout, so no padding is needed. In train mode the labels are the prompt's own tokens
+(`training_labels`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..backends import IGNORE_INDEX
 from ..config import Qwen25VLConfig
 from ..processing.image import smart_resize  # the processor's own sizing rule
 from .config import ImageSpec, VideoSpec, WorkloadSpec
@@ -122,6 +124,19 @@ class Workload:
                 "image_grids_thw": self.image_grids, "video_grids_thw": self.video_grids}
 
 
+def training_labels(input_ids: torch.Tensor, cfg: Qwen25VLConfig,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal-LM labels for a prompt: its own tokens, with IGNORE_INDEX where nothing is to be predicted: padding
+    (attention_mask 0) and the vision tokens (image and video placeholders, vision start and end), which stand
+    for pixels, not text. The model shifts them itself (the logits at i are scored against labels[i + 1])."""
+    vision = torch.tensor([cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
+                           cfg.vision_end_token_id], device=input_ids.device)
+    labels = input_ids.masked_fill(torch.isin(input_ids, vision), IGNORE_INDEX)
+    if attention_mask is not None:
+        labels = labels.masked_fill(attention_mask.to(labels.device) == 0, IGNORE_INDEX)
+    return labels
+
+
 def _frames_for_image(spec: ImageSpec, cfg: Qwen25VLConfig, w: WorkloadSpec, gen: torch.Generator) -> torch.Tensor:
     factor = cfg.vision.patch_size * cfg.vision.spatial_merge_size
     if spec.file is not None:
@@ -191,4 +206,4 @@ def build_workload(spec: WorkloadSpec, cfg: Qwen25VLConfig) -> Workload:
 
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "Workload", "build_workload", "load_image_file", "normalize", "patchify",
-           "smart_resize"]
+           "smart_resize", "training_labels"]
