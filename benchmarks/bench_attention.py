@@ -25,32 +25,50 @@ def impls():
     return out
 
 
-@pytest.mark.parametrize("seq", PREFILL)
-@pytest.mark.parametrize("impl", list(impls()))
-def test_causal_prefill(measure, impl, seq):
+# The backward's matmuls: about 2.5 times the forward's (dV, dP, dK, dQ, and P recomputed).
+BACKWARD_FLOPS = 2.5
+
+
+def causal_case(impl: str, seq: int):
+    """(fn(q, k, v), (q, k, v), forward FLOPs): causal GQA attention over one sequence of `seq` tokens."""
     hq, hk, d = HEADS
     dev = harness.DEVICE
     q = torch.randn(1, seq, hq, d, device=dev, dtype=DT)
     k, v = torch.randn(1, seq, hk, d, device=dev, dtype=DT), torch.randn(1, seq, hk, d, device=dev, dtype=DT)
-    flops = 4 * seq * seq * hq * d / 2
     if impl == "torch SDPA":
-        measure(lambda: sdpa(q, k, v, causal=True), flops=flops)
+        fn = lambda q, k, v: sdpa(q, k, v, causal=True)  # noqa: E731
     else:
-        fn = impls()[impl]
-        measure(lambda: fn(q, k, v, CausalMask()), flops=flops)
+        fn = (lambda attend: lambda q, k, v: attend(q, k, v, CausalMask()))(impls()[impl])
+    return fn, (q, k, v), 4 * seq * seq * hq * d / 2
 
 
-@pytest.mark.parametrize("windows", [(256, 64)] if harness.FULL else [(3, 16)], ids=lambda w: f"{w[0]}x{w[1]}")
-@pytest.mark.parametrize("impl", [i for i in impls() if i != "torch SDPA"])
-def test_vision_windows(measure, impl, windows):
+def windows_case(impl: str, windows: tuple[int, int]):
+    """(fn(q, k, v), (q, k, v), forward FLOPs): `count` vision windows of `length` tokens, one call."""
     count, length = windows
     heads, d = (16, 80) if harness.FULL else (2, 16)
     dev = harness.DEVICE
     q = torch.randn(1, count * length, heads, d, device=dev, dtype=DT)
     k, v = torch.randn_like(q), torch.randn_like(q)
     mask = BlockDiagonalMask.from_seqlens([length] * count, device=dev)
-    fn = impls()[impl]
-    measure(lambda: fn(q, k, v, mask), flops=4 * count * length * length * heads * d)
+    attend = impls()[impl]
+    return (lambda q, k, v: attend(q, k, v, mask)), (q, k, v), 4 * count * length * length * heads * d
+
+
+WINDOWS = [(256, 64)] if harness.FULL else [(3, 16)]
+
+
+@pytest.mark.parametrize("seq", PREFILL)
+@pytest.mark.parametrize("impl", list(impls()))
+def test_causal_prefill(measure, impl, seq):
+    fn, args, flops = causal_case(impl, seq)
+    measure(lambda: fn(*args), flops=flops)
+
+
+@pytest.mark.parametrize("windows", WINDOWS, ids=lambda w: f"{w[0]}x{w[1]}")
+@pytest.mark.parametrize("impl", [i for i in impls() if i != "torch SDPA"])
+def test_vision_windows(measure, impl, windows):
+    fn, args, flops = windows_case(impl, windows)
+    measure(lambda: fn(*args), flops=flops)
 
 
 @pytest.mark.parametrize("cache_len", DECODE)
@@ -67,3 +85,18 @@ def test_decode(measure, impl, cache_len):
     else:
         fn = impls()[impl]
         measure(lambda: fn(q, k, v, CausalMask()), nbytes=nbytes)
+
+
+@pytest.mark.parametrize("seq", [4096] if harness.FULL else [48])
+@pytest.mark.parametrize("impl", list(impls()))
+def test_causal_prefill_backward(measure, impl, seq):
+    """Forward + backward of causal GQA attention (the training shape: queries and keys of one sequence)."""
+    fn, args, flops = causal_case(impl, seq)
+    measure(harness.forward_backward(fn, *args), flops=(1 + BACKWARD_FLOPS) * flops)
+
+
+@pytest.mark.parametrize("windows", WINDOWS, ids=lambda w: f"{w[0]}x{w[1]}")
+@pytest.mark.parametrize("impl", [i for i in impls() if i != "torch SDPA"])
+def test_vision_windows_backward(measure, impl, windows):
+    fn, args, flops = windows_case(impl, windows)
+    measure(harness.forward_backward(fn, *args), flops=(1 + BACKWARD_FLOPS) * flops)

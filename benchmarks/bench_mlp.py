@@ -16,16 +16,30 @@ SHAPES = [(4096, 2048, 11008), (4096, 3584, 18944), (4096, 1280, 3420)] if harne
 OPS = harness.backend_ops("mlp")
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("impl", list(OPS))
-def test_swiglu_mlp(measure, impl, shape):
+def mlp_case(impl: str, shape):
+    """(fn(x, w_in, w_out), (x, w_in, w_out), forward FLOPs): the SwiGLU MLP without biases, as the decoder's."""
     tokens, hidden, inner = shape
     dev = harness.DEVICE
     x = torch.randn(tokens, hidden, device=dev, dtype=DT)
     w_in = torch.randn(2 * inner, hidden, device=dev, dtype=DT) * hidden**-0.5
     w_out = torch.randn(hidden, inner, device=dev, dtype=DT) * inner**-0.5
     ops = OPS[impl]
-    measure(lambda: ops.mlp(x, w_in, None, w_out, None, "swiglu"), flops=2 * tokens * hidden * inner * 3)
+    return (lambda x, a, b: ops.mlp(x, a, None, b, None, "swiglu")), (x, w_in, w_out), 2 * tokens * hidden * inner * 3
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("impl", list(OPS))
+def test_swiglu_mlp(measure, impl, shape):
+    fn, args, flops = mlp_case(impl, shape)
+    measure(lambda: fn(*args), flops=flops)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("impl", list(OPS))
+def test_swiglu_mlp_backward(measure, impl, shape):
+    """Forward + backward: the gradients of x and both weights (three matmuls forward, six backward)."""
+    fn, args, flops = mlp_case(impl, shape)
+    measure(harness.forward_backward(fn, *args), flops=3 * flops)
 
 
 # Kernel rows. No operator exposes the activation or a projection alone (the registry's `mlp` is the whole MLP,

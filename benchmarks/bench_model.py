@@ -72,3 +72,33 @@ def test_decode_step(measure, model, backend):
 def test_decode_step_cuda_graph(measure, model, backend):
     """The same step replayed from a CUDA graph: no per-launch host cost, so the kernels' own time shows."""
     measure(decode_step_at_fixed_slot(model, backend, cuda_graph=True), nbytes=weight_bytes(model))
+
+
+# The training step on the CPU: eager only (the interpreted triton backward of the whole model takes minutes a
+# step); on a GPU every whole-model spec, each with and without gradient checkpointing.
+TRAIN = [(spec, ckpt) for spec in (BACKENDS if harness.FULL else ["eager"]) for ckpt in (False, True)]
+
+
+@pytest.fixture(scope="module")
+def train_model():
+    return qvl.from_config(PRESET, dtype=DT, device=harness.DEVICE, seed=0).train()
+
+
+@pytest.mark.parametrize("backend, checkpointing", TRAIN,
+                         ids=[f"{spec}{'-checkpointing' if ckpt else ''}" for spec, ckpt in TRAIN])
+def test_train_step(measure, train_model, backend, checkpointing):
+    """Forward with labels + backward through the whole model on the demo prompt (every token counted)."""
+    model = train_model
+    model.set_backends(backend, fallback="eager")
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    else:
+        model.gradient_checkpointing_disable()
+    inputs = demo_prompt(model.cfg)
+    labels = inputs["input_ids"]
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(**inputs, labels=labels).loss.backward()
+
+    measure(step)

@@ -41,6 +41,18 @@ def test_rms_norm(measure, impl, shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("impl", list(impls(False)))
+def test_rms_norm_backward(measure, impl, residual, shape):
+    """Forward + backward: the gradients of x, the weight (and the residual)."""
+    if residual and impl not in impls(True):
+        pytest.skip(f"{impl} has no norm fused with the residual add")
+    x, w, r = inputs(*shape)
+    fn = impls(residual)[impl]
+    measure(harness.forward_backward(fn, x, w, r), nbytes=(5 if residual else 3) * x.numel() * x.element_size())
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("impl", list(impls(True)))
 def test_rms_norm_residual(measure, impl, shape):
     x, w, r = inputs(*shape)

@@ -123,6 +123,25 @@ def model_specs(partial: bool = FULL) -> list[str]:
     return specs
 
 
+def forward_backward(fn: Callable, *inputs: torch.Tensor) -> Callable[[], None]:
+    """One training step of an operator: fn on leaf copies of `inputs` (the float ones require grad), then the
+    backward of its outputs (each scaled by a fixed random tensor, so no gradient is trivially structured).
+    The gradients are dropped after each call, so every call allocates them as a training step does."""
+    leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+    grad_outputs: list[torch.Tensor] = []
+
+    def step() -> None:
+        out = fn(*leaves)
+        outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o is not None and o.requires_grad]
+        if not grad_outputs:
+            grad_outputs.extend(torch.randn_like(o) for o in outs)
+        torch.autograd.backward(outs, grad_outputs)
+        for t in leaves:
+            t.grad = None
+
+    return step
+
+
 def optional(module: str):
     """Import an optional peer package; None if it is missing or broken."""
     import importlib

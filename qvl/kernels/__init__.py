@@ -19,6 +19,7 @@ Conventions for every kernel here:
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -40,6 +41,19 @@ MAX_HEAD_DIM = 256
 # tl.dot needs at least 16 rows, columns and reduction depth: the smallest tile, and the interpreter's tiles
 # (small, so tests with tens of tokens still cross block boundaries).
 MIN_DOT_SIZE = 16
+
+
+# Streaming multiprocessors of an H100 / H200: what kernels sized by the SM count assume without a CUDA device (the
+# interpreter, the sm_90 compile check), so CPU runs exercise the same choices as the GPU.
+H100_SMS = 132
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """The SM count of a CUDA device; H100_SMS for any other."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return H100_SMS
 
 
 # Host-side integer helpers for the launchers. Not triton.cdiv / triton.next_power_of_2: since Triton 3.5

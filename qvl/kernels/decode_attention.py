@@ -29,13 +29,11 @@ With one split phase 1 normalises and writes the output itself, and phase 2 is s
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from . import DOT_F32, INTERPRETED, MIN_DOT_SIZE, WHILE_LOOP, cdiv, next_power_of_2
+from . import DOT_F32, H100_SMS, INTERPRETED, MIN_DOT_SIZE, WHILE_LOOP, cdiv, next_power_of_2, num_sms
 from .common import load_tile, to_storage
 from .online_softmax import LOG2E, online_softmax_step
 
@@ -44,7 +42,6 @@ MAX_ROWS = 64  # query rows (group * Lq) per program; larger groups take several
 # Split heuristic (see `choose_num_splits`).
 MIN_BLOCKS_PER_SPLIT = 4  # at least 4 * BLOCK_N = 256 keys per split, so a split's setup and partial write stay small
 MAX_SPLITS = 128
-H100_SMS = 132  # what the interpreter assumes, so CPU tests exercise the same choices as the GPU
 # The launch defaults decode_attention's tuning overrides replace, as benchmarks/decode_sweep.py reports them.
 DEFAULT_TILES = {"block_n": f"{BLOCK_N} ({BLOCK_N // 2} for head dims > 128)", "num_stages": 3,
                  "num_warps": "4 (8 when BLOCK_M x BLOCK_D > 64 x 128)", "num_splits": "choose_num_splits"}
@@ -188,13 +185,6 @@ def _decode_attention_combine_kernel(
     tl.store(out_ptr + out_offsets, to_storage(out, out_ptr.dtype.element_ty), mask=dim_valid)
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return H100_SMS
-
-
 def choose_num_splits(programs: int, kv_len: int, num_sms: int = H100_SMS, block_n: int = BLOCK_N) -> int:
     """How many chunks to cut the key range into so `programs` (batch x kv heads x row blocks) fill the GPU.
 
@@ -260,7 +250,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: tor
         block_n = BLOCK_N if block_d <= 128 else BLOCK_N // 2  # keep K + V tiles (and their pipeline stages) in smem
     programs = batch * num_kv_heads * row_blocks
     if num_splits is None:
-        num_splits = choose_num_splits(programs, num_keys, _num_sms(q.device), block_n)
+        num_splits = choose_num_splits(programs, num_keys, num_sms(q.device), block_n)
     blocks_per_split = cdiv(cdiv(num_keys, block_n), num_splits)
     single = num_splits == 1
 

@@ -33,15 +33,13 @@ in a launch of their own.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ..backends.interface import needs_grad
-from . import INTERPRETED, WHILE_LOOP, cdiv, next_power_of_2
+from . import INTERPRETED, WHILE_LOOP, cdiv, next_power_of_2, num_sms
 from .common import as_rows, round_to, to_storage
 
 # Rows up to this many elements are normalized from registers in one pass (16 warps: <= 32 floats/thread).
@@ -258,14 +256,9 @@ def _bwd_max_one_pass() -> int:
     return MAX_ONE_PASS_HIDDEN // 2
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _bwd_programs(rows: int, device: torch.device) -> tuple[int, int]:
     """(programs, rows per program) for the backward: about one program per SM, none left without rows."""
-    target = INTERPRETER_BWD_PROGRAMS if INTERPRETED else _num_sms(device)
+    target = INTERPRETER_BWD_PROGRAMS if INTERPRETED else num_sms(device)
     rows_per_program = cdiv(rows, min(target, rows))
     return cdiv(rows, rows_per_program), rows_per_program
 
