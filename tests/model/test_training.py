@@ -14,7 +14,7 @@ from qvl.backends import IGNORE_INDEX, get_backend
 from qvl.checkpoint import canonical_key, checkpoint_sources
 from qvl.config import PRESETS
 from tests.backends.model_checks import perturbed
-from tests.model.test_parity import hf_kwargs, left_pad, perturbed_hf_model, pixels, placeholders, text_ids
+from tests.model.test_parity import CONFIGS, hf_kwargs, left_pad, perturbed_hf_model, pixels, placeholders, text_ids
 from tests.ops.compare import rel_err
 
 TINY = PRESETS["tiny"]
@@ -70,23 +70,26 @@ def assert_grads_match(grads: dict, ref: dict, tol: float) -> None:
     assert worst[name] <= tol, f"worst gradient {name}: relative error {worst[name]:.2e} > {tol:.0e}"
 
 
-@pytest.fixture(scope="module")
-def hf_pair(tmp_path_factory):
+@pytest.fixture(scope="module", params=["tiny", "tiny_wide"])
+def hf_pair(request, tmp_path_factory):
+    """transformers' model and qvl's on the same weights: the tiny preset (tied LM head) and a wider shape with
+    an LM head of its own (the parity tests' TINY_WIDE)."""
     transformers = pytest.importorskip("transformers")  # noqa: F841  (perturbed_hf_model imports it)
-    hf = perturbed_hf_model(TINY)
-    path = tmp_path_factory.mktemp("train")
+    cfg = CONFIGS[request.param]
+    hf = perturbed_hf_model(cfg)
+    path = tmp_path_factory.mktemp(f"train-{request.param}")
     hf.save_pretrained(path)
-    return hf, qvl.from_pretrained(path, dtype=torch.float32)
+    return cfg, hf, qvl.from_pretrained(path, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("num_items_in_batch", [None, 23])
 def test_loss_and_every_gradient_match_transformers(hf_pair, num_items_in_batch):
-    hf, model = hf_pair
-    batch = training_batch()
+    cfg, hf, model = hf_pair
+    batch = training_batch(cfg)
     extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
     hf.zero_grad(set_to_none=True)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    ref = hf(**hf_kwargs(TINY, **inputs), labels=batch["labels"], **extra).loss
+    ref = hf(**hf_kwargs(cfg, **inputs), labels=batch["labels"], **extra).loss
     ref.backward()
     loss, grads = loss_and_grads(model, batch, **extra)
     assert rel_err(loss, ref.detach()) <= 1e-4
@@ -116,6 +119,19 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert_grads_match(grads_ckpt, grads, 1e-6)
     model.gradient_checkpointing_disable()
     assert not model.is_gradient_checkpointing
+
+
+def test_trained_weights_are_saved_and_generation_records_no_gradients(tmp_path):
+    model = perturbed("tiny", torch.float32).train()
+    batch = training_batch()
+    adamw_losses(model, batch, steps=1)
+    qvl.save_pretrained(model, tmp_path)
+    loaded = qvl.from_pretrained(tmp_path)
+    trained = dict(model.named_parameters())
+    assert all(torch.equal(p, trained[name]) for name, p in loaded.named_parameters())
+    model.zero_grad(set_to_none=True)
+    ids = model.generate(torch.tensor([text_ids(8, 60)]), max_new_tokens=2)
+    assert not ids.requires_grad and all(p.grad is None for p in model.parameters())
 
 
 def test_all_ignored_labels_give_zero_loss_and_zero_gradients():
