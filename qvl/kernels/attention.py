@@ -51,6 +51,17 @@ _LN2 = tl.constexpr(1.0 / LOG2E)
 
 
 @triton.jit
+def _visible(keys, keys_valid, query_pos, CAUSAL: tl.constexpr):
+    """Which (row, key) pairs of a masked block are seen: keys in range, and with CAUSAL none after the row's
+    query_pos."""
+    if CAUSAL:
+        visible = keys_valid[None, :] & (keys[None, :] <= query_pos[:, None])
+    else:
+        visible = keys_valid[None, :]
+    return visible
+
+
+@triton.jit
 def _attend_block(acc, row_sum, row_max, q, query_pos, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
                   start, key_lo, key_hi, qk_scale_log2, dims, dims_valid,
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -67,11 +78,7 @@ def _attend_block(acc, row_sum, row_max, q, query_pos, k_base, v_base, stride_kl
                   MASKED, PAD_D, DOT_F32)
     scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale_log2
     if MASKED:
-        if CAUSAL:
-            visible = keys_valid[None, :] & (keys[None, :] <= query_pos[:, None])
-        else:
-            visible = keys_valid[None, :]
-        scores = tl.where(visible, scores, float("-inf"))
+        scores = tl.where(_visible(keys, keys_valid, query_pos, CAUSAL), scores, float("-inf"))
     v = load_tile(v_base + keys[:, None] * stride_vl + dims[None, :] * stride_vd, keys_valid, dims_valid,
                   MASKED, PAD_D, DOT_F32)
     # Only masked blocks need the guard for rows that saw nothing yet: every row sees all keys of an unmasked one.
@@ -120,6 +127,45 @@ def _store_lse(lse_ptrs, row_sum, row_max, rows_valid):
 
 
 @triton.jit
+def _causal_program(num_batch_heads, num_q_blocks, num_q_heads, group):
+    """A causal program's (query block, batch, head, kv_head). Query blocks run last-first: the longest key
+    ranges start first."""
+    pid = tl.program_id(0)
+    batch_head = pid % num_batch_heads
+    q_block = num_q_blocks - 1 - pid // num_batch_heads
+    batch = (batch_head // num_q_heads).to(tl.int64)  # batch * stride can pass 2^31
+    head = batch_head % num_q_heads
+    kv_head = head // group
+    return q_block, batch, head, kv_head
+
+
+@triton.jit
+def _load_pad(pad_ptr, batch, kv_len, HAS_PAD: tl.constexpr):
+    """The batch's left padding, clamped to [0, kv_len] as int64 first: any value means what it means to the
+    eager mask."""
+    if HAS_PAD:
+        pad = tl.minimum(tl.maximum(tl.load(pad_ptr + batch), 0), kv_len).to(tl.int32)
+    else:
+        pad = 0
+    return pad
+
+
+@triton.jit
+def _causal_key_ranges(q_block, q_len, kv_len, pad, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key ranges a causal query block visits (module docstring): (lead_start, lead_end) straddles pad,
+    (full_start, full_end) every row sees in full, (tail_start, keys_end) the diagonal."""
+    offset = kv_len - q_len  # bottom-right alignment: query i sits at key position offset + i
+    first_query_pos = offset + q_block * BLOCK_M
+    keys_end = offset + tl.minimum((q_block + 1) * BLOCK_M, q_len)  # no row sees a key at or past this
+    lead_start = (pad // BLOCK_N) * BLOCK_N
+    full_start = ((pad + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    full_end = ((first_query_pos + 1) // BLOCK_N) * BLOCK_N  # blocks below this are visible to every row
+    lead_end = tl.minimum(full_start, keys_end)
+    tail_start = tl.maximum(full_end, lead_end)
+    return lead_start, lead_end, full_start, full_end, tail_start, keys_end
+
+
+@triton.jit
 def _causal_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, pad_ptr, out_ptr, lse_ptr,
     stride_qb, stride_ql, stride_qh, stride_qd,
@@ -131,14 +177,9 @@ def _causal_attention_fwd_kernel(
     HAS_PAD: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
     STORE_LSE: tl.constexpr,
 ):
-    """One (query block, batch, query head). Query blocks run last-first: the longest key ranges start first.
+    """One (query block, batch, query head), in _causal_program's order.
     STORE_LSE: also write each row's log-sum-exp to lse (B, Hq, Lq) float32, for the backward."""
-    pid = tl.program_id(0)
-    batch_head = pid % num_batch_heads
-    q_block = num_q_blocks - 1 - pid // num_batch_heads
-    batch = (batch_head // num_q_heads).to(tl.int64)  # batch * stride can pass 2^31
-    head = batch_head % num_q_heads
-    kv_head = head // group
+    q_block, batch, head, kv_head = _causal_program(num_batch_heads, num_q_blocks, num_q_heads, group)
 
     rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_valid = rows < q_len
@@ -152,19 +193,10 @@ def _causal_attention_fwd_kernel(
     k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
     v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
 
-    offset = kv_len - q_len  # bottom-right alignment: query i sits at key position offset + i
-    query_pos = offset + rows
-    if HAS_PAD:  # clamped to [0, kv_len] as int64 first: any value means what it means to the eager mask
-        pad = tl.minimum(tl.maximum(tl.load(pad_ptr + batch), 0), kv_len).to(tl.int32)
-    else:
-        pad = 0
-    first_query_pos = offset + q_block * BLOCK_M
-    keys_end = offset + tl.minimum((q_block + 1) * BLOCK_M, q_len)  # no row sees a key at or past this
-    lead_start = (pad // BLOCK_N) * BLOCK_N
-    full_start = ((pad + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
-    full_end = ((first_query_pos + 1) // BLOCK_N) * BLOCK_N  # blocks below this are visible to every row
-    lead_end = tl.minimum(full_start, keys_end)
-    tail_start = tl.maximum(full_end, lead_end)
+    query_pos = kv_len - q_len + rows  # bottom-right alignment: query i sits at key position Lk - Lq + i
+    pad = _load_pad(pad_ptr, batch, kv_len, HAS_PAD)
+    lead_start, lead_end, full_start, full_end, tail_start, keys_end = _causal_key_ranges(
+        q_block, q_len, kv_len, pad, BLOCK_M, BLOCK_N)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -192,6 +224,22 @@ def _causal_attention_fwd_kernel(
 
 
 @triton.jit
+def _varlen_program(cu_seqlens_ptr, num_blocks, num_heads, group):
+    """A varlen program's (block, head, kv_head = head // group, segment start, segment length). Programs run
+    block-first, so neighbours share a segment's K/V (L2 reuse). The block may lie past its segment's end (the
+    segment is shorter than max_seqlen): the kernel then returns at once."""
+    pid = tl.program_id(0)
+    block = pid % num_blocks
+    segment_head = pid // num_blocks
+    segment = segment_head // num_heads
+    head = segment_head % num_heads
+    kv_head = head // group
+    seg_start = tl.load(cu_seqlens_ptr + segment).to(tl.int64)
+    seg_len = (tl.load(cu_seqlens_ptr + segment + 1) - seg_start).to(tl.int32)
+    return block, head, kv_head, seg_start, seg_len
+
+
+@triton.jit
 def _varlen_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, out_ptr, lse_ptr,
     stride_ql, stride_qh, stride_qd,
@@ -202,17 +250,9 @@ def _varlen_attention_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
-    """One (query block, segment, query head); neighbouring programs share a segment's K/V (L2 reuse).
+    """One (query block, segment, query head), in _varlen_program's order.
     STORE_LSE: also write each row's log-sum-exp to lse (Hq, L) float32 (seq_len = L), for the backward."""
-    pid = tl.program_id(0)
-    q_block = pid % num_q_blocks
-    segment_head = pid // num_q_blocks
-    segment = segment_head // num_q_heads
-    head = segment_head % num_q_heads
-    kv_head = head // group
-
-    seg_start = tl.load(cu_seqlens_ptr + segment).to(tl.int64)
-    seg_len = (tl.load(cu_seqlens_ptr + segment + 1) - seg_start).to(tl.int32)
+    q_block, head, kv_head, seg_start, seg_len = _varlen_program(cu_seqlens_ptr, num_q_blocks, num_q_heads, group)
     if q_block * BLOCK_M >= seg_len:  # this segment is shorter than max_seqlen
         return
 
@@ -280,12 +320,42 @@ def _attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _load_row_stats(lse_base, delta_base, rows, rows_valid):
-    """A query block's log-sum-exp (in base 2, as the scores are) and delta; rows past the end get lse = +inf
-    (p = 0: they add nothing) and delta = 0."""
+def _load_query_block(q_base, do_base, lse_base, delta_base, rows, rows_valid, stride_ql, stride_qd, stride_dol,
+                      stride_dod, dims, dims_valid, PAD_D: tl.constexpr, DOT_F32: tl.constexpr):
+    """A query block's q and dO tiles, its log-sum-exp (in base 2, as the scores are) and delta; rows past the end
+    get lse = +inf (p = 0: they add nothing) and delta = 0."""
+    q = load_tile(q_base + rows[:, None] * stride_ql + dims[None, :] * stride_qd, rows_valid, dims_valid,
+                  True, PAD_D, DOT_F32)
+    do = load_tile(do_base + rows[:, None] * stride_dol + dims[None, :] * stride_dod, rows_valid, dims_valid,
+                   True, PAD_D, DOT_F32)
     lse_log2 = tl.load(lse_base + rows, mask=rows_valid, other=float("inf")) * _LOG2E
     delta = tl.load(delta_base + rows, mask=rows_valid, other=0.0)
-    return lse_log2, delta
+    return q, do, lse_log2, delta
+
+
+@triton.jit
+def _load_key_block(k_base, v_base, keys, keys_valid, stride_kl, stride_kd, stride_vl, stride_vd, dims, dims_valid,
+                    MASKED: tl.constexpr, PAD_D: tl.constexpr, DOT_F32: tl.constexpr):
+    """A key block's k and v tiles; MASKED: keys outside keys_valid are not read (load_tile)."""
+    k = load_tile(k_base + keys[:, None] * stride_kl + dims[None, :] * stride_kd, keys_valid, dims_valid,
+                  MASKED, PAD_D, DOT_F32)
+    v = load_tile(v_base + keys[:, None] * stride_vl + dims[None, :] * stride_vd, keys_valid, dims_valid,
+                  MASKED, PAD_D, DOT_F32)
+    return k, v
+
+
+@triton.jit
+def _probabilities(q, k, lse_log2, qk_scale_log2, INPUT_PRECISION: tl.constexpr):
+    """p = exp(q k^T * scale - lse) of a (query block, key block) tile, in base 2 as the forward's scores."""
+    scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale_log2
+    return tl.math.exp2(scores - lse_log2[:, None])
+
+
+@triton.jit
+def _score_grads(p, do, v, delta, INPUT_PRECISION: tl.constexpr):
+    """dS = P * (dO V^T - delta), the gradient of the scores before the softmax scale (applied at the store)."""
+    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+    return p * (dp - delta[:, None])
 
 
 @triton.jit
@@ -299,18 +369,13 @@ def _dkdv_block(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base, strid
     (keys the program does not own, before pad or past the end, are dropped when it stores)."""
     rows = start + tl.arange(0, BLOCK_M)
     rows_valid = rows < q_len
-    q = load_tile(q_base + rows[:, None] * stride_ql + dims[None, :] * stride_qd, rows_valid, dims_valid,
-                  True, PAD_D, DOT_F32)
-    do = load_tile(do_base + rows[:, None] * stride_dol + dims[None, :] * stride_dod, rows_valid, dims_valid,
-                   True, PAD_D, DOT_F32)
-    lse_log2, delta = _load_row_stats(lse_base, delta_base, rows, rows_valid)
-    scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale_log2
-    p = tl.math.exp2(scores - lse_log2[:, None])
+    q, do, lse_log2, delta = _load_query_block(q_base, do_base, lse_base, delta_base, rows, rows_valid, stride_ql,
+                                               stride_qd, stride_dol, stride_dod, dims, dims_valid, PAD_D, DOT_F32)
+    p = _probabilities(q, k, lse_log2, qk_scale_log2, INPUT_PRECISION)
     if CAUSAL:
         p = tl.where(keys[None, :] <= (query_offset + rows)[:, None], p, 0.0)
     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION)
-    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-    ds = p * (dp - delta[:, None])
+    ds = _score_grads(p, do, v, delta, INPUT_PRECISION)
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
     return dk, dv
 
@@ -348,21 +413,46 @@ def _store_dkdv(dk_ptrs, dv_ptrs, dk, dv, scale, keys_owned, keys_seen, dims_val
 
 
 @triton.jit
-def _causal_dkdv_head(dk, dv, k, v, keys, q_ptr, do_ptr, lse_ptr, delta_ptr, batch, head, stride_qb, stride_ql,
-                      stride_qh, stride_qd, stride_dob, stride_dol, stride_doh, stride_dod, num_q_heads, q_len,
-                      query_offset, masked_start, masked_end, full_start, qk_scale_log2, dims, dims_valid,
-                      PAD_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr,
-                      INPUT_PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr):
-    """One query head's contribution to a key block: the diagonal query blocks masked, the later ones not."""
-    q_base = q_ptr + batch * stride_qb + head * stride_qh
-    do_base = do_ptr + batch * stride_dob + head * stride_doh
-    stats_offset = (batch * num_q_heads + head) * q_len
-    dk, dv = _dkdv_range(dk, dv, k, v, keys, q_base, do_base, lse_ptr + stats_offset, delta_ptr + stats_offset,
-                         stride_ql, stride_qd, stride_dol, stride_dod, masked_start, masked_end, q_len, query_offset,
-                         qk_scale_log2, dims, dims_valid, True, PAD_D, BLOCK_M, DOT_F32, INPUT_PRECISION, WHILE_LOOP)
-    dk, dv = _dkdv_range(dk, dv, k, v, keys, q_base, do_base, lse_ptr + stats_offset, delta_ptr + stats_offset,
-                         stride_ql, stride_qd, stride_dol, stride_dod, full_start, q_len, q_len, query_offset,
-                         qk_scale_log2, dims, dims_valid, False, PAD_D, BLOCK_M, DOT_F32, INPUT_PRECISION, WHILE_LOOP)
+def _dkdv_head(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base, stride_ql, stride_qd, stride_dol,
+               stride_dod, q_len, query_offset, masked_start, masked_end, full_start, qk_scale_log2, dims, dims_valid,
+               CAUSAL: tl.constexpr, PAD_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr,
+               INPUT_PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr):
+    """One query head's contribution to a key block: with CAUSAL the diagonal query blocks [masked_start,
+    masked_end) masked; then the blocks from full_start on, which see every key of it, unmasked."""
+    if CAUSAL:
+        dk, dv = _dkdv_range(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base, stride_ql, stride_qd,
+                             stride_dol, stride_dod, masked_start, masked_end, q_len, query_offset, qk_scale_log2,
+                             dims, dims_valid, True, PAD_D, BLOCK_M, DOT_F32, INPUT_PRECISION, WHILE_LOOP)
+    dk, dv = _dkdv_range(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base, stride_ql, stride_qd,
+                         stride_dol, stride_dod, full_start, q_len, q_len, query_offset, qk_scale_log2,
+                         dims, dims_valid, False, PAD_D, BLOCK_M, DOT_F32, INPUT_PRECISION, WHILE_LOOP)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_group(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base, kv_head, group, stride_qh, stride_doh,
+                stats_stride, stride_ql, stride_qd, stride_dol, stride_dod, q_len, query_offset, masked_start,
+                masked_end, full_start, qk_scale_log2, dims, dims_valid,
+                CAUSAL: tl.constexpr, PAD_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr):
+    """A key block's (dk, dv) summed over the query heads of kv_head's GQA group. The bases point at query head 0;
+    head h's Q, dO rows start h * stride_qh, h * stride_doh further, its lse and delta h * stats_stride."""
+    if WHILE_LOOP:  # qvl.kernels.WHILE_LOOP: the interpreter's loop
+        head = kv_head * group
+        while head < (kv_head + 1) * group:
+            stats_offset = head.to(tl.int64) * stats_stride
+            dk, dv = _dkdv_head(dk, dv, k, v, keys, q_base + head * stride_qh, do_base + head * stride_doh,
+                                lse_base + stats_offset, delta_base + stats_offset, stride_ql, stride_qd, stride_dol,
+                                stride_dod, q_len, query_offset, masked_start, masked_end, full_start, qk_scale_log2,
+                                dims, dims_valid, CAUSAL, PAD_D, BLOCK_M, DOT_F32, INPUT_PRECISION, WHILE_LOOP)
+            head += 1
+    else:
+        for head in range(kv_head * group, (kv_head + 1) * group):
+            stats_offset = head.to(tl.int64) * stats_stride
+            dk, dv = _dkdv_head(dk, dv, k, v, keys, q_base + head * stride_qh, do_base + head * stride_doh,
+                                lse_base + stats_offset, delta_base + stats_offset, stride_ql, stride_qd, stride_dol,
+                                stride_dod, q_len, query_offset, masked_start, masked_end, full_start, qk_scale_log2,
+                                dims, dims_valid, CAUSAL, PAD_D, BLOCK_M, DOT_F32, INPUT_PRECISION, WHILE_LOOP)
     return dk, dv
 
 
@@ -391,20 +481,16 @@ def _causal_attention_bwd_dkdv_kernel(
     batch = (batch_kv_head // num_kv_heads).to(tl.int64)  # batch * stride can pass 2^31
     kv_head = batch_kv_head % num_kv_heads
 
-    if HAS_PAD:  # clamped to [0, kv_len] as the forward does
-        pad = tl.minimum(tl.maximum(tl.load(pad_ptr + batch), 0), kv_len).to(tl.int32)
-    else:
-        pad = 0
+    pad = _load_pad(pad_ptr, batch, kv_len, HAS_PAD)
     keys = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
     keys_owned = keys < kv_len
     keys_seen = keys_owned & (keys >= pad)  # padding K/V are never read
     dims = tl.arange(0, BLOCK_D)
     dims_valid = dims < HEAD_DIM
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
-    k = load_tile(k_ptr + batch * stride_kb + kv_head * stride_kh + keys[:, None] * stride_kl
-                  + dims[None, :] * stride_kd, keys_seen, dims_valid, True, PAD_D, DOT_F32)
-    v = load_tile(v_ptr + batch * stride_vb + kv_head * stride_vh + keys[:, None] * stride_vl
-                  + dims[None, :] * stride_vd, keys_seen, dims_valid, True, PAD_D, DOT_F32)
+    k, v = _load_key_block(k_ptr + batch * stride_kb + kv_head * stride_kh,
+                           v_ptr + batch * stride_vb + kv_head * stride_vh, keys, keys_seen,
+                           stride_kl, stride_kd, stride_vl, stride_vd, dims, dims_valid, True, PAD_D, DOT_F32)
 
     query_offset = kv_len - q_len  # query i sits at key position query_offset + i
     first_key = tl.maximum(key_block * BLOCK_N, pad)  # the block's first visible key
@@ -418,22 +504,12 @@ def _causal_attention_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    if WHILE_LOOP:
-        head = kv_head * group
-        while head < (kv_head + 1) * group:
-            dk, dv = _causal_dkdv_head(
-                dk, dv, k, v, keys, q_ptr, do_ptr, lse_ptr, delta_ptr, batch, head, stride_qb, stride_ql, stride_qh,
-                stride_qd, stride_dob, stride_dol, stride_doh, stride_dod, num_q_heads, q_len, query_offset,
-                masked_start, masked_end, full_start, qk_scale_log2, dims, dims_valid,
-                PAD_D, BLOCK_M, DOT_F32, INPUT_PRECISION, WHILE_LOOP)
-            head += 1
-    else:
-        for head in range(kv_head * group, (kv_head + 1) * group):
-            dk, dv = _causal_dkdv_head(
-                dk, dv, k, v, keys, q_ptr, do_ptr, lse_ptr, delta_ptr, batch, head, stride_qb, stride_ql, stride_qh,
-                stride_qd, stride_dob, stride_dol, stride_doh, stride_dod, num_q_heads, q_len, query_offset,
-                masked_start, masked_end, full_start, qk_scale_log2, dims, dims_valid,
-                PAD_D, BLOCK_M, DOT_F32, INPUT_PRECISION, WHILE_LOOP)
+    stats_offset = batch * num_q_heads * q_len
+    dk, dv = _dkdv_group(dk, dv, k, v, keys, q_ptr + batch * stride_qb, do_ptr + batch * stride_dob,
+                         lse_ptr + stats_offset, delta_ptr + stats_offset, kv_head, group, stride_qh, stride_doh, q_len,
+                         stride_ql, stride_qd, stride_dol, stride_dod, q_len, query_offset, masked_start, masked_end,
+                         full_start, qk_scale_log2, dims, dims_valid,
+                         True, PAD_D, BLOCK_M, DOT_F32, INPUT_PRECISION, WHILE_LOOP)
 
     _store_dkdv(dk_ptr + batch * stride_dkb + kv_head * stride_dkh + keys[:, None] * stride_dkl + dims[None, :],
                 dv_ptr + batch * stride_dvb + kv_head * stride_dvh + keys[:, None] * stride_dvl + dims[None, :],
@@ -455,14 +531,7 @@ def _varlen_attention_bwd_dkdv_kernel(
 ):
     """dK, dV of one (key block, segment, kv head): every query block of the segment, for each query head of the
     group. Rows past the segment's end read as lse = +inf (p = 0), so no step needs a mask."""
-    pid = tl.program_id(0)
-    key_block = pid % num_k_blocks
-    segment_head = pid // num_k_blocks
-    segment = segment_head // num_kv_heads
-    kv_head = segment_head % num_kv_heads
-
-    seg_start = tl.load(cu_seqlens_ptr + segment).to(tl.int64)
-    seg_len = (tl.load(cu_seqlens_ptr + segment + 1) - seg_start).to(tl.int32)
+    key_block, kv_head, _, seg_start, seg_len = _varlen_program(cu_seqlens_ptr, num_k_blocks, num_kv_heads, 1)
     if key_block * BLOCK_N >= seg_len:  # this segment is shorter than max_seqlen
         return
 
@@ -471,31 +540,17 @@ def _varlen_attention_bwd_dkdv_kernel(
     dims = tl.arange(0, BLOCK_D)
     dims_valid = dims < HEAD_DIM
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
-    k = load_tile(k_ptr + seg_start * stride_kl + kv_head * stride_kh + keys[:, None] * stride_kl
-                  + dims[None, :] * stride_kd, keys_owned, dims_valid, True, PAD_D, DOT_F32)
-    v = load_tile(v_ptr + seg_start * stride_vl + kv_head * stride_vh + keys[:, None] * stride_vl
-                  + dims[None, :] * stride_vd, keys_owned, dims_valid, True, PAD_D, DOT_F32)
+    k, v = _load_key_block(k_ptr + seg_start * stride_kl + kv_head * stride_kh,
+                           v_ptr + seg_start * stride_vl + kv_head * stride_vh, keys, keys_owned,
+                           stride_kl, stride_kd, stride_vl, stride_vd, dims, dims_valid, True, PAD_D, DOT_F32)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    if WHILE_LOOP:
-        head = kv_head * group
-        while head < (kv_head + 1) * group:
-            stats_offset = head.to(tl.int64) * seq_len + seg_start
-            dk, dv = _dkdv_range(
-                dk, dv, k, v, keys, q_ptr + seg_start * stride_ql + head * stride_qh,
-                do_ptr + seg_start * stride_dol + head * stride_doh, lse_ptr + stats_offset, delta_ptr + stats_offset,
-                stride_ql, stride_qd, stride_dol, stride_dod, 0, seg_len, seg_len, 0, qk_scale_log2, dims, dims_valid,
-                False, PAD_D, BLOCK_M, DOT_F32, INPUT_PRECISION, WHILE_LOOP)
-            head += 1
-    else:
-        for head in range(kv_head * group, (kv_head + 1) * group):
-            stats_offset = head.to(tl.int64) * seq_len + seg_start
-            dk, dv = _dkdv_range(
-                dk, dv, k, v, keys, q_ptr + seg_start * stride_ql + head * stride_qh,
-                do_ptr + seg_start * stride_dol + head * stride_doh, lse_ptr + stats_offset, delta_ptr + stats_offset,
-                stride_ql, stride_qd, stride_dol, stride_dod, 0, seg_len, seg_len, 0, qk_scale_log2, dims, dims_valid,
-                False, PAD_D, BLOCK_M, DOT_F32, INPUT_PRECISION, WHILE_LOOP)
+    # Every query block of the segment, none masked: CAUSAL off (no masked range), full_start = 0.
+    dk, dv = _dkdv_group(dk, dv, k, v, keys, q_ptr + seg_start * stride_ql, do_ptr + seg_start * stride_dol,
+                         lse_ptr + seg_start, delta_ptr + seg_start, kv_head, group, stride_qh, stride_doh, seq_len,
+                         stride_ql, stride_qd, stride_dol, stride_dod, seg_len, 0, 0, 0, 0, qk_scale_log2, dims,
+                         dims_valid, False, PAD_D, BLOCK_M, DOT_F32, INPUT_PRECISION, WHILE_LOOP)
 
     _store_dkdv(dk_ptr + seg_start * stride_dkl + kv_head * stride_dkh + keys[:, None] * stride_dkl + dims[None, :],
                 dv_ptr + seg_start * stride_dvl + kv_head * stride_dvh + keys[:, None] * stride_dvl + dims[None, :],
@@ -510,20 +565,12 @@ def _dq_block(dq, q, do, lse_log2, delta, query_pos, k_base, v_base, stride_kl, 
     """One key block [start, start + BLOCK_N) into a query block's dq; MASKED and CAUSAL as in _attend_block."""
     keys = start + tl.arange(0, BLOCK_N)
     keys_valid = (keys >= key_lo) & (keys < key_hi)
-    k = load_tile(k_base + keys[:, None] * stride_kl + dims[None, :] * stride_kd, keys_valid, dims_valid,
-                  MASKED, PAD_D, DOT_F32)
-    v = load_tile(v_base + keys[:, None] * stride_vl + dims[None, :] * stride_vd, keys_valid, dims_valid,
-                  MASKED, PAD_D, DOT_F32)
-    scores = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale_log2
-    p = tl.math.exp2(scores - lse_log2[:, None])
+    k, v = _load_key_block(k_base, v_base, keys, keys_valid, stride_kl, stride_kd, stride_vl, stride_vd, dims,
+                           dims_valid, MASKED, PAD_D, DOT_F32)
+    p = _probabilities(q, k, lse_log2, qk_scale_log2, INPUT_PRECISION)
     if MASKED:
-        if CAUSAL:
-            visible = keys_valid[None, :] & (keys[None, :] <= query_pos[:, None])
-        else:
-            visible = keys_valid[None, :]
-        p = tl.where(visible, p, 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-    ds = p * (dp - delta[:, None])
+        p = tl.where(_visible(keys, keys_valid, query_pos, CAUSAL), p, 0.0)
+    ds = _score_grads(p, do, v, delta, INPUT_PRECISION)
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
 
 
@@ -550,6 +597,12 @@ def _dq_range(dq, q, do, lse_log2, delta, query_pos, k_base, v_base, stride_kl, 
 
 
 @triton.jit
+def _store_dq(dq_ptrs, dq, scale, rows_valid, dims_valid):
+    """dq times the softmax scale, for the rows the program owns."""
+    tl.store(dq_ptrs, to_storage(dq * scale, dq_ptrs.dtype.element_ty), mask=rows_valid[:, None] & dims_valid[None, :])
+
+
+@triton.jit
 def _causal_attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, pad_ptr, dq_ptr,
     stride_qb, stride_ql, stride_qh, stride_qd,
@@ -563,12 +616,7 @@ def _causal_attention_bwd_dq_kernel(
 ):
     """dQ of one (query block, batch, query head), over the key blocks the forward visits, split the same way:
     the block straddling pad and the diagonal masked, the blocks in between not."""
-    pid = tl.program_id(0)
-    batch_head = pid % num_batch_heads
-    q_block = num_q_blocks - 1 - pid // num_batch_heads
-    batch = (batch_head // num_q_heads).to(tl.int64)
-    head = batch_head % num_q_heads
-    kv_head = head // group
+    q_block, batch, head, kv_head = _causal_program(num_batch_heads, num_q_blocks, num_q_heads, group)
 
     rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_valid = rows < q_len
@@ -576,29 +624,18 @@ def _causal_attention_bwd_dq_kernel(
     dims_valid = dims < HEAD_DIM
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
 
-    q = load_tile(q_ptr + batch * stride_qb + head * stride_qh + rows[:, None] * stride_ql + dims[None, :] * stride_qd,
-                  rows_valid, dims_valid, True, PAD_D, DOT_F32)
-    do = load_tile(do_ptr + batch * stride_dob + head * stride_doh + rows[:, None] * stride_dol
-                   + dims[None, :] * stride_dod, rows_valid, dims_valid, True, PAD_D, DOT_F32)
     stats_offset = (batch * num_q_heads + head) * q_len
-    lse_log2, delta = _load_row_stats(lse_ptr + stats_offset, delta_ptr + stats_offset, rows, rows_valid)
+    q, do, lse_log2, delta = _load_query_block(
+        q_ptr + batch * stride_qb + head * stride_qh, do_ptr + batch * stride_dob + head * stride_doh,
+        lse_ptr + stats_offset, delta_ptr + stats_offset, rows, rows_valid, stride_ql, stride_qd, stride_dol,
+        stride_dod, dims, dims_valid, PAD_D, DOT_F32)
     k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
     v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
 
-    offset = kv_len - q_len
-    query_pos = offset + rows
-    if HAS_PAD:
-        pad = tl.minimum(tl.maximum(tl.load(pad_ptr + batch), 0), kv_len).to(tl.int32)
-    else:
-        pad = 0
-    # The forward's key ranges (_causal_attention_fwd_kernel).
-    first_query_pos = offset + q_block * BLOCK_M
-    keys_end = offset + tl.minimum((q_block + 1) * BLOCK_M, q_len)
-    lead_start = (pad // BLOCK_N) * BLOCK_N
-    full_start = ((pad + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
-    full_end = ((first_query_pos + 1) // BLOCK_N) * BLOCK_N
-    lead_end = tl.minimum(full_start, keys_end)
-    tail_start = tl.maximum(full_end, lead_end)
+    query_pos = kv_len - q_len + rows
+    pad = _load_pad(pad_ptr, batch, kv_len, HAS_PAD)
+    lead_start, lead_end, full_start, full_end, tail_start, keys_end = _causal_key_ranges(
+        q_block, q_len, kv_len, pad, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq = _dq_range(dq, q, do, lse_log2, delta, query_pos, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
@@ -612,7 +649,7 @@ def _causal_attention_bwd_dq_kernel(
                    True, True, PAD_D, BLOCK_N, DOT_F32, INPUT_PRECISION, WHILE_LOOP)
 
     dq_ptrs = dq_ptr + batch * stride_dqb + head * stride_dqh + rows[:, None] * stride_dql + dims[None, :]
-    tl.store(dq_ptrs, to_storage(dq * scale, dq_ptrs.dtype.element_ty), mask=rows_valid[:, None] & dims_valid[None, :])
+    _store_dq(dq_ptrs, dq, scale, rows_valid, dims_valid)
 
 
 @triton.jit
@@ -628,15 +665,7 @@ def _varlen_attention_bwd_dq_kernel(
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
 ):
     """dQ of one (query block, segment, query head): the segment's full key blocks, then its ragged last one."""
-    pid = tl.program_id(0)
-    q_block = pid % num_q_blocks
-    segment_head = pid // num_q_blocks
-    segment = segment_head // num_q_heads
-    head = segment_head % num_q_heads
-    kv_head = head // group
-
-    seg_start = tl.load(cu_seqlens_ptr + segment).to(tl.int64)
-    seg_len = (tl.load(cu_seqlens_ptr + segment + 1) - seg_start).to(tl.int32)
+    q_block, head, kv_head, seg_start, seg_len = _varlen_program(cu_seqlens_ptr, num_q_blocks, num_q_heads, group)
     if q_block * BLOCK_M >= seg_len:
         return
 
@@ -646,12 +675,11 @@ def _varlen_attention_bwd_dq_kernel(
     dims_valid = dims < HEAD_DIM
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
 
-    q = load_tile(q_ptr + seg_start * stride_ql + head * stride_qh + rows[:, None] * stride_ql
-                  + dims[None, :] * stride_qd, rows_valid, dims_valid, True, PAD_D, DOT_F32)
-    do = load_tile(do_ptr + seg_start * stride_dol + head * stride_doh + rows[:, None] * stride_dol
-                   + dims[None, :] * stride_dod, rows_valid, dims_valid, True, PAD_D, DOT_F32)
     stats_offset = head.to(tl.int64) * seq_len + seg_start
-    lse_log2, delta = _load_row_stats(lse_ptr + stats_offset, delta_ptr + stats_offset, rows, rows_valid)
+    q, do, lse_log2, delta = _load_query_block(
+        q_ptr + seg_start * stride_ql + head * stride_qh, do_ptr + seg_start * stride_dol + head * stride_doh,
+        lse_ptr + stats_offset, delta_ptr + stats_offset, rows, rows_valid, stride_ql, stride_qd, stride_dol,
+        stride_dod, dims, dims_valid, PAD_D, DOT_F32)
     k_base = k_ptr + seg_start * stride_kl + kv_head * stride_kh
     v_base = v_ptr + seg_start * stride_vl + kv_head * stride_vh
 
@@ -665,7 +693,7 @@ def _varlen_attention_bwd_dq_kernel(
                    True, False, PAD_D, BLOCK_N, DOT_F32, INPUT_PRECISION, WHILE_LOOP)
 
     dq_ptrs = dq_ptr + seg_start * stride_dql + head * stride_dqh + rows[:, None] * stride_dql + dims[None, :]
-    tl.store(dq_ptrs, to_storage(dq * scale, dq_ptrs.dtype.element_ty), mask=rows_valid[:, None] & dims_valid[None, :])
+    _store_dq(dq_ptrs, dq, scale, rows_valid, dims_valid)
 
 
 def _launch_config(query_rows: int, head_dim: int, dtype: torch.dtype, store_lse: bool = False) -> dict:
