@@ -309,6 +309,7 @@ def _backward(dy, ds_out, s_rows, weight, rstd, need_ds, need_dw):
     num_chunks = cdiv(hidden, block)
     # Chunked rows take ds and dweight in separate launches: compiled together, the two passes' loops take every
     # register and spill on sm_90 (Triton 3.6), ~110 and ~90 registers apart. One pass keeps them in one launch.
+    # The dweight pass runs on 16 warps: on 8 its float32 loop spilled 4 bytes (40 registers; at any stage count).
     passes = [(need_ds, need_dw)] if num_chunks == 1 else [(need_ds, False), (False, need_dw)]
     for has_ds, has_dw in passes:
         if not (has_ds or has_dw):
@@ -318,7 +319,8 @@ def _backward(dy, ds_out, s_rows, weight, rstd, need_ds, need_dw):
             dy_rows.stride(0), ds_out_rows.stride(0), s_rows.stride(0), ds_rows.stride(0),
             rows, hidden, rows_per_program,
             HAS_DS_OUT=ds_out is not None, HAS_DS=has_ds, HAS_DW=has_dw,
-            NUM_CHUNKS=num_chunks, BLOCK_H=block, WHILE_LOOP=WHILE_LOOP, num_warps=_num_warps(block),
+            NUM_CHUNKS=num_chunks, BLOCK_H=block, WHILE_LOOP=WHILE_LOOP,
+            num_warps=16 if num_chunks > 1 and not has_ds else _num_warps(block),
         )
     return ds, dw_part.sum(0).to(weight.dtype) if need_dw else None
 
