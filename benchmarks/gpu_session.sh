@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh figures    # kernel table vs peers (benchmarks/kernel_figures.py)
 #   bash benchmarks/gpu_session.sh decode     # decode attention's launch configuration swept (decode_sweep.py)
 #   bash benchmarks/gpu_session.sh peers      # the whole model next to transformers, same weights (model_peers.py)
+#   bash benchmarks/gpu_session.sh train      # a 3b training step next to transformers and Liger (train_peers.py)
 #   bash benchmarks/gpu_session.sh profile    # where the host time goes: cProfile + device time (host_profile.py)
 #   bash benchmarks/gpu_session.sh ablate     # the default ablation (3b, every backend mix)
 #   bash benchmarks/gpu_session.sh configs    # the shipped ablations/*.toml at the 3b preset (bf16 but dtype.toml)
@@ -65,6 +66,7 @@ script_stage() {
 stage_figures() { script_stage kernel_figures "$1"; }
 stage_decode() { script_stage decode_sweep "$1"; }
 stage_peers() { script_stage model_peers "$1"; }
+stage_train() { script_stage train_peers "$1"; }
 stage_profile() { script_stage host_profile "$1"; }
 
 stage_tests() {
@@ -133,9 +135,10 @@ baseline) BUDGET_S=580 stage_baseline 560 ;;
 configs) BUDGET_S=580 stage_configs 560 ;;
 decode) BUDGET_S=580 stage_decode 560 ;;
 peers) BUDGET_S=580 stage_peers 560 ;;
+train) BUDGET_S=580 stage_train 560 ;;
 profile) BUDGET_S=580 stage_profile 560 ;;
-*) echo "stages: lease tests figures decode peers profile ablate configs baseline"; exit 2 ;;
+*) echo "stages: lease tests figures decode peers train profile ablate configs baseline"; exit 2 ;;
 esac
 tar -czf "$OUT/results.tar.gz" -C "$FULL" . && rm -rf "$FULL"
-cat "$OUT/kernel_figures.md" "$OUT/decode_sweep.md" "$OUT/model_peers.md" 2>/dev/null
+cat "$OUT/kernel_figures.md" "$OUT/decode_sweep.md" "$OUT/model_peers.md" "$OUT/train_peers.md" 2>/dev/null
 cat "$OUT/summary.txt"

@@ -92,6 +92,19 @@ def test_model_peers_smoke_run_agrees_with_transformers(tmp_path):
     assert "| transformers (SDPA) |" in (tmp_path / "model_peers.md").read_text()
 
 
+def test_train_peers_smoke_run_agrees_with_transformers(tmp_path):
+    """A training step at the tiny preset in float32: transformers, reading qvl's saved checkpoint, gives the loss
+    qvl eager gives, with and without checkpointing."""
+    pytest.importorskip("transformers")
+    run_script("train_peers.py", tmp_path)
+    rows = {r["impl"]: r for r in json.loads((tmp_path / "train_peers.json").read_text())["rows"]}
+    assert not [r for r in rows.values() if "error" in r]
+    assert rows["transformers (SDPA)"]["loss_rel_err"] <= 1e-5
+    assert rows["qvl eager, checkpointing"]["loss_rel_err"] == 0 and rows["qvl eager"]["loss_rel_err"] == 0
+    assert all(r["step_ms"] > 0 and r["tokens_per_s"] > 0 for r in rows.values())
+    assert "| transformers (SDPA) |" in (tmp_path / "train_peers.md").read_text()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the stage runs at full size: the lease runs it")
 def test_gpu_session_script_runs_a_lease_and_packs_its_results(tmp_path):
     """benchmarks/gpu_session.sh, the one command a lent GPU runs, end to end on this machine: a one-stage lease
