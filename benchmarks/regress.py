@@ -3,7 +3,7 @@
     python benchmarks/regress.py check  [--machine cpu]   # run the suite, compare with the baseline; 1 on a regression
     python benchmarks/regress.py update [--machine cpu]   # run the suite, rewrite benchmarks/baselines/<machine>.json
     python benchmarks/regress.py table RESULTS.json       # a baseline or saved run as a markdown table
-    python benchmarks/regress.py compare CURRENT.json BASELINE.json [--threshold 0.25]
+    python benchmarks/regress.py compare CURRENT.json BASELINE.json [--threshold 1.0]
 
 Two kinds of figures:
 - timings: each benchmark's median divided by a calibration workload timed in the same run (noise on a
@@ -37,8 +37,13 @@ from qvl.files import write_json  # noqa: E402
 from qvl.launches import LaunchCounter  # noqa: E402
 
 BASELINES = os.path.join(ROOT, "benchmarks", "baselines")
-# Timings may move this much (ratio - 1 of what `compared` returns) before the check fails.
-THRESHOLDS = {"cpu": 0.25, "h100": 0.10, "h200": 0.10}
+# Timings may move this much (ratio - 1 of what `compared` returns) before the check fails. On the 2-core CI
+# machine (shared, virtual) a fresh clone's run, an hour after a baseline measured on the same machine kind, found
+# normalized timings from -64% to +49% of it, eager and interpreted rows alike, the re-measure included: a CPU
+# run catches only gross regressions, a doubling (an expensive check added to every call, a grid or a loop
+# multiplied), and the launch counts, which must not rise at all, catch an added launch exactly. The GPU
+# baselines hold the fine-grained timings.
+THRESHOLDS = {"cpu": 1.0, "h100": 0.10, "h200": 0.10}
 # Host-bound timings scatter more than the calibration (small matmuls) follows: the host/ figures, and on a
 # CPU machine every call under DISPATCH_BOUND_S (eager ops at the CPU subset's tiny shapes cost their
 # dispatch, not their arithmetic). On the 2-core CI machine identical runs moved them by up to +28%, and a
@@ -54,13 +59,6 @@ DISPATCH_BOUND_S = 1e-4
 GPU_HOST_BOUND_ROWS = ("bench_model.py::test_vision_tower[", "bench_model.py::test_prefill[",
                        "bench_model.py::test_decode_step[")  # not test_decode_step_cuda_graph
 GPU_HOST_BOUND_LIMIT = 0.35
-# Triton kernels run through the interpreter on a CPU machine: their time is numpy dispatched from Python, per
-# program instance and per kernel op, which the calibration (a BLAS matmul) does not follow. On the 2-core CI
-# machine these rows moved 26-30% between two identical runs right after their own baseline, and on another
-# instance of the machine kind CI failed them all. They fail beyond CPU_INTERPRETED_LIMIT, double their
-# baseline: what makes an interpreted kernel slower for real (a larger grid, more loop trips, a launch added)
-# multiplies its time, and the launch counts catch added launches exactly.
-CPU_INTERPRETED_LIMIT = 1.0
 # GPU calls shorter than this are much launch and synchronize, so they count as host-bound; longer ones are
 # the GPU's own time, compared in seconds (`gpu_bound`).
 GPU_DEVICE_BOUND_S = 2e-4
@@ -303,13 +301,6 @@ def host_bound(name: str, baseline: dict) -> bool:
             and _figure(baseline, name).get("median_s", 1.0) < DISPATCH_BOUND_S)
 
 
-def interpreted(name: str, baseline: dict) -> bool:
-    """A benchmark whose parameters name a triton backend, measured on a CPU through the Triton interpreter."""
-    device = str(_figure(baseline, name).get("device", ""))
-    params = name.rpartition("[")[2] if name.endswith("]") else ""
-    return device.startswith("cpu") and "interpreted" in device and "triton" in params
-
-
 def compared(name: str, current: dict, baseline: dict) -> tuple[float, float]:
     """(baseline, current): what a timing is judged by. Seconds for `gpu_bound` rows, the normalized timing
     for the rest."""
@@ -320,13 +311,10 @@ def compared(name: str, current: dict, baseline: dict) -> tuple[float, float]:
 
 def timing_status(name: str, base: float, now: float, threshold: float, baseline: dict) -> str:
     """REGRESSION, faster or ok: a timing against its baseline (`compared`); host-bound ones get the wider
-    limit, the whole model launched op by op on a GPU at least GPU_HOST_BOUND_LIMIT and interpreted Triton
-    kernels on a CPU CPU_INTERPRETED_LIMIT."""
+    limit, and the whole model launched op by op on a GPU at least GPU_HOST_BOUND_LIMIT."""
     limit = threshold * (HOST_THRESHOLD_FACTOR if host_bound(name, baseline) else 1.0)
     if _on_gpu(name, baseline) and _whole_model_op_by_op(name):
         limit = max(limit, GPU_HOST_BOUND_LIMIT)
-    if interpreted(name, baseline):
-        limit = max(limit, CPU_INTERPRETED_LIMIT)
     ratio = now / base
     return "REGRESSION" if ratio > 1 + limit else ("faster" if ratio < 1 - limit else "ok")
 
@@ -370,8 +358,7 @@ def compare(current: dict, baseline: dict, threshold: float) -> tuple[bool, str]
     lines.append(f"timing threshold {threshold:.0%}; host-bound timings (host/, CPU calls under "
                  f"{DISPATCH_BOUND_S * 1e6:.0f} us, GPU calls under {GPU_DEVICE_BOUND_S * 1e3:.1f} ms) "
                  f"{threshold * HOST_THRESHOLD_FACTOR:.0%}, the whole model launched op by op on a GPU "
-                 f"{max(threshold * HOST_THRESHOLD_FACTOR, GPU_HOST_BOUND_LIMIT):.0%}, Triton interpreted on a CPU "
-                 f"{CPU_INTERPRETED_LIMIT:.0%}. Timings are normalized by "
+                 f"{max(threshold * HOST_THRESHOLD_FACTOR, GPU_HOST_BOUND_LIMIT):.0%}. Timings are normalized by "
                  "the calibration workload, except GPU-bound rows (shown in ms); launch counts and peak memory "
                  "must not rise")
     return ok, "\n".join(lines)

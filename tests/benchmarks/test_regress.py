@@ -6,7 +6,7 @@ import pytest
 
 from benchmarks import regress
 
-THRESHOLD = regress.THRESHOLDS["cpu"]
+THRESHOLD = 0.25  # the rules at a threshold of their own; the machines' thresholds are tested below
 
 
 def doc(timings=None, counts=None):
@@ -50,16 +50,16 @@ def test_dispatch_bound_cpu_rows_get_the_wider_threshold_and_slower_ones_do_not(
     assert not ok  # the planted 30% on a slower row is still caught
 
 
-def test_interpreted_triton_rows_on_a_cpu_fail_only_beyond_double_their_baseline():
-    fig = {"device": "cpu (triton interpreted)", "median_s": 5e-2}
-    names = ["bench_norm.py::test_rms_norm[qvl[triton]-64x256]", "bench_norm.py::test_rms_norm[qvl[eager]-64x256]"]
+def test_a_cpu_run_fails_only_where_a_timing_doubled():
+    """The CPU threshold: normalized timings of a fresh clone's run scattered -64% to +49% around the baseline."""
+    cpu = regress.THRESHOLDS["cpu"]
+    fig = {"device": "cpu (triton interpreted)", "median_s": 5e-3}
+    names = ["bench_norm.py::test_rms_norm[qvl[triton]-64x256]", "bench_norm.py::test_rms_norm_backward[qvl[eager]]"]
     base = doc(dict.fromkeys(names, 1.0)) | {"figures": dict.fromkeys(names, fig)}
-    ok, table = regress.compare(doc({names[0]: 1.9, names[1]: 1.0}), base, THRESHOLD)
+    ok, table = regress.compare(doc({names[0]: 1.5, names[1]: 1.9}), base, cpu)
     assert ok, table
-    ok, table = regress.compare(doc({names[0]: 2.1, names[1]: 1.0}), base, THRESHOLD)
+    ok, table = regress.compare(doc({names[0]: 2.1, names[1]: 1.0}), base, cpu)
     assert not ok and "+110%" in table
-    ok, _ = regress.compare(doc({names[0]: 1.0, names[1]: 1.3}), base, THRESHOLD)
-    assert not ok  # the eager row beside it keeps the ordinary threshold
 
 
 def h200_doc(rows: dict) -> dict:
