@@ -211,10 +211,15 @@ def write(rows: list[dict], out: str, small: bool, preset: str, dtype: torch.dty
         work = "" if r["work_mib"] is None else f"{r['work_mib']:.0f}"
         lines.append(f"| {r['impl']} | {r['vision_ms']:.1f} | {r['ttft_ms']:.1f} | {r['decode_tok_s']:.1f} | {work} | "
                      f"{r['logits_rel_err']:.2e} |")
+    write_files(out, "model_peers", meta, rows, lines)
+
+
+def write_files(out: str, stem: str, meta: dict, rows: list[dict], lines: list[str]) -> None:
+    """<stem>.json (meta and every row) and <stem>.md (the table `lines`) in `out`; the table printed too."""
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "model_peers.json"), "w") as f:
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    with open(os.path.join(out, "model_peers.md"), "w") as f:
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import qvl  # (before anything imports triton: the interpreter switch on a machine without a GPU)
-from benchmarks.model_peers import CUDA, DEV, import_transformers, scratch_dir  # noqa: E402
+from benchmarks.model_peers import CUDA, DEV, import_transformers, scratch_dir, write_files  # noqa: E402
 from qvl.ablate.config import ImageSpec, WorkloadSpec  # noqa: E402
 from qvl.ablate.measure import Clock  # noqa: E402
 from qvl.ablate.workload import build_workload, training_labels  # noqa: E402
@@ -187,12 +187,7 @@ def write(rows: list[dict], out: str, preset: str, dtype: torch.dtype, spec: Wor
         err = f"{r['loss_rel_err']:.1e}" if "loss_rel_err" in r else ""
         lines.append(f"| {r['impl']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {peak} | {r['loss']:.4f} | "
                      f"{err} |")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "train_peers.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    with open(os.path.join(out, "train_peers.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_files(out, "train_peers", meta, rows, lines)
 
 
 if __name__ == "__main__":
