@@ -90,10 +90,7 @@ def test_train_step(measure, train_model, backend, checkpointing):
     """Forward with labels + backward through the whole model on the demo prompt (every token counted)."""
     model = train_model
     model.set_backends(backend, fallback="eager")
-    if checkpointing:
-        model.gradient_checkpointing_enable()
-    else:
-        model.gradient_checkpointing_disable()
+    model.set_gradient_checkpointing(checkpointing)
     inputs = demo_prompt(model.cfg)
     labels = inputs["input_ids"]
 

@@ -77,10 +77,7 @@ class QvlRow:
 
     def loss(self, batch: dict) -> torch.Tensor:
         self.model.set_backends(self.spec, fallback="eager").train()
-        if self.checkpointing:
-            self.model.gradient_checkpointing_enable()
-        else:
-            self.model.gradient_checkpointing_disable()
+        self.model.set_gradient_checkpointing(self.checkpointing)
         return self.model(**batch).loss
 
 

@@ -39,27 +39,20 @@ def counted_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def _set_checkpointing(model, on: bool) -> None:
-    if on:
-        model.gradient_checkpointing_enable()
-    else:
-        model.gradient_checkpointing_disable()
-
-
 @contextmanager
 def training(model, gradient_checkpointing: bool) -> Iterator[None]:
     """The model in train mode, with the variant's gradient checkpointing and autograd on (the runner measures
     under no_grad). Afterwards its mode and checkpointing are as before and no gradients are left on it."""
     was_training, was_checkpointing = model.training, model.is_gradient_checkpointing
     model.train()
-    _set_checkpointing(model, gradient_checkpointing)
+    model.set_gradient_checkpointing(gradient_checkpointing)
     try:
         with torch.enable_grad():
             yield
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-        _set_checkpointing(model, was_checkpointing)
+        model.set_gradient_checkpointing(was_checkpointing)
 
 
 @contextmanager

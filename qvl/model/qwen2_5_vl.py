@@ -224,10 +224,14 @@ class Qwen25VL(nn.Module):
     def gradient_checkpointing_enable(self) -> None:
         """Recompute each decoder layer and vision block in backward instead of keeping its activations
         (non-reentrant torch.utils.checkpoint); the same gradients for less memory. Only while training."""
-        self.model.gradient_checkpointing = self.visual.gradient_checkpointing = True
+        self.set_gradient_checkpointing(True)
 
     def gradient_checkpointing_disable(self) -> None:
-        self.model.gradient_checkpointing = self.visual.gradient_checkpointing = False
+        self.set_gradient_checkpointing(False)
+
+    def set_gradient_checkpointing(self, on: bool) -> None:
+        """Checkpointing on or off from a flag (`gradient_checkpointing_enable` / `_disable`)."""
+        self.model.gradient_checkpointing = self.visual.gradient_checkpointing = bool(on)
 
     @property
     def is_gradient_checkpointing(self) -> bool:
