@@ -25,5 +25,11 @@ class StaticKVCache:
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i], self.v[i]
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep row rows[i] as row i (beam search: each beam continues from the beam it was chosen from).
+        In place, so the buffers keep their addresses (a captured decode step still reads them)."""
+        self.k.copy_(self.k.index_select(1, rows))
+        self.v.copy_(self.v.index_select(1, rows))
+
     def reset(self) -> None:
         self.length = 0
