@@ -57,7 +57,11 @@ class VisionProcessingConfig:
 
     ``min_pixels`` / ``max_pixels`` bound ``h * w`` after resizing. The defaults are transformers'
     image-processor defaults (56*56, 28*28*1280); a checkpoint's file overrides them (the published
-    Qwen2.5-VL files say 3136 and 12845056).
+    Qwen2.5-VL files say 3136 and 12845056). As in transformers, min_pixels may exceed max_pixels (the
+    max_pixels bound is applied first) and max_pixels may be below one ``factor x factor`` unit (the image
+    then becomes that one unit).
+
+    ``num_frames`` (videos): take this many frames, evenly spaced, instead of sampling at ``fps``.
     """
 
     min_pixels: int = 56 * 56
@@ -77,6 +81,7 @@ class VisionProcessingConfig:
     fps: float = 2.0
     min_frames: int = 4
     max_frames: int = 768
+    num_frames: int | None = None
     cap_pixels_per_frame: bool = False
     max_video_tokens: int = 128000
 
@@ -92,8 +97,6 @@ class VisionProcessingConfig:
         for name in ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size", "max_frames"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"processor config: {name} must be positive, got {getattr(self, name)}")
-        if self.min_pixels > self.max_pixels:
-            raise ValueError(f"processor config: min_pixels ({self.min_pixels}) exceeds max_pixels ({self.max_pixels})")
         if self.resize_backend not in RESIZE_BACKENDS:
             raise ValueError(f"resize_backend must be one of {RESIZE_BACKENDS}, got {self.resize_backend!r}")
         if self.resample not in _RESAMPLE_TORCH:
@@ -103,6 +106,8 @@ class VisionProcessingConfig:
             raise ValueError("processor config: image_mean and image_std need 3 values (RGB)")
         if self.fps <= 0:
             raise ValueError(f"video fps must be positive, got {self.fps}")
+        if self.num_frames is not None and self.num_frames <= 0:
+            raise ValueError(f"video num_frames must be positive, got {self.num_frames}")
         return self
 
     def with_overrides(self, **overrides: Any) -> VisionProcessingConfig:
@@ -136,7 +141,7 @@ class VisionProcessingConfig:
                 out[key] = tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else [value] * 3))
         try:
             for key in ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size", "resample",
-                        "min_frames", "max_frames", "max_video_tokens"):
+                        "min_frames", "max_frames", "num_frames", "max_video_tokens"):
                 if key in out:
                     out[key] = int(out[key])
             for key in ("rescale_factor", "fps"):
@@ -184,7 +189,7 @@ def target_size(height: int, width: int, cfg: VisionProcessingConfig, max_pixels
     min_pixels 100352, max_pixels 105369 becomes 392x280): transformers returns that size too, and so does
     this. Or the short side is held at the factor itself, however far the image is scaled, which can
     multiply the area (a 10x1500 strip under max_pixels 3136 becomes 28x700): refused, where transformers
-    returns it.
+    returns it. A budget below one unit gives that unit (factor x factor), as in transformers.
     """
     max_pixels = cfg.max_pixels if max_pixels is None else max_pixels
     if not cfg.do_resize:
@@ -193,7 +198,7 @@ def target_size(height: int, width: int, cfg: VisionProcessingConfig, max_pixels
                              f"{cfg.factor}")
         return height, width
     h, w = smart_resize(height, width, cfg.factor, cfg.min_pixels, max_pixels)
-    if h * w > max_pixels and min(h, w) == cfg.factor:
+    if h * w > max(max_pixels, cfg.factor**2) and min(h, w) == cfg.factor:  # one unit is the least it can be
         raise ValueError(f"{what} of {width}x{height} pixels cannot be resized within max_pixels={max_pixels}: "
                          f"the resizing rules (sides multiples of {cfg.factor}) give {w}x{h} = {w * h} pixels. "
                          "Crop it to a less extreme aspect ratio or raise max_pixels")

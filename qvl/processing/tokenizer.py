@@ -1,7 +1,9 @@
-"""The checkpoint's ``tokenizer.json`` (through the ``tokenizers`` library) and the Qwen2.5-VL chat template.
+"""The checkpoint's ``tokenizer.json`` (through the ``tokenizers`` library) and its chat template.
 
-`render_chat` writes the text the published ``chat_template.json`` renders (ChatML turns, a default system
-turn, ``<|vision_start|><|image_pad|><|vision_end|>`` per image and ``...<|video_pad|>...`` per video);
+`QwenTokenizer.apply_chat_template` renders the checkpoint's own Jinja template (see `chat_template`).
+`render_chat` is the fallback for a checkpoint without one (and for synthetic tokenizers): it writes the
+text the published Qwen2.5-VL ``chat_template.json`` renders (ChatML turns, a default system turn,
+``<|vision_start|><|image_pad|><|vision_end|>`` per image and ``...<|video_pad|>...`` per video);
 `expand_vision_placeholders` then repeats each pad token once per merged patch
 (``grid_t * grid_h * grid_w / merge_size**2``), as Qwen2.5-VL's processor does before tokenizing.
 """
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import Qwen25VLConfig
+from . import chat_template as jinja_chat
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
@@ -132,11 +135,16 @@ class SpecialIds:
 
 
 class QwenTokenizer:
-    """A ``tokenizers.Tokenizer`` with the Qwen2.5-VL special tokens looked up and checked."""
+    """A ``tokenizers.Tokenizer`` with the Qwen2.5-VL special tokens looked up and checked, and the
+    checkpoint's chat templates (``{name: jinja source}``, empty: `render_chat` is used) and named special
+    tokens (``{"eos_token": "<|im_end|>", ...}``, which templates read)."""
 
-    def __init__(self, tokenizer, source: str = "tokenizer"):
+    def __init__(self, tokenizer, source: str = "tokenizer", chat_templates: dict[str, str] | None = None,
+                 special_tokens: dict[str, str] | None = None):
         self.tok = tokenizer
         self.source = source
+        self.chat_templates = dict(chat_templates or {})
+        self.special_tokens = dict(special_tokens or {})
         ids = {}
         for token in SPECIAL_TOKENS:
             ids[token] = tokenizer.token_to_id(token)
@@ -149,9 +157,12 @@ class QwenTokenizer:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> QwenTokenizer:
+        """A checkpoint folder (or its tokenizer.json): the tokenizer, the chat template and the named special
+        tokens of ``tokenizer_config.json``, all read from that folder."""
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.json")
+        folder = os.path.dirname(path) or "."
         if not os.path.isfile(path):
             raise ValueError(f"no tokenizer.json at {path}: qvl reads the checkpoint's tokenizer.json "
                              "(the fast-tokenizer file); copy it into the checkpoint directory")
@@ -159,7 +170,9 @@ class QwenTokenizer:
             tok = _tokenizers().Tokenizer.from_file(path)
         except Exception as e:  # tokenizers raises its own Exception type for malformed files
             raise ValueError(f"cannot load {path}: {e}") from None
-        return cls(tok, source=path)
+        templates, _ = jinja_chat.find_chat_templates(folder)
+        return cls(tok, source=path, chat_templates=templates,
+                   special_tokens=jinja_chat.special_tokens_from_config(folder))
 
     @classmethod
     def synthetic(cls, cfg: Qwen25VLConfig) -> QwenTokenizer:
@@ -185,7 +198,8 @@ class QwenTokenizer:
         tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = tk.decoders.ByteLevel()
         tok.add_special_tokens([tk.AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-        return cls(tok, source="synthetic byte-level tokenizer")
+        return cls(tok, source="synthetic byte-level tokenizer",
+                   special_tokens={"eos_token": IM_END, "pad_token": ENDOFTEXT})
 
     def check_config(self, cfg: Qwen25VLConfig) -> None:
         """Refuse a tokenizer whose vision tokens sit at other ids than the model config says."""
@@ -208,8 +222,48 @@ class QwenTokenizer:
                 out.append(int(i))
         return tuple(out)
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.tok.encode(text, add_special_tokens=True).ids)
+    @property
+    def chat_template(self) -> str | None:
+        """The template rendered by default (None: the built-in `render_chat`)."""
+        return jinja_chat.select_template(self.chat_templates)
+
+    @property
+    def pad_id(self) -> int | None:
+        """The id batches are padded with: tokenizer_config.json's pad_token, else ``<|endoftext|>``."""
+        token = self.special_tokens.get("pad_token")
+        tid = self.tok.token_to_id(token) if token is not None else None
+        if token is not None and tid is None:
+            raise ValueError(f"{self.source}: the pad_token {token!r} is not in the vocabulary")
+        return tid if tid is not None else self.special.endoftext
+
+    def render_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False, *,
+                             tools: Sequence[dict] | None = None, documents: Sequence[dict] | None = None,
+                             chat_template: str | None = None, **template_kwargs: Any) -> str:
+        """One conversation as text: the checkpoint's template (or `chat_template`, a template name or text),
+        else `render_chat`, which reads only ``add_vision_id`` of the extra arguments."""
+        source = jinja_chat.select_template(self.chat_templates, chat_template, tools)
+        if source is None:
+            return render_chat(messages, add_generation_prompt=add_generation_prompt,
+                               add_vision_id=bool(template_kwargs.get("add_vision_id", False)))
+        return jinja_chat.render(source, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                 documents=documents, special_tokens=self.special_tokens, **template_kwargs)
+
+    def apply_chat_template(self, messages: Sequence[dict] | Sequence[Sequence[dict]],
+                            add_generation_prompt: bool = False, tokenize: bool = False, **template_kwargs: Any):
+        """transformers' ``tokenizer.apply_chat_template(..., return_dict=False)``: the rendered text, or with
+        `tokenize` its ids (no special tokens added beyond the template's). A list of conversations gives a
+        list of results. `template_kwargs`: ``tools``, ``documents``, ``chat_template`` and any variable the
+        template reads (e.g. ``add_vision_id``)."""
+        if not messages:
+            raise ValueError("no messages to render")
+        batched = isinstance(messages[0], (list, tuple))
+        texts = [self.render_chat_template(m, add_generation_prompt, **template_kwargs)
+                 for m in (messages if batched else [messages])]
+        out = [self.encode(t, add_special_tokens=False) for t in texts] if tokenize else texts
+        return out if batched else out[0]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

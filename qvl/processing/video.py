@@ -7,8 +7,10 @@ file is given, with a clear message when missing).
 Frame sampling follows transformers 5.24's ``Qwen2VLVideoProcessor.sample_frames``: with the source
 frame rate known, ``n = total / source_fps * fps`` frames, clamped to ``[min_frames, max_frames]`` and to
 the frames available, floored to a multiple of ``temporal_patch_size``, taken at
-``floor(arange(0, total, total / n))``. Frames given without a frame rate are taken to be sampled at `fps`
-already: all are kept (cut uniformly to ``max_frames`` if there are more).
+``floor(arange(0, total, total / n))``. With ``num_frames`` set, ``n`` is ``num_frames`` rounded to a
+multiple of ``temporal_patch_size`` (transformers' rule; more than the video has is an error). Otherwise
+frames given without a frame rate are taken to be sampled at `fps` already: all are kept (cut uniformly to
+``max_frames`` if there are more).
 
 ``second_per_grid_t = temporal_patch_size / sampled_fps`` with ``sampled_fps = kept / total * source_fps``,
 as Qwen2.5-VL's processor computes it, and kept as a float64 fraction: no rounding, so a 1.2 s step
@@ -70,6 +72,15 @@ class Video:
 
     def second_per_grid(self, temporal_patch_size: int) -> float:
         return temporal_patch_size / self.sampled_fps
+
+
+def fixed_count_indices(total: int, num_frames: int, temporal_patch_size: int = 2) -> list[int]:
+    """`num_frames` (rounded to a multiple of the temporal patch) evenly spaced frames of `total`."""
+    n = round(num_frames / temporal_patch_size) * temporal_patch_size
+    if n <= 0 or n > total:
+        raise ValueError(f"cannot sample num_frames={num_frames} (rounded to {n}, a multiple of the temporal patch "
+                         f"{temporal_patch_size}) from a video of {total} frames")
+    return torch.arange(0, total, total / n).int().tolist()
 
 
 def sample_frame_indices(total: int, source_fps: float, fps: float, min_frames: int = 4, max_frames: int = 768,
@@ -137,7 +148,7 @@ def _as_video_array(array: np.ndarray, what: str) -> np.ndarray:
 
 
 def load_video(source, *, fps: float = 2.0, source_fps: float | None = None, min_frames: int = 4,
-               max_frames: int = 768, temporal_patch_size: int = 2) -> Video:
+               max_frames: int = 768, temporal_patch_size: int = 2, num_frames: int | None = None) -> Video:
     """Decode and sample a video (file, folder of frames, list of frames or array); see the module notes."""
     if isinstance(source, Video):
         return source
@@ -150,23 +161,26 @@ def load_video(source, *, fps: float = 2.0, source_fps: float | None = None, min
             files = list_frame_files(path)
             if not files:
                 raise ValueError(f"{what}: the folder holds no frame images ({', '.join(FRAME_EXTENSIONS)})")
-            return _sample_frames(files, what, fps, source_fps, min_frames, max_frames, temporal_patch_size)
+            return _sample_frames(files, what, fps, source_fps, min_frames, max_frames, temporal_patch_size, num_frames)
         return decode_video_file(path, fps=fps, min_frames=min_frames, max_frames=max_frames,
-                                 temporal_patch_size=temporal_patch_size)
+                                 temporal_patch_size=temporal_patch_size, num_frames=num_frames)
     if isinstance(source, (np.ndarray, torch.Tensor)):
         array = _as_video_array(source, what)
-        return _sample_frames(array, what, fps, source_fps, min_frames, max_frames, temporal_patch_size)
+        return _sample_frames(array, what, fps, source_fps, min_frames, max_frames, temporal_patch_size, num_frames)
     if isinstance(source, (list, tuple)):
         if not source:
             raise ValueError("video has no frames (empty frame list)")
-        return _sample_frames(list(source), what, fps, source_fps, min_frames, max_frames, temporal_patch_size)
+        return _sample_frames(list(source), what, fps, source_fps, min_frames, max_frames, temporal_patch_size,
+                              num_frames)
     raise ValueError(f"video must be a file, a folder of frames, a list of frames or a (T, H, W, 3) uint8 array, "
                      f"got {type(source).__name__}")
 
 
-def _sample_frames(frames, what, fps, source_fps, min_frames, max_frames, tp) -> Video:
+def _sample_frames(frames, what, fps, source_fps, min_frames, max_frames, tp, num_frames=None) -> Video:
     total = len(frames)
-    if source_fps is None:
+    if num_frames is not None:
+        indices, rate = fixed_count_indices(total, num_frames, tp), float(fps if source_fps is None else source_fps)
+    elif source_fps is None:
         indices, rate = _uniform_cap(total, max_frames, tp), float(fps)
     else:
         rate = float(source_fps)
@@ -179,7 +193,7 @@ def _sample_frames(frames, what, fps, source_fps, min_frames, max_frames, tp) ->
 
 
 def decode_video_file(path: str, *, fps: float = 2.0, min_frames: int = 4, max_frames: int = 768,
-                      temporal_patch_size: int = 2) -> Video:
+                      temporal_patch_size: int = 2, num_frames: int | None = None) -> Video:
     """Decode only the sampled frames of a video file with PyAV."""
     try:
         import av
@@ -204,7 +218,8 @@ def decode_video_file(path: str, *, fps: float = 2.0, min_frames: int = 4, max_f
             raise ValueError(f"{what} has no frames")
         if source_fps <= 0:
             raise ValueError(f"{what} does not state its frame rate; extract its frames into a folder instead")
-        indices = sample_frame_indices(total, source_fps, fps, min_frames, max_frames, temporal_patch_size)
+        indices = (fixed_count_indices(total, num_frames, temporal_patch_size) if num_frames is not None else
+                   sample_frame_indices(total, source_fps, fps, min_frames, max_frames, temporal_patch_size))
         wanted, last = set(indices), max(indices)
         kept, kept_idx, seen = [], [], 0
         with av.open(path) as container:
@@ -234,7 +249,7 @@ class VideoProcessor:
     def load(self, source, source_fps: float | None = None) -> Video:
         c = self.config
         return load_video(source, fps=c.fps, source_fps=source_fps, min_frames=c.min_frames,
-                          max_frames=c.max_frames, temporal_patch_size=c.temporal_patch_size)
+                          max_frames=c.max_frames, temporal_patch_size=c.temporal_patch_size, num_frames=c.num_frames)
 
     def preprocess_one(self, video: Video) -> tuple[np.ndarray, tuple[int, int, int], float]:
         cfg = self.config
@@ -272,5 +287,5 @@ class VideoProcessor:
                 "second_per_grid_ts": torch.tensor(spg, dtype=torch.float64)}
 
 
-__all__ = ["Video", "VideoProcessor", "load_video", "decode_video_file", "sample_frame_indices", "list_frame_files",
-           "VIDEO_DEFAULTS"]
+__all__ = ["Video", "VideoProcessor", "load_video", "decode_video_file", "sample_frame_indices", "fixed_count_indices",
+           "list_frame_files", "VIDEO_DEFAULTS"]

@@ -193,9 +193,19 @@ def test_rounding_up_to_min_pixels_may_pass_max_pixels_as_in_transformers(width,
     assert_same(ImageProcessor(VisionProcessingConfig(**bounds))([image]), ref)
 
 
+def test_min_pixels_above_max_pixels_is_accepted_as_in_transformers():
+    """transformers applies the max_pixels bound first and never compares the two bounds."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    bounds = {"min_pixels": 10_000, "max_pixels": 5_000}
+    image = PIL.fromarray(textured(90, 120, seed=3))
+    ref = Qwen2VLImageProcessorPil(**bounds)(images=[image], return_tensors="pt")
+    assert_same(ImageProcessor(VisionProcessingConfig.from_dict(bounds))([image]), ref)
+
+
 def test_bad_settings():
-    with pytest.raises(ValueError, match="min_pixels .* exceeds max_pixels"):
-        VisionProcessingConfig.from_dict({"min_pixels": 10_000, "max_pixels": 5_000})
+    with pytest.raises(ValueError, match="max_pixels must be positive"):
+        VisionProcessingConfig.from_dict({"max_pixels": 0})
     with pytest.raises(ValueError, match="resize_backend"):
         VisionProcessingConfig(resize_backend="cv2").validate()
 
