@@ -147,10 +147,11 @@ def cases(quick: bool):
     from qvl.backends.interface import BlockDiagonalMask, Rotary
     from qvl.dtypes import dtype_name
     from qvl.kernels import gemm
-    from qvl.kernels.activation import gelu, swiglu
+    from qvl.kernels.activation import gelu, quick_gelu, swiglu
     from qvl.kernels.attention import causal_attention, varlen_attention
     from qvl.kernels.cross_entropy import fused_linear_cross_entropy
     from qvl.kernels.decode_attention import decode_attention
+    from qvl.kernels.layer_norm import layer_norm
     from qvl.kernels.rms_norm import rms_norm
     from qvl.kernels.rope import rope, rope_and_cache
 
@@ -189,11 +190,19 @@ def cases(quick: bool):
             out.append((f"rms_norm+residual {name} H={hidden}", lambda x=x, w=w: rms_norm(x, w, 1e-6, x.clone())))
             out.append((f"rms_norm+residual backward {name} H={hidden}", lambda x=x, w=w: backward(
                 lambda x, w, r: rms_norm(x, w, 1e-6, r), x, w, x.clone())))
+        for hidden in (1280, 8192):  # Qwen2-VL's vision width; the widest row the LayerNorm kernel holds
+            x, w = t(64, hidden, dtype=dt), t(hidden, dtype=dt)
+            out.append((f"layer_norm+residual {name} H={hidden}", lambda x=x, w=w: layer_norm(x, w, w, 1e-6,
+                                                                                              x.clone())))
+            out.append((f"layer_norm+residual backward {name} H={hidden}", lambda x=x, w=w: backward(
+                lambda x, w, shift, r: layer_norm(x, w, shift, 1e-6, r), x, w, w.clone(), x.clone())))
         h = t(64, 2 * 11008, dtype=dt)
         out.append((f"swiglu {name}", lambda h=h: swiglu(h)))
         out.append((f"gelu {name}", lambda h=h: gelu(h)))
         out.append((f"swiglu backward {name}", lambda h=h: backward(swiglu, h)))
         out.append((f"gelu backward {name}", lambda h=h: backward(gelu, h)))
+        out.append((f"quick_gelu {name}", lambda h=h: quick_gelu(h)))
+        out.append((f"quick_gelu backward {name}", lambda h=h: backward(quick_gelu, h)))
 
         q, k, qv = t(1, 64, 16, 128, dtype=dt), t(1, 64, 2, 128, dtype=dt), t(1, 64, 16, 80, dtype=dt)
         out.append((f"rope {name} d=128", lambda q=q, k=k: rope(q, k, pos, text.inv_freq, text.stream_of_pair)))

@@ -1,11 +1,14 @@
-"""Build models: random weights from a config, or an HF-format checkpoint directory (safetensors only).
+"""Build models: random weights from a config, or an HF-format checkpoint directory (safetensors only) of
+Qwen2.5-VL or Qwen2-VL (config.json's model_type).
 
 Checkpoints come in two key layouts, both accepted:
     flat (published):  model.layers.N...,               visual.blocks.N...,        lm_head.weight
     nested (tf >= 4.52): model.language_model.layers.N..., model.visual.blocks.N..., lm_head.weight
 qvl fuses q/k/v and gate/up projections into single matrices; each fused parameter lists the checkpoint
-tensors that fill its rows. Weights are read tensor by tensor straight into parameters already allocated
-in the target dtype on the target device, so loading never holds a float32 copy of the model.
+tensors that fill its rows. Qwen2-VL's vision blocks keep transformers' names (norm1/norm2 with a bias,
+mlp.fc1/mlp.fc2); both towers' merger MLP is merger.mlp.0 / merger.mlp.2 there, merger.fc1 / merger.fc2 here.
+Weights are read tensor by tensor straight into parameters already allocated in the target dtype on the target
+device, so loading never holds a float32 copy of the model.
 Pickle-based files (``*.bin``, ``*.pt``) are refused.
 """
 
@@ -210,7 +213,7 @@ def _config_dtype(directory: str) -> torch.dtype:
 
 def from_pretrained(directory: str | os.PathLike, *, dtype: torch.dtype | None = None, device="cpu",
                     backends=None, fallback: str | None = None, overrides: dict | None = None) -> Qwen25VL:
-    """Load an HF-format Qwen2.5-VL directory. `dtype=None` uses the checkpoint's own dtype."""
+    """Load an HF-format Qwen2.5-VL or Qwen2-VL directory. `dtype=None` uses the checkpoint's own dtype."""
     directory = os.fspath(directory)
     cfg = load_hf_config(directory)
     if overrides:

@@ -1,8 +1,10 @@
 """Model configuration: dataclasses for the two towers, named presets, HF config.json I/O.
 
-The field names follow the published Hugging Face ``config.json`` so that a
-checkpoint's config maps onto these dataclasses one to one. Parsing is plain
-JSON: nothing in a config is ever evaluated.
+The field names follow the published Hugging Face Qwen2.5-VL ``config.json`` so that a
+checkpoint's config maps onto these dataclasses one to one. Qwen2-VL checkpoints, whose vision
+sizes are named differently (embed_dim, mlp_ratio, hidden_size = the output width), map onto the
+same dataclasses with ``vision.model_type = "qwen2_vl"``. Parsing is plain JSON: nothing in a config
+is ever evaluated.
 """
 
 from __future__ import annotations
@@ -12,10 +14,26 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+# The two vision towers qvl builds, by transformers' model_type. The text decoders are the same.
+#   qwen2_5_vl  windowed attention (full attention in fullatt_block_indexes), RMSNorm, gated SiLU MLP
+#               (gate/up/down), video frames placed in time by second_per_grid_ts * tokens_per_second
+#   qwen2_vl    full attention over each frame in every block, LayerNorm (with bias), plain MLP fc1 -> act -> fc2
+#               (hidden_act quick_gelu or gelu), video frames placed by their index
+MODEL_TYPES: tuple[str, ...] = ("qwen2_5_vl", "qwen2_vl")
+# The activations of each tower's vision MLP (transformers' hidden_act; each is an `mlp` operator activation).
+VISION_ACTIVATIONS: dict[str, tuple[str, ...]] = {"qwen2_5_vl": ("silu",), "qwen2_vl": ("quick_gelu", "gelu")}
+# Qwen2-VL's vision LayerNorms have a fixed epsilon in transformers (not in its config.json).
+QWEN2_VL_NORM_EPS = 1e-6
+
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """The ViT: patch embedding, windowed/full attention blocks, 2x2 patch merger."""
+    """The ViT: patch embedding, windowed/full attention blocks, 2x2 patch merger.
+
+    `model_type` says which tower (MODEL_TYPES); window_size, fullatt_block_indexes and tokens_per_second apply
+    to qwen2_5_vl only. `rms_norm_eps` is the epsilon of the vision norms of either kind. Indexes in
+    fullatt_block_indexes at or past `depth` name no block and are ignored, as transformers ignores them.
+    """
 
     depth: int = 32
     hidden_size: int = 1280
@@ -31,10 +49,33 @@ class VisionConfig:
     tokens_per_second: float = 2.0
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
+    model_type: str = "qwen2_5_vl"
+    hidden_act: str = "silu"
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def windowed(self) -> bool:
+        """Blocks outside fullatt_block_indexes attend inside windows (Qwen2.5-VL); else all see whole frames."""
+        return self.model_type == "qwen2_5_vl"
+
+    @property
+    def layer_norm(self) -> bool:
+        """The blocks' and the merger's norms are LayerNorms with a bias (Qwen2-VL), not RMSNorms."""
+        return self.model_type == "qwen2_vl"
+
+    @property
+    def gated_mlp(self) -> bool:
+        """The blocks' MLP is SwiGLU over [gate; up] (Qwen2.5-VL), not fc1 -> hidden_act -> fc2."""
+        return self.model_type == "qwen2_5_vl"
+
+    @property
+    def time_scaled_video(self) -> bool:
+        """Video frames sit at second_per_grid_t * tokens_per_second steps in time (Qwen2.5-VL), not at their
+        index (Qwen2-VL)."""
+        return self.model_type == "qwen2_5_vl"
 
     @property
     def patch_dim(self) -> int:
@@ -42,19 +83,33 @@ class VisionConfig:
         return self.in_channels * self.temporal_patch_size * self.patch_size**2
 
     def validate(self) -> None:
-        _require(self.hidden_size % self.num_heads == 0, "vision.hidden_size must be divisible by vision.num_heads")
-        _require(self.head_dim % 4 == 0, "vision head_dim must be divisible by 4 (2-D rotary over h and w)")
-        unit = self.spatial_merge_size * self.patch_size
-        _require(
-            self.window_size % unit == 0 and self.window_size >= unit,
-            f"vision.window_size ({self.window_size}) must be a positive multiple of "
-            f"spatial_merge_size * patch_size ({unit})",
-        )
-        bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
-        _require(not bad, f"vision.fullatt_block_indexes {bad} outside 0..{self.depth - 1}")
+        _require(self.model_type in MODEL_TYPES,
+                 f"vision.model_type {self.model_type!r} unknown; valid options are {', '.join(MODEL_TYPES)}")
         for name in ("depth", "hidden_size", "intermediate_size", "num_heads", "patch_size",
                      "temporal_patch_size", "spatial_merge_size", "out_hidden_size"):
             _require(getattr(self, name) > 0, f"vision.{name} must be positive")
+        _require(self.hidden_size % self.num_heads == 0, "vision.hidden_size must be divisible by vision.num_heads")
+        _require(self.head_dim % 4 == 0, "vision head_dim must be divisible by 4 (2-D rotary over h and w)")
+        activations = VISION_ACTIVATIONS[self.model_type]
+        _require(self.hidden_act in activations, f"vision.hidden_act {self.hidden_act!r} not supported for "
+                 f"{self.model_type}; valid options are {', '.join(activations)}")
+        if self.windowed:
+            unit = self.spatial_merge_size * self.patch_size
+            _require(
+                self.window_size % unit == 0 and self.window_size >= unit,
+                f"vision.window_size ({self.window_size}) must be a positive multiple of "
+                f"spatial_merge_size * patch_size ({unit})",
+            )
+            negative = [i for i in self.fullatt_block_indexes if i < 0]
+            _require(not negative, f"vision.fullatt_block_indexes {negative} are negative (block indexes count "
+                                   "from 0; indexes past the depth are ignored)")
+        if self.model_type == "qwen2_vl":
+            _require(self.intermediate_size % self.hidden_size == 0,
+                     f"vision.intermediate_size ({self.intermediate_size}) must be a multiple of vision.hidden_size "
+                     f"({self.hidden_size}) for qwen2_vl: its config.json stores the ratio (mlp_ratio)")
+            _require(self.rms_norm_eps == QWEN2_VL_NORM_EPS,
+                     f"vision.rms_norm_eps ({self.rms_norm_eps}) must be {QWEN2_VL_NORM_EPS} for qwen2_vl: "
+                     "transformers fixes its LayerNorms' epsilon")
 
 
 @dataclass(frozen=True)
@@ -96,6 +151,8 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class Qwen25VLConfig:
+    """A Qwen2.5-VL model, or a Qwen2-VL one when ``vision.model_type == "qwen2_vl"`` (see `model_type`)."""
+
     text: TextConfig = field(default_factory=TextConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     image_token_id: int = 151655
@@ -105,6 +162,11 @@ class Qwen25VLConfig:
     bos_token_id: int = 151643
     eos_token_id: tuple[int, ...] = (151645,)
     pad_token_id: int | None = None
+
+    @property
+    def model_type(self) -> str:
+        """transformers' model_type of the whole model: the vision tower's (the text decoders are the same)."""
+        return self.vision.model_type
 
     def validate(self) -> Qwen25VLConfig:
         self.text.validate()
@@ -191,6 +253,12 @@ PRESETS: dict[str, Qwen25VLConfig] = {
         vision=replace(_VISION_32B_72B, out_hidden_size=8192),
     ),
 }
+# Qwen2-VL's structure at the tiny size: LayerNorm, QuickGELU MLP (intermediate = 4 x hidden), no windows.
+PRESETS["tiny_qwen2_vl"] = replace(
+    PRESETS["tiny"],
+    vision=VisionConfig(depth=3, hidden_size=32, intermediate_size=128, num_heads=2, out_hidden_size=64,
+                        model_type="qwen2_vl", hidden_act="quick_gelu", fullatt_block_indexes=()),
+)
 
 
 def get_preset(name: str) -> Qwen25VLConfig:
@@ -203,6 +271,10 @@ def get_preset(name: str) -> Qwen25VLConfig:
 
 _TEXT_KEYS = [f.name for f in fields(TextConfig) if f.name not in ("rope_theta", "mrope_section")]
 _VISION_RENAMES = {"in_chans": "in_channels"}  # older Qwen2-VL spelling
+_ARCHITECTURES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
+# Qwen2-VL's vision_config: embed_dim is the tower's width, hidden_size the merger's output width, and the MLP's
+# width is embed_dim * mlp_ratio. Missing fields take transformers' Qwen2VLVisionConfig defaults.
+_QWEN2_VL_VISION_DEFAULTS = {"embed_dim": 1280, "mlp_ratio": 4, "hidden_act": "quick_gelu"}
 
 
 def config_from_hf_dict(hf: dict[str, Any]) -> Qwen25VLConfig:
@@ -214,9 +286,10 @@ def config_from_hf_dict(hf: dict[str, Any]) -> Qwen25VLConfig:
     """
     if not isinstance(hf, dict):
         raise ValueError("config.json must hold a JSON object")
-    model_type = hf.get("model_type")
-    if model_type not in (None, "qwen2_5_vl"):
-        raise ValueError(f"config.json has model_type {model_type!r}; qvl reads only 'qwen2_5_vl'")
+    model_type = hf.get("model_type", "qwen2_5_vl")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"config.json has model_type {model_type!r}; qvl reads only "
+                         + " and ".join(repr(m) for m in MODEL_TYPES))
     # transformers >= 5 nests the decoder fields under text_config; the flat layout keeps them at the top.
     text_src = dict(hf)
     if isinstance(hf.get("text_config"), dict):
@@ -237,8 +310,10 @@ def config_from_hf_dict(hf: dict[str, Any]) -> Qwen25VLConfig:
     vision_src = hf.get("vision_config")
     if not isinstance(vision_src, dict):
         raise ValueError("config.json has no vision_config object")
-    vision_kwargs = {}
-    known_vision = {f.name for f in fields(VisionConfig)}
+    vision_kwargs = {"model_type": model_type}
+    known_vision = {f.name for f in fields(VisionConfig)} - {"model_type"}
+    if model_type == "qwen2_vl":
+        vision_src = _qwen2_vl_vision_fields(vision_src)
     for key, value in vision_src.items():
         key = _VISION_RENAMES.get(key, key)
         if key in known_vision:
@@ -258,6 +333,21 @@ def config_from_hf_dict(hf: dict[str, Any]) -> Qwen25VLConfig:
     if eos is not None:
         top["eos_token_id"] = tuple(eos) if isinstance(eos, list) else (int(eos),)
     return Qwen25VLConfig(text=text, vision=vision, **top).validate()
+
+
+def _qwen2_vl_vision_fields(src: dict[str, Any]) -> dict[str, Any]:
+    """A Qwen2-VL vision_config in VisionConfig's names: its widths renamed, its Qwen2.5-VL-only fields dropped."""
+    src = {**_QWEN2_VL_VISION_DEFAULTS, **src}
+    out = {k: v for k, v in src.items() if k not in ("embed_dim", "mlp_ratio", "hidden_size", "intermediate_size",
+                                                     "window_size", "fullatt_block_indexes", "tokens_per_second",
+                                                     "out_hidden_size", "rms_norm_eps")}
+    out["hidden_size"] = src["embed_dim"]
+    out["intermediate_size"] = int(src["embed_dim"] * src["mlp_ratio"])  # as transformers sizes its fc1
+    if "hidden_size" in src:  # else the text width (config_from_hf_dict's default)
+        out["out_hidden_size"] = src["hidden_size"]
+    out["rms_norm_eps"] = QWEN2_VL_NORM_EPS
+    out["fullatt_block_indexes"] = ()
+    return out
 
 
 def _rope_fields(src: dict[str, Any]) -> dict[str, Any]:
@@ -291,11 +381,12 @@ def _rope_fields(src: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_to_hf_dict(cfg: Qwen25VLConfig) -> dict[str, Any]:
-    """The flat ``config.json`` layout of the published checkpoints (readable by transformers 4.x and 5.x)."""
+    """The flat ``config.json`` layout of the published checkpoints (readable by transformers 4.x and 5.x), of
+    Qwen2.5-VL or Qwen2-VL (`cfg.model_type`)."""
     t, v = cfg.text, cfg.vision
     return {
-        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
-        "model_type": "qwen2_5_vl",
+        "architectures": [_ARCHITECTURES[cfg.model_type]],
+        "model_type": cfg.model_type,
         "vocab_size": t.vocab_size,
         "hidden_size": t.hidden_size,
         "intermediate_size": t.intermediate_size,
@@ -317,27 +408,32 @@ def config_to_hf_dict(cfg: Qwen25VLConfig) -> dict[str, Any]:
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": list(cfg.eos_token_id) if len(cfg.eos_token_id) > 1 else cfg.eos_token_id[0],
         "pad_token_id": cfg.pad_token_id,
-        "vision_config": {
-            "model_type": "qwen2_5_vl",
-            "depth": v.depth,
-            "hidden_size": v.hidden_size,
-            "intermediate_size": v.intermediate_size,
-            "num_heads": v.num_heads,
-            "in_chans": v.in_channels,
-            "in_channels": v.in_channels,
-            "patch_size": v.patch_size,
-            "temporal_patch_size": v.temporal_patch_size,
-            "spatial_merge_size": v.spatial_merge_size,
-            "window_size": v.window_size,
-            "fullatt_block_indexes": list(v.fullatt_block_indexes),
+        "vision_config": _vision_to_hf_dict(v),
+    }
+
+
+def _vision_to_hf_dict(v: VisionConfig) -> dict[str, Any]:
+    common = {
+        "model_type": v.model_type,
+        "depth": v.depth,
+        "num_heads": v.num_heads,
+        "in_chans": v.in_channels,
+        "in_channels": v.in_channels,
+        "patch_size": v.patch_size,
+        "temporal_patch_size": v.temporal_patch_size,
+        "spatial_merge_size": v.spatial_merge_size,
+        "hidden_act": v.hidden_act,
+        "rope_parameters": {"rope_theta": v.rope_theta, "rope_type": "axial"},
+    }
+    if v.model_type == "qwen2_vl":
+        return {**common, "embed_dim": v.hidden_size, "mlp_ratio": v.intermediate_size // v.hidden_size,
+                "hidden_size": v.out_hidden_size}
+    return {**common, "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+            "window_size": v.window_size, "fullatt_block_indexes": list(v.fullatt_block_indexes),
             "out_hidden_size": v.out_hidden_size,
             "tokens_per_second": (int(v.tokens_per_second) if float(v.tokens_per_second).is_integer()
                                   else v.tokens_per_second),
-            "hidden_act": "silu",
-            "rms_norm_eps": v.rms_norm_eps,
-            "rope_parameters": {"rope_theta": v.rope_theta, "rope_type": "axial"},
-        },
-    }
+            "rms_norm_eps": v.rms_norm_eps}
 
 
 def load_hf_config(path: str | os.PathLike) -> Qwen25VLConfig:

@@ -1,7 +1,8 @@
 """The eager backend: plain PyTorch, written for clarity. Every other backend is tested against it.
 
 Numerics follow transformers' Qwen2.5-VL: RMSNorm in float32 with the weight applied in the input dtype,
-softmax in float32, rotary angles in float32.
+softmax in float32, rotary angles in float32; and its Qwen2-VL: LayerNorm as torch's (float32, one rounding),
+QuickGELU in the input dtype.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .interface import IGNORE_INDEX, BlockDiagonalMask, CausalMask, Rotary
+from .interface import IGNORE_INDEX, QUICK_GELU_SLOPE, BlockDiagonalMask, CausalMask, Rotary
 from .registry import Backend, OpImpl
 
 
@@ -61,13 +62,30 @@ class EagerCache(_EagerOp):
 class EagerNorm(_EagerOp):
     operator = "norm"
 
-    def __call__(self, x, weight, eps, residual=None):
+    def __call__(self, x, weight, eps, residual=None, bias=None):
         if residual is not None:
             x = x + residual
-        xf = x.to(torch.float32)
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        y = weight * y.to(x.dtype)
+        y = rms_norm(x, weight, eps) if bias is None else layer_norm(x, weight, bias, eps)
         return (y, x) if residual is not None else y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Qwen2RMSNorm: normalized in float32, rounded to x.dtype, then scaled by the weight."""
+    xf = x.to(torch.float32)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * y.to(x.dtype)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """torch's F.layer_norm (Qwen2-VL's vision LayerNorm) in float32, rounded once to the dtype weight * x has."""
+    wide = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)  # float64 stays
+    y = F.layer_norm(x.to(wide), x.shape[-1:], weight.to(wide), bias.to(wide), eps)
+    return y.to(torch.promote_types(weight.dtype, x.dtype))
+
+
+def quick_gelu(h: torch.Tensor) -> torch.Tensor:
+    """transformers' QuickGELUActivation: h * sigmoid(1.702 h), in h's dtype."""
+    return h * torch.sigmoid(QUICK_GELU_SLOPE * h)
 
 
 class EagerMLP(_EagerOp):
@@ -78,6 +96,8 @@ class EagerMLP(_EagerOp):
         if activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif activation == "quick_gelu":
+            h = quick_gelu(h)
         else:
             h = F.gelu(h)
         return F.linear(h, w_out, b_out)
@@ -88,8 +108,9 @@ class EagerAttention(_EagerOp):
 
     operator = "attention"
     device_lengths = True  # CausalMask.dense builds the mask from kv_len on the device
+    returns_weights = True
 
-    def __call__(self, q, k, v, mask, scale):
+    def __call__(self, q, k, v, mask, scale, weights=False):
         b, lq, hq, d = q.shape
         lk, hkv = k.shape[1], k.shape[2]
         group = hq // hkv
@@ -103,7 +124,8 @@ class EagerAttention(_EagerOp):
         probs = torch.softmax(scores, dim=-1)
         probs = torch.nan_to_num(probs, nan=0.0)  # rows with no visible key (padding queries) -> zeros
         out = torch.matmul(probs.to(v.dtype), vh)  # (B, Hkv, group, Lq, D)
-        return out.permute(0, 3, 1, 2, 4).reshape(b, lq, hq, d)
+        out = out.permute(0, 3, 1, 2, 4).reshape(b, lq, hq, d)
+        return (out, probs.reshape(b, hq, lq, lk).to(q.dtype)) if weights else out
 
 
 class EagerLoss(_EagerOp):
@@ -130,4 +152,5 @@ BACKEND = Backend(
     priority=0,
 )
 
-__all__ = ["BACKEND", "rope_angles", "rotate", "BlockDiagonalMask", "CausalMask"]
+__all__ = ["BACKEND", "layer_norm", "quick_gelu", "rms_norm", "rope_angles", "rotate", "BlockDiagonalMask",
+           "CausalMask"]

@@ -5,16 +5,23 @@ which backend runs them. Layouts are token-major, as the projections produce the
 
     q: (B, Lq, Hq, D)    k, v: (B, Lk, Hkv, D)    Hq % Hkv == 0 (GQA; K/V are never repeated)
 
-attention(q, k, v, mask, scale) -> (B, Lq, Hq, D)
-    softmax(q k^T * scale + mask) v, with `mask` one of the structured masks below.
+attention(q, k, v, mask, scale, weights=False) -> (B, Lq, Hq, D)
+    softmax(q k^T * scale + mask) v, with `mask` one of the structured masks below. With weights=True (a call
+    described so; only backends declaring `OpImpl.returns_weights`): (output, softmax weights (B, Hq, Lq, Lk)).
 rope(q, k, positions, rotary) -> (q', k')
     Rotary embedding with several position streams (M-RoPE): see `Rotary`.
-norm(x, weight, eps, residual=None) -> y | (y, x + residual)
-    RMSNorm over the last dim, computed in float32:  y = weight * (x / sqrt(mean(x^2) + eps)).to(x.dtype).
+norm(x, weight, eps, residual=None, bias=None) -> y | (y, x + residual)
+    Over the last dim, in float32, y in promote_types(weight.dtype, x.dtype). The bias chooses the kind:
+    bias None:   RMSNorm (the decoder, Qwen2.5-VL's vision tower):
+                 y = weight * (x / sqrt(mean(x^2) + eps)).to(x.dtype)
+    bias given:  LayerNorm (Qwen2-VL's vision tower, torch's F.layer_norm), one rounding at the end:
+                 y = ((x - mean(x)) / sqrt(var(x) + eps) * weight + bias).to(y's dtype)   (var: biased)
     With `residual`, first s = x + residual (in x.dtype), then y = norm(s); returns (y, s).
 mlp(x, w_in, b_in, w_out, b_out, activation) -> (..., H_out)
-    activation "swiglu": w_in stacks [gate; up] (2I, H);  out = (silu(x Wg^T) * (x Wu^T)) Wo^T + b_out.
-    activation "gelu":   w_in is (I, H);                  out = gelu(x Wi^T + b_in) Wo^T + b_out  (erf GELU).
+    activation "swiglu":     w_in stacks [gate; up] (2I, H);  out = (silu(x Wg^T) * (x Wu^T)) Wo^T + b_out.
+    activation "gelu":       w_in is (I, H);  out = gelu(x Wi^T + b_in) Wo^T + b_out  (erf GELU).
+    activation "quick_gelu": w_in is (I, H);  out = quick_gelu(x Wi^T + b_in) Wo^T + b_out, with
+                             quick_gelu(h) = h * sigmoid(1.702 h)  (Qwen2-VL's vision blocks).
 cache(q, k, v, positions, rotary, k_cache, v_cache, start) -> q'
     Rotate q and k, write rotated k and v into the static cache at [:, start:start + L]; return rotated q.
     Caches are (B, max_len, Hkv, D).
@@ -44,7 +51,9 @@ from dataclasses import dataclass, field
 import torch
 
 OPERATORS: tuple[str, ...] = ("attention", "rope", "norm", "mlp", "cache", "loss")
-ACTIVATIONS: tuple[str, ...] = ("swiglu", "gelu")
+ACTIVATIONS: tuple[str, ...] = ("swiglu", "gelu", "quick_gelu")
+# The slope of QuickGELU, x * sigmoid(QUICK_GELU_SLOPE * x): a sigmoid approximation of GELU.
+QUICK_GELU_SLOPE = 1.702
 # A target the loss does not count: transformers' and torch's ignore_index (prompt tokens, padding, images).
 IGNORE_INDEX = -100
 
@@ -152,7 +161,7 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
 
 def check_device_scalar(where: str, name: str, value: torch.Tensor, device: torch.device) -> None:
     """A length read from device memory (for CUDA-graph capture) must be one integer on `device`."""
-    if value.dim() != 0 or not _is_integer(value) or value.device != device:
+    if value.dim() != 0 or not is_integer(value) or value.device != device:
         raise ValueError(f"{where}: {name} must be a 0-dim integer tensor on {device}; got "
                          f"{tuple(value.shape)} {value.dtype} on {value.device}")
 
@@ -160,11 +169,11 @@ def check_device_scalar(where: str, name: str, value: torch.Tensor, device: torc
 def check_pad(where: str, name: str, pad: torch.Tensor, batch: int) -> None:
     """Left padding per sequence: a (batch,) integer tensor. Its values are not read (that would synchronize
     with the device); backends clamp them to [0, number of keys], which is what the mask means for any value."""
-    if tuple(pad.shape) != (batch,) or not _is_integer(pad):
+    if tuple(pad.shape) != (batch,) or not is_integer(pad):
         raise ValueError(f"{where}: {name} must be a ({batch},) integer tensor, got {tuple(pad.shape)} {pad.dtype}")
 
 
-def _is_integer(t: torch.Tensor) -> bool:
+def is_integer(t: torch.Tensor) -> bool:
     return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
@@ -188,7 +197,7 @@ def check_attention_inputs(q, k, v, mask) -> None:
             raise ValueError(f"attention: the mask's segments hold {mask.num_tokens} tokens, but the sequence has "
                              f"{q.shape[1]}")
         cu_seqlens = mask.cu_seqlens
-        if tuple(cu_seqlens.shape) != (len(mask.seqlens) + 1,) or not _is_integer(cu_seqlens):
+        if tuple(cu_seqlens.shape) != (len(mask.seqlens) + 1,) or not is_integer(cu_seqlens):
             raise ValueError(f"attention: BlockDiagonalMask.cu_seqlens must be (S + 1,) = ({len(mask.seqlens) + 1},) "
                              f"integer, got {tuple(cu_seqlens.shape)} {cu_seqlens.dtype}")
     elif isinstance(mask, CausalMask):
@@ -212,7 +221,7 @@ def check_rope_inputs(q, k, positions, rotary) -> None:
     if positions.shape != (len(rotary.sections), q.shape[0], q.shape[1]):
         raise ValueError(f"rope: positions must be ({len(rotary.sections)}, B, L) = "
                          f"({len(rotary.sections)}, {q.shape[0]}, {q.shape[1]}); got {tuple(positions.shape)}")
-    if not _is_integer(positions):
+    if not is_integer(positions):
         raise ValueError(f"rope: positions must be an integer tensor, got {positions.dtype}")
     if q.dtype != k.dtype:
         raise ValueError(f"rope: q and k dtypes differ: {q.dtype} vs {k.dtype}")
@@ -220,11 +229,16 @@ def check_rope_inputs(q, k, positions, rotary) -> None:
         raise ValueError("rope: q, k, positions and the rotary's inv_freq must be on one device")
 
 
-def check_norm_inputs(x, weight, residual) -> None:
+def check_norm_inputs(x, weight, residual, bias=None) -> None:
     if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
         raise ValueError(f"norm: weight {tuple(weight.shape)} does not match hidden size {x.shape[-1]}")
     if weight.device != x.device:
         raise ValueError(f"norm: weight on {weight.device}, x on {x.device}")
+    if bias is not None and (bias.shape != weight.shape or bias.dtype != weight.dtype):
+        raise ValueError(f"norm: bias {tuple(bias.shape)} {bias.dtype} must match weight {tuple(weight.shape)} "
+                         f"{weight.dtype}")
+    if bias is not None and bias.device != x.device:
+        raise ValueError(f"norm: bias on {bias.device}, x on {x.device}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(f"norm: residual {tuple(residual.shape)} {residual.dtype} and x {tuple(x.shape)} {x.dtype} "
                          "differ (the sum is kept in x's dtype)")
@@ -278,7 +292,7 @@ def check_loss_inputs(hidden, weight, targets, divisor) -> None:
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"loss: hidden (N, H) and weight (V, H) expected; got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}")
-    if tuple(targets.shape) != (hidden.shape[0],) or not _is_integer(targets):
+    if tuple(targets.shape) != (hidden.shape[0],) or not is_integer(targets):
         raise ValueError(f"loss: targets must be a ({hidden.shape[0]},) integer tensor, got {tuple(targets.shape)} "
                          f"{targets.dtype}")
     if hidden.dtype != weight.dtype:

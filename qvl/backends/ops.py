@@ -24,12 +24,17 @@ class Ops:
         return self._dispatch.fallbacks
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: I.AttentionMask,
-                  scale: float | None = None) -> torch.Tensor:
+                  scale: float | None = None, weights: bool = False):
+        """The attention output; with `weights`, (output, softmax weights (B, Hq, Lq, Lk) in q's dtype), from
+        backends that form them (the call is described with weights=True)."""
         I.check_attention_inputs(q, k, v, mask)
         call = CallInfo.of("attention", q, head_dim=q.shape[-1], mask=mask.kind, gqa=q.shape[2] // k.shape[2],
                            padded=getattr(mask, "pad", None) is not None,
-                           **_device_lengths(getattr(mask, "kv_len", None) is not None), **_grad(q, k, v))
+                           **_device_lengths(getattr(mask, "kv_len", None) is not None), **_grad(q, k, v),
+                           **({"weights": True} if weights else {}))
         scale = q.shape[-1] ** -0.5 if scale is None else scale
+        if weights:
+            return self._dispatch.select(call)(q, k, v, mask, scale, weights=True)
         return self._dispatch.select(call)(q, k, v, mask, scale)
 
     def rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, rotary: I.Rotary):
@@ -38,12 +43,15 @@ class Ops:
                            uniform_streams=rotary.uniform_streams, **_grad(q, k))
         return self._dispatch.select(call)(q, k, positions, rotary)
 
-    def norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-        I.check_norm_inputs(x, weight, residual)
+    def norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             bias: torch.Tensor | None = None):
+        """RMSNorm, or LayerNorm when a bias is given (see qvl.backends.interface)."""
+        I.check_norm_inputs(x, weight, residual, bias)
         call = CallInfo.of("norm", x, hidden=x.shape[-1], residual=residual is not None,
+                           **({} if bias is None else {"layer_norm": True}),
                            **({} if weight.dtype == x.dtype else {"weight_dtype": weight.dtype}),
-                           **_grad(x, weight, residual))
-        return self._dispatch.select(call)(x, weight, eps, residual)
+                           **_grad(x, weight, residual, bias))
+        return self._dispatch.select(call)(x, weight, eps, residual, bias)
 
     def mlp(self, x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor,
             b_out: torch.Tensor | None, activation: str) -> torch.Tensor:

@@ -44,6 +44,8 @@ DEFAULT_BACKEND = "eager"
 
 # The reason a backend gives for a call that needs gradients it cannot compute.
 NO_BACKWARD = "no backward (this call needs gradients)"
+# The reason an attention backend gives when asked for its weights (output_attentions) and it never forms them.
+NO_WEIGHTS = "cannot return the attention weights (its kernels never form the score matrix)"
 
 
 class BackendUnsupportedError(RuntimeError):
@@ -85,6 +87,8 @@ class OpImpl:
     device_lengths: ClassVar[bool] = False
     # its outputs carry gradients to every input that requires them (calls described with grad=True)
     backward: ClassVar[bool] = False
+    # attention only: can also return the softmax weights (calls described with weights=True)
+    returns_weights: ClassVar[bool] = False
 
     def not_supported_reasons(self, call: CallInfo) -> list[str]:
         reasons = []
@@ -109,6 +113,8 @@ class OpImpl:
             reasons.append("lengths held on the device (a decode step for CUDA-graph capture) not supported")
         if call.get("grad") and not self.backward:
             reasons.append(NO_BACKWARD)
+        if call.get("weights") and not self.returns_weights:
+            reasons.append(NO_WEIGHTS)
         return reasons
 
     def __call__(self, *args, **kwargs):  # pragma: no cover - interface

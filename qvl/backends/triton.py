@@ -10,10 +10,12 @@ import torch.nn.functional as F
 
 from ..dtypes import FLOAT_DTYPES
 from ..kernels import DEVICE_TYPE, HAS_CUDA, INTERPRETED, MAX_HEAD_DIM, TRITON_IMPORTED_TOO_EARLY
-from ..kernels.activation import gelu, swiglu
+from ..kernels.activation import gelu, quick_gelu, swiglu
 from ..kernels.attention import causal_attention, varlen_attention
 from ..kernels.cross_entropy import fused_linear_cross_entropy
 from ..kernels.decode_attention import decode_attention
+from ..kernels.layer_norm import MAX_HIDDEN as LAYER_NORM_MAX_HIDDEN
+from ..kernels.layer_norm import layer_norm
 from ..kernels.rms_norm import rms_norm
 from ..kernels.rope import rope, rope_and_cache
 from .interface import needs_grad
@@ -77,10 +79,21 @@ class TritonCache(_TritonOp):
 
 
 class TritonNorm(_TritonOp):
+    """RMSNorm (qvl/kernels/rms_norm.py, any width) and LayerNorm (qvl/kernels/layer_norm.py, one row in registers)."""
+
     operator = "norm"
     backward = True
 
-    def __call__(self, x, weight, eps, residual=None):
+    def not_supported_reasons(self, call):
+        reasons = super().not_supported_reasons(call)
+        if call.get("layer_norm") and call.get("hidden") > LAYER_NORM_MAX_HIDDEN:
+            reasons.append(f"LayerNorm rows wider than {LAYER_NORM_MAX_HIDDEN} not supported (hidden "
+                           f"{call.get('hidden')}: the kernel holds one row in registers)")
+        return reasons
+
+    def __call__(self, x, weight, eps, residual=None, bias=None):
+        if bias is not None:
+            return layer_norm(x, weight, bias, eps, residual)
         return rms_norm(x, weight, eps, residual)
 
 
@@ -88,12 +101,12 @@ class TritonMLP(_TritonOp):
     """Projections on torch matmul (cuBLAS); the activation fused over the [gate | up] projection output."""
 
     operator = "mlp"
-    activations = frozenset({"swiglu", "gelu"})
+    activations = frozenset({"swiglu", "gelu", "quick_gelu"})
     backward = True  # the activations' backward recomputes them from the projection output; matmuls by autograd
 
     def __call__(self, x, w_in, b_in, w_out, b_out, activation):
         h = F.linear(x, w_in, b_in)
-        h = swiglu(h) if activation == "swiglu" else gelu(h)
+        h = swiglu(h) if activation == "swiglu" else quick_gelu(h) if activation == "quick_gelu" else gelu(h)
         return F.linear(h, w_out, b_out)
 
 

@@ -20,6 +20,7 @@ class TritonGemmMLP(TritonMLP):
     """in: activation(x W_in^T + b_in) in one kernel (SwiGLU: both halves of W_in per output tile);
     out: x W_out^T + b_out on the same GEMM."""
 
+    activations = frozenset({"swiglu", "gelu"})  # the activations the GEMM's epilogue fuses
     backward = False  # the GEMM has no backward kernels: training calls go to the fallback
 
 

@@ -7,6 +7,8 @@ swiglu(h): h is (..., 2I) = [gate | up] along the last dim (the fused gate_up pr
     they agree to rounding.
 gelu(h): exact (erf) GELU, torch's default F.gelu:  out = 0.5 * h * (1 + erf(h / sqrt(2))), float32 math,
     one rounding (as torch does), in place or into a new tensor.
+quick_gelu(h): QuickGELU (Qwen2-VL's vision blocks):  out = h * sigmoid(1.702 h), float32 math, one rounding
+    (transformers rounds after each of its three torch ops in bf16/fp16; they agree in float32), new tensor.
 
 Both tile a 2-D grid over (rows, columns) so any width works (e.g. I = 3420, 11008, 18944); rows go
 on grid axis 0 (no 65535 limit there), column tiles on axis 1.
@@ -16,6 +18,7 @@ recompute from h, which autograd keeps anyway as the projection's output, so no 
     swiglu: with s = sigmoid(gate), dgate = dout * up * s * (1 + gate * (1 - s)), dup = dout * gate * s,
             written as dh = [dgate | dup] (..., 2I) in one launch;
     gelu:   dh = dout * (Phi(h) + h * phi(h)), Phi(h) = 0.5 (1 + erf(h / sqrt(2))), phi(h) = exp(-h^2 / 2) / sqrt(2 pi).
+    quick_gelu: with s = sigmoid(1.702 h), dh = dout * (s + 1.702 h s (1 - s)).
 float32 math, rounded once to the storage dtype, on the same tiles as the forward.
 """
 
@@ -25,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends.interface import needs_grad
+from ..backends.interface import QUICK_GELU_SLOPE, needs_grad
 from . import cdiv, next_power_of_2
 from .common import _SQRT1_2, as_rows, erf_gelu, rows_view, silu_times, to_storage
 
@@ -33,6 +36,7 @@ BLOCK_COLS = 1024  # columns per tile: contiguous, vectorized loads
 TILE_ELEMENTS = 4096  # elements per program; rows per tile = TILE_ELEMENTS // column block
 NUM_WARPS = 8
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi), the standard normal density at 0
+_QUICK_GELU_SLOPE = tl.constexpr(QUICK_GELU_SLOPE)  # jit functions may only read constexpr globals
 
 
 @triton.jit
@@ -124,6 +128,36 @@ def _gelu_bwd_kernel(
              to_storage(dx, dx_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _quick_gelu_fwd_kernel(
+    x_ptr, out_ptr,
+    n_rows, n_cols,
+    x_row_stride, out_row_stride,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows, cols, mask = _tile(tl.program_id(0), tl.program_id(1), n_rows, n_cols, BLOCK_M, BLOCK_N)
+    x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    out = x * tl.sigmoid(_QUICK_GELU_SLOPE * x)
+    tl.store(out_ptr + rows[:, None] * out_row_stride + cols[None, :],
+             to_storage(out, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _quick_gelu_bwd_kernel(
+    x_ptr, dout_ptr, dx_ptr,
+    n_rows, n_cols,
+    x_row_stride, dout_row_stride, dx_row_stride,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows, cols, mask = _tile(tl.program_id(0), tl.program_id(1), n_rows, n_cols, BLOCK_M, BLOCK_N)
+    x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dout = tl.load(dout_ptr + rows[:, None] * dout_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(_QUICK_GELU_SLOPE * x)
+    dx = dout * (sig + _QUICK_GELU_SLOPE * x * sig * (1.0 - sig))
+    tl.store(dx_ptr + rows[:, None] * dx_row_stride + cols[None, :],
+             to_storage(dx, dx_ptr.dtype.element_ty), mask=mask)
+
+
 def _grid_and_blocks(n_rows: int, n_cols: int) -> tuple[tuple[int, int], int, int]:
     block_n = min(next_power_of_2(n_cols), BLOCK_COLS)
     block_m = min(next_power_of_2(n_rows), max(1, TILE_ELEMENTS // block_n))
@@ -165,6 +199,18 @@ def gelu(h: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     return _gelu_forward(h, inplace)
 
 
+def quick_gelu(h: torch.Tensor) -> torch.Tensor:
+    """h * sigmoid(1.702 h), float32 math, rounded once to h.dtype, as a new contiguous tensor.
+
+    float32/float16/bfloat16, any shape (last dim read with unit stride, leading dims through one row stride;
+    otherwise a copy is taken). Differentiable in h (`_QuickGELU`) when autograd needs it.
+    """
+    _check("quick_gelu", h)
+    if needs_grad(h):
+        return _QuickGELU.apply(h)
+    return _elementwise(_quick_gelu_fwd_kernel, h)
+
+
 class _SwiGLU(torch.autograd.Function):
     """swiglu with its Triton backward; saves only h."""
 
@@ -191,6 +237,44 @@ class _GELU(torch.autograd.Function):
     def backward(ctx, dout):
         (h,) = ctx.saved_tensors
         return _gelu_backward(h, dout)
+
+
+class _QuickGELU(torch.autograd.Function):
+    """quick_gelu with its Triton backward; saves only h."""
+
+    @staticmethod
+    def forward(ctx, h):
+        ctx.save_for_backward(h)
+        return _elementwise(_quick_gelu_fwd_kernel, h)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (h,) = ctx.saved_tensors
+        return _elementwise_grad(_quick_gelu_bwd_kernel, h, dout)
+
+
+def _elementwise(kernel, h: torch.Tensor) -> torch.Tensor:
+    """`kernel` (a forward over (rows, N) tiles) from h into a new contiguous tensor of h's shape and dtype."""
+    out = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    if h.numel() == 0:
+        return out
+    h_rows, out_rows = as_rows(h), out.view(-1, h.shape[-1])
+    grid, block_m, block_n = _grid_and_blocks(h_rows.shape[0], h_rows.shape[1])
+    kernel[grid](h_rows, out_rows, h_rows.shape[0], h_rows.shape[1], h_rows.stride(0), out_rows.stride(0),
+                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS)
+    return out
+
+
+def _elementwise_grad(kernel, h: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    """`kernel` (a backward over (rows, N) tiles): dh, new and contiguous in h.dtype, from h and dout (h's shape)."""
+    dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    if h.numel() == 0:
+        return dh
+    h_rows, dout_rows, dh_rows = as_rows(h), as_rows(dout), dh.view(-1, h.shape[-1])
+    grid, block_m, block_n = _grid_and_blocks(h_rows.shape[0], h_rows.shape[1])
+    kernel[grid](h_rows, dout_rows, dh_rows, h_rows.shape[0], h_rows.shape[1], h_rows.stride(0),
+                 dout_rows.stride(0), dh_rows.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS)
+    return dh
 
 
 def _swiglu_forward(h: torch.Tensor) -> torch.Tensor:
@@ -245,14 +329,4 @@ def _gelu_forward(h: torch.Tensor, inplace: bool) -> torch.Tensor:
 
 def _gelu_backward(h: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
     """dh, new and contiguous in h.dtype, from h and dout (h's shape) in any layout."""
-    dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)
-    if h.numel() == 0:
-        return dh
-    n_cols = h.shape[-1]
-    h_rows, dout_rows, dh_rows = as_rows(h), as_rows(dout), dh.view(-1, n_cols)
-    grid, block_m, block_n = _grid_and_blocks(h_rows.shape[0], n_cols)
-    _gelu_bwd_kernel[grid](
-        h_rows, dout_rows, dh_rows, h_rows.shape[0], n_cols, h_rows.stride(0), dout_rows.stride(0), dh_rows.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS,
-    )
-    return dh
+    return _elementwise_grad(_gelu_bwd_kernel, h, dout)

@@ -52,7 +52,7 @@ INTERPRETER_BWD_PROGRAMS = 4
 
 
 @triton.jit
-def _load_row_sum(x_row_ptr, res_row_ptr, offs, mask, STORE_DTYPE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+def load_row_sum(x_row_ptr, res_row_ptr, offs, mask, STORE_DTYPE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
     """s = x (+ residual rounded to the storage dtype, as eager's x + residual), in float32."""
     s = tl.load(x_row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
@@ -83,7 +83,7 @@ def _rms_norm_fwd_kernel(
 
     if NUM_CHUNKS == 1:
         mask = offs < hidden
-        s = _load_row_sum(x_row, res_row, offs, mask, X_DTYPE, HAS_RESIDUAL)
+        s = load_row_sum(x_row, res_row, offs, mask, X_DTYPE, HAS_RESIDUAL)
         if HAS_RESIDUAL:
             tl.store(s_row + offs, s.to(X_DTYPE), mask=mask)  # s is already rounded: the cast is exact
         rstd = tl.math.rsqrt(tl.sum(s * s, axis=0) / hidden + eps)
@@ -98,7 +98,7 @@ def _rms_norm_fwd_kernel(
         for chunk in range(NUM_CHUNKS):
             cols = chunk * BLOCK_H + offs
             mask = cols < hidden
-            s = _load_row_sum(x_row, res_row, cols, mask, X_DTYPE, HAS_RESIDUAL)
+            s = load_row_sum(x_row, res_row, cols, mask, X_DTYPE, HAS_RESIDUAL)
             if HAS_RESIDUAL:
                 tl.store(s_row + cols, s.to(X_DTYPE), mask=mask)
             sum_sq += s * s
@@ -109,14 +109,14 @@ def _rms_norm_fwd_kernel(
         for chunk in range(NUM_CHUNKS):
             cols = chunk * BLOCK_H + offs
             mask = cols < hidden
-            s = _load_row_sum(x_row, res_row, cols, mask, X_DTYPE, HAS_RESIDUAL)
+            s = load_row_sum(x_row, res_row, cols, mask, X_DTYPE, HAS_RESIDUAL)
             w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             y = w * round_to(s * rstd, X_DTYPE)
             tl.store(y_row + cols, to_storage(y, Y_DTYPE), mask=mask)
 
 
 @triton.jit
-def _load_f32(ptr, cols, mask):
+def load_f32(ptr, cols, mask):
     return tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
 
 
@@ -124,12 +124,12 @@ def _load_f32(ptr, cols, mask):
 def _row_bwd_one_pass(dy_row, ds_out_row, s_row, ds_row, rstd, w, offs, mask, hidden,
                       X_DTYPE: tl.constexpr, HAS_DS_OUT: tl.constexpr, HAS_DS: tl.constexpr):
     """One row held in registers: stores ds, returns the row's g * n (its share of dweight)."""
-    g = _load_f32(dy_row, offs, mask)
-    n_hat = _load_f32(s_row, offs, mask) * rstd
+    g = load_f32(dy_row, offs, mask)
+    n_hat = load_f32(s_row, offs, mask) * rstd
     dn = g * w
     ds = rstd * (dn - n_hat * (tl.sum(dn * n_hat, axis=0) / hidden))
     if HAS_DS_OUT:
-        ds += _load_f32(ds_out_row, offs, mask)
+        ds += load_f32(ds_out_row, offs, mask)
     if HAS_DS:
         tl.store(ds_row + offs, to_storage(ds, X_DTYPE), mask=mask)
     return g * round_to(n_hat, X_DTYPE)
@@ -144,24 +144,24 @@ def _row_bwd_chunked(dy_row, ds_out_row, s_row, ds_row, rstd, w_ptr, offs, hidde
     for chunk in range(NUM_CHUNKS):
         cols = chunk * BLOCK_H + offs
         mask = cols < hidden
-        dn = _load_f32(dy_row, cols, mask) * _load_f32(w_ptr, cols, mask)
-        dot += dn * _load_f32(s_row, cols, mask)
+        dn = load_f32(dy_row, cols, mask) * load_f32(w_ptr, cols, mask)
+        dot += dn * load_f32(s_row, cols, mask)
     mean_dot = rstd * tl.sum(dot, axis=0) / hidden  # mean(dn * n_hat), with n_hat = s * rstd
     for chunk in range(NUM_CHUNKS):
         cols = chunk * BLOCK_H + offs
         mask = cols < hidden
-        dn = _load_f32(dy_row, cols, mask) * _load_f32(w_ptr, cols, mask)
-        n_hat = _load_f32(s_row, cols, mask) * rstd
+        dn = load_f32(dy_row, cols, mask) * load_f32(w_ptr, cols, mask)
+        n_hat = load_f32(s_row, cols, mask) * rstd
         ds = rstd * (dn - n_hat * mean_dot)
         if HAS_DS_OUT:
-            ds += _load_f32(ds_out_row, cols, mask)
+            ds += load_f32(ds_out_row, cols, mask)
         tl.store(ds_row + cols, to_storage(ds, X_DTYPE), mask=mask)
 
 
 @triton.jit
 def _row_dw_chunk(dy_row, s_row, rstd, cols, mask, X_DTYPE: tl.constexpr):
     """One row's g * n over one chunk."""
-    return _load_f32(dy_row, cols, mask) * round_to(_load_f32(s_row, cols, mask) * rstd, X_DTYPE)
+    return load_f32(dy_row, cols, mask) * round_to(load_f32(s_row, cols, mask) * rstd, X_DTYPE)
 
 
 @triton.jit
@@ -188,7 +188,7 @@ def _rms_norm_bwd_kernel(
 
     if NUM_CHUNKS == 1:
         mask = offs < hidden
-        w = _load_f32(w_ptr, offs, mask)
+        w = load_f32(w_ptr, offs, mask)
         dw = tl.zeros([BLOCK_H], dtype=tl.float32)
         if WHILE_LOOP:  # qvl.kernels.WHILE_LOOP: the interpreter's loop to a runtime bound
             row = row_start
@@ -241,7 +241,7 @@ def _rms_norm_bwd_kernel(
                 tl.store(dw_part_row + cols, dw, mask=mask)
 
 
-def _num_warps(block: int) -> int:
+def num_warps_for(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
 
 
@@ -256,7 +256,7 @@ def _bwd_max_one_pass() -> int:
     return MAX_ONE_PASS_HIDDEN // 2
 
 
-def _bwd_programs(rows: int, device: torch.device) -> tuple[int, int]:
+def bwd_programs(rows: int, device: torch.device) -> tuple[int, int]:
     """(programs, rows per program) for the backward: about one program per SM, none left without rows."""
     target = INTERPRETER_BWD_PROGRAMS if INTERPRETED else num_sms(device)
     rows_per_program = cdiv(rows, min(target, rows))
@@ -284,7 +284,7 @@ def _forward(x, weight, eps, residual, rstd):
         x_rows.stride(0), res_rows.stride(0), y_rows.stride(0), s_rows.stride(0),
         hidden, float(eps),
         HAS_RESIDUAL=residual is not None, STORE_RSTD=rstd is not None, NUM_CHUNKS=cdiv(hidden, block),
-        BLOCK_H=block, num_warps=_num_warps(block),
+        BLOCK_H=block, num_warps=num_warps_for(block),
     )
     return y, s, x_rows
 
@@ -301,7 +301,7 @@ def _backward(dy, ds_out, s_rows, weight, rstd, need_ds, need_dw):
     dy_rows = as_rows(dy)
     ds_out_rows = as_rows(ds_out) if ds_out is not None else dy_rows  # dummy pointers when unused
     ds_rows = ds if ds is not None else s_rows
-    programs, rows_per_program = _bwd_programs(rows, s_rows.device)
+    programs, rows_per_program = bwd_programs(rows, s_rows.device)
     dw_part = torch.empty(programs, hidden, dtype=torch.float32, device=s_rows.device) if need_dw else rstd
     weight = weight.contiguous()
 
@@ -320,7 +320,7 @@ def _backward(dy, ds_out, s_rows, weight, rstd, need_ds, need_dw):
             rows, hidden, rows_per_program,
             HAS_DS_OUT=ds_out is not None, HAS_DS=has_ds, HAS_DW=has_dw,
             NUM_CHUNKS=num_chunks, BLOCK_H=block, WHILE_LOOP=WHILE_LOOP,
-            num_warps=16 if num_chunks > 1 and not has_ds else _num_warps(block),
+            num_warps=16 if num_chunks > 1 and not has_ds else num_warps_for(block),
         )
     return ds, dw_part.sum(0).to(weight.dtype) if need_dw else None
 

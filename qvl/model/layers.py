@@ -26,6 +26,23 @@ class RMSNorm(nn.Module):
         return ops.norm(hidden, self.weight, self.eps, residual)
 
 
+class LayerNorm(nn.Module):
+    """Holds a LayerNorm's weight, bias and epsilon (Qwen2-VL's vision tower); applied as RMSNorm is, through
+    ``ops.norm`` with the bias (which makes the norm a LayerNorm)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def add_and_norm(self, ops, hidden: torch.Tensor, residual: torch.Tensor | None):
+        """(norm(hidden + residual), hidden + residual), as `RMSNorm.add_and_norm`."""
+        if residual is None:
+            return ops.norm(hidden, self.weight, self.eps, bias=self.bias), hidden
+        return ops.norm(hidden, self.weight, self.eps, residual, bias=self.bias)
+
+
 class SwiGLUMLP(nn.Module):
     """SiLU(x W_gate^T) * (x W_up^T), then the down projection; gate and up stacked in one weight [gate; up].
     The text decoder's MLP has no biases, the vision blocks' have."""
@@ -38,6 +55,20 @@ class SwiGLUMLP(nn.Module):
     def forward(self, ops, x: torch.Tensor) -> torch.Tensor:
         return ops.mlp(x, self.gate_up_proj.weight, self.gate_up_proj.bias, self.down_proj.weight,
                        self.down_proj.bias, "swiglu")
+
+
+class PlainMLP(nn.Module):
+    """fc2(activation(fc1(x))) with biases, the activation one of the `mlp` operator's (Qwen2-VL's vision blocks:
+    "quick_gelu")."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size, bias=True)
+        self.fc2 = nn.Linear(intermediate_size, hidden_size, bias=True)
+        self.activation = activation
+
+    def forward(self, ops, x: torch.Tensor) -> torch.Tensor:
+        return ops.mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.activation)
 
 
 def checkpointed(stack: nn.Module, layer: nn.Module):

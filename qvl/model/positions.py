@@ -69,12 +69,14 @@ def vision_frame_seqlens(grid_thw: torch.Tensor) -> list[int]:
     return [h * w for t, h, w in grid_thw.tolist() for _ in range(t)]
 
 
-def left_padding(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor | None:
-    """Per-row count of left padding tokens; None when there is none. Other padding layouts are refused."""
+def left_padding(attention_mask: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor | None:
+    """Per-row count of left padding tokens in a (batch, tokens) mask of `shape` (the tokens, with any cached
+    before them); None when there is none. Other padding layouts are refused."""
     if attention_mask is None:
         return None
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+    if tuple(attention_mask.shape) != tuple(shape):
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must be {tuple(shape)}: one entry per token "
+                         "(cached tokens included)")
     if not ((attention_mask == 0) | (attention_mask == 1)).all():
         raise ValueError("attention_mask must hold only 0 and 1")
     m = attention_mask.to(torch.long)
@@ -96,13 +98,17 @@ def mrope_positions(cfg: Qwen25VLConfig, input_ids: torch.Tensor, pad: torch.Ten
     Text tokens advance all three streams together. A run of image or video placeholder tokens takes
     its grid (in order of appearance across the batch): t, h and w are the merged-grid coordinates offset
     by the current position, where video t steps by second_per_grid_t * tokens_per_second (fractions kept
-    until the final floor). Text after a vision run resumes at the largest position used + 1, as in the
+    until the final floor) in Qwen2.5-VL, and by 1 (the frame group's index) in Qwen2-VL, which has no
+    second_per_grid_ts. Text after a vision run resumes at the largest position used + 1, as in the
     released Qwen2.5-VL. Padding positions hold 1; the delta makes decode positions start + delta.
     """
     merge = cfg.vision.spatial_merge_size
     batch, length = input_ids.shape
     grids = {cfg.image_token_id: _queue(image_grid_thw), cfg.video_token_id: _queue(video_grid_thw)}
     spg = [1.0] * (len(grids[cfg.video_token_id]))
+    if second_per_grid_ts is not None and not cfg.vision.time_scaled_video:
+        raise ValueError(f"second_per_grid_ts is not an input of {cfg.model_type}: its video frames are placed by "
+                         "their index, not in seconds")
     if second_per_grid_ts is not None:
         spg = [float(s) for s in torch.as_tensor(second_per_grid_ts).flatten().tolist()]
         if len(spg) != len(grids[cfg.video_token_id]):
@@ -141,7 +147,8 @@ def mrope_positions(cfg: Qwen25VLConfig, input_ids: torch.Tensor, pad: torch.Ten
                                  f"placeholder tokens for its grid (t={t}, h={h}, w={w}) and merge size {merge}")
             step = 1.0
             if kind == "video":
-                step = spg[video_no] * cfg.vision.tokens_per_second
+                if cfg.vision.time_scaled_video:
+                    step = spg[video_no] * cfg.vision.tokens_per_second
                 video_no += 1
             tpos = (torch.arange(t, dtype=torch.float64) * step).floor().long()
             tt, hh, ww = torch.meshgrid(tpos, torch.arange(gh), torch.arange(gw), indexing="ij")

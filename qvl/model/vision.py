@@ -1,10 +1,14 @@
-"""The Qwen2.5-VL vision tower: patch embedding, windowed ViT blocks with 2-D RoPE, 2x2 patch merger.
+"""The Qwen2.5-VL and Qwen2-VL vision towers: patch embedding, ViT blocks with 2-D RoPE, 2x2 patch merger.
 
 Patches arrive as rows of ``pixel_values`` (3 x 2 x 14 x 14 flattened), ordered so that the four patches
-of each 2x2 merge unit are adjacent. Most blocks attend inside windows of merge units; the blocks listed
-in ``fullatt_block_indexes`` attend over each whole frame. Windows are formed by permuting merge units
-into window order once before the blocks and restoring the order after the merger, so every block's
-attention is one block-diagonal call over all windows of all images.
+of each 2x2 merge unit are adjacent.
+
+Qwen2.5-VL (``cfg.windowed``): most blocks attend inside windows of merge units; the blocks listed in
+``fullatt_block_indexes`` attend over each whole frame. Windows are formed by permuting merge units into
+window order once before the blocks and restoring the order after the merger, so every block's attention
+is one block-diagonal call over all windows of all images. Norms are RMSNorms, the MLP is SwiGLU.
+Qwen2-VL: every block attends over each whole frame; norms are LayerNorms with a bias, the MLP is
+fc1 -> QuickGELU -> fc2 (``cfg.hidden_act``). The merger is the same but for its norm.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from torch import nn
 
 from ..backends import BlockDiagonalMask, Ops, Rotary
 from ..config import VisionConfig
-from .layers import RMSNorm, SwiGLUMLP, checkpointed, inverse_frequencies
+from .layers import LayerNorm, PlainMLP, RMSNorm, SwiGLUMLP, checkpointed, inverse_frequencies
 from .positions import vision_frame_seqlens, vision_rope_positions, vision_window_index
 
 
@@ -49,13 +53,21 @@ class VisionAttention(nn.Module):
         return self.proj(out.reshape(n, -1))
 
 
+def vision_norm(cfg: VisionConfig) -> RMSNorm | LayerNorm:
+    """The blocks' and the merger's norm: LayerNorm in Qwen2-VL, RMSNorm in Qwen2.5-VL."""
+    return (LayerNorm if cfg.layer_norm else RMSNorm)(cfg.hidden_size, cfg.rms_norm_eps)
+
+
 class VisionBlock(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm1 = vision_norm(cfg)
         self.attn = VisionAttention(cfg)
-        self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, bias=True)
+        self.norm2 = vision_norm(cfg)
+        if cfg.gated_mlp:
+            self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, bias=True)
+        else:
+            self.mlp = PlainMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
 
     def forward(self, ops, hidden, residual, positions, rotary, mask):
         """x + attn(norm1(x)), then + mlp(norm2(x)), written as in the text decoder: `hidden` is the previous
@@ -68,12 +80,12 @@ class VisionBlock(nn.Module):
 
 
 class PatchMerger(nn.Module):
-    """RMSNorm each patch, concatenate the 4 patches of a 2x2 unit, then Linear-GELU-Linear to the text width."""
+    """Norm each patch, concatenate the 4 patches of a 2x2 unit, then Linear-GELU-Linear to the text width."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.unit_dim = cfg.hidden_size * cfg.spatial_merge_size**2
-        self.ln_q = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ln_q = vision_norm(cfg)
         self.fc1 = nn.Linear(self.unit_dim, self.unit_dim, bias=True)
         self.fc2 = nn.Linear(self.unit_dim, cfg.out_hidden_size, bias=True)
 
@@ -114,22 +126,24 @@ class VisionTower(nn.Module):
     def forward(self, ops: Ops, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """(sum t*h*w, patch_dim) patches -> (sum t*h*w / merge^2, out_hidden_size) merged tokens."""
         cfg, device = self.cfg, pixel_values.device
-        unit = cfg.spatial_merge_size**2
-        window_index, window_seqlens = vision_window_index(grid_thw, cfg.spatial_merge_size, cfg.window_size,
-                                                           cfg.patch_size)
-        # Permute merge units (groups of `unit` consecutive patches) into window order.
-        patch_order = (window_index[:, None] * unit + torch.arange(unit)).flatten().to(device)
-        x = self.patch_embed(pixel_values)[patch_order]
-        positions = vision_rope_positions(grid_thw, cfg.spatial_merge_size).to(device)[:, patch_order]
-        rotary = self.rotary
-        window_mask = BlockDiagonalMask.from_seqlens(window_seqlens, device=device)
-        # Full-attention layers see whole frames; frames are contiguous in window order too, since windows
+        x = self.patch_embed(pixel_values)
+        positions = vision_rope_positions(grid_thw, cfg.spatial_merge_size).to(device)
+        # Full-attention blocks see whole frames; frames are contiguous in window order too, since windows
         # never straddle frames.
         frame_mask = BlockDiagonalMask.from_seqlens(vision_frame_seqlens(grid_thw), device=device)
+        masks = [frame_mask] * cfg.depth
+        if cfg.windowed:
+            unit = cfg.spatial_merge_size**2
+            window_index, window_seqlens = vision_window_index(grid_thw, cfg.spatial_merge_size, cfg.window_size,
+                                                               cfg.patch_size)
+            # Permute merge units (groups of `unit` consecutive patches) into window order.
+            patch_order = (window_index[:, None] * unit + torch.arange(unit)).flatten().to(device)
+            x, positions = x[patch_order], positions[:, patch_order]
+            window_mask = BlockDiagonalMask.from_seqlens(window_seqlens, device=device)
+            masks = [frame_mask if i in cfg.fullatt_block_indexes else window_mask for i in range(cfg.depth)]
         positions = positions.unsqueeze(1)  # (2, 1, N): one packed sequence
         hidden, residual = x, None
-        for i, block in enumerate(self.blocks):
-            mask = frame_mask if i in cfg.fullatt_block_indexes else window_mask
-            hidden, residual = checkpointed(self, block)(ops, hidden, residual, positions, rotary, mask)
+        for block, mask in zip(self.blocks, masks, strict=True):
+            hidden, residual = checkpointed(self, block)(ops, hidden, residual, positions, self.rotary, mask)
         merged = self.merger(ops, hidden, residual)
-        return merged[torch.argsort(window_index.to(device))]
+        return merged[torch.argsort(window_index.to(device))] if cfg.windowed else merged

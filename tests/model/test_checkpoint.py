@@ -691,3 +691,46 @@ def test_same_tensor_under_both_layouts_is_refused(saved_copy):
     _rewrite(saved_copy, duplicate)
     with pytest.raises(ValueError, match=r"model\.(language_model\.)?norm\.weight"):
         qvl.from_pretrained(saved_copy)
+
+
+# --- vision configs transformers accepts -------------------------------------------------------------------------
+
+
+def test_full_attention_indexes_past_the_depth_are_ignored(tmp_path):
+    """transformers accepts fullatt_block_indexes naming blocks the tower does not have (they never match a block):
+    qvl loads such a checkpoint, keeps the indexes as written, and computes the same logits."""
+    from tests.model.test_parity import perturbed_hf_model
+
+    cfg = TINY.with_overrides({"vision.fullatt_block_indexes": [1, 7, 15, 23, 31]})  # depth 4: 7.. are past it
+    hf = perturbed_hf_model(cfg)
+    hf.save_pretrained(tmp_path)
+    model = qvl.from_pretrained(tmp_path)
+    assert model.cfg.vision.fullatt_block_indexes == (1, 7, 15, 23, 31)
+    inputs = _inputs()
+    mm_token_type_ids = (inputs["input_ids"] == TINY.image_token_id).int()
+    with torch.no_grad():
+        ref = hf(**inputs, mm_token_type_ids=mm_token_type_ids).logits
+    torch.testing.assert_close(logits(model, **inputs), ref, rtol=1e-4, atol=1e-4)
+    assert json.loads((tmp_path / "config.json").read_text())["vision_config"]["fullatt_block_indexes"] == [
+        1, 7, 15, 23, 31]
+
+
+def test_negative_full_attention_indexes_are_refused():
+    with pytest.raises(ValueError, match=r"fullatt_block_indexes \[-1\] are negative"):
+        TINY.with_overrides({"vision.fullatt_block_indexes": [-1, 2]})
+
+
+def test_qwen2_vl_checkpoint_keeps_transformers_names(tmp_path):
+    """A Qwen2-VL model saves its vision weights under transformers' names: LayerNorm biases, mlp.fc1/fc2, the
+    merger's ln_q bias and mlp.0/mlp.2; no Qwen2.5-VL gate/up names."""
+    cfg = qvl.PRESETS["tiny_qwen2_vl"]
+    model = qvl.from_config(cfg)
+    qvl.save_pretrained(model, tmp_path)
+    keys = set(load_file(tmp_path / "model.safetensors"))
+    for key in ("visual.blocks.0.norm1.bias", "visual.blocks.2.norm2.weight", "visual.blocks.1.mlp.fc1.weight",
+                "visual.blocks.1.mlp.fc2.bias", "visual.merger.ln_q.bias", "visual.merger.mlp.0.weight",
+                "visual.merger.mlp.2.bias"):
+        assert key in keys, key
+    assert not any("gate_proj" in k and k.startswith("visual.") for k in keys)
+    assert load_hf_config(tmp_path) == cfg
+    _assert_same_params(qvl.from_pretrained(tmp_path), model)

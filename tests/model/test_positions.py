@@ -45,7 +45,7 @@ def run(rows, image_grid=None, video_grid=None, spg=None):
     length = max(len(r) for r in rows)
     ids = torch.tensor([[0] * (length - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
-    pad = left_padding(mask, ids)
+    pad = left_padding(mask, ids.shape)
     ours = mrope_positions(CFG, ids, pad, image_grid, video_grid, spg)
     return ids, mask, ours
 
@@ -87,3 +87,34 @@ def test_text_only_positions_follow_padding():
     ids, mask, (pos, delta) = run([[1, 2, 3, 4], [5, 6]])
     assert pos[0].tolist() == [[0, 1, 2, 3], [1, 1, 0, 1]]
     assert delta.flatten().tolist() == [0, -2]
+
+
+QWEN2_VL = PRESETS["tiny_qwen2_vl"]
+
+
+def test_qwen2_vl_video_positions_are_frame_indexes_as_in_transformers():
+    """Qwen2-VL has no second_per_grid_ts: video t positions are the frame group's index (no seconds scaling),
+    as transformers' Qwen2VLModel.get_rope_index places them, next to images and left padding."""
+    model = transformers.Qwen2VLModel.__new__(transformers.Qwen2VLModel)
+    model.config = transformers.Qwen2VLConfig(vision_config={"spatial_merge_size": 2})
+    ig, vg = torch.tensor([[1, 4, 6]]), torch.tensor([[3, 6, 8]])  # 3 frame groups <= max(h, w) / 2
+    rows = [[5] + [VID] * 36 + [6, 7] + [IMG] * 6 + [8], [1, 2, 3, 4]]
+    length = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (length - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
+    pos, delta = mrope_positions(QWEN2_VL, ids, left_padding(mask, ids.shape), ig, vg, None)
+    mm = (ids == IMG).int() + 2 * (ids == VID).int()
+    ref_pos, ref_delta = transformers.Qwen2VLModel.get_rope_index(model, ids, mm, ig, vg, mask)
+    valid = mask.bool()
+    assert torch.equal(pos[:, valid], ref_pos[:, valid])
+    assert ((delta + ids.shape[1]) == (ref_delta + mask.sum(1, keepdim=True))).all()
+    assert sorted(set(pos[0, 0, 1:37].tolist())) == [1, 2, 3]  # one step per frame group
+    # Qwen2.5-VL with its default 2 tokens per second and no seconds given (1 s each) steps by 2 instead.
+    assert sorted(set(mrope_positions(CFG, ids, left_padding(mask, ids.shape), ig, vg, None)[0][0, 0, 1:37]
+                      .tolist())) == [1, 3, 5]
+
+
+def test_qwen2_vl_refuses_second_per_grid_ts():
+    ids = torch.tensor([[VID] * 4])
+    with pytest.raises(ValueError, match="second_per_grid_ts is not an input of qwen2_vl"):
+        mrope_positions(QWEN2_VL, ids, None, None, torch.tensor([[1, 4, 4]]), torch.tensor([1.0]))

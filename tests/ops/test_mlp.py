@@ -17,7 +17,7 @@ from qvl.backends.eager import EagerMLP
 from qvl.backends.interface import ACTIVATIONS
 from qvl.dtypes import dtype_name
 from qvl.kernels import DEVICE_TYPE
-from qvl.kernels.activation import gelu, swiglu
+from qvl.kernels.activation import gelu, quick_gelu, swiglu
 from tests.ops.backends import backend_params, implementation, make_ops, run
 from tests.ops.compare import DTYPES, assert_close_rel, assert_grads_close, rel_err
 
@@ -95,6 +95,8 @@ def down_projection_condition(x, w_in, b_in, w_out, b_out, activation, ref):
     """
     h = F.linear(x, w_in, b_in).double()
     a = F.silu(h.chunk(2, dim=-1)[0]) * h.chunk(2, dim=-1)[1] if activation == "swiglu" else F.gelu(h)
+    if activation == "quick_gelu":
+        a = h * torch.sigmoid(1.702 * h)
     magnitude = a.abs() @ w_out.double().abs().T
     if b_out is not None:
         magnitude = magnitude + b_out.double().abs()
@@ -325,14 +327,14 @@ def graph_node_names(out: torch.Tensor) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu", "quick_gelu"])
 def test_activation_backward_only_when_needed(activation):
     """The autograd.Function only when autograd records the call and h requires grad; otherwise the plain forward.
     A gelu asked to work in place while gradients are needed runs out of place: its backward reads h."""
     gen = torch.Generator().manual_seed(0)
     h = randn(3, 10, gen=gen, dtype=torch.float32)
-    fn = swiglu if activation == "swiglu" else lambda t: gelu(t, inplace=True)
-    node = "_SwiGLUBackward" if activation == "swiglu" else "_GELUBackward"
+    fn = {"swiglu": swiglu, "gelu": lambda t: gelu(t, inplace=True), "quick_gelu": quick_gelu}[activation]
+    node = BACKWARD_NODES[activation]
     assert fn(h.clone()).grad_fn is None
     with torch.no_grad():
         assert fn(h.clone().requires_grad_()).grad_fn is None
@@ -358,7 +360,10 @@ MLP_GRAD_CASES = {
     "text decoder": ("swiglu", False),
     "vision block": ("swiglu", True),
     "vision merger": ("gelu", True),
+    "qwen2-vl vision block": ("quick_gelu", True),
 }
+# The autograd node of each activation's Triton backward.
+BACKWARD_NODES = {"swiglu": "_SwiGLUBackward", "gelu": "_GELUBackward", "quick_gelu": "_QuickGELUBackward"}
 
 
 @pytest.mark.parametrize("case", list(MLP_GRAD_CASES))
@@ -385,7 +390,7 @@ def test_mlp_backward_matches_eager(case, dtype, x_layout):
     dout = randn(batch, seq, hidden, gen=gen, dtype=dtype)
     grads, nodes = mlp_grads(Ops(resolve_plan("triton")), inputs, take_x, activation, dout)
     ref_grads, _ = mlp_grads(Ops(resolve_plan("eager")), inputs, take_x, activation, dout)
-    assert ("_SwiGLUBackward" if activation == "swiglu" else "_GELUBackward") in nodes
+    assert BACKWARD_NODES[activation] in nodes
     assert_grads_close(grads, ref_grads, ["x", "w_in", "b_in", "w_out", "b_out"], dtype)
 
 
@@ -398,3 +403,78 @@ def test_eager_mlp_gradcheck(activation):
     shapes = [(2, 3, hidden), (rows_in, hidden), (rows_in,), (hidden, inner), (hidden,)]
     inputs = [torch.randn(*s, generator=gen, dtype=torch.float64).requires_grad_() for s in shapes]
     assert torch.autograd.gradcheck(lambda *t: EAGER(*t, activation), inputs)
+
+
+# --- QuickGELU (Qwen2-VL's vision blocks) ---------------------------------------------------------------------------
+
+
+def eager_quick_gelu(h):
+    """transformers' QuickGELUActivation."""
+    return h * torch.sigmoid(1.702 * h)
+
+
+@settings(max_examples=6)
+@given(
+    lead=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+    width=st.one_of(st.integers(1, 300), st.sampled_from([1025, 5120])),
+    dtype=st.sampled_from(DTYPES),
+    layout=st.sampled_from(LAYOUTS),
+    scale=st.sampled_from([0.1, 1.0, 8.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_quick_gelu_matches_eager(lead, width, dtype, layout, scale, seed):
+    """The kernel (float32 math, one rounding) against transformers' formula; the input left alone."""
+    gen = torch.Generator().manual_seed(seed)
+    h = make_h(lead, width, dtype, gen, layout, scale)
+    h_copy = h.clone()
+    out = quick_gelu(h)
+    assert torch.equal(h, h_copy)
+    assert out.is_contiguous()
+    assert_close_rel(out, eager_quick_gelu(h), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_name)
+def test_quick_gelu_single_rounding_is_more_accurate(dtype):
+    """Rounded once, the kernel is at least as close to float64 as transformers' three roundings in half precision."""
+    h = randn(64, 257, gen=torch.Generator().manual_seed(0), dtype=dtype, scale=3.0)
+    exact = eager_quick_gelu(h.double())
+    assert rel_err(quick_gelu(h), exact) <= rel_err(eager_quick_gelu(h), exact)
+
+
+@settings(max_examples=6)
+@given(**ACTIVATION_GRAD_CASES)
+def test_quick_gelu_backward_matches_autograd(rows, inner, dtype, layout, dout_layout, scale, seed):
+    """The kernel's dh = dout * (s + 1.702 h s (1 - s)) against autograd of transformers' formula."""
+    gen = torch.Generator().manual_seed(seed)
+    storage, take_h = h_storage(rows, inner, layout, dtype, gen, scale)
+    dout = make_dout(take_h(storage).shape, dout_layout, dtype, gen)
+    grad = storage_grad(quick_gelu, storage, take_h, dout)
+    ref = storage_grad(lambda h: eager_quick_gelu(h.float()).to(h.dtype), storage, take_h, dout)
+    assert_grads_close([grad], [ref], ["h"], dtype)
+
+
+def test_quick_gelu_of_empty_rows():
+    assert quick_gelu(torch.empty(0, 8, device=DEVICE_TYPE)).shape == (0, 8)
+    h = torch.empty(2, 0, device=DEVICE_TYPE, requires_grad=True)
+    quick_gelu(h).sum().backward()
+    assert h.grad.shape == (2, 0)
+
+
+def test_quick_gelu_is_declared_where_it_cannot_run(monkeypatch):
+    """xFormers has no QuickGELU MLP and the Triton GEMM's epilogue does not fuse it: both declare it unsupported
+    (so the registry reports it and fallback="eager" routes it) instead of computing something else."""
+    call = CallInfo("mlp", DEVICE_TYPE, torch.float32, (("activation", "quick_gelu"), ("bias", True)))
+    assert get_backend("triton-gemm").impls["mlp"].not_supported_reasons(call) == [
+        "activation quick_gelu not supported (supports gelu, swiglu)"]
+    cuda_call = CallInfo("mlp", "cuda", torch.float32, call.features)
+    assert xfb.BACKEND.impls["mlp"].not_supported_reasons(cuda_call) == [
+        "activation quick_gelu not supported: xformers has no QuickGELU MLP operator (its fused MLP is SwiGLU only)"]
+    gen = torch.Generator().manual_seed(0)
+    x, w_in, w_out = (randn(*shape, gen=gen, dtype=torch.float32) for shape in ((2, 8), (16, 8), (8, 16)))
+    ops = make_ops("xformers", monkeypatch)
+    with pytest.raises(BackendUnsupportedError, match="no QuickGELU"):
+        ops.mlp(x, w_in, None, w_out, None, "quick_gelu")
+    routed = Ops(resolve_plan("triton-gemm", fallback="eager"))
+    out = routed.mlp(x, w_in, None, w_out, None, "quick_gelu")
+    assert_close_rel(out, EAGER(x, w_in, None, w_out, None, "quick_gelu"), torch.float32)
+    assert routed.fallbacks and routed.fallbacks[0].used == "eager"

@@ -1,4 +1,5 @@
-"""The `norm` operator (RMSNorm, optionally fused with the residual add) on every registered backend, against eager.
+"""The `norm` operator (RMSNorm, or LayerNorm with a bias; optionally fused with the residual add) on every registered
+backend, against eager.
 
 First what every backend must do, through `ops.norm` (the `ops` fixture: one test per backend, tests/ops/backends.py);
 then the paths only qvl's Triton kernel has (qvl.kernels.rms_norm), and what only the xformers backend declares.
@@ -9,16 +10,20 @@ from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import qvl.backends.xformers.norm as xformers_norm_module
+import qvl.kernels.layer_norm as layer_norm_module
 import qvl.kernels.rms_norm as rms_norm_module
-from qvl.backends import BackendUnsupportedError, Ops, resolve_plan
+from qvl.backends import BackendUnsupportedError, CallInfo, Ops, resolve_plan
 from qvl.backends.eager import EagerNorm
 from qvl.backends.triton import TritonNorm
 from qvl.backends.xformers.norm import XformersNorm
 from qvl.dtypes import dtype_name
 from qvl.kernels import DEVICE_TYPE
+from qvl.kernels.layer_norm import layer_norm
 from qvl.kernels.rms_norm import rms_norm
 from tests.ops.backends import backend_params, implementation, make_ops, run
 from tests.ops.compare import DTYPES, GRAD_TOLERANCE, assert_close_rel, assert_grads_close, rel_err
@@ -446,3 +451,150 @@ def test_triton_ops_norm_records_autograd():
     torch.autograd.backward((y, s), out_grads)
     ref_grads = reference_backprop(inputs, (True, True, True), 1e-6, out_grads)
     assert_grads_close([x.grad, weight.grad, residual.grad], ref_grads, INPUT_NAMES, torch.float32)
+
+
+# --- LayerNorm: the norm operator with a bias (Qwen2-VL's vision tower) --------------------------------------------
+
+LN_DTYPES = [(dtype, weight_dtype) for dtype in DTYPES for weight_dtype in dict.fromkeys([dtype, torch.float32])]
+
+
+def layer_norm_inputs(shape, dtype, weight_dtype, with_residual, seed, layout="row_strided"):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = shape[-1]
+    return (make(shape, dtype, gen, layout), make((hidden,), weight_dtype, gen) * 0.5 + 1.0,
+            make((hidden,), weight_dtype, gen), make(shape, dtype, gen) if with_residual else None)
+
+
+@pytest.mark.parametrize("ops", backend_params("norm"), indirect=True)
+@pytest.mark.parametrize("dtype, weight_dtype", LN_DTYPES, ids=lambda d: dtype_name(d))
+@pytest.mark.parametrize("with_residual", [False, True], ids=["norm", "residual add + norm"])
+def test_layer_norm_matches_eager(ops, dtype, weight_dtype, with_residual):
+    """Every backend's LayerNorm against eager (a backend without one declares it unsupported: skipped with its
+    reasons), x row-strided and an odd width; eager itself is torch's F.layer_norm in float32, rounded once."""
+    x, weight, bias, residual = layer_norm_inputs((3, 5, 37), dtype, weight_dtype, with_residual, seed=11)
+    x_before = x.clone()
+    out = run(ops, "norm", x, weight, 1e-6, residual, bias=bias)
+    ref = EAGER(x, weight, 1e-6, residual, bias)
+    if with_residual:
+        assert torch.equal(out[1], ref[1]), "x + residual must be exactly eager's sum in x.dtype"
+        out, ref = out[0], ref[0]
+        x_sum = (x + residual).float()
+    else:
+        x_sum = x.float()
+    assert torch.equal(x, x_before)
+    assert ref.dtype == torch.promote_types(weight_dtype, dtype)
+    torch_ref = F.layer_norm(x_sum, (37,), weight.float(), bias.float(), 1e-6).to(ref.dtype)
+    assert torch.equal(ref, torch_ref)
+    assert_close_rel(out, ref, dtype)
+
+
+def test_layer_norm_is_not_rms_norm():
+    """The bias selects a mean-subtracted norm: a row with a large mean normalizes to the same y as without it."""
+    x = torch.randn(4, 32, device=DEVICE_TYPE)
+    weight, bias = torch.ones(32, device=DEVICE_TYPE), torch.zeros(32, device=DEVICE_TYPE)
+    for backend in ("eager", "triton"):
+        ops = Ops(resolve_plan(backend))
+        assert_close_rel(ops.norm(x + 50.0, weight, 1e-6, bias=bias), ops.norm(x, weight, 1e-6, bias=bias),
+                         torch.float32, factor=10)
+        assert rel_err(ops.norm(x + 50.0, weight, 1e-6), ops.norm(x, weight, 1e-6)) > 0.5
+
+
+LN_INPUTS = ("x", "weight", "bias", "residual")
+
+
+def ln_backprop(norm, inputs, requires, out_grads):
+    """`backprop` for LayerNorm: (x, weight, bias, residual) leaves, gradients on y (and the sum)."""
+    leaves = [None if t is None else t.detach().requires_grad_(r) for t, r in zip(inputs, requires, strict=True)]
+    x, weight, bias, residual = leaves
+    out = norm(x, weight, 1e-6, residual, bias)
+    outs = out if residual is not None else (out,)
+    used = [(o, g) for o, g in zip(outs, out_grads, strict=True) if g is not None and o.requires_grad]
+    torch.autograd.backward([o for o, _ in used], [g for _, g in used])
+    return [None if t is None else t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype, weight_dtype", LN_DTYPES, ids=lambda d: dtype_name(d))
+@pytest.mark.parametrize("with_residual", [False, True], ids=["norm", "residual add + norm"])
+@pytest.mark.parametrize("shape", [(2, 7, 37), (9, 64), (5, 3)], ids=["odd width", "power of two", "width 3"])
+def test_layer_norm_backward_matches_eager_autograd(dtype, weight_dtype, with_residual, shape):
+    """qvl's LayerNorm kernel (through the triton backend) against eager autograd: every input's gradient, gradients
+    arriving on y and on the sum, rows split over the backward's programs with a ragged last block."""
+    inputs = layer_norm_inputs(shape, dtype, weight_dtype, with_residual, seed=shape[-1])
+    gen = torch.Generator().manual_seed(5)
+    y_dtype = torch.promote_types(weight_dtype, dtype)
+    out_grads = draw_out_grads(shape, y_dtype, dtype, with_residual, "both", "contiguous", gen)
+    requires = (True, True, True, with_residual)
+    triton_norm = Ops(resolve_plan("triton")).norm
+    grads = ln_backprop(triton_norm, inputs, requires, out_grads)
+    ref_grads = ln_backprop(EAGER, [None if t is None else t.clone() for t in inputs], requires, out_grads)
+    assert grads[1].dtype == grads[2].dtype == weight_dtype
+    assert_grads_close(grads, ref_grads, LN_INPUTS, dtype)
+
+
+@pytest.mark.parametrize("frozen", ["x and residual", "weight and bias"])
+def test_layer_norm_backward_of_some_inputs(frozen):
+    """Only the parameters, or only the activations, require grad: the others get none; with only the parameters
+    the sum records nothing (it depends on neither)."""
+    inputs = layer_norm_inputs((6, 40), torch.bfloat16, torch.float32, True, seed=3)
+    requires = (False, True, True, False) if frozen == "x and residual" else (True, False, False, True)
+    gen = torch.Generator().manual_seed(0)
+    out_grads = draw_out_grads((6, 40), torch.float32, torch.bfloat16, True, "both", "contiguous", gen)
+    x, weight, bias, residual = (t.detach().requires_grad_(r) for t, r in zip(inputs, requires, strict=True))
+    y, s = layer_norm(x, weight, bias, 1e-6, residual)
+    assert y.requires_grad and s.requires_grad == (frozen == "weight and bias")
+    grads = ln_backprop(Ops(resolve_plan("triton")).norm, inputs, requires, out_grads)
+    ref_grads = ln_backprop(EAGER, [t.clone() for t in inputs], requires, out_grads)
+    assert_grads_close(grads, ref_grads, LN_INPUTS, torch.bfloat16)
+
+
+def test_layer_norm_of_empty_rows():
+    x = torch.empty(0, 16, device=DEVICE_TYPE, requires_grad=True)
+    weight = torch.ones(16, device=DEVICE_TYPE, requires_grad=True)
+    bias = torch.zeros(16, device=DEVICE_TYPE, requires_grad=True)
+    y = layer_norm(x, weight, bias, 1e-6)
+    y.sum().backward()
+    assert y.shape == (0, 16) and not weight.grad.any() and not bias.grad.any()
+
+
+def test_eager_layer_norm_gradcheck():
+    """The reference itself against finite differences, float64 (kept in float64: no float32 detour)."""
+    gen = torch.Generator().manual_seed(0)
+    x, residual = (make((3, 8), torch.float64, gen).requires_grad_() for _ in range(2))
+    weight = (make((8,), torch.float64, gen) * 0.5 + 1.0).requires_grad_()
+    bias = make((8,), torch.float64, gen).requires_grad_()
+    assert torch.autograd.gradcheck(lambda *a: EAGER(a[0], a[1], 1e-6, a[3], a[2]), (x, weight, bias, residual))
+
+
+def test_layer_norm_bad_inputs_raise():
+    ops = Ops(resolve_plan("eager"))
+    x, weight = torch.randn(2, 16, device=DEVICE_TYPE), torch.ones(16, device=DEVICE_TYPE)
+    with pytest.raises(ValueError, match=r"norm: bias \(15,\) torch.float32 must match weight \(16,\)"):
+        ops.norm(x, weight, 1e-6, bias=torch.zeros(15, device=DEVICE_TYPE))
+    with pytest.raises(ValueError, match="norm: bias .* torch.float16 must match weight .* torch.float32"):
+        ops.norm(x, weight, 1e-6, bias=torch.zeros(16, device=DEVICE_TYPE, dtype=torch.float16))
+    with pytest.raises(ValueError, match="norm: bias on meta"):
+        ops.norm(x, weight, 1e-6, bias=torch.zeros(16, device="meta"))
+
+
+def test_triton_declares_layer_norm_rows_it_cannot_hold():
+    """The LayerNorm kernel holds one row in registers: wider rows are a declared reason (RMSNorm's are not)."""
+    impl = TritonNorm()
+    wide = layer_norm_module.MAX_HIDDEN + 1
+    call = CallInfo(impl.operator, DEVICE_TYPE, torch.bfloat16, (("hidden", wide), ("layer_norm", True)))
+    assert any(f"wider than {layer_norm_module.MAX_HIDDEN}" in r for r in impl.not_supported_reasons(call))
+    assert impl.not_supported_reasons(CallInfo(impl.operator, DEVICE_TYPE, torch.bfloat16, (("hidden", wide),))) == []
+
+
+def test_xformers_declares_layer_norm_unsupported(monkeypatch):
+    """xFormers has no LayerNorm: declared (the registry reports it, fallback="eager" routes it) and refused when
+    called directly."""
+    x, weight, bias = torch.randn(2, 8, device=DEVICE_TYPE), torch.ones(8, device=DEVICE_TYPE), torch.zeros(8)
+    with pytest.raises(BackendUnsupportedError, match="no LayerNorm"):
+        XformersNorm()(x, weight, 1e-6, None, bias.to(DEVICE_TYPE))
+    ops = make_ops("xformers", monkeypatch)
+    with pytest.raises(BackendUnsupportedError, match="no LayerNorm"):
+        ops.norm(x, weight, 1e-6, bias=bias.to(DEVICE_TYPE))
+    routed = Ops(resolve_plan(ops.plan["norm"], fallback="eager"))
+    y = routed.norm(x, weight, 1e-6, bias=bias.to(DEVICE_TYPE))
+    assert_close_rel(y, EAGER(x, weight, 1e-6, None, bias.to(DEVICE_TYPE)), torch.float32)
+    assert routed.fallbacks[0].reasons == (xformers_norm_module.LAYER_NORM_REASON,)

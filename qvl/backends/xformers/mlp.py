@@ -1,6 +1,6 @@
 """mlp -> xformers.ops.swiglu with the packed [gate; up] weight, so xFormers' dispatcher picks its packed fused
 SwiGLU kernel where the installed release has one (0.0.35 has none: it runs its 'eager' op, F.linear + silu).
-GELU (the vision patch merger): unsupported, xFormers has none.
+GELU (the vision patch merger) and QuickGELU (Qwen2-VL's vision blocks): unsupported, xFormers has neither.
 """
 
 from __future__ import annotations
@@ -11,7 +11,15 @@ from ..registry import BackendUnsupportedError, CallInfo
 from . import installed
 from .base import XformersOp
 
-GELU_REASON = "activation gelu not supported: xformers has no GELU MLP operator (its fused MLP is SwiGLU only)"
+_DISPLAY_NAMES = {"gelu": "GELU", "quick_gelu": "QuickGELU"}
+
+
+def _unsupported_activation(activation: str) -> str:
+    return (f"activation {activation} not supported: xformers has no {_DISPLAY_NAMES.get(activation, activation)} "
+            "MLP operator (its fused MLP is SwiGLU only)")
+
+
+GELU_REASON = _unsupported_activation("gelu")
 
 
 class XformersMLP(XformersOp):
@@ -20,11 +28,13 @@ class XformersMLP(XformersOp):
 
     def not_supported_reasons(self, call: CallInfo) -> list[str]:
         reasons = super().not_supported_reasons(call)
-        return [GELU_REASON if r.startswith("activation gelu") else r for r in reasons]
+        activation = call.get("activation")
+        prefix = f"activation {activation} "
+        return [_unsupported_activation(activation) if r.startswith(prefix) else r for r in reasons]
 
     def __call__(self, x, w_in, b_in, w_out, b_out, activation):
         if activation != "swiglu":
-            raise BackendUnsupportedError(f"mlp: {GELU_REASON}")
+            raise BackendUnsupportedError(f"mlp: {_unsupported_activation(activation)}")
         inner = w_in.shape[0] // 2
         # [gate; up] as two views of one storage: xFormers sees packed weights and may take its packed kernel.
         w1, w2 = w_in.unflatten(0, (2, inner)).unbind(0)

@@ -1,4 +1,6 @@
-"""norm -> xformers.ops.rmsnorm.rms_norm, and rms_norm_add for the fused residual add (Triton kernels)."""
+"""norm -> xformers.ops.rmsnorm.rms_norm, and rms_norm_add for the fused residual add (Triton kernels).
+LayerNorm (a norm call with a bias: Qwen2-VL's vision tower): unsupported, xFormers has none.
+"""
 
 from __future__ import annotations
 
@@ -20,17 +22,24 @@ def _widening_weight(weight_dtype: torch.dtype, dtype: torch.dtype) -> str | Non
             f"{dtype_name(weight_dtype)} weight returns {dtype_name(promoted)}")
 
 
+LAYER_NORM_REASON = "LayerNorm not supported: xformers has no LayerNorm operator (its norm is rms_norm only)"
+
+
 class XformersNorm(TritonKernelOp):
     operator = "norm"
 
     def not_supported_reasons(self, call: CallInfo) -> list[str]:
         reasons = super().not_supported_reasons(call)
+        if call.get("layer_norm"):
+            reasons.append(LAYER_NORM_REASON)
         weight_dtype = call.get("weight_dtype")  # set only when it differs from x's
         if weight_dtype is not None and (why := _widening_weight(weight_dtype, call.dtype)):
             reasons.append(why)
         return reasons
 
-    def __call__(self, x, weight, eps, residual=None):
+    def __call__(self, x, weight, eps, residual=None, bias=None):
+        if bias is not None:  # a direct call, not routed by the registry
+            raise BackendUnsupportedError(f"norm: {LAYER_NORM_REASON}")
         dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
         if why := _widening_weight(weight.dtype, dtype):  # a direct call, not routed by the registry
             raise BackendUnsupportedError(f"norm: {why}")
