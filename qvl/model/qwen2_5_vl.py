@@ -12,16 +12,24 @@ loaded model without touching the weights.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from ..backends import IGNORE_INDEX, CausalMask, Ops, Rotary, resolve_plan
+from ..backends import CausalMask, Ops, Rotary, resolve_plan
 from ..config import Qwen25VLConfig
 from .cache import StaticKVCache
 from .generation import generate
 from .graphs import DecodeGraph
+from .inputs import (
+    check_cache_position,
+    check_pixels,
+    check_position_ids,
+    check_token_ids,
+    keep_positions,
+    next_token_targets,
+)
 from .layers import inverse_frequencies
 from .positions import check_grids, decode_positions, left_padding, mrope_positions
 from .text import TextDecoder
@@ -33,8 +41,9 @@ class Qwen25VLOutput:
     """What `Qwen25VL.forward` returns; transformers' Qwen2_5_VLCausalLMOutputWithPast fields.
 
     loss: 0-dim float32, only with labels. logits: (B, L, vocab) in the model's dtype; None when labels were
-    given and the loss backend never made them (a chunked fused loss). rope_deltas (B, 1): decode position =
-    cache slot + delta. past_key_values, hidden_states and attentions are not produced yet (None).
+    given and the loss backend never made them (a chunked fused loss). rope_deltas (B, 1), transformers'
+    meaning: a later token's position = the count of unpadded tokens before it + delta. past_key_values: the
+    cache (with use_cache). hidden_states and attentions: per-layer tuples when asked for (`Qwen25VL.forward`).
     """
 
     loss: torch.Tensor | None = None
@@ -44,24 +53,20 @@ class Qwen25VLOutput:
     attentions: tuple[torch.Tensor, ...] | None = None
     rope_deltas: torch.Tensor | None = None
 
+    @property
+    def cache(self):
+        """transformers 5's name for past_key_values."""
+        return self.past_key_values
 
-def next_token_targets(labels, shape: torch.Size, vocab_size: int, device) -> torch.Tensor:
-    """labels (B, L) -> the target of each position, labels[:, i + 1], with IGNORE_INDEX after the last.
 
-    Checked first (one read of their range, as input_ids' is): the shape of the ids, integer, and every value
-    a vocabulary id or IGNORE_INDEX."""
-    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(shape):
-        got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise ValueError(f"labels must have the shape of input_ids {tuple(shape)}, got {got}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
-    labels = labels.to(device=device, dtype=torch.long)
-    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
-    if bool(bad.any()):
-        b, i = (int(x) for x in bad.nonzero()[0])
-        raise ValueError(f"labels hold ids outside the vocabulary [0, {vocab_size}) other than {IGNORE_INDEX}: "
-                         f"{int(labels[b, i])} at batch row {b}, position {i}")
-    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+def transformers_deltas(slot_deltas: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+    """qvl keeps deltas against cache slots (padding counted); transformers' count only unpadded tokens."""
+    return slot_deltas if pad is None else slot_deltas + pad[:, None]
+
+
+def slot_deltas(deltas: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+    """transformers' rope deltas (see `transformers_deltas`) -> qvl's, against cache slots."""
+    return deltas if pad is None else deltas - pad[:, None]
 
 
 @dataclass
@@ -72,7 +77,16 @@ class Prompt:
     positions: torch.Tensor  # (3, B, L)
     pad: torch.Tensor | None  # (B,) left padding, None if none
     deltas: torch.Tensor  # (B, 1): decode position = cache slot + delta
-    has_vision: bool
+    uniform: bool  # the three position streams are equal (text): 1-D rotary kernels apply
+
+    def repeat_rows(self, times: int) -> Prompt:
+        """Each row `times` times in a row (beams or returned sequences of one sample)."""
+        if times == 1:
+            return self
+        return replace(self, embeds=self.embeds.repeat_interleave(times, 0),
+                       positions=self.positions.repeat_interleave(times, 1),
+                       pad=None if self.pad is None else self.pad.repeat_interleave(times, 0),
+                       deltas=self.deltas.repeat_interleave(times, 0))
 
 
 class Qwen25VL(nn.Module):
@@ -141,85 +155,213 @@ class Qwen25VL(nn.Module):
     def vision_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         return self.visual(self.ops, pixel_values.to(self.device), grid_thw)
 
-    def prepare(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None) -> Prompt:
+    # --- transformers' public helpers -----------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw) -> tuple[torch.Tensor, ...]:
+        """The merged vision tokens of each image, (t*h*w / merge^2, hidden) apiece, in order."""
+        return self._split_features(pixel_values, image_grid_thw, "image_grid_thw")
+
+    def get_video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw) -> tuple[torch.Tensor, ...]:
+        """The merged vision tokens of each video, (t*h*w / merge^2, hidden) apiece, in order."""
+        return self._split_features(pixel_values_videos, video_grid_thw, "video_grid_thw")
+
+    def _split_features(self, pixels, grid_thw, what: str) -> tuple[torch.Tensor, ...]:
+        merge = self.cfg.vision.spatial_merge_size
+        grid = check_grids(grid_thw, merge, what)
+        check_pixels(pixels, grid, self.cfg.vision.patch_dim, what.removesuffix("_grid_thw"))
+        sizes = (grid.prod(-1) // merge**2).tolist()
+        return torch.split(self.vision_features(pixels, grid), sizes)
+
+    def get_rope_index(self, input_ids: torch.Tensor, image_grid_thw=None, video_grid_thw=None,
+                       second_per_grid_ts=None, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(3, B, L) M-RoPE positions and the (B, 1) deltas (decode position = cache slot + delta) of a prompt:
+        transformers' get_rope_index, placeholders read from input_ids. The deltas are transformers': the next
+        position = the count of unpadded tokens before it + delta."""
+        ids = check_token_ids(input_ids, self.cfg.text.vocab_size, "input_ids").to(self.device)
+        pad = left_padding(None if attention_mask is None else attention_mask.to(self.device), ids.shape)
+        merge = self.cfg.vision.spatial_merge_size
+        positions, deltas = mrope_positions(self.cfg, ids, pad, check_grids(image_grid_thw, merge, "image_grid_thw"),
+                                            check_grids(video_grid_thw, merge, "video_grid_thw"), second_per_grid_ts)
+        return positions, transformers_deltas(deltas, pad)
+
+    # --- inputs ----------------------------------------------------------------------------------------------
+
+    def prepare(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, *, inputs_embeds=None,
+                position_ids=None, rope_deltas=None, past: StaticKVCache | None = None,
+                mm_token_type_ids=None) -> Prompt:
         """Check the inputs, run the vision tower, place its features, compute positions. Records gradients
-        for the embeddings and the vision tower when autograd does."""
+        for the embeddings and the vision tower when autograd does.
+
+        Exactly one of `input_ids` (B, L) and `inputs_embeds` (B, L, hidden). Without ids, image and video
+        placeholders are the rows equal to their token's embedding (as transformers finds them), and the 3-D
+        positions are computed from those. `position_ids` (3, B, L), or (B, L) for all three streams, replace
+        the computed positions (packed sequences). `past`: a cache these tokens continue (positions from its
+        rope deltas, or `rope_deltas`); `attention_mask` then covers the cached tokens and these.
+        `mm_token_type_ids` (what transformers' processor returns) is accepted and not needed: the token ids
+        say the same.
+        """
         cfg = self.cfg
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError("input_ids must be a (batch, length) integer tensor")
-        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-            raise ValueError(f"input_ids must be a (batch, length) integer tensor, got dtype {input_ids.dtype}")
-        if input_ids.shape[1] == 0:
-            raise ValueError("input_ids is empty")
-        if input_ids.min() < 0 or input_ids.max() >= cfg.text.vocab_size:
-            raise ValueError(f"input_ids hold token ids outside the vocabulary [0, {cfg.text.vocab_size})")
-        input_ids = input_ids.to(self.device)
+        ids, embeds = self._tokens(input_ids, inputs_embeds)
+        batch, length = embeds.shape[:2]
+        past_length = 0 if past is None else past.length
+        if past is not None and past.batch != batch:
+            raise ValueError(f"the cache holds {past.batch} rows, the tokens {batch}")
+        if mm_token_type_ids is not None and tuple(mm_token_type_ids.shape) != (batch, length):
+            raise ValueError(f"mm_token_type_ids must be ({batch}, {length}) like the tokens, got "
+                             f"{tuple(mm_token_type_ids.shape)}")
         if attention_mask is not None:
-            attention_mask = attention_mask.to(self.device)
-        pad = left_padding(attention_mask, input_ids)
+            pad = left_padding(attention_mask.to(self.device), (batch, past_length + length))
+        else:
+            pad = None if past is None else past.pad
         merge = cfg.vision.spatial_merge_size
         image_grid_thw = check_grids(image_grid_thw, merge, "image_grid_thw")
         video_grid_thw = check_grids(video_grid_thw, merge, "video_grid_thw")
         if second_per_grid_ts is not None and video_grid_thw is None:
             raise ValueError("second_per_grid_ts given without video_grid_thw")
 
-        embeds = self.model.embed_tokens(input_ids)
+        placeholders, source = {}, "input_ids" if ids is not None else "inputs_embeds"
         for kind, pixels, grid, token in (("image", pixel_values, image_grid_thw, cfg.image_token_id),
                                           ("video", pixel_values_videos, video_grid_thw, cfg.video_token_id)):
-            placeholder = input_ids == token
+            placeholder = ids == token if ids is not None else self._is_embedding_of(embeds, token)
+            placeholders[token] = placeholder
             n_tokens = int(placeholder.sum())
             if (pixels is None) != (grid is None):
                 raise ValueError(f"{kind}: pass both the pixels and their grid_thw, or neither")
             if pixels is None:
                 if n_tokens:
-                    raise ValueError(f"input_ids hold {n_tokens} {kind} placeholder tokens but no {kind} pixels "
+                    raise ValueError(f"{source} hold {n_tokens} {kind} placeholder tokens but no {kind} pixels "
                                      "were given")
                 continue
-            rows = int(grid.prod(-1).sum())
-            if pixels.dim() != 2 or pixels.shape != (rows, cfg.vision.patch_dim):
-                raise ValueError(f"{kind} pixels must be ({rows}, {cfg.vision.patch_dim}) for grids {grid.tolist()}, "
-                                 f"got {tuple(pixels.shape)}")
-            expected = rows // merge**2
+            if past is not None and position_ids is None:
+                raise ValueError(f"{kind} pixels in a continuation of a cache: their 3-D positions need the whole "
+                                 "prompt; put the vision inputs in the first forward, or pass position_ids")
+            check_pixels(pixels, grid, cfg.vision.patch_dim, kind)
+            expected = int(grid.prod(-1).sum()) // merge**2
             if n_tokens != expected:
-                raise ValueError(f"input_ids hold {n_tokens} {kind} placeholder tokens, but the {kind} grids "
+                raise ValueError(f"{source} hold {n_tokens} {kind} placeholder tokens, but the {kind} grids "
                                  f"{grid.tolist()} give {expected} merged {kind} tokens")
             features = self.vision_features(pixels, grid).to(embeds.dtype)
             embeds = embeds.masked_scatter(placeholder.unsqueeze(-1), features)
 
-        positions, deltas = mrope_positions(cfg, input_ids, pad, image_grid_thw, video_grid_thw, second_per_grid_ts)
-        has_vision = image_grid_thw is not None or video_grid_thw is not None
-        return Prompt(embeds, positions, pad, deltas, has_vision=has_vision)
+        if position_ids is not None:
+            positions = check_position_ids(position_ids, batch, length).to(self.device)
+            deltas = positions.amax(dim=(0, 2)).view(batch, 1) + 1 - (past_length + length)
+            if rope_deltas is not None:
+                deltas = slot_deltas(rope_deltas.to(self.device), pad)
+            return Prompt(embeds, positions, pad, deltas, uniform=False)
+        if past is not None:
+            deltas = past.rope_deltas if rope_deltas is None else slot_deltas(rope_deltas.to(self.device), pad)
+            if deltas is None:
+                deltas = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+            return Prompt(embeds, decode_positions(past_length, length, deltas.to(self.device)), pad, deltas,
+                          uniform=True)
+        if ids is None:  # the placeholders found in the embeddings stand for the ids the positions read
+            ids = torch.zeros(batch, length, dtype=torch.long, device=self.device)
+            for token, placeholder in placeholders.items():
+                ids = ids.masked_fill(placeholder, token)
+        positions, deltas = mrope_positions(cfg, ids, pad, image_grid_thw, video_grid_thw, second_per_grid_ts)
+        uniform = image_grid_thw is None and video_grid_thw is None
+        return Prompt(embeds, positions, pad, deltas, uniform=uniform)
+
+    def _tokens(self, input_ids, inputs_embeds) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(checked ids or None, embeddings) from exactly one of input_ids and inputs_embeds."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            ids = check_token_ids(input_ids, self.cfg.text.vocab_size, "input_ids").to(self.device)
+            return ids, self.model.embed_tokens(ids)
+        hidden = self.cfg.text.hidden_size
+        if (not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden
+                or not inputs_embeds.is_floating_point()):
+            got = (f"{tuple(inputs_embeds.shape)} {inputs_embeds.dtype}" if isinstance(inputs_embeds, torch.Tensor)
+                   else type(inputs_embeds).__name__)
+            raise ValueError(f"inputs_embeds must be a (batch, length, {hidden}) float tensor, got {got}")
+        if inputs_embeds.shape[1] == 0:
+            raise ValueError("inputs_embeds is empty")
+        return None, inputs_embeds.to(self.device, self.dtype)
+
+    def _is_embedding_of(self, embeds: torch.Tensor, token: int) -> torch.Tensor:
+        """(B, L) True where a row of embeds equals token's embedding exactly (transformers' placeholder test)."""
+        return (embeds == self.model.embed_tokens.weight[token].to(embeds.dtype)).all(-1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(hidden, self.lm_weight())
 
     # --- forward and generation ------------------------------------------------------------------------------
 
-    def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+    def forward(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, labels=None,
-                num_items_in_batch=None) -> Qwen25VLOutput:
-        """A whole prompt (no cache): logits, and with `labels` the causal-LM loss (transformers' rule).
+                num_items_in_batch=None, *, inputs_embeds=None, position_ids=None, past_key_values=None,
+                use_cache: bool | None = None, cache_position=None, rope_deltas=None, logits_to_keep=0,
+                output_hidden_states: bool = False, output_attentions: bool = False,
+                mm_token_type_ids=None, cache=None) -> Qwen25VLOutput:
+        """transformers' Qwen2_5_VLForConditionalGeneration.forward: logits, and the loss with labels.
 
-        labels (B, L) like input_ids: the logits at position i are scored against labels[i + 1]; -100
+        Inputs: exactly one of `input_ids` and `inputs_embeds` (see `prepare`), the vision inputs, and
+        `position_ids` to bypass the 3-D position computation.
+
+        Loss: labels (B, L) like input_ids: the logits at position i are scored against labels[i + 1]; -100
         (IGNORE_INDEX) is not counted. The loss is the mean over counted tokens, or their sum divided by
         `num_items_in_batch` when given (gradient accumulation over micro-batches). A batch with no counted
         token has loss 0 and zero gradients. With labels the LM head and the loss run as one `loss` operator:
         backends that never build the whole logits (triton's chunked kernel) return `logits=None`.
 
+        Cache: `use_cache=True` returns `past_key_values`, a `StaticKVCache` holding these tokens (and their
+        rope deltas); pass it back with the next tokens and the attention mask over all of them to continue:
+        the same logits as one forward over everything. `cache_position` (the new tokens' slots, contiguous,
+        starting at or before the cached length) rewinds the cache to its first slot. `cache` is accepted as
+        transformers 5's name for `past_key_values`. Without use_cache nothing is cached (transformers' default
+        is True; qvl's is False: a cache costs memory only a continuation uses).
+
+        Outputs: `logits_to_keep` (an int n > 0: the last n positions; a 1-D index tensor: those positions;
+        0: all). `output_hidden_states=True`: transformers' tuple (the embeddings, the stream after each layer
+        but the last, and the normed output). `output_attentions=True`: each text layer's attention weights
+        (B, heads, Lq, Lk in the model's dtype) from the attention backends that form them (eager; the others
+        refuse with that reason, or the plan's fallback takes those calls).
+
         Gradients flow when autograd records (not under torch.no_grad / inference_mode): wrap inference in
-        one of them, as `generate` does.
+        one of them, as `generate` does. A cached past is a constant to them.
         """
+        if cache is not None and past_key_values is not None:
+            raise ValueError("pass the cache once, as past_key_values or as cache")
+        past = past_key_values if past_key_values is not None else cache
+        if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+            raise ValueError("labels score every position: logits_to_keep must be 0 with labels")
+        if past is not None and not isinstance(past, StaticKVCache):
+            raise ValueError(f"past_key_values must be the cache a forward with use_cache=True returned, got "
+                             f"{type(past).__name__}")
+        if past is not None and cache_position is not None:
+            past.length = check_cache_position(cache_position, past.length)
         p = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
-                         video_grid_thw, second_per_grid_ts)
-        hidden = self.model(self.ops, p.embeds, p.positions, self.rotary(not p.has_vision), CausalMask(p.pad))
+                         video_grid_thw, second_per_grid_ts, inputs_embeds=inputs_embeds, position_ids=position_ids,
+                         rope_deltas=rope_deltas, past=past, mm_token_type_ids=mm_token_type_ids)
+        batch, length = p.embeds.shape[:2]
+        if use_cache and past is None:
+            past = self.new_cache(batch, length)
+        if past is not None:
+            past.ensure_capacity(past.length + length, self.cfg.text.max_position_embeddings)
+        start = 0 if past is None else past.length
+        hidden_states = [] if output_hidden_states else None
+        attentions = [] if output_attentions else None
+        hidden = self.model(self.ops, p.embeds, p.positions, self.rotary(p.uniform), CausalMask(p.pad), cache=past,
+                            start=start, hidden_states=hidden_states, attentions=attentions)
+        if past is not None:
+            past.length, past.pad = start + length, p.pad
+            past.rope_deltas = p.deltas
+        out = Qwen25VLOutput(past_key_values=past, rope_deltas=transformers_deltas(p.deltas, p.pad),
+                             hidden_states=None if hidden_states is None else tuple(hidden_states),
+                             attentions=None if attentions is None else tuple(attentions))
         if labels is None:
-            return Qwen25VLOutput(logits=self.logits(hidden), rope_deltas=p.deltas)
-        targets = next_token_targets(labels, input_ids.shape, self.cfg.text.vocab_size, self.device)
+            out.logits = self.logits(keep_positions(hidden, logits_to_keep))
+            return out
+        targets = next_token_targets(labels, (batch, length), self.cfg.text.vocab_size, self.device)
         loss, logits = self.ops.loss(hidden.flatten(0, 1), self.lm_weight(), targets.flatten(), num_items_in_batch)
-        if logits is not None:
-            logits = logits.view(*hidden.shape[:2], -1)
-        return Qwen25VLOutput(loss=loss, logits=logits, rope_deltas=p.deltas)
+        out.loss, out.logits = loss, None if logits is None else logits.view(batch, length, -1)
+        return out
 
     def gradient_checkpointing_enable(self) -> None:
         """Recompute each decoder layer and vision block in backward instead of keeping its activations
@@ -246,7 +388,7 @@ class Qwen25VL(nn.Module):
     def prefill(self, prompt: Prompt, cache: StaticKVCache) -> torch.Tensor:
         """Run the prompt into an empty cache; return the last position's logits (B, vocab)."""
         n = prompt.embeds.shape[1]
-        hidden = self.model(self.ops, prompt.embeds, prompt.positions, self.rotary(not prompt.has_vision),
+        hidden = self.model(self.ops, prompt.embeds, prompt.positions, self.rotary(prompt.uniform),
                             CausalMask(prompt.pad), cache=cache, start=0)
         cache.length = n
         return self.logits(hidden[:, -1])

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..backends import CausalMask, Ops, Rotary
+from ..backends.interface import needs_grad
 from ..config import TextConfig
 from .layers import RMSNorm, SwiGLUMLP, checkpointed
 
@@ -19,9 +20,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, ops: Ops, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, mask: CausalMask,
-                kv_cache: tuple[torch.Tensor, torch.Tensor] | None, start: int | torch.Tensor) -> torch.Tensor:
+                kv_cache: tuple[torch.Tensor, torch.Tensor] | None, start: int | torch.Tensor,
+                attentions: list | None = None) -> torch.Tensor:
         """`start`: the cache slot of x's first token. As a 0-dim tensor on the device (a decode step for
-        CUDA-graph capture) attention runs over the whole cache and `mask.kv_len` says how much is written."""
+        CUDA-graph capture) attention runs over the whole cache and `mask.kv_len` says how much is written.
+        `attentions`, a list, receives the softmax weights (B, heads, Lq, Lk)."""
         b, n, _ = x.shape
         q, k, v = self.qkv_proj(x).split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], -1)
@@ -30,6 +33,14 @@ class Attention(nn.Module):
         v = v.view(b, n, self.num_kv_heads, self.head_dim)
         if kv_cache is None:
             q, k = ops.rope(q, k, positions, rotary)
+        elif needs_grad(q, k, v):
+            # The cache operator's writes are not differentiated: rotate here, keep a detached copy in the
+            # cache, and attend over the cached past (a constant) followed by the new keys and values.
+            q, k = ops.rope(q, k, positions, rotary)
+            k_cache, v_cache = kv_cache
+            k_cache[:, start:start + n] = k.detach()
+            v_cache[:, start:start + n] = v.detach()
+            k, v = torch.cat([k_cache[:, :start], k], 1), torch.cat([v_cache[:, :start], v], 1)
         else:
             k_cache, v_cache = kv_cache
             q = ops.cache(q, k, v, positions, rotary, k_cache, v_cache, start)
@@ -37,7 +48,11 @@ class Attention(nn.Module):
                 k, v = k_cache, v_cache
             else:
                 k, v = k_cache[:, : start + n], v_cache[:, : start + n]
-        out = ops.attention(q, k, v, mask)
+        if attentions is None:
+            out = ops.attention(q, k, v, mask)
+        else:
+            out, weights = ops.attention(q, k, v, mask, weights=True)
+            attentions.append(weights)
         return self.o_proj(out.reshape(b, n, -1))
 
 
@@ -49,14 +64,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, bias=False)
 
-    def forward(self, ops, hidden, residual, positions, rotary, mask, kv_cache, start):
+    def forward(self, ops, hidden, residual, positions, rotary, mask, kv_cache, start, attentions=None):
         """`hidden` is the previous sublayer's output, `residual` the stream before it (None at layer 0).
 
         The residual add is fused into the norm that follows it: norm(hidden, residual) returns the
         normalized sum and the sum itself, the new residual stream.
         """
         x, residual = self.input_layernorm.add_and_norm(ops, hidden, residual)
-        hidden = self.self_attn(ops, x, positions, rotary, mask, kv_cache, start)
+        hidden = self.self_attn(ops, x, positions, rotary, mask, kv_cache, start, attentions)
         x, residual = self.post_attention_layernorm.add_and_norm(ops, hidden, residual)
         return self.mlp(ops, x), residual
 
@@ -71,10 +86,19 @@ class TextDecoder(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, ops: Ops, embeds: torch.Tensor, positions: torch.Tensor, rotary: Rotary, mask: CausalMask,
-                cache=None, start: int | torch.Tensor = 0) -> torch.Tensor:
+                cache=None, start: int | torch.Tensor = 0, hidden_states: list | None = None,
+                attentions: list | None = None) -> torch.Tensor:
+        """The final normed hidden states. `hidden_states`, a list, receives what transformers returns as
+        hidden_states: the embeddings, the stream after each layer but the last, and the output; `attentions`
+        each layer's attention weights."""
         hidden, residual = embeds, None
         for i, layer in enumerate(self.layers):
+            if hidden_states is not None:
+                hidden_states.append(hidden if residual is None else hidden + residual)
             kv = None if cache is None else cache.layer(i)
-            hidden, residual = checkpointed(self, layer)(ops, hidden, residual, positions, rotary, mask, kv, start)
+            hidden, residual = checkpointed(self, layer)(ops, hidden, residual, positions, rotary, mask, kv, start,
+                                                         attentions)
         out, _ = self.norm.add_and_norm(ops, hidden, residual)
+        if hidden_states is not None:
+            hidden_states.append(out)
         return out

@@ -148,7 +148,8 @@ def test_bad_labels_say_what_and_where():
     labels = batch["labels"]
     with pytest.raises(ValueError, match=r"labels must have the shape of input_ids \(2, \d+\), got \(2, \d+\)"):
         model(**batch | {"labels": labels[:, 1:]})
-    with pytest.raises(ValueError, match="labels must be an integer tensor, got dtype torch.float32"):
+    with pytest.raises(ValueError, match=r"labels must be a \(batch, length\) integer tensor, got \(2, \d+\) "
+                                         "torch.float32"):
         model(**batch | {"labels": labels.float()})
     bad = labels.clone()
     bad[1, 30] = TINY.text.vocab_size
