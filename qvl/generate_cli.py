@@ -1,5 +1,6 @@
 """`qvl generate`: a prompt with images and videos through a checkpoint (or a random-weight preset),
-the answer streamed as it is generated, then prefill time, decode speed and peak memory.
+the answer streamed as it is generated (several answers, from sampling or beam search, printed in turn as
+`[i] text`), then prefill time, decode speed and peak memory.
 
 Everything the user can get wrong (paths, corrupt files, a directory without tokenizer.json or weights, a
 tokenizer that does not belong to the model, an unavailable backend, a missing optional decoder) is
@@ -13,7 +14,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +24,7 @@ from .dtypes import DTYPES
 
 @dataclass
 class GenerateResult:
-    tokens: list[int]  # the new tokens, EOS included when generation stopped on it
+    tokens: list[int]  # the first sequence's new tokens, EOS included when generation stopped on it
     text: str
     prompt_tokens: int
     preprocess_s: float
@@ -32,6 +33,8 @@ class GenerateResult:
     peak_memory_mib: float
     memory_kind: str
     chunks: list[str] = field(default_factory=list)  # the streamed pieces, in order
+    sequences: list[list[int]] = field(default_factory=list)  # every returned sequence's new tokens
+    texts: list[str] = field(default_factory=list)
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -95,12 +98,24 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
     return rss_kib / 1024, "process RSS"
 
 
+def until_stop(tokens: list[int], stop: set[int]) -> list[int]:
+    """New tokens up to and including the first stop id (what follows is padding)."""
+    for i, t in enumerate(tokens):
+        if t in stop:
+            return tokens[: i + 1]
+    return tokens
+
+
 def run_generate(model, processor, prompt: str, images=(), videos=(), *, max_new_tokens: int = 128,
                  temperature: float = 0.0, seed: int | None = None, system: str | None = None,
                  write: Callable[[str], None] | None = None, inputs: dict | None = None,
-                 cuda_graph: bool = False) -> GenerateResult:
-    """Process, generate with streaming, time. `inputs` skips processing (already-made model inputs);
-    cuda_graph replays the decode step from a CUDA graph (`Qwen25VL.generate`)."""
+                 cuda_graph: bool = False, num_beams: int = 1, num_return_sequences: int = 1,
+                 top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
+                 stop: Sequence[str] = ()) -> GenerateResult:
+    """Process, generate, time. One sequence is streamed as it is generated; several (num_return_sequences,
+    beams) are decoded at the end. `inputs` skips processing (already-made model inputs); cuda_graph replays
+    the decode step from a CUDA graph; `stop`: stop strings (`Qwen25VL.generate`). Beam search decides its
+    tokens only at the end: its whole time is reported as prefill."""
     chunks: list[str] = []
 
     def emit(piece: str) -> None:
@@ -115,31 +130,45 @@ def run_generate(model, processor, prompt: str, images=(), videos=(), *, max_new
     device = model.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    streamed = num_beams == 1 and num_return_sequences == 1
     stream = TextStream(processor.decode, emit)
     stamps: list[float] = []
-    new_tokens: list[int] = []
-    stop = set(processor.stop_ids)
+    stop_ids = set(processor.stop_ids)
+    stream_done = not streamed
 
     def on_token(tokens: torch.Tensor) -> None:
+        nonlocal stream_done
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         stamps.append(time.perf_counter())
-        tok = int(tokens[0])
-        if new_tokens and new_tokens[-1] in stop:
-            return  # padding after EOS (batch of one: never reached, generate stops)
-        new_tokens.append(tok)
-        if tok not in stop:
-            stream.push(tok)
+        if stream_done:
+            return  # several answers, or padding after EOS
+        token = int(tokens[0])
+        if token in stop_ids:
+            stream_done = True
+        else:
+            stream.push(token)
 
     start = time.perf_counter()
-    model.generate(**inputs, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                   eos_token_id=list(processor.stop_ids), on_token=on_token, cuda_graph=cuda_graph)
-    text = stream.finish()
-    prefill_s = (stamps[0] - start) if stamps else time.perf_counter() - start
+    ids = model.generate(**inputs, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                         eos_token_id=list(processor.stop_ids), on_token=None if num_beams > 1 else on_token,
+                         cuda_graph=cuda_graph, num_beams=num_beams, num_return_sequences=num_return_sequences,
+                         top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                         stop_strings=list(stop) or None, tokenizer=processor)
+    end = time.perf_counter()
+    prompt_tokens = int(inputs["input_ids"].shape[1])
+    sequences = [until_stop(row, stop_ids) for row in ids[:, prompt_tokens:].tolist()]
+    texts = [processor.decode([t for t in row if t not in stop_ids]) for row in sequences]
+    if streamed:
+        texts[0] = stream.finish()
+    else:
+        for i, text in enumerate(texts):
+            emit(f"[{i + 1}] {text}\n")
+    prefill_s = (stamps[0] - start) if stamps else end - start
     decode_s = (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
     mem, kind = peak_memory(device)
-    return GenerateResult(new_tokens, text, int(inputs["input_ids"].shape[1]), preprocess_s, prefill_s, decode_s,
-                          mem, kind, chunks)
+    return GenerateResult(sequences[0], texts[0], prompt_tokens, preprocess_s, prefill_s, decode_s, mem, kind,
+                          chunks, sequences, texts)
 
 
 def add_generate_parser(sub) -> None:
@@ -158,6 +187,15 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (temperature > 0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens holding this mass")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="divide the scores of tokens already present (> 1 discourages repeats)")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1: none)")
+    p.add_argument("--num-return-sequences", type=int, default=1,
+                   help="answers to print (sampling, or the best beams: at most --num-beams)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when the answer contains this text; repeatable")
     p.add_argument("--backends", default=None, metavar="SPEC",
                    help="operator backends, e.g. 'eager' or 'attention=triton,norm=eager' (see `qvl backends`)")
     p.add_argument("--device", default="cpu")
@@ -171,6 +209,32 @@ def add_generate_parser(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def check_generate_args(args: argparse.Namespace) -> None:
+    """The search flags, checked before anything is loaded."""
+    if args.temperature < 0:
+        raise ValueError("--temperature must be >= 0")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.repetition_penalty is not None and not args.repetition_penalty > 0:
+        raise ValueError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    if args.num_beams < 1:
+        raise ValueError(f"--num-beams must be >= 1, got {args.num_beams}")
+    if args.num_return_sequences < 1:
+        raise ValueError(f"--num-return-sequences must be >= 1, got {args.num_return_sequences}")
+    if args.num_beams > 1 and args.num_return_sequences > args.num_beams:
+        raise ValueError(f"--num-return-sequences ({args.num_return_sequences}) must be <= --num-beams "
+                         f"({args.num_beams})")
+    if args.num_beams == 1 and args.num_return_sequences > 1 and args.temperature == 0:
+        raise ValueError("--num-return-sequences > 1 needs --temperature > 0 (sampling) or --num-beams > 1: "
+                         "greedy decoding gives one answer")
+    if args.num_beams > 1 and args.cuda_graph:
+        raise ValueError("--cuda-graph cannot run beam search (--num-beams > 1): the beams reorder the cache")
+    if any(not s for s in args.stop):
+        raise ValueError("--stop needs a non-empty text")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .backends import BackendUnsupportedError
     from .checkpoint import from_config, from_pretrained
@@ -178,8 +242,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be at least 1")
-    if args.temperature < 0:
-        raise ValueError("--temperature must be >= 0")
+    check_generate_args(args)
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
@@ -213,11 +276,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         result = run_generate(model, processor, args.prompt, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, seed=args.seed, write=write, inputs=inputs,
-                              cuda_graph=args.cuda_graph)
+                              cuda_graph=args.cuda_graph, num_beams=args.num_beams,
+                              num_return_sequences=args.num_return_sequences, top_k=args.top_k, top_p=args.top_p,
+                              repetition_penalty=args.repetition_penalty, stop=args.stop)
     except KeyboardInterrupt:
         print("\nqvl generate: interrupted", file=sys.stderr)
         return 130
-    sys.stdout.write("\n")
+    if len(result.sequences) == 1:
+        sys.stdout.write("\n")
     sys.stdout.flush()
     speed = result.decode_tokens_per_s
     print(f"prompt {result.prompt_tokens} tokens ({len(args.image)} images, {len(args.video)} videos), "

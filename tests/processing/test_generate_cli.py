@@ -101,6 +101,48 @@ def test_generate_with_video_and_sampling(ckpt, media, capsys):
     assert out == result.text + "\n"
 
 
+def answers(model, processor, inputs, stop_ids, **gen):
+    """Each returned sequence's text, as `qvl generate` prints it: up to the first stop id."""
+    ids = model.generate(**inputs, max_new_tokens=NEW_TOKENS, eos_token_id=list(stop_ids), **gen)
+    texts = []
+    for row in ids[:, inputs["input_ids"].shape[1]:].tolist():
+        end = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
+        texts.append(processor.decode(row[:end]))
+    return texts
+
+
+@pytest.mark.parametrize(("flags", "gen"), [
+    (["--num-beams", "3", "--num-return-sequences", "2"], {"num_beams": 3, "num_return_sequences": 2}),
+    (["--temperature", "0.9", "--seed", "4", "--top-k", "20", "--top-p", "0.8", "--repetition-penalty", "1.3",
+      "--num-return-sequences", "2"],
+     {"temperature": 0.9, "seed": 4, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.3, "num_return_sequences": 2}),
+])
+def test_search_flags_reach_generate_and_print_every_answer(ckpt, media, capsys, flags, gen):
+    prompt = "Describe the picture."
+    model, processor, inputs, _ = reference(ckpt, prompt, media["images"][:1])
+    expected = answers(model, processor, inputs, set(processor.stop_ids), **gen)
+    assert len(expected) == 2
+    rc = main(["generate", "--model", str(ckpt), "--image", media["images"][0], "--prompt", prompt,
+               "--max-new-tokens", str(NEW_TOKENS), *flags])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert out == "".join(f"[{i + 1}] {text}\n" for i, text in enumerate(expected))
+
+
+def test_stop_flag_ends_the_answer_at_the_text(ckpt, media, capsys):
+    prompt = "Compare the two pictures."
+    model, processor, inputs, full = reference(ckpt, prompt, media["images"])
+    whole = processor.decode(full)
+    stop = processor.decode(full[2:4])  # text the answer reaches after a few tokens
+    assert stop and whole.find(stop) + len(stop) < len(whole)
+    rc = main(["generate", "--model", str(ckpt), "--image", media["images"][0], "--image", media["images"][1],
+               "--prompt", prompt, "--max-new-tokens", str(NEW_TOKENS), "--stop", stop, "--stop", "unseen text"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert out == whole[: whole.find(stop) + len(stop)] + "\n"
+    assert out.rstrip("\n").endswith(stop)
+
+
 def test_generate_on_a_preset(media, capsys):
     rc = main(["generate", "--model", "tiny", "--image", media["images"][0], "--prompt", "hi",
                "--max-new-tokens", "3"])
@@ -173,3 +215,16 @@ def test_errors(ckpt, media, tmp_path, capsys):
 
     rc, err = run_cli(capsys, "--model", str(ckpt), "--cuda-graph", *base)
     assert rc == 2 and "--cuda-graph needs a CUDA device (--device cuda); got --device cpu" in err
+
+    for flags, message in [
+        (["--num-beams", "2", "--num-return-sequences", "3"], "--num-return-sequences (3) must be <= --num-beams (2)"),
+        (["--num-return-sequences", "2"], "--num-return-sequences > 1 needs --temperature > 0"),
+        (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+        (["--top-k", "0"], "--top-k must be >= 1, got 0"),
+        (["--repetition-penalty", "0"], "--repetition-penalty must be > 0, got 0.0"),
+        (["--num-beams", "0"], "--num-beams must be >= 1, got 0"),
+        (["--num-beams", "2", "--cuda-graph"], "--cuda-graph cannot run beam search (--num-beams > 1)"),
+        (["--stop", ""], "--stop needs a non-empty text"),
+    ]:
+        rc, err = run_cli(capsys, "--model", str(ckpt), *flags, *base)
+        assert rc == 2 and f"qvl generate: error: {message}" in err and len(err.strip().splitlines()) == 1, err
