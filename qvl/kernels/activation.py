@@ -65,15 +65,19 @@ def _swiglu_fwd_kernel(
 
 
 @triton.jit
-def _gelu_fwd_kernel(
+def _pointwise_fwd_kernel(
     x_ptr, out_ptr,
     n_rows, n_cols,
     x_row_stride, out_row_stride,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUICK_GELU: tl.constexpr,
 ):
+    """erf GELU, or QuickGELU when QUICK_GELU (a compile-time branch: each variant compiles alone)."""
     rows, cols, mask = _tile(tl.program_id(0), tl.program_id(1), n_rows, n_cols, BLOCK_M, BLOCK_N)
     x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    out = erf_gelu(x)
+    if QUICK_GELU:
+        out = x * tl.sigmoid(_QUICK_GELU_SLOPE * x)
+    else:
+        out = erf_gelu(x)
     # In place, each element is read and written by the same program: no hazard.
     tl.store(out_ptr + rows[:, None] * out_row_stride + cols[None, :],
              to_storage(out, out_ptr.dtype.element_ty), mask=mask)
@@ -114,46 +118,20 @@ def _swiglu_bwd_kernel(
 
 
 @triton.jit
-def _gelu_bwd_kernel(
+def _pointwise_bwd_kernel(
     x_ptr, dout_ptr, dx_ptr,
     n_rows, n_cols,
     x_row_stride, dout_row_stride, dx_row_stride,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUICK_GELU: tl.constexpr,
 ):
     rows, cols, mask = _tile(tl.program_id(0), tl.program_id(1), n_rows, n_cols, BLOCK_M, BLOCK_N)
     x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     dout = tl.load(dout_ptr + rows[:, None] * dout_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    dx = dout * _erf_gelu_grad(x)
-    tl.store(dx_ptr + rows[:, None] * dx_row_stride + cols[None, :],
-             to_storage(dx, dx_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _quick_gelu_fwd_kernel(
-    x_ptr, out_ptr,
-    n_rows, n_cols,
-    x_row_stride, out_row_stride,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    rows, cols, mask = _tile(tl.program_id(0), tl.program_id(1), n_rows, n_cols, BLOCK_M, BLOCK_N)
-    x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    out = x * tl.sigmoid(_QUICK_GELU_SLOPE * x)
-    tl.store(out_ptr + rows[:, None] * out_row_stride + cols[None, :],
-             to_storage(out, out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _quick_gelu_bwd_kernel(
-    x_ptr, dout_ptr, dx_ptr,
-    n_rows, n_cols,
-    x_row_stride, dout_row_stride, dx_row_stride,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    rows, cols, mask = _tile(tl.program_id(0), tl.program_id(1), n_rows, n_cols, BLOCK_M, BLOCK_N)
-    x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    dout = tl.load(dout_ptr + rows[:, None] * dout_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(_QUICK_GELU_SLOPE * x)
-    dx = dout * (sig + _QUICK_GELU_SLOPE * x * sig * (1.0 - sig))
+    if QUICK_GELU:
+        sig = tl.sigmoid(_QUICK_GELU_SLOPE * x)
+        dx = dout * (sig + _QUICK_GELU_SLOPE * x * sig * (1.0 - sig))
+    else:
+        dx = dout * _erf_gelu_grad(x)
     tl.store(dx_ptr + rows[:, None] * dx_row_stride + cols[None, :],
              to_storage(dx, dx_ptr.dtype.element_ty), mask=mask)
 
@@ -190,25 +168,25 @@ def gelu(h: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 
     float32/float16/bfloat16, any shape (last dim read with unit stride, leading dims through one row
     stride; otherwise a copy is taken). inplace=True overwrites h and returns it; otherwise returns a
-    new contiguous tensor. Differentiable in h (`_GELU`) when autograd needs it; then always out of place,
+    new contiguous tensor. Differentiable in h (`_Pointwise`) when autograd needs it; then always out of place,
     since the backward reads h.
     """
     _check("gelu", h)
     if needs_grad(h):
-        return _GELU.apply(h)
-    return _gelu_forward(h, inplace)
+        return _Pointwise.apply(h, False)
+    return _pointwise(h, quick=False, inplace=inplace)
 
 
 def quick_gelu(h: torch.Tensor) -> torch.Tensor:
     """h * sigmoid(1.702 h), float32 math, rounded once to h.dtype, as a new contiguous tensor.
 
     float32/float16/bfloat16, any shape (last dim read with unit stride, leading dims through one row stride;
-    otherwise a copy is taken). Differentiable in h (`_QuickGELU`) when autograd needs it.
+    otherwise a copy is taken). Differentiable in h (`_Pointwise`) when autograd needs it.
     """
     _check("quick_gelu", h)
     if needs_grad(h):
-        return _QuickGELU.apply(h)
-    return _elementwise(_quick_gelu_fwd_kernel, h)
+        return _Pointwise.apply(h, True)
+    return _pointwise(h, quick=True)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -225,55 +203,54 @@ class _SwiGLU(torch.autograd.Function):
         return _swiglu_backward(h, dout)
 
 
-class _GELU(torch.autograd.Function):
-    """Out-of-place gelu with its Triton backward; saves only h."""
+class _Pointwise(torch.autograd.Function):
+    """Out-of-place gelu or quick_gelu with its Triton backward; saves only h."""
 
     @staticmethod
-    def forward(ctx, h):
+    def forward(ctx, h, quick):
         ctx.save_for_backward(h)
-        return _gelu_forward(h, inplace=False)
+        ctx.quick = quick
+        return _pointwise(h, quick)
 
     @staticmethod
     def backward(ctx, dout):
         (h,) = ctx.saved_tensors
-        return _gelu_backward(h, dout)
+        return _pointwise_grad(h, dout, ctx.quick), None
 
 
-class _QuickGELU(torch.autograd.Function):
-    """quick_gelu with its Triton backward; saves only h."""
-
-    @staticmethod
-    def forward(ctx, h):
-        ctx.save_for_backward(h)
-        return _elementwise(_quick_gelu_fwd_kernel, h)
-
-    @staticmethod
-    def backward(ctx, dout):
-        (h,) = ctx.saved_tensors
-        return _elementwise_grad(_quick_gelu_bwd_kernel, h, dout)
-
-
-def _elementwise(kernel, h: torch.Tensor) -> torch.Tensor:
-    """`kernel` (a forward over (rows, N) tiles) from h into a new contiguous tensor of h's shape and dtype."""
-    out = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+def _pointwise(h: torch.Tensor, quick: bool, inplace: bool = False) -> torch.Tensor:
+    """erf GELU (or QuickGELU) of h over (rows, N) tiles: into a new contiguous tensor of h's shape and dtype,
+    or in place (then h itself is returned, a private copy written back when h's rows do not share a stride)."""
     if h.numel() == 0:
-        return out
-    h_rows, out_rows = as_rows(h), out.view(-1, h.shape[-1])
-    grid, block_m, block_n = _grid_and_blocks(h_rows.shape[0], h_rows.shape[1])
-    kernel[grid](h_rows, out_rows, h_rows.shape[0], h_rows.shape[1], h_rows.stride(0), out_rows.stride(0),
-                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS)
+        return h if inplace else torch.empty_like(h, memory_format=torch.contiguous_format)
+    n_cols = h.shape[-1]
+    view = rows_view(h)
+    h_rows = view if view is not None else h.contiguous().view(-1, n_cols)
+    if inplace:
+        out, out_rows = h, h_rows
+    else:
+        out = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+        out_rows = out.view(-1, n_cols)
+    grid, block_m, block_n = _grid_and_blocks(h_rows.shape[0], n_cols)
+    _pointwise_fwd_kernel[grid](
+        h_rows, out_rows, h_rows.shape[0], n_cols, h_rows.stride(0), out_rows.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, QUICK_GELU=quick, num_warps=NUM_WARPS,
+    )
+    if inplace and view is None:
+        h.copy_(h_rows.view(h.shape))
     return out
 
 
-def _elementwise_grad(kernel, h: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
-    """`kernel` (a backward over (rows, N) tiles): dh, new and contiguous in h.dtype, from h and dout (h's shape)."""
+def _pointwise_grad(h: torch.Tensor, dout: torch.Tensor, quick: bool) -> torch.Tensor:
+    """dh, new and contiguous in h.dtype, from h and dout (h's shape) in any layout."""
     dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     if h.numel() == 0:
         return dh
     h_rows, dout_rows, dh_rows = as_rows(h), as_rows(dout), dh.view(-1, h.shape[-1])
     grid, block_m, block_n = _grid_and_blocks(h_rows.shape[0], h_rows.shape[1])
-    kernel[grid](h_rows, dout_rows, dh_rows, h_rows.shape[0], h_rows.shape[1], h_rows.stride(0),
-                 dout_rows.stride(0), dh_rows.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS)
+    _pointwise_bwd_kernel[grid](h_rows, dout_rows, dh_rows, h_rows.shape[0], h_rows.shape[1], h_rows.stride(0),
+                                dout_rows.stride(0), dh_rows.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
+                                QUICK_GELU=quick, num_warps=NUM_WARPS)
     return dh
 
 
@@ -304,29 +281,3 @@ def _swiglu_backward(h: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS,
     )
     return dh
-
-
-def _gelu_forward(h: torch.Tensor, inplace: bool) -> torch.Tensor:
-    if h.numel() == 0:
-        return h if inplace else torch.empty_like(h, memory_format=torch.contiguous_format)
-    n_cols = h.shape[-1]
-    view = rows_view(h)
-    h_rows = view if view is not None else h.contiguous().view(-1, n_cols)
-    if inplace:
-        out, out_rows = h, h_rows  # h itself, or the private copy written back below
-    else:
-        out = torch.empty(h.shape, dtype=h.dtype, device=h.device)
-        out_rows = out.view(-1, n_cols)
-    grid, block_m, block_n = _grid_and_blocks(h_rows.shape[0], n_cols)
-    _gelu_fwd_kernel[grid](
-        h_rows, out_rows, h_rows.shape[0], n_cols, h_rows.stride(0), out_rows.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS,
-    )
-    if inplace and view is None:
-        h.copy_(h_rows.view(h.shape))
-    return out
-
-
-def _gelu_backward(h: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
-    """dh, new and contiguous in h.dtype, from h and dout (h's shape) in any layout."""
-    return _elementwise_grad(_gelu_bwd_kernel, h, dout)

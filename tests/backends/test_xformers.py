@@ -216,6 +216,25 @@ def test_training_through_simulated_xformers_attention(simulated):
     assert not any(fb.operator == "attention" for fb in model.fallbacks)
 
 
+@needs_xf
+def test_cache_continuation_through_simulated_xformers(simulated):
+    """A forward with use_cache, continued with past_key_values, gives one whole forward's logits on xformers'
+    cache and attention (host lengths: what they take)."""
+    name, calls = simulated
+    model = checks.perturbed("tiny", torch.float32, device="cpu")
+    inputs = checks.padded_batch()
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    model.set_backends(name, fallback="eager")
+    with torch.no_grad():
+        full = model(ids, mask).logits
+        first = model(ids[:, :8], mask[:, :8], use_cache=True)
+        rest = model(ids[:, 8:], mask, past_key_values=first.past_key_values)
+    assert calls["cache"] > 0 and calls["attention"] > 0
+    assert not any(fb.operator in ("cache", "attention") for fb in model.fallbacks)
+    keep = mask.bool()
+    assert rel_err(torch.cat([first.logits, rest.logits], 1)[keep], full[keep]) <= 1e-5
+
+
 # --- availability -------------------------------------------------------------------------------------------------
 
 

@@ -27,10 +27,13 @@ CONFIGS = {"tiny": TINY, "tiny_wide": TINY_WIDE}
 NEW_TOKENS = 12
 
 
-def perturbed_hf_model(cfg, seed=0):
+def perturbed_hf_model(cfg, seed=0, config_class="Qwen2_5_VLConfig",
+                       model_class="Qwen2_5_VLForConditionalGeneration"):
+    """transformers' model for `cfg` (Qwen2.5-VL, or the classes named), seeded, eager attention, and its weights
+    moved off their init."""
     torch.manual_seed(seed)
-    hf_cfg = transformers.Qwen2_5_VLConfig(**config_to_hf_dict(cfg))
-    model = transformers.Qwen2_5_VLForConditionalGeneration(hf_cfg).eval()
+    hf_cfg = getattr(transformers, config_class)(**config_to_hf_dict(cfg))
+    model = getattr(transformers, model_class)(hf_cfg).eval()
     model.config._attn_implementation = "eager"
     with torch.no_grad():
         for name, p in model.named_parameters():

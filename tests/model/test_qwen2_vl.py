@@ -13,6 +13,7 @@ import torch
 import qvl
 from qvl.backends import Ops, resolve_plan
 from qvl.config import PRESETS, config_from_hf_dict, config_to_hf_dict
+from tests.model import test_parity as parity
 from tests.model.test_parity import hf_kwargs, left_pad, pixels, placeholders, rel_err, text_ids
 
 transformers = pytest.importorskip("transformers")
@@ -26,17 +27,7 @@ VIDEO = [[2, 4, 6]]
 
 
 def perturbed_hf_model(cfg, seed=0):
-    torch.manual_seed(seed)
-    model = transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(**config_to_hf_dict(cfg)))
-    model = model.eval()
-    model.config._attn_implementation = "eager"
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:  # norms and biases: move off their init (ones / zeros)
-                p.add_(torch.randn_like(p) * 0.2)
-            else:  # larger weights than init so greedy decoding does not collapse onto one token
-                p.normal_(0.0, 0.15 if "embed" not in name else 1.0)
-    return model
+    return parity.perturbed_hf_model(cfg, seed, "Qwen2VLConfig", "Qwen2VLForConditionalGeneration")
 
 
 @pytest.fixture(scope="module")

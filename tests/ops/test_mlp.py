@@ -363,7 +363,7 @@ MLP_GRAD_CASES = {
     "qwen2-vl vision block": ("quick_gelu", True),
 }
 # The autograd node of each activation's Triton backward.
-BACKWARD_NODES = {"swiglu": "_SwiGLUBackward", "gelu": "_GELUBackward", "quick_gelu": "_QuickGELUBackward"}
+BACKWARD_NODES = {"swiglu": "_SwiGLUBackward", "gelu": "_PointwiseBackward", "quick_gelu": "_PointwiseBackward"}
 
 
 @pytest.mark.parametrize("case", list(MLP_GRAD_CASES))

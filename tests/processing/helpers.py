@@ -15,6 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+# Pixel bounds the processor tests use on both sides: small images give small grids.
+BOUNDS = {"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 24}
+
 CORPUS = [
     "Describe the image in detail.", "What is happening in this video?", "Compare the two pictures.",
     "The quick brown fox jumps over the lazy dog.", "A cat sits on a red mat next to a window.",

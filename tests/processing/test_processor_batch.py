@@ -12,35 +12,20 @@ import pytest
 import torch
 
 from qvl.config import PRESETS
-from qvl.processing import ImageProcessor, Processor, QwenTokenizer, VisionProcessingConfig
-from qvl.processing.video import VIDEO_DEFAULTS
+from qvl.processing import ImageProcessor, VisionProcessingConfig
 from tests.processing.helpers import (
+    BOUNDS,
     QWEN25VL_CHAT_TEMPLATE,
     hf_tokenizer,
     textured,
     torchvision_or_skip,
     video_frames,
-    write_tokenizer,
 )
 
 transformers = pytest.importorskip("transformers")
 PIL = pytest.importorskip("PIL.Image")
 TINY = PRESETS["tiny"]
-BOUNDS = {"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 24}
 KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    write_tokenizer(d, TINY)
-    return d
-
-
-@pytest.fixture(scope="module")
-def ours(tok_dir):
-    return Processor(QwenTokenizer.from_file(tok_dir), VisionProcessingConfig(**BOUNDS),
-                     VIDEO_DEFAULTS.with_overrides(**BOUNDS), TINY)
 
 
 def reference(tok_dir, video: bool = False):

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from qvl.config import PRESETS
-from qvl.processing import Processor, QwenTokenizer, VisionProcessingConfig, render_chat
-from qvl.processing.video import VIDEO_DEFAULTS
+from qvl.processing import Processor, QwenTokenizer, render_chat
 from tests.processing.helpers import (
+    BOUNDS,
     QWEN25VL_CHAT_TEMPLATE,
     hf_tokenizer,
     special_ids,
@@ -30,20 +30,6 @@ from tests.processing.helpers import (
 transformers = pytest.importorskip("transformers")
 PIL = pytest.importorskip("PIL.Image")
 TINY = PRESETS["tiny"]
-BOUNDS = {"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 24}
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    write_tokenizer(d, TINY)
-    return d
-
-
-@pytest.fixture(scope="module")
-def ours(tok_dir):
-    return Processor(QwenTokenizer.from_file(tok_dir), VisionProcessingConfig(**BOUNDS),
-                     VIDEO_DEFAULTS.with_overrides(**BOUNDS), TINY)
 
 
 @pytest.fixture(scope="module")
