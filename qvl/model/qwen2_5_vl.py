@@ -19,8 +19,8 @@ from torch import nn
 
 from ..backends import CausalMask, Ops, Rotary, resolve_plan
 from ..config import Qwen25VLConfig
+from . import generation
 from .cache import StaticKVCache
-from .generation import generate
 from .graphs import DecodeGraph
 from .inputs import (
     check_cache_position,
@@ -422,6 +422,6 @@ class Qwen25VL(nn.Module):
             return torch.no_grad()(DecodeGraph(self, prompt, cache).step)
         return lambda tokens: self.decode_step(tokens, prompt, cache)
 
-    def generate(self, *args, **kwargs):
-        """Continue prompts: greedy, sampling or beam search (`qvl.model.generation.generate`)."""
-        return generate(self, *args, **kwargs)
+    # Continue prompts: greedy, sampling or beam search; `qvl.model.generation.generate` with the model as self
+    # (its signature and docstring, as help() shows them).
+    generate = generation.generate

@@ -21,7 +21,7 @@ PAD, VISION_START, IMAGE, VIDEO = 2, 3, 4, 5
 PATCH_DIM = 3 * 2 * 14 * 14
 
 
-def tester_config():
+def make_tester_config():
     return transformers.Qwen2_5_VLConfig(
         hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         hidden_act="silu", max_position_embeddings=512, max_window_layers=3, tie_word_embeddings=True,
@@ -36,7 +36,7 @@ def tester_config():
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     torch.manual_seed(0)
-    hf = transformers.Qwen2_5_VLForConditionalGeneration(tester_config()).eval()
+    hf = transformers.Qwen2_5_VLForConditionalGeneration(make_tester_config()).eval()
     with torch.no_grad():  # weights large enough that greedy tokens differ
         for p in hf.parameters():
             p.normal_(0.0, 0.3) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.2)
