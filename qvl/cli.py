@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
+
+from .errors import QvlError
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
@@ -143,11 +146,43 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with qvl's one-line usage errors (``qvl: error: ...``, exit status 2); subcommands inherit it."""
+
+    def error(self, message: str):
+        sub = self.prog.partition(" ")[2]
+        self.exit(2, f"qvl: error: {sub + ': ' if sub else ''}{message} (see {self.prog} --help)\n")
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line: its lines joined by '; ' (list bullets dropped)."""
+    lines = [line.strip().removeprefix("- ") for line in str(e).splitlines()]
+    return "; ".join(line for line in lines if line) or type(e).__name__
+
+
+def error_status(e: Exception) -> tuple[int, str]:
+    """(exit status, message) for an exception that ends a command: 2 for what the user gave (qvl's errors,
+    bad values, missing or unreadable paths, backends this machine cannot run), 1 for failures of the run
+    itself (a full disk, memory, non-finite numbers midway, a bug)."""
+    from .backends import BackendUnsupportedError
+
+    if isinstance(e, QvlError):
+        return e.exit_status, one_line(e)
+    if isinstance(e, (ValueError, BackendUnsupportedError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+                      PermissionError)):
+        return 2, one_line(e)
+    if isinstance(e, OSError):
+        return 1, one_line(e)
+    if isinstance(e, MemoryError):
+        return 1, f"out of memory: {one_line(e)}"
+    return 1, f"internal error ({type(e).__name__}): {one_line(e)}; QVL_DEBUG=1 shows the traceback"
+
+
 def main(argv: list[str] | None = None) -> int:
     from .config import PRESETS
     from .dtypes import DTYPES
 
-    parser = argparse.ArgumentParser(prog="qvl", description="Qwen2.5-VL with interchangeable operator backends")
+    parser = ArgumentParser(prog="qvl", description="Qwen2.5-VL with interchangeable operator backends")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("backends", help="operator x backend availability on this machine, with reasons")
     p.set_defaults(func=cmd_backends)
@@ -188,9 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # input mistakes: a message, not a traceback
-        print(f"qvl {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("qvl: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line, no traceback, unless QVL_DEBUG=1
+        if os.environ.get("QVL_DEBUG") == "1":
+            raise
+        status, message = error_status(e)
+        print(f"qvl: error: {message}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

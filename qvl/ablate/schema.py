@@ -27,12 +27,10 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from functools import cache
 from typing import Any, Union
 
+from ..errors import ConfigError
+
 # the metadata flag of a field that is not a TOML key (`internal`)
 INTERNAL = "internal"
-
-
-class ConfigError(ValueError):
-    """A config that does not follow its schema; the message names the file, the key and what is allowed."""
 
 
 @dataclass(frozen=True)

@@ -195,7 +195,7 @@ def test_errors(ckpt, media, tmp_path, capsys):
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 50)
     rc, err = run_cli(capsys, "--model", str(ckpt), "--image", str(corrupt), *base)
-    assert rc == 2 and "qvl generate: error: cannot read image" in err
+    assert rc == 2 and "qvl: error: cannot read image" in err
 
     rc, err = run_cli(capsys, "--model", str(ckpt), "--image", str(tmp_path / "missing.png"), *base)
     assert rc == 2 and "image file not found" in err
@@ -227,4 +227,4 @@ def test_errors(ckpt, media, tmp_path, capsys):
         (["--stop", ""], "--stop needs a non-empty text"),
     ]:
         rc, err = run_cli(capsys, "--model", str(ckpt), *flags, *base)
-        assert rc == 2 and f"qvl generate: error: {message}" in err and len(err.strip().splitlines()) == 1, err
+        assert rc == 2 and f"qvl: error: {message}" in err and len(err.strip().splitlines()) == 1, err
