@@ -9,7 +9,9 @@ tensors that fill its rows. Qwen2-VL's vision blocks keep transformers' names (n
 mlp.fc1/mlp.fc2); both towers' merger MLP is merger.mlp.0 / merger.mlp.2 there, merger.fc1 / merger.fc2 here.
 Weights are read tensor by tensor straight into parameters already allocated in the target dtype on the target
 device, so loading never holds a float32 copy of the model.
-Pickle-based files (``*.bin``, ``*.pt``) are refused.
+Pickle-based files (``*.bin``, ``*.pt``) are refused. A folder or file that cannot be used (truncated, a Git LFS
+pointer, a malformed header or index, a name leading out of the folder, a tensor of the wrong name, shape or dtype) is
+a `CheckpointError` naming it, raised before the model is allocated; weights holding NaN or inf are refused too.
 """
 
 from __future__ import annotations
@@ -23,8 +25,18 @@ import torch
 
 from .config import Qwen25VLConfig, as_config, config_to_hf_dict, load_hf_config
 from .dtypes import DTYPES, dtype_name
-from .files import write_json
+from .errors import CheckpointError, ConfigError
+from .files import read_json, write_json
 from .model.qwen2_5_vl import Qwen25VL
+from .safetensors_check import (
+    TensorHeader,
+    checkpoint_file,
+    open_safetensors,
+    printable,
+    read_header,
+    read_index,
+    weight_dtype_problem,
+)
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -77,10 +89,25 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
+def _check_fits(cfg: Qwen25VLConfig, dtype: torch.dtype, device) -> None:
+    """Refuse, with the estimate and before any model exists (even on the meta device), weights that would
+    not fit `device`."""
+    from .config import PRESETS
+    from .dtypes import FLOAT_DTYPES
+    from .errors import ConfigError
+    from .memory import ensure_fits
+
+    if not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES:
+        raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    cfg.validate()  # every size checked before the estimate is computed from them
+    preset = next((name for name, p in PRESETS.items() if p == cfg), None)
+    ensure_fits(f"{f'the {preset} preset' if preset else 'this config'}'s weights "
+                f"({cfg.num_parameters():,} parameters) in {dtype_name(dtype)}", cfg.weight_bytes(dtype), device)
+
+
 def _allocate(cfg: Qwen25VLConfig, dtype: torch.dtype, device, backends, fallback) -> Qwen25VL:
     """An uninitialized model in `dtype` on `device`, with no intermediate copy anywhere."""
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    _check_fits(cfg, dtype, device)
     with _default_dtype(dtype), torch.device("meta"):
         model = Qwen25VL(cfg, backends=backends, fallback=fallback)
     model = model.to_empty(device=device)
@@ -107,92 +134,177 @@ def from_config(preset_or_config="tiny", *, dtype: torch.dtype = torch.float32, 
     return model
 
 
-def _weight_files(directory: str) -> list[str]:
-    if not os.path.isdir(directory):
-        raise ValueError(f"checkpoint directory {directory!r} does not exist")
+# --- reading a checkpoint ----------------------------------------------------------------------------------------
+# Everything a checkpoint's files say is checked before memory is sized from it: the folder, the index, every
+# file's safetensors header (qvl.safetensors_check), then the tensor names, shapes and dtypes against the model's
+# parameters on the meta device. Only then is the model allocated and filled, each tensor checked for NaN and inf.
+
+
+def _checkpoint_folder(directory: str) -> None:
+    if os.path.isdir(directory):
+        return
+    if os.path.lexists(directory):
+        raise CheckpointError(f"{directory!r} is a file, not a checkpoint folder: pass the folder that holds "
+                              "config.json and the weights")
+    raise CheckpointError(f"checkpoint folder {directory!r} does not exist: no config.json or weights to read")
+
+
+def _weight_layout(directory: str) -> dict[str, set[str] | None]:
+    """Weight file path -> the tensor names the index places in it (None for a single model.safetensors)."""
+    _checkpoint_folder(directory)
     index = os.path.join(directory, INDEX)
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index} has no weight_map")
-        files = sorted(set(weight_map.values()))
-        missing = [fn for fn in files if not os.path.isfile(os.path.join(directory, fn))]
+    if os.path.lexists(index):
+        weight_map = read_index(directory, INDEX)
+        placed: dict[str, set[str]] = {}
+        for key, fn in weight_map.items():
+            placed.setdefault(fn, set()).add(key)
+        missing = [fn for fn in sorted(placed) if not os.path.exists(os.path.join(directory, fn))]
         if missing:
-            raise ValueError(f"{index} names shard files that are missing: {', '.join(missing)}")
-        return [os.path.join(directory, fn) for fn in files]
+            raise CheckpointError(f"{index} names shard files that are missing: {', '.join(missing)}")
+        return {os.path.join(directory, fn): placed[fn] for fn in sorted(placed)}
     single = os.path.join(directory, WEIGHTS)
-    if os.path.isfile(single):
-        return [single]
+    if os.path.lexists(single):
+        return {checkpoint_file(directory, WEIGHTS, source=single): None}
     pickled = [fn for fn in os.listdir(directory) if fn.endswith((".bin", ".pt", ".pth", ".ckpt"))]
     hint = (f" It holds pickle files ({', '.join(sorted(pickled))}), which qvl never loads: convert them "
             "to safetensors first.") if pickled else ""
-    raise ValueError(f"no weights in {directory!r}: expected {WEIGHTS} or {INDEX}.{hint}")
+    raise CheckpointError(f"no weights in {directory!r}: expected {WEIGHTS} or {INDEX}.{hint}")
+
+
+def _read_headers(directory: str) -> dict[str, dict[str, TensorHeader]]:
+    """Weight file path -> its tensors, every header checked, and a sharded checkpoint's index agreeing with its
+    shards (each tensor in the shard the index names, and nowhere else)."""
+    headers = {}
+    for path, listed in _weight_layout(directory).items():
+        tensors = headers[path] = read_header(path)
+        if listed is None:
+            continue
+        where = f"{os.path.join(directory, INDEX)}: weight_map"
+        if absent := sorted(map(printable, listed - tensors.keys())):
+            raise CheckpointError(f"{where} places {len(absent)} tensors in {os.path.basename(path)}, which does not "
+                                  f"hold them: {_shorten(absent)}")
+        if unlisted := sorted(map(printable, tensors.keys() - listed)):
+            raise CheckpointError(f"{where} does not place these tensors of {os.path.basename(path)} there "
+                                  f"({len(unlisted)}): {_shorten(unlisted)}")
+    return headers
+
+
+def _weight_files(directory: str) -> list[str]:
+    """The checkpoint's safetensors files, checked (folder, index, headers) without reading any weights."""
+    return list(_read_headers(directory))
 
 
 def _shorten(items: list[str], n: int = 12) -> str:
     return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
 
 
-def load_weights(model: Qwen25VL, directory: str) -> None:
-    """Fill every parameter from the checkpoint, after checking names and shapes of all tensors."""
-    from safetensors import safe_open
-
-    files = _weight_files(directory)
+def _plan(model: Qwen25VL, headers: dict[str, dict[str, TensorHeader]], directory: str
+          ) -> list[tuple[str, str, str, int]]:
+    """(file, checkpoint key, parameter, first row) for every tensor to copy, after checking that the checkpoint
+    fills every parameter once, with the right shape and a float dtype. `model` may live on the meta device."""
     sources = checkpoint_sources(model)
     params = dict(model.named_parameters())
     wanted = {key: (name, row) for name, srcs in sources.items() for key, row in srcs}
     # lm_head.weight in a tied checkpoint is the embedding again; accept and skip it.
     optional = {"lm_head.weight"} if model.cfg.text.tie_word_embeddings else set()
-    plan: list[tuple[str, str, str, int]] = []  # (file, checkpoint key, param, row)
-    unexpected, mismatched, duplicated, seen = [], [], [], set()
-    for path in files:
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                canon = canonical_key(key)
-                if canon in optional:
-                    continue
-                if canon not in wanted:
-                    unexpected.append(key)
-                    continue
-                if canon in seen:
-                    duplicated.append(key)
-                    continue
-                seen.add(canon)
-                name, row = wanted[canon]
-                target = params[name]
-                rows = _rows_of(sources[name], row, target.shape[0]) if target.dim() else None
-                expect = (rows, *target.shape[1:]) if target.dim() else ()
-                shape = tuple(f.get_slice(key).get_shape())
-                if shape != expect:
-                    mismatched.append(f"{key}: checkpoint {list(shape)} vs model {list(expect)}")
-                else:
-                    plan.append((path, key, name, row))
-    missing = sorted(set(wanted) - seen)
-    if missing or unexpected or mismatched or duplicated:
-        parts = [f"checkpoint {directory!r} does not match the model built from its config.json:"]
-        if missing:
-            parts.append(f"  missing keys ({len(missing)}): {_shorten(missing)}")
-        if unexpected:
-            parts.append(f"  unexpected keys ({len(unexpected)}): {_shorten(sorted(unexpected))}")
-        if duplicated:
-            parts.append(f"  keys present twice (flat and nested layout) ({len(duplicated)}): "
-                         f"{_shorten(sorted(duplicated))}")
-        if mismatched:
-            parts.append(f"  shape mismatches ({len(mismatched)}): {_shorten(mismatched)}")
-        raise ValueError("\n".join(parts))
-    device = model.device
+    plan: list[tuple[str, str, str, int]] = []
+    found: dict[str, tuple[str, str]] = {}  # flat key -> (file, key as written)
+    unexpected, mismatched, duplicated, not_float = [], [], [], []
+    for path, tensors in headers.items():
+        for key, t in tensors.items():
+            canon, shown = canonical_key(key), printable(key)
+            if canon in optional:
+                continue
+            if canon not in wanted:
+                unexpected.append(shown)
+                continue
+            if canon in found:
+                first_path, first_key = found[canon]
+                duplicated.append(f"{first_key} in {os.path.basename(first_path)} and {shown} in "
+                                  f"{os.path.basename(path)}")
+                continue
+            found[canon] = (path, key)
+            name, row = wanted[canon]
+            target = params[name]
+            rows = _rows_of(sources[name], row, target.shape[0]) if target.dim() else None
+            expect = (rows, *target.shape[1:]) if target.dim() else ()
+            if t.shape != expect:
+                mismatched.append(f"{shown}: checkpoint {list(t.shape)} vs model {list(expect)}")
+            elif problem := weight_dtype_problem(t):
+                not_float.append(f"{shown} in {os.path.basename(path)} is {problem}")
+            else:
+                plan.append((path, key, name, row))
+    missing = sorted(set(wanted) - set(found))
+    parts = []
+    if missing:
+        parts.append(f"missing keys ({len(missing)}): {_shorten(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys ({len(unexpected)}): {_shorten(sorted(unexpected))}")
+    if duplicated:
+        parts.append(f"keys present twice ({len(duplicated)}): {_shorten(sorted(duplicated))}")
+    if mismatched:
+        parts.append(f"shape mismatches ({len(mismatched)}): {_shorten(mismatched)}")
+    if not_float:
+        parts.append(f"tensors that are not float weights ({len(not_float)}): {_shorten(not_float)}")
+    if parts:
+        raise CheckpointError(f"checkpoint {directory!r} does not match the model built from its config.json: "
+                              + "; ".join(parts))
+    return plan
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """Whether every value of `t` is finite: one pass without a temporary the size of `t` (min and max are NaN
+    when any value is NaN, and +-inf when any is infinite); a single sync on an accelerator."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def _nonfinite_note(path: str, key: str, stored: torch.Tensor, loaded: torch.Tensor) -> str:
+    """What is wrong with a tensor that loaded as non-finite: NaN or inf in the file, or values its conversion to
+    the model's dtype overflowed."""
+    nan, inf = int(torch.isnan(stored).sum()), int(torch.isinf(stored).sum())
+    where = f"{os.path.basename(path)}: {key}"
+    if nan or inf:
+        counts = " and ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "infinite")) if n)
+        return f"{where} has {counts} values (of {stored.numel()})"
+    over = int(torch.isinf(loaded).sum())
+    return (f"{where} has {over} values beyond {dtype_name(loaded.dtype)}'s range (infinite once converted from "
+            f"{dtype_name(stored.dtype)})")
+
+
+def _copy(model: Qwen25VL, plan: list[tuple[str, str, str, int]], directory: str) -> None:
+    """Copy the planned tensors into the model's parameters, file by file, checking each for NaN and inf where
+    it lands; `CheckpointError` listing every non-finite tensor after the last."""
+    params = dict(model.named_parameters())
+    device = str(model.device)
+    by_file: dict[str, list[tuple[str, str, int]]] = {}
+    for path, key, name, row in plan:
+        by_file.setdefault(path, []).append((key, name, row))
+    nonfinite = []
     with torch.no_grad():
-        for path in files:
+        for path, items in by_file.items():
             # Tensors land directly on the target device; copy_ converts the dtype in place.
-            with safe_open(path, framework="pt", device=str(device)) as f:
-                for p, key, name, row in plan:
-                    if p != path:
-                        continue
+            with open_safetensors(path, device) as f:
+                for key, name, row in items:
                     tensor = f.get_tensor(key)
                     target = params[name]
-                    (target[row: row + tensor.shape[0]] if target.dim() else target).copy_(tensor)
+                    loaded = target[row: row + tensor.shape[0]] if target.dim() else target
+                    loaded.copy_(tensor)
+                    if not _finite(loaded):
+                        nonfinite.append(_nonfinite_note(path, key, tensor, loaded))
                     del tensor
+    if nonfinite:
+        raise CheckpointError(f"checkpoint {directory!r} has non-finite weights ({len(nonfinite)} tensors): "
+                              + _shorten(nonfinite, 6))
+
+
+def load_weights(model: Qwen25VL, directory: str) -> None:
+    """Fill every parameter from the checkpoint, after checking its files and the names, shapes and dtypes of all
+    its tensors; refuses NaN or inf weights."""
+    directory = os.fspath(directory)
+    _copy(model, _plan(model, _read_headers(directory), directory), directory)
 
 
 def _rows_of(srcs: list[tuple[str, int]], row: int, total: int) -> int:
@@ -202,25 +314,45 @@ def _rows_of(srcs: list[tuple[str, int]], row: int, total: int) -> int:
 
 
 def _config_dtype(directory: str) -> torch.dtype:
-    try:
-        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return torch.float32
-    name = raw.get("torch_dtype") or raw.get("dtype") or (raw.get("text_config") or {}).get("dtype")
-    return DTYPES.get(name, torch.float32)
+    """The dtype config.json names (torch_dtype, or dtype at the top or under text_config); float32 where it
+    names none qvl computes in."""
+    path = os.path.join(directory, "config.json")
+    raw = read_json(path, error=ConfigError)
+    text = raw.get("text_config") if isinstance(raw, dict) else None
+    fields = [("torch_dtype", raw), ("dtype", raw), ("text_config.dtype", text)]
+    for field, holder in fields:
+        name = holder.get(field.rpartition(".")[2]) if isinstance(holder, dict) else None
+        if name is not None and not isinstance(name, str):
+            raise ConfigError(f"{path}: {field} is {name!r}, not a dtype name")
+        if name in DTYPES:
+            return DTYPES[name]
+        if name:
+            # a float type qvl does not compute in (float64, "float") loads as float32; anything else is a mistake
+            if isinstance(getattr(torch, name, None), torch.dtype) and getattr(torch, name).is_floating_point:
+                return torch.float32
+            raise ConfigError(f"{path}: {field} is {name!r}, not a float dtype name (float32, float16, bfloat16)")
+    return torch.float32
 
 
 def from_pretrained(directory: str | os.PathLike, *, dtype: torch.dtype | None = None, device="cpu",
                     backends=None, fallback: str | None = None, overrides: dict | None = None) -> Qwen25VL:
-    """Load an HF-format Qwen2.5-VL or Qwen2-VL directory. `dtype=None` uses the checkpoint's own dtype."""
+    """Load an HF-format Qwen2.5-VL or Qwen2-VL directory. `dtype=None` uses the checkpoint's own dtype.
+
+    `CheckpointError` for a folder or file that cannot be used (named, with the problem), found before the model is
+    allocated; weights holding NaN or inf are refused after loading, each tensor named.
+    """
     directory = os.fspath(directory)
+    _checkpoint_folder(directory)
     cfg = load_hf_config(directory)
     if overrides:
         cfg = cfg.with_overrides(overrides)
-    _weight_files(directory)  # fail on a directory without weights before allocating anything
-    model = _allocate(cfg, dtype or _config_dtype(directory), torch.device(device), backends, fallback)
-    load_weights(model, directory)
+    dtype = dtype or _config_dtype(directory)
+    _check_fits(cfg, dtype, torch.device(device))  # before the meta model: absurd sizes take long even there
+    headers = _read_headers(directory)
+    with torch.device("meta"):  # names and shapes only: the checkpoint is checked before memory is allocated
+        plan = _plan(Qwen25VL(cfg, backends="eager"), headers, directory)
+    model = _allocate(cfg, dtype, torch.device(device), backends, fallback)
+    _copy(model, plan, directory)
     return model
 
 

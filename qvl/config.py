@@ -5,14 +5,25 @@ checkpoint's config maps onto these dataclasses one to one. Qwen2-VL checkpoints
 sizes are named differently (embed_dim, mlp_ratio, hidden_size = the output width), map onto the
 same dataclasses with ``vision.model_type = "qwen2_vl"``. Parsing is plain JSON: nothing in a config
 is ever evaluated.
+
+Every config is checked before anything is sized from it, and every mistake is a one-line `ConfigError` naming
+the file (where there is one), the field and its value. A field's type is its annotation: integer fields take
+integers only (not 2.0, as transformers 5's strict configs refuse it, nor true/false), number fields any finite
+positive number, booleans only true or false. Sizes are at least 1 and at most MAX_INT; ids and block indexes at
+least 0. `validate` then checks what the model code relies on between fields.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
+
+from .errors import ConfigError
+from .files import read_json
 
 # The two vision towers qvl builds, by transformers' model_type. The text decoders are the same.
 #   qwen2_5_vl  windowed attention (full attention in fullatt_block_indexes), RMSNorm, gated SiLU MLP
@@ -24,6 +35,13 @@ MODEL_TYPES: tuple[str, ...] = ("qwen2_5_vl", "qwen2_vl")
 VISION_ACTIVATIONS: dict[str, tuple[str, ...]] = {"qwen2_5_vl": ("silu",), "qwen2_vl": ("quick_gelu", "gelu")}
 # Qwen2-VL's vision LayerNorms have a fixed epsilon in transformers (not in its config.json).
 QWEN2_VL_NORM_EPS = 1e-6
+# The largest size, id or index a config may hold: no model that exists comes near it, and products of such sizes
+# stay exact in torch's int64 shapes (a larger value would end in an OverflowError or a torch error, not a message).
+MAX_INT = 2**31 - 1
+# Integer fields (or entries of integer lists) that may be 0: ids and indexes. Every other integer is a size (>= 1).
+_FROM_ZERO = frozenset({"fullatt_block_indexes", "mrope_section", "image_token_id", "video_token_id",
+                        "vision_start_token_id", "vision_end_token_id", "bos_token_id", "eos_token_id",
+                        "pad_token_id"})
 
 
 @dataclass(frozen=True)
@@ -82,33 +100,43 @@ class VisionConfig:
         """Length of one flattened (C, T, P, P) patch row of ``pixel_values``."""
         return self.in_channels * self.temporal_patch_size * self.patch_size**2
 
-    def validate(self) -> None:
+    def num_parameters(self) -> int:
+        """The tower's parameter count, from the sizes alone (what `qvl.checkpoint` allocates)."""
+        h, i = self.hidden_size, self.intermediate_size
+        norm = 2 * h if self.layer_norm else h  # weight, and a bias in a LayerNorm
+        attn = 3 * h * h + 3 * h + h * h + h  # qkv and proj, with biases
+        mlp = 3 * h * i + 2 * i + h if self.gated_mlp else 2 * h * i + i + h  # [gate; up] + down, or fc1 + fc2
+        unit = h * self.spatial_merge_size**2
+        merger = norm + unit * unit + unit + unit * self.out_hidden_size + self.out_hidden_size
+        return h * self.patch_dim + self.depth * (2 * norm + attn + mlp) + merger
+
+    def validate(self, names: dict[str, str] | None = None) -> None:
+        """Raise `ConfigError` unless the tower can be built; `names` maps "vision.<field>" to the field's name
+        in the file it came from (config.json's ``vision_config.embed_dim``), for messages."""
+        def n(name: str) -> str:
+            return _name(names, "vision." + name)
+
+        _check_fields(self, n)
         _require(self.model_type in MODEL_TYPES,
-                 f"vision.model_type {self.model_type!r} unknown; valid options are {', '.join(MODEL_TYPES)}")
-        for name in ("depth", "hidden_size", "intermediate_size", "num_heads", "patch_size",
-                     "temporal_patch_size", "spatial_merge_size", "out_hidden_size"):
-            _require(getattr(self, name) > 0, f"vision.{name} must be positive")
-        _require(self.hidden_size % self.num_heads == 0, "vision.hidden_size must be divisible by vision.num_heads")
-        _require(self.head_dim % 4 == 0, "vision head_dim must be divisible by 4 (2-D rotary over h and w)")
+                 f"{n('model_type')} {self.model_type!r} unknown; valid options are {', '.join(MODEL_TYPES)}")
+        _require(self.hidden_size % self.num_heads == 0,
+                 f"{n('hidden_size')} ({self.hidden_size}) must be divisible by {n('num_heads')} ({self.num_heads})")
+        _require(self.head_dim % 4 == 0, f"the vision head size {n('hidden_size')} / {n('num_heads')} = "
+                                         f"{self.head_dim} must be divisible by 4 (2-D rotary over h and w)")
         activations = VISION_ACTIVATIONS[self.model_type]
-        _require(self.hidden_act in activations, f"vision.hidden_act {self.hidden_act!r} not supported for "
+        _require(self.hidden_act in activations, f"{n('hidden_act')} {self.hidden_act!r} not supported for "
                  f"{self.model_type}; valid options are {', '.join(activations)}")
         if self.windowed:
             unit = self.spatial_merge_size * self.patch_size
-            _require(
-                self.window_size % unit == 0 and self.window_size >= unit,
-                f"vision.window_size ({self.window_size}) must be a positive multiple of "
-                f"spatial_merge_size * patch_size ({unit})",
-            )
-            negative = [i for i in self.fullatt_block_indexes if i < 0]
-            _require(not negative, f"vision.fullatt_block_indexes {negative} are negative (block indexes count "
-                                   "from 0; indexes past the depth are ignored)")
+            _require(self.window_size % unit == 0,
+                     f"{n('window_size')} ({self.window_size}) must be a positive multiple of "
+                     f"spatial_merge_size * patch_size ({unit})")
         if self.model_type == "qwen2_vl":
             _require(self.intermediate_size % self.hidden_size == 0,
-                     f"vision.intermediate_size ({self.intermediate_size}) must be a multiple of vision.hidden_size "
+                     f"{n('intermediate_size')} ({self.intermediate_size}) must be a multiple of {n('hidden_size')} "
                      f"({self.hidden_size}) for qwen2_vl: its config.json stores the ratio (mlp_ratio)")
             _require(self.rms_norm_eps == QWEN2_VL_NORM_EPS,
-                     f"vision.rms_norm_eps ({self.rms_norm_eps}) must be {QWEN2_VL_NORM_EPS} for qwen2_vl: "
+                     f"{n('rms_norm_eps')} ({self.rms_norm_eps}) must be {QWEN2_VL_NORM_EPS} for qwen2_vl: "
                      "transformers fixes its LayerNorms' epsilon")
 
 
@@ -132,20 +160,30 @@ class TextConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    def validate(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads"):
-            _require(getattr(self, name) > 0, f"text.{name} must be positive")
+    def num_parameters(self) -> int:
+        """The decoder's parameter count (embedding, layers, final norm, and lm_head unless tied)."""
+        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
+        qkv = (self.num_attention_heads + 2 * self.num_key_value_heads) * d
+        layer = 2 * h + h * qkv + qkv + self.num_attention_heads * d * h + 3 * h * i  # norms, qkv (bias), o, MLP
+        heads = 1 if self.tie_word_embeddings else 2
+        return heads * self.vocab_size * h + self.num_hidden_layers * layer + h
+
+    def validate(self, names: dict[str, str] | None = None) -> None:
+        """Raise `ConfigError` unless the decoder can be built; `names` as in `VisionConfig.validate`."""
+        def n(name: str) -> str:
+            return _name(names, "text." + name)
+
+        _check_fields(self, n)
         _require(self.hidden_size % self.num_attention_heads == 0,
-                 "text.hidden_size must be divisible by text.num_attention_heads")
+                 f"{n('hidden_size')} ({self.hidden_size}) must be divisible by {n('num_attention_heads')} "
+                 f"({self.num_attention_heads})")
         _require(self.num_attention_heads % self.num_key_value_heads == 0,
-                 "text.num_attention_heads must be a multiple of text.num_key_value_heads")
-        _require(len(self.mrope_section) == 3,
-                 f"text.mrope_section needs 3 entries (t, h, w), got {self.mrope_section}")
+                 f"{n('num_attention_heads')} ({self.num_attention_heads}) must be a multiple of "
+                 f"{n('num_key_value_heads')} ({self.num_key_value_heads})")
         _require(
             sum(self.mrope_section) * 2 == self.head_dim,
-            f"text.mrope_section {tuple(self.mrope_section)} sums to {sum(self.mrope_section)}, "
-            f"but must sum to head_dim / 2 = {self.head_dim // 2}",
+            f"{n('mrope_section')} {tuple(self.mrope_section)} sums to {sum(self.mrope_section)}, "
+            f"but must sum to head_dim / 2 = {self.head_dim / 2:g}",
         )
 
 
@@ -168,51 +206,160 @@ class Qwen25VLConfig:
         """transformers' model_type of the whole model: the vision tower's (the text decoders are the same)."""
         return self.vision.model_type
 
-    def validate(self) -> Qwen25VLConfig:
-        self.text.validate()
-        self.vision.validate()
+    def num_parameters(self) -> int:
+        """The model's parameter count, from the config alone: exactly what `qvl.from_config` allocates."""
+        return self.text.num_parameters() + self.vision.num_parameters()
+
+    def weight_bytes(self, dtype) -> int:
+        """Bytes of the model's weights in `dtype` (a torch dtype), from the config alone."""
+        return self.num_parameters() * dtype.itemsize
+
+    def validate(self, names: dict[str, str] | None = None) -> Qwen25VLConfig:
+        """Self, once every field and what the model code relies on between them is checked (`ConfigError`
+        otherwise); `names` maps qvl's dotted field names to those of the file the config came from."""
+        def n(name: str) -> str:
+            return _name(names, name)
+
+        _check_fields(self, n)
+        self.text.validate(names)
+        self.vision.validate(names)
         _require(self.vision.out_hidden_size == self.text.hidden_size,
-                 f"vision.out_hidden_size ({self.vision.out_hidden_size}) must equal text.hidden_size "
+                 f"{n('vision.out_hidden_size')} ({self.vision.out_hidden_size}) must equal {n('text.hidden_size')} "
                  f"({self.text.hidden_size}): merged patches are placed into the text embedding sequence")
-        special = {"image_token_id": self.image_token_id, "video_token_id": self.video_token_id,
-                   "vision_start_token_id": self.vision_start_token_id}
-        for name, tok in special.items():
-            _require(0 <= tok < self.text.vocab_size,
-                     f"{name} ({tok}) outside the vocabulary (size {self.text.vocab_size})")
-        _require(self.image_token_id != self.video_token_id, "image_token_id and video_token_id must differ")
+        vocab = self.text.vocab_size
+        # The model looks these up (placeholders and vision starts locate images and videos; generation feeds the
+        # pad id, else the first eos id, for finished rows): each must be a row of the embedding. bos, other eos
+        # and vision_end ids are only compared with tokens (transformers' tester leaves vision_end past its vocab).
+        pad = ("pad_token_id", self.pad_token_id) if self.pad_token_id is not None else (
+            ("eos_token_id", self.eos_token_id[0]) if self.eos_token_id else None)
+        looked_up = [("image_token_id", self.image_token_id), ("video_token_id", self.video_token_id),
+                     ("vision_start_token_id", self.vision_start_token_id)] + ([pad] if pad else [])
+        for name, tok in looked_up:
+            _require(tok < vocab, f"{n(name)} ({tok}) outside the vocabulary ({n('text.vocab_size')} {vocab})")
+        marks = (self.image_token_id, self.video_token_id, self.vision_start_token_id)
+        _require(len(set(marks)) == 3, f"{n('image_token_id')}, {n('video_token_id')} and "
+                                       f"{n('vision_start_token_id')} must differ, got {', '.join(map(str, marks))}")
         return self
 
     def with_overrides(self, overrides: dict[str, Any]) -> Qwen25VLConfig:
         """Return a copy with dotted overrides applied, e.g. ``{"vision.window_size": 56}``."""
-        text, vision, top = {}, {}, {}
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"config overrides must be a dict of dotted fields, e.g. {{'vision.window_size': 56}}; "
+                              f"got {_show(overrides)}")
+        parts: dict[str, dict[str, Any]] = {"text": {}, "vision": {}, "": {}}
         for key, value in overrides.items():
-            part, _, name = key.rpartition(".")
-            target = {"text": text, "vision": vision, "": top}.get(part)
-            if target is None:
-                raise ValueError(f"unknown config override {key!r}: use text.<field>, vision.<field> or <field>")
-            target[name] = value
-        cfg = replace(self, **_coerce(Qwen25VLConfig, top, "")) if top else self
-        if text:
-            cfg = replace(cfg, text=replace(cfg.text, **_coerce(TextConfig, text, "text.")))
-        if vision:
-            cfg = replace(cfg, vision=replace(cfg.vision, **_coerce(VisionConfig, vision, "vision.")))
+            part, _, name = key.rpartition(".") if isinstance(key, str) else (None, "", "")
+            if part not in parts:
+                raise ConfigError(f"unknown config override {_show(key)}: use text.<field>, vision.<field> or "
+                                  "<field>")
+            parts[part][name] = value
+        cfg = replace(self, **_coerce(Qwen25VLConfig, parts[""], ""))
+        cfg = replace(cfg, text=replace(cfg.text, **_coerce(TextConfig, parts["text"], "text.")))
+        cfg = replace(cfg, vision=replace(cfg.vision, **_coerce(VisionConfig, parts["vision"], "vision.")))
         return cfg.validate()
+
+
+# --- checks ------------------------------------------------------------------------------------------------------
+
+
+def _invalid(message: str) -> ConfigError:
+    return ConfigError(f"invalid Qwen2.5-VL config: {message}")
 
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(f"invalid Qwen2.5-VL config: {message}")
+        raise _invalid(message)
 
 
-def _coerce(cls, values: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """Check names against the dataclass and turn lists into tuples (configs stay hashable)."""
-    known = {f.name: f for f in fields(cls) if f.name not in ("text", "vision")}
+def _name(names: dict[str, str] | None, key: str) -> str:
+    """A field's name for messages: as the file it came from spells it, else qvl's dotted name."""
+    return names.get(key, key) if names else key
+
+
+def _show(value: Any) -> str:
+    """A value for a one-line message: its repr, cut short; nested or long lists and objects by their size."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"
+    if isinstance(value, dict):
+        return f"an object with {len(value)} key{'s' if len(value) != 1 else ''}"
+    if isinstance(value, (list, tuple)):
+        if len(value) > 8 or any(isinstance(v, (list, tuple, dict)) for v in value):
+            return f"a list of {len(value)} items"
+        text = "[" + ", ".join(_show(v) for v in value) + "]"
+    else:
+        text = repr(value)
+    return text if len(text) <= 60 else text[:56] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(value: Any, label: str, least: int | None) -> int:
+    """An integer within [least, MAX_INT] (least None: within +-MAX_INT, the caller checks the sign)."""
+    _require(_is_int(value), f"{label} must be an integer, got {_show(value)}")
+    if least is not None:
+        _require(value >= least, f"{label} must be {'positive' if least else '>= 0'}, got {_show(value)}")
+    _require(abs(value) <= MAX_INT, f"{label} must be at most 2**31 - 1, got {_show(value)}")
+    return value
+
+
+def _check_field(cls: type, name: str, value: Any, label: str) -> Any:
+    """`value` checked against field `name` of `cls`: the type its annotation gives, the range _FROM_ZERO and
+    MAX_INT give. Returns it as stored: integer lists as tuples, numbers as floats."""
+    tp = _HINTS[cls][name]
+    if typing.get_origin(tp) in (types.UnionType, typing.Union):  # X | None
+        if value is None:
+            return None
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    least = 0 if name in _FROM_ZERO else 1
+    if tp is int:
+        return _check_int(value, label, least)
+    if tp is float:
+        try:
+            number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+        except OverflowError:  # an integer past float's range
+            number = math.inf
+        _require(math.isfinite(number) and number > 0, f"{label} must be a positive finite number, got {_show(value)}")
+        return number
+    if tp is bool:
+        _require(isinstance(value, bool), f"{label} must be true or false, got {_show(value)}")
+        return value
+    if tp is str:
+        _require(isinstance(value, str), f"{label} must be a string, got {_show(value)}")
+        return value
+    # tuple[int, ...] or tuple[int, int, int]
+    size = None if typing.get_args(tp)[-1] is Ellipsis else len(typing.get_args(tp))
+    _require(isinstance(value, (list, tuple)), f"{label} must be a list of integers, got {_show(value)}")
+    _require(size is None or len(value) == size, f"{label} needs {size} entries (t, h, w), got {_show(value)}")
+    items = tuple(_check_int(v, f"{label}[{i}]", None) for i, v in enumerate(value))
+    negative = [v for v in items if v < least]
+    _require(not negative, f"{label} {negative} are negative")
+    return items
+
+
+def _check_fields(obj: Any, name) -> None:
+    """Every field of a config dataclass checked against its type and range; `name` gives its name for messages."""
+    for f in fields(obj):
+        if f.name not in ("text", "vision"):
+            _check_field(type(obj), f.name, getattr(obj, f.name), name(f.name))
+
+
+def _coerce(cls, values: dict[str, Any], prefix: str, names: dict[str, str] | None = None) -> dict[str, Any]:
+    """Check names and values against the dataclass; lists become tuples (configs stay hashable) and a single eos
+    id a tuple of one, as config.json may write it."""
+    known = {f.name for f in fields(cls) if f.name not in ("text", "vision")}
     out = {}
     for name, value in values.items():
         if name not in known:
-            raise ValueError(f"unknown config field {prefix + name!r}; valid fields: {', '.join(sorted(known))}")
-        out[name] = tuple(value) if isinstance(value, list) else value
+            raise ConfigError(f"unknown config field {prefix + str(name)!r}; valid fields: {', '.join(sorted(known))}")
+        if name == "eos_token_id" and _is_int(value):
+            value = [value]
+        out[name] = _check_field(cls, name, value, _name(names, prefix + name))
     return out
+
+
+_HINTS = {cls: typing.get_type_hints(cls) for cls in (VisionConfig, TextConfig, Qwen25VLConfig)}
 
 
 # --- presets -----------------------------------------------------------------------------------------------------
@@ -262,8 +409,8 @@ PRESETS["tiny_qwen2_vl"] = replace(
 
 
 def get_preset(name: str) -> Qwen25VLConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; valid options are: {', '.join(PRESETS)}")
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(f"unknown preset {_show(name)}; valid options are: {', '.join(PRESETS)}")
     return PRESETS[name]
 
 
@@ -277,106 +424,149 @@ _ARCHITECTURES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl"
 _QWEN2_VL_VISION_DEFAULTS = {"embed_dim": 1280, "mlp_ratio": 4, "hidden_act": "quick_gelu"}
 
 
-def config_from_hf_dict(hf: dict[str, Any]) -> Qwen25VLConfig:
-    """Build a config from a parsed HF ``config.json`` (flat or ``text_config`` layout).
+def config_from_hf_dict(hf: dict[str, Any], source: str = "config.json") -> Qwen25VLConfig:
+    """Build a config from a parsed HF ``config.json`` (flat or ``text_config`` layout); `source` (its path)
+    starts every `ConfigError`'s message, which names fields as the file spells them (``vision_config.depth``).
 
     Accepts both rope spellings: ``rope_scaling: {type: mrope, mrope_section}`` with a top-level
     ``rope_theta`` (the published checkpoints), and ``rope_parameters: {rope_theta, mrope_section}``
     (transformers >= 5).
     """
+    try:
+        return _read_hf_dict(hf)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _read_hf_dict(hf: Any) -> Qwen25VLConfig:
     if not isinstance(hf, dict):
-        raise ValueError("config.json must hold a JSON object")
+        raise ConfigError(f"must hold a JSON object, got {type(hf).__name__}")
     model_type = hf.get("model_type", "qwen2_5_vl")
     if model_type not in MODEL_TYPES:
-        raise ValueError(f"config.json has model_type {model_type!r}; qvl reads only "
-                         + " and ".join(repr(m) for m in MODEL_TYPES))
+        raise ConfigError(f"model_type {_show(model_type)} unknown; qvl reads only "
+                          + " and ".join(repr(m) for m in MODEL_TYPES))
     # transformers >= 5 nests the decoder fields under text_config; the flat layout keeps them at the top.
-    text_src = dict(hf)
-    if isinstance(hf.get("text_config"), dict):
-        text_src = {**hf, **hf["text_config"]}
-    text_kwargs = {k: text_src[k] for k in _TEXT_KEYS if k in text_src}
+    nested = hf.get("text_config")
+    if nested is not None and not isinstance(nested, dict):
+        raise ConfigError(f"text_config must be an object, got {_show(nested)}")
+    nested = nested or {}
+    text_src = {**hf, **nested}
+    where = {k: f"text_config.{k}" if k in nested else str(k) for k in text_src}  # each key's place in the file
+    for key in ("torch_dtype", "dtype"):  # read by qvl.checkpoint as the weights' dtype
+        _require(text_src.get(key) is None or isinstance(text_src[key], str),
+                 f"{where.get(key, key)} must be a dtype name, got {_show(text_src.get(key))}")
+    _require(text_src.get("hidden_act", "silu") == "silu",
+             f"{where.get('hidden_act')} {_show(text_src.get('hidden_act'))} not supported: qvl's text decoder MLP "
+             "is SwiGLU with 'silu', as every Qwen2-VL and Qwen2.5-VL checkpoint")
+    _require(text_src.get("use_sliding_window") in (None, False),
+             f"{where.get('use_sliding_window')} {_show(text_src.get('use_sliding_window'))} not supported: qvl's "
+             "decoder attends over the whole sequence")
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if k not in text_src]
     if missing:
-        raise ValueError(f"config.json is missing required text fields: {', '.join(missing)}")
+        raise ConfigError(f"missing required text fields: {', '.join(missing)}")
+    # qvl's dotted field name -> its name in the file, for messages
+    names = {f"text.{k}": where[k] for k in _TEXT_KEYS if k in text_src}
+    text_kwargs = {k: text_src[k] for k in _TEXT_KEYS if k in text_src}
     text_kwargs.setdefault("num_key_value_heads", text_src["num_attention_heads"])
     if "tie_word_embeddings" in hf:  # the top-level flag governs lm_head in both layouts
-        text_kwargs["tie_word_embeddings"] = bool(hf["tie_word_embeddings"])
-
-    rope = _rope_fields(text_src)
-    text_kwargs.update(rope)
-    text = TextConfig(**_coerce(TextConfig, text_kwargs, "text."))
+        text_kwargs["tie_word_embeddings"] = hf["tie_word_embeddings"]
+        names["text.tie_word_embeddings"] = "tie_word_embeddings"
+    text_kwargs.update(_rope_fields(text_src, where, names))
+    text = TextConfig(**_coerce(TextConfig, text_kwargs, "text.", names))
 
     vision_src = hf.get("vision_config")
+    if vision_src is None:
+        raise ConfigError("has no vision_config object")
     if not isinstance(vision_src, dict):
-        raise ValueError("config.json has no vision_config object")
+        raise ConfigError(f"vision_config must be an object, got {_show(vision_src)}")
     vision_kwargs = {"model_type": model_type}
+    names["vision.model_type"] = "model_type"
     known_vision = {f.name for f in fields(VisionConfig)} - {"model_type"}
     if model_type == "qwen2_vl":
-        vision_src = _qwen2_vl_vision_fields(vision_src)
+        vision_src = _qwen2_vl_vision_fields(vision_src, names)
     for key, value in vision_src.items():
-        key = _VISION_RENAMES.get(key, key)
-        if key in known_vision:
-            vision_kwargs[key] = value
+        name = _VISION_RENAMES.get(key, key)
+        if name not in known_vision:
+            continue
+        if name in vision_kwargs and vision_kwargs[name] != value:  # in_chans beside in_channels
+            raise _invalid(f"{names[f'vision.{name}']} ({_show(vision_kwargs[name])}) and vision_config.{key} "
+                           f"({_show(value)}) contradict each other")
+        vision_kwargs[name] = value
+        names.setdefault(f"vision.{name}", f"vision_config.{key}")
     rp = vision_src.get("rope_parameters")
-    if isinstance(rp, dict) and "rope_theta" in rp:
+    if rp is not None and not isinstance(rp, dict):
+        raise ConfigError(f"vision_config.rope_parameters must be an object, got {_show(rp)}")
+    if rp and "rope_theta" in rp:
         vision_kwargs["rope_theta"] = rp["rope_theta"]
+        names["vision.rope_theta"] = "vision_config.rope_parameters.rope_theta"
     vision_kwargs.setdefault("out_hidden_size", text.hidden_size)
-    vision = VisionConfig(**_coerce(VisionConfig, vision_kwargs, "vision."))
+    vision = VisionConfig(**_coerce(VisionConfig, vision_kwargs, "vision.", names))
 
     top = {}
     for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
-                "bos_token_id", "pad_token_id"):
-        if text_src.get(key) is not None:
-            top[key] = int(text_src[key])
-    eos = text_src.get("eos_token_id")
-    if eos is not None:
-        top["eos_token_id"] = tuple(eos) if isinstance(eos, list) else (int(eos),)
-    return Qwen25VLConfig(text=text, vision=vision, **top).validate()
+                "bos_token_id", "eos_token_id", "pad_token_id"):
+        if text_src.get(key) is not None:  # null: transformers' default (none for pad)
+            top[key] = text_src[key]
+            names[key] = where[key]
+    return Qwen25VLConfig(text=text, vision=vision, **_coerce(Qwen25VLConfig, top, "", names)).validate(names)
 
 
-def _qwen2_vl_vision_fields(src: dict[str, Any]) -> dict[str, Any]:
-    """A Qwen2-VL vision_config in VisionConfig's names: its widths renamed, its Qwen2.5-VL-only fields dropped."""
+def _qwen2_vl_vision_fields(src: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """A Qwen2-VL vision_config in VisionConfig's names: its widths renamed, its Qwen2.5-VL-only fields dropped;
+    `names` learns where each renamed field came from."""
     src = {**_QWEN2_VL_VISION_DEFAULTS, **src}
     out = {k: v for k, v in src.items() if k not in ("embed_dim", "mlp_ratio", "hidden_size", "intermediate_size",
                                                      "window_size", "fullatt_block_indexes", "tokens_per_second",
                                                      "out_hidden_size", "rms_norm_eps")}
-    out["hidden_size"] = src["embed_dim"]
-    out["intermediate_size"] = int(src["embed_dim"] * src["mlp_ratio"])  # as transformers sizes its fc1
+    embed = _check_field(VisionConfig, "hidden_size", src["embed_dim"], "vision_config.embed_dim")
+    ratio = _check_int(src["mlp_ratio"], "vision_config.mlp_ratio", 1)  # an int in transformers 5
+    out["hidden_size"] = embed
+    out["intermediate_size"] = embed * ratio  # as transformers sizes its fc1
+    names.update({"vision.hidden_size": "vision_config.embed_dim",
+                  "vision.intermediate_size": "vision_config.embed_dim * mlp_ratio"})
     if "hidden_size" in src:  # else the text width (config_from_hf_dict's default)
         out["out_hidden_size"] = src["hidden_size"]
+        names["vision.out_hidden_size"] = "vision_config.hidden_size"
     out["rms_norm_eps"] = QWEN2_VL_NORM_EPS
     out["fullatt_block_indexes"] = ()
     return out
 
 
-def _rope_fields(src: dict[str, Any]) -> dict[str, Any]:
-    scaling, params = src.get("rope_scaling"), src.get("rope_parameters")
+def _rope_fields(src: dict[str, Any], where: dict[str, str], names: dict[str, str]) -> dict[str, Any]:
+    """rope_theta and mrope_section from either spelling (checked, and agreeing where both are given)."""
     out: dict[str, Any] = {}
     sections = []
-    for spelling, block in (("rope_scaling", scaling), ("rope_parameters", params)):
+    for spelling in ("rope_scaling", "rope_parameters"):
+        block = src.get(spelling)
         if block is None:
             continue
+        here = where[spelling]
         if not isinstance(block, dict):
-            raise ValueError(f"config.json field {spelling} must be an object")
+            raise ConfigError(f"{here} must be an object, got {_show(block)}")
         kind = block.get("rope_type", block.get("type"))
         if kind not in (None, "default", "mrope"):
-            raise ValueError(f"config.json {spelling} has rope type {kind!r}; Qwen2.5-VL uses M-RoPE "
-                             "('mrope' or 'default' with mrope_section)")
+            raise ConfigError(f"{here} has rope type {_show(kind)}; Qwen2.5-VL uses M-RoPE "
+                              "('mrope' or 'default' with mrope_section)")
         if "mrope_section" in block:
-            sections.append((spelling, tuple(block["mrope_section"])))
+            label = f"{here}.mrope_section"
+            sections.append((label, _check_field(TextConfig, "mrope_section", block["mrope_section"], label)))
+            names.setdefault("text.mrope_section", label)
         if "rope_theta" in block:
-            out["rope_theta"] = float(block["rope_theta"])
+            out["rope_theta"] = _check_field(TextConfig, "rope_theta", block["rope_theta"], f"{here}.rope_theta")
+            names["text.rope_theta"] = f"{here}.rope_theta"
     if len({s for _, s in sections}) > 1:
-        raise ValueError("config.json has contradictory mrope_section values: "
-                         + ", ".join(f"{name}={list(s)}" for name, s in sections))
+        raise ConfigError("contradictory mrope_section values: "
+                          + ", ".join(f"{name.removesuffix('.mrope_section')}={list(s)}" for name, s in sections))
     if sections:
         out["mrope_section"] = sections[0][1]
     if "rope_theta" in src:
-        if "rope_theta" in out and float(src["rope_theta"]) != out["rope_theta"]:
-            raise ValueError(f"config.json has contradictory rope_theta values: {src['rope_theta']} (top level) "
-                             f"and {out['rope_theta']} (rope_parameters)")
-        out["rope_theta"] = float(src["rope_theta"])
+        theta = _check_field(TextConfig, "rope_theta", src["rope_theta"], where["rope_theta"])
+        if "rope_theta" in out and theta != out["rope_theta"]:
+            raise ConfigError(f"contradictory rope_theta values: {theta} ({where['rope_theta']}) and "
+                              f"{out['rope_theta']} ({names['text.rope_theta']})")
+        out["rope_theta"] = theta
+        names["text.rope_theta"] = where["rope_theta"]
     return out
 
 
@@ -406,7 +596,7 @@ def config_to_hf_dict(cfg: Qwen25VLConfig) -> dict[str, Any]:
         "vision_start_token_id": cfg.vision_start_token_id,
         "vision_end_token_id": cfg.vision_end_token_id,
         "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": list(cfg.eos_token_id) if len(cfg.eos_token_id) > 1 else cfg.eos_token_id[0],
+        "eos_token_id": list(cfg.eos_token_id) if len(cfg.eos_token_id) != 1 else cfg.eos_token_id[0],
         "pad_token_id": cfg.pad_token_id,
         "vision_config": _vision_to_hf_dict(v),
     }
@@ -437,30 +627,27 @@ def _vision_to_hf_dict(v: VisionConfig) -> dict[str, Any]:
 
 
 def load_hf_config(path: str | os.PathLike) -> Qwen25VLConfig:
-    """Read ``config.json`` from a checkpoint directory (or the file itself)."""
+    """Read ``config.json`` from a checkpoint directory (or the file itself); `ConfigError` names the file."""
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"no config.json at {path}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            hf = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
-    return config_from_hf_dict(hf)
+    if not os.path.lexists(path):
+        raise ConfigError(f"no config.json at {path}")
+    # a directory, a device, a Git LFS pointer, not UTF-8, not JSON, nested too deeply: refused by read_json
+    return config_from_hf_dict(read_json(path, error=ConfigError), path)
 
 
 def as_config(preset_or_config: str | Qwen25VLConfig | dict) -> Qwen25VLConfig:
+    """A validated config from a preset name, a config, or a parsed HF config.json dict."""
     if isinstance(preset_or_config, Qwen25VLConfig):
         return preset_or_config.validate()
     if isinstance(preset_or_config, str):
         return get_preset(preset_or_config)
     if isinstance(preset_or_config, dict):
         return config_from_hf_dict(preset_or_config)
-    raise ValueError(f"expected a preset name, a Qwen25VLConfig or an HF config dict, "
-                     f"got {type(preset_or_config).__name__}")
+    raise ConfigError(f"expected a preset name, a Qwen25VLConfig or an HF config dict, "
+                      f"got {type(preset_or_config).__name__}")
 
 
-__all__ = ["VisionConfig", "TextConfig", "Qwen25VLConfig", "PRESETS", "get_preset", "config_from_hf_dict",
+__all__ = ["VisionConfig", "TextConfig", "Qwen25VLConfig", "PRESETS", "MAX_INT", "get_preset", "config_from_hf_dict",
            "config_to_hf_dict", "load_hf_config", "as_config"]

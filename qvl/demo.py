@@ -43,8 +43,12 @@ def backend_mixes() -> list[tuple[str, dict[str, str]]]:
 
 
 def run_demo(preset: str = "tiny", new_tokens: int = 8, device: str = "cpu", seed: int = 0) -> list[dict]:
+    from .ablate.config import WorkloadSpec, check_key
+    from .ablate.runner import resolve_device
+
     cfg = get_preset(preset)
-    model = from_config(cfg, device=device, seed=seed)
+    check_key(WorkloadSpec, "decode_tokens", new_tokens, "new_tokens")  # the demo decodes as an ablation does
+    model = from_config(cfg, device=resolve_device(device), seed=seed)
     inputs = demo_prompt(cfg, seed)
     ref_logits = ref_tokens = None
     rows = []

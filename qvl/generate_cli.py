@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .dtypes import DTYPES
+from .errors import CheckpointError, InputError
 
 
 @dataclass
@@ -77,15 +78,15 @@ def resolve_model_source(name: str) -> tuple[str, object]:
     if os.path.isdir(name):
         cfg = load_hf_config(name)  # ValueError if config.json is missing or malformed
         if not os.path.isfile(os.path.join(name, "tokenizer.json")):
-            raise ValueError(f"checkpoint directory {name!r} has no tokenizer.json: qvl generate needs the "
-                             "checkpoint's tokenizer.json next to its weights")
+            raise CheckpointError(f"checkpoint directory {name!r} has no tokenizer.json: qvl generate needs the "
+                                  "checkpoint's tokenizer.json next to its weights")
         _weight_files(name)  # ValueError if there are no safetensors weights
         return "dir", cfg
     if name in PRESETS:
         return "preset", PRESETS[name]
     if os.path.exists(name):
-        raise ValueError(f"--model {name!r} is a file; pass the checkpoint directory")
-    raise ValueError(f"--model {name!r} is neither a checkpoint directory nor a preset name "
+        raise InputError(f"--model {name!r} is a file; pass the checkpoint directory")
+    raise InputError(f"--model {name!r} is neither a checkpoint directory nor a preset name "
                      f"({', '.join(PRESETS)}, random weights)")
 
 
@@ -209,48 +210,44 @@ def add_generate_parser(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def flag(name: str) -> str:
+    """An argument of `generate` as `qvl generate` spells it: top_k -> --top-k."""
+    return "--" + name.replace("_", "-")
+
+
 def check_generate_args(args: argparse.Namespace) -> None:
-    """The search flags, checked before anything is loaded."""
-    if args.temperature < 0:
-        raise ValueError("--temperature must be >= 0")
-    if args.top_k is not None and args.top_k < 1:
-        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.repetition_penalty is not None and not args.repetition_penalty > 0:
-        raise ValueError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
-    if args.num_beams < 1:
-        raise ValueError(f"--num-beams must be >= 1, got {args.num_beams}")
-    if args.num_return_sequences < 1:
-        raise ValueError(f"--num-return-sequences must be >= 1, got {args.num_return_sequences}")
-    if args.num_beams > 1 and args.num_return_sequences > args.num_beams:
-        raise ValueError(f"--num-return-sequences ({args.num_return_sequences}) must be <= --num-beams "
-                         f"({args.num_beams})")
-    if args.num_beams == 1 and args.num_return_sequences > 1 and args.temperature == 0:
-        raise ValueError("--num-return-sequences > 1 needs --temperature > 0 (sampling) or --num-beams > 1: "
-                         "greedy decoding gives one answer")
-    if args.num_beams > 1 and args.cuda_graph:
-        raise ValueError("--cuda-graph cannot run beam search (--num-beams > 1): the beams reorder the cache")
-    if any(not s for s in args.stop):
-        raise ValueError("--stop needs a non-empty text")
+    """The search flags (by `generate`'s own rules, named as flags) and the texts, checked before anything is
+    loaded. A text that is not UTF-8 on the command line reaches Python as lone surrogates: refused here."""
+    from .model.generation import check_generate_args as check_search
+    from .processing.tokenizer import check_text
+
+    check_search(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                 top_p=args.top_p, seed=args.seed, num_beams=args.num_beams,
+                 num_return_sequences=args.num_return_sequences, repetition_penalty=args.repetition_penalty,
+                 cuda_graph=args.cuda_graph, name=flag)
+    check_text(args.prompt, "--prompt")
+    if args.system is not None:
+        check_text(args.system, "--system")
+    for text in args.stop:
+        if not check_text(text, "--stop"):
+            raise InputError("--stop needs a non-empty text")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .backends import BackendUnsupportedError
     from .checkpoint import from_config, from_pretrained
+    from .model.generation import check_length
     from .processing import OptionalDependencyError, Processor
 
-    if args.max_new_tokens < 1:
-        raise ValueError("--max-new-tokens must be at least 1")
     check_generate_args(args)
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
-        raise ValueError(f"--device {args.device!r}: {e}") from None
+        raise InputError(f"--device {args.device!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+        raise InputError(f"--device {args.device}: CUDA is not available on this machine")
     if args.cuda_graph and device.type != "cuda":
-        raise ValueError(f"--cuda-graph needs a CUDA device (--device cuda); got --device {args.device}")
+        raise InputError(f"--cuda-graph needs a CUDA device (--device cuda); got --device {args.device}")
     overrides = {"min_pixels": args.min_pixels, "max_pixels": args.max_pixels, "video_fps": args.fps,
                  "video_max_frames": args.max_frames}
     try:
@@ -261,6 +258,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         inputs = processor(args.prompt, images=args.image, videos=args.video, system=args.system)
         preprocess_s = time.perf_counter() - t0
+        check_length(inputs["input_ids"].shape[1], args.max_new_tokens, cfg.text.max_position_embeddings)
         dtype = DTYPES[args.dtype] if args.dtype else None
         if kind == "dir":
             model = from_pretrained(args.model, dtype=dtype, device=device, backends=args.backends)

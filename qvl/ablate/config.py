@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from ..backends import OPERATORS, backend_names, parse_spec
 from ..config import PRESETS, Qwen25VLConfig, TextConfig, VisionConfig, get_preset, load_hf_config
 from ..dtypes import DTYPES
+from ..files import regular_file_size
 from .schema import (
     At,
     ConfigError,
@@ -358,14 +359,22 @@ def _check_mode_keys(values: dict[str, Any], raw: dict, at: At) -> None:
 # --- loading ------------------------------------------------------------------------------------------------------
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of TOML; anything far larger is not one
+
+
 def load_config(path: str | os.PathLike) -> AblationConfig:
     path = os.fspath(path)
+    if regular_file_size(path, ConfigError) > MAX_CONFIG_BYTES:  # missing, a folder, a FIFO: refused here
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB, not an ablation config")
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
-    text = raw.decode("utf-8", errors="replace")
+    try:
+        text = raw.decode("utf-8")  # TOML is UTF-8
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start}") from None
     stem = os.path.splitext(os.path.basename(path))[0]
     return parse_config(text, path=path, default_name=stem)
 
@@ -375,11 +384,21 @@ def parse_config(text: str, *, path: str = "<config>", default_name: str = "abla
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:  # tomllib recurses per nested array or inline table
+        raise ConfigError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
     base_dir = os.path.dirname(os.path.abspath(path)) if path != "<config>" else os.getcwd()
     cfg = parse_table(AblationConfig, doc, At(path, base_dir), defaults={"name": default_name})
     cfg = replace(cfg, path=path, source=text)
     _check_architectures(cfg, path)
     return cfg
+
+
+def check_key(spec: type, name: str, value: Any, where: str) -> Any:
+    """A value given outside a config (an argument such as ``--repeats``) checked by the rule of `spec`'s key
+    `name`, so an argument and the TOML key it overrides accept the same values; `where` names it in the
+    ConfigError: ``--repeats: must be an integer >= 1, got 0``."""
+    f, tp = toml_fields(spec)[name]
+    return check_value(tp, f.metadata, value, At(where), "")
 
 
 def with_preset(config: AblationConfig, preset: str) -> AblationConfig:
@@ -450,5 +469,5 @@ def write_schema_docs(path: str = README) -> None:
 
 
 __all__ = ["AblationConfig", "ConfigError", "ImageSpec", "ModelSpec", "RunSpec", "Variant", "VideoSpec",
-           "WorkloadSpec", "config_toml", "load_config", "parse_config", "schema_markdown", "with_dtype",
+           "WorkloadSpec", "check_key", "config_toml", "load_config", "parse_config", "schema_markdown", "with_dtype",
            "with_preset", "write_schema_docs", "tomllib"]

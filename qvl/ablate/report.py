@@ -10,6 +10,11 @@ import json
 import os
 from typing import Any
 
+from ..errors import ResultsError
+from ..files import read_json, replacing, reworded
+
+FORMAT = "qvl-ablation/1"  # results.json's "format"; another value is another schema
+
 FIGURES_TEXT = """\
 - **vision ms**: the vision tower alone (`model.vision_features` on every image and video of the batch).
 - **prefill ms**: time to first token: `prepare` (vision tower, embeddings, 3-D positions) + `prefill` of the
@@ -54,27 +59,161 @@ TRAIN_FIGURES_TEXT = """\
 # --- reading ------------------------------------------------------------------------------------------------------
 
 
+MAX_RESULTS_DEPTH = 32  # a results.json nests about 6 deep; the renderers print values, and repr recurses
+
+
 def load_results(path: str) -> tuple[dict, str]:
-    """A results.json, a run folder, or a config's folder of runs (the latest run is taken)."""
-    if os.path.isfile(path):
-        file = path
-    elif os.path.isfile(os.path.join(path, "results.json")):
-        file = os.path.join(path, "results.json")
-    elif os.path.isdir(path):
-        runs = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "results.json")))
-        if not runs:
-            raise ValueError(f"{path}: no results.json here or in its subfolders")
-        file = os.path.join(path, runs[-1], "results.json")
-    else:
-        raise ValueError(f"{path}: no such file or folder")
+    """(results, run folder) from a results.json, a run folder, or a config's folder of runs (the latest run is
+    taken), checked by `check_results`. Anything else is a ResultsError naming the file and what is wrong."""
+    file = find_results(path)
+    return check_results(read_json(file, error=ResultsError), file), os.path.dirname(file)
+
+
+def find_results(path: str) -> str:
+    """The results.json `path` names: itself, its run folder's, or the latest run's in a config's folder.
+    (Whether it is a readable file is `read_json`'s to say.)"""
+    if not os.path.isdir(path) or os.path.basename(os.path.normpath(path)) == "results.json":
+        return path  # a folder named results.json is not searched: read_json says what it is
+    own = os.path.join(path, "results.json")
+    if os.path.lexists(own):
+        return own
     try:
-        with open(file, encoding="utf-8") as f:
-            results = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file}: cannot read results: {e}") from None
-    if not isinstance(results, dict) or "variants" not in results:
-        raise ValueError(f"{file}: not a qvl ablation results file")
-    return results, os.path.dirname(file)
+        names = os.listdir(path)
+    except OSError as e:
+        raise ResultsError(f"{path}: cannot list it: {e.strerror or e}") from None
+    runs = sorted(d for d in names if os.path.isfile(os.path.join(path, d, "results.json")))
+    if not runs:
+        raise ResultsError(f"{path}: no results.json here or in its subfolders")
+    return os.path.join(path, runs[-1], "results.json")
+
+
+# --- checking: what the renderers read ----------------------------------------------------------------------------
+
+
+def _number(v: Any) -> bool:
+    """A JSON number the renderers can format (as a float too: no integer beyond a double's range)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        float(v)
+    except OverflowError:
+        return False
+    return True
+
+
+# (test, what it allows) for each kind of value the renderers read
+TEXT = (lambda v: isinstance(v, str), "a string")
+TEXT_OR_NULL = (lambda v: v is None or isinstance(v, str), "a string or null")
+OBJECT = (lambda v: isinstance(v, dict), "an object")
+OBJECT_OR_NULL = (lambda v: v is None or isinstance(v, dict), "an object or null")
+LIST_OR_NULL = (lambda v: v is None or isinstance(v, list), "a list or null")
+SHOWN = (lambda v: v is None or isinstance(v, str) or _number(v), "a number, a string or null")  # "nan" as stored
+COUNT = (lambda v: v is None or isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)),
+         "an integer, a string or null")
+TIMING = (lambda v: v is None or (isinstance(v, dict) and all(_number(v.get(k)) for k in ("median", "min", "max"))),
+          "null or an object of numbers median, min and max")
+CURVE = (lambda v: v is None or (isinstance(v, list) and all(SHOWN[0](x) for x in v)),
+         "null or a list of numbers (or strings)")
+GRIDS = (lambda v: v is None or (isinstance(v, list) and all(isinstance(g, list) for g in v)),
+         "null or a list of [t, h, w] lists")
+TEXTS = (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings")
+ANY = (lambda v: True, "")
+TIMING_KEYS = ("vision_ms", "prefill_ms", "decode_tok_s", "step_ms", "tokens_per_s")
+ERROR_VALUE_KEYS = ("logits_rel_err", "logits_max_err", "grad_rel_err", "token_agreement")
+
+
+def check_results(results: Any, file: str) -> dict:
+    """`results` (a loaded results.json) checked against everything the renderers read: the tables, report.md,
+    the plot and comparisons. Checked once, here, so the renderers can trust what passes; a ResultsError names
+    the file, the field and what it must be."""
+    if not isinstance(results, dict):
+        raise ResultsError(f"{file}: not a qvl ablation results file: the top level is {_show(results)}, "
+                           "not an object")
+    if "variants" not in results:
+        raise ResultsError(f'{file}: not a qvl ablation results file: no "variants"')
+    if results.get("format", FORMAT) != FORMAT:
+        raise ResultsError(f"{file}: format {_show(results['format'])}: another schema than this qvl's {FORMAT}")
+    if _deeper_than(results, MAX_RESULTS_DEPTH):
+        raise ResultsError(f"{file}: values nested more than {MAX_RESULTS_DEPTH} deep: not a results.json")
+
+    def check(table: dict, where: str, key: str, kind: tuple, required: bool = False) -> Any:
+        if key not in table:
+            if required:
+                raise ResultsError(f"{file}: {where}{key}: missing")
+            return None
+        return checked(f"{where}{key}", table[key], kind)
+
+    def checked(where: str, value: Any, kind: tuple) -> Any:
+        test, allowed = kind
+        if not test(value):
+            raise ResultsError(f"{file}: {where}: must be {allowed}, got {_show(value)}")
+        return value
+
+    for key in ("name", "status", "reference"):
+        check(results, "", key, TEXT, required=True)
+    for key in ("description", "error"):
+        check(results, "", key, TEXT_OR_NULL)
+    env, run, config, work = (check(results, "", k, OBJECT_OR_NULL) or {}
+                              for k in ("environment", "run", "config", "workload"))
+    check(env, "environment.", "git", OBJECT_OR_NULL)
+    check(run, "run.", "device", TEXT)
+    check(check(config, "config.", "model", OBJECT_OR_NULL) or {}, "config.model.", "overrides", OBJECT_OR_NULL)
+    if work:
+        for key in ("image_grids_thw", "video_grids_thw"):
+            check(work, "workload.", key, GRIDS)
+        for key in ("batch_size", "prompt_length", "text_tokens", "vision_tokens") + (
+                () if is_train(results) else ("decode_tokens",)):
+            check(work, "workload.", key, ANY, required=True)
+    variants = check(results, "", "variants", (lambda v: isinstance(v, list), "a list of variants"))
+    for i, e in enumerate(variants):
+        at = f"variants[{i}]."
+        checked(at[:-1], e, OBJECT)
+        check(e, at, "name", TEXT, required=True)
+        check(e, at, "status", TEXT, required=True)
+        check(e, at, "error", TEXT_OR_NULL)
+        for key in ("plan", "model"):
+            check(e, at, key, OBJECT_OR_NULL)
+        check(check(e, at, "requested", OBJECT_OR_NULL) or {}, at + "requested.", "overrides", OBJECT_OR_NULL)
+        figures = check(e, at, "figures", OBJECT_OR_NULL) or {}
+        for key in TIMING_KEYS:
+            check(figures, at + "figures.", key, TIMING)
+        for key in ("loss", "peak_memory_mib"):
+            check(figures, at + "figures.", key, SHOWN)
+        check(figures, at + "figures.", "launches_per_decode_step", COUNT)
+        check(figures, at + "figures.", "loss_curve", CURVE)
+        comparison = check(e, at, "comparison", OBJECT_OR_NULL) or {}
+        for key in ERROR_VALUE_KEYS:
+            check(comparison, at + "comparison.", key, SHOWN)
+        check(comparison, at + "comparison.", "grad_rel_err_param", TEXT_OR_NULL)
+        for j, f in enumerate(check(e, at, "fallbacks", LIST_OR_NULL) or []):
+            fat = f"{at}fallbacks[{j}]."
+            checked(fat[:-1], f, OBJECT)
+            for key in ("operator", "requested", "used", "call"):
+                check(f, fat, key, ANY, required=True)
+            check(f, fat, "reasons", TEXTS, required=True)
+    return results
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether lists and objects nest more than `limit` deep (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return False
+
+
+def _show(v: Any, limit: int = 60) -> str:
+    """A JSON value for a one-line message: objects and lists by kind and size, scalars as written, cut."""
+    if isinstance(v, dict):
+        return f"an object of {len(v)} keys"
+    if isinstance(v, list):
+        return f"a list of {len(v)}"
+    text = json.dumps(v)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # --- numbers ------------------------------------------------------------------------------------------------------
@@ -207,8 +346,8 @@ def render_markdown(results: dict, plot_file: str | None = None, plot_note: str 
     src = f"preset `{model.get('preset')}`" if model.get("preset") else f"checkpoint `{model.get('checkpoint')}`"
     overrides = model.get("overrides") or {}
     lines += [
-        f"- status: **{results['status']}** (started {results.get('started')}, "
-        f"finished {results.get('finished') or '-'})",
+        f"- status: **{results['status']}**" + (f": {_code(results['error'])}" if results.get("error") else "")
+        + f" (started {results.get('started')}, finished {results.get('finished') or '-'})",
         f"- config: `{results.get('config_path') or 'built in'}`; reference variant: `{results['reference']}`",
         f"- model: {src}, {model.get('dtype')}, device {run.get('device')}"
         + (f", overrides {_inline(overrides)}" if overrides else ""),
@@ -320,9 +459,12 @@ def plot_results(results: dict, path: str) -> str | None:
         _loss_curves(fig.add_subplot(grid[1, :]), variants)
     env = results.get("environment") or {}
     fig.suptitle(f"{results['name']}: {env.get('device_name', '')}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        with replacing(path, binary=True) as f:
+            fig.savefig(f, format="png", dpi=110)
+    finally:
+        plt.close(fig)
     return None
 
 
@@ -409,11 +551,22 @@ def render_run(results: dict, directory: str) -> dict:
         skipped = f"plotting failed: {type(e).__name__}: {e}"
     info = {"file": "plot.png"} if skipped is None else {"skipped": skipped}
     md = render_markdown(results, "plot.png" if skipped is None else None, skipped)
-    tmp = os.path.join(directory, "report.md.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with replacing(os.path.join(directory, "report.md")) as f:
         f.write(md)
-    os.replace(tmp, os.path.join(directory, "report.md"))
     return info
+
+
+def write_comparison(runs: list[tuple[dict, str]], out: str) -> str:
+    """OUT/compare.md (`compare_runs` as markdown; the folder made if missing); returns its path."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        why = "a file of that name is in the way" if isinstance(e, FileExistsError) else e.strerror or e
+        raise reworded(e, f"cannot create the folder {out}: {why}") from None
+    path = os.path.join(out, "compare.md")
+    with replacing(path) as f:
+        f.write(compare_runs(runs, style="md"))
+    return path
 
 
 # --- comparing runs -----------------------------------------------------------------------------------------------
@@ -467,4 +620,5 @@ def compare_runs(runs: list[tuple[dict, str]], style: str = "text") -> str:
     return _grid(header, rows)
 
 
-__all__ = ["compare_runs", "format_table", "load_results", "plot_results", "render_markdown", "render_run"]
+__all__ = ["FORMAT", "check_results", "compare_runs", "find_results", "format_table", "load_results", "plot_results",
+           "render_markdown", "render_run", "write_comparison"]

@@ -180,13 +180,13 @@ def type_text(tp: Any, meta: Any) -> str:
 # --- checking values ----------------------------------------------------------------------------------------------
 
 
-def show_value(value: Any) -> str:
-    """A value as the TOML writer would recognise it, for messages."""
+def show_value(value: Any, limit: int = 80) -> str:
+    """A value as the TOML writer would recognise it, for messages; cut at `limit` characters (a message is
+    one line, whatever the value)."""
     if isinstance(value, dict):
         return "a table"
-    if isinstance(value, str):
-        return repr(value)
-    return str(value).replace("True", "true").replace("False", "false")
+    text = repr(value) if isinstance(value, str) else str(value).replace("True", "true").replace("False", "false")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def is_int(v: Any) -> bool:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
+from ..memory import ensure_fits
+
 
 class StaticKVCache:
     """K and V for every layer: (layers, B, max_len, Hkv, D), written by the `cache` operator.
@@ -16,12 +19,27 @@ class StaticKVCache:
 
     def __init__(self, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
+        self.ensure_fits(num_layers, batch, max_len, num_kv_heads, head_dim, dtype, device)
         shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
         self.rope_deltas: torch.Tensor | None = None
         self.pad: torch.Tensor | None = None
+
+    @staticmethod
+    def bytes_needed(num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+                     dtype: torch.dtype) -> int:
+        """What K and V take together, in bytes (Python integers: no overflow however large)."""
+        return 2 * num_layers * batch * max_len * num_kv_heads * head_dim * dtype.itemsize
+
+    @classmethod
+    def ensure_fits(cls, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+                    dtype: torch.dtype, device: torch.device | str) -> None:
+        """Refuse (`ResourceError`, with the estimate) a cache that would not fit `device`'s free memory."""
+        ensure_fits(f"K and V of a KV cache of {batch} rows x {max_len} tokens ({num_layers} layers, {num_kv_heads} "
+                    f"KV heads of {head_dim}, {str(dtype).removeprefix('torch.')})",
+                    cls.bytes_needed(num_layers, batch, max_len, num_kv_heads, head_dim, dtype), device)
 
     @property
     def max_len(self) -> int:
@@ -45,8 +63,10 @@ class StaticKVCache:
         if needed <= self.max_len:
             return
         if needed > limit:
-            raise ValueError(f"the cache would hold {needed} tokens, past max_position_embeddings ({limit})")
+            raise InputError(f"the cache would hold {needed} tokens, past max_position_embeddings ({limit})")
         size = min(max(needed, 2 * self.max_len), limit)
+        layers, batch, _, heads, dim = self.k.shape
+        self.ensure_fits(layers, batch, size, heads, dim, self.k.dtype, self.k.device)
         for name in ("k", "v"):
             old = getattr(self, name)
             new = old.new_zeros(*old.shape[:2], size, *old.shape[3:])

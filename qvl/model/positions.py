@@ -5,25 +5,54 @@ Everything here is index arithmetic on small integer tensors; no model math.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+from ..backends.interface import is_integer
 from ..config import Qwen25VLConfig
+from ..errors import InputError
+from .inputs import INT32_LIMIT
 
 
-def check_grids(grid_thw: torch.Tensor | None, merge: int, what: str) -> torch.Tensor | None:
+def check_grids(grid_thw, merge: int, what: str) -> torch.Tensor | None:
+    """(N, 3) integer (t, h, w) sizes, each >= 1, h and w multiples of the merge size; None stays None."""
     if grid_thw is None:
         return None
     if not isinstance(grid_thw, torch.Tensor):
-        grid_thw = torch.as_tensor(grid_thw)
+        try:
+            grid_thw = torch.as_tensor(grid_thw)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            raise InputError(f"{what} must be an (N, 3) integer tensor of (t, h, w), got {grid_thw!r:.80}") from None
     if grid_thw.dim() != 2 or grid_thw.shape[1] != 3:
-        raise ValueError(f"{what} must have shape (N, 3) holding (t, h, w) per item, got {tuple(grid_thw.shape)}")
+        raise InputError(f"{what} must have shape (N, 3) holding (t, h, w) per item, got {tuple(grid_thw.shape)}")
+    if not is_integer(grid_thw):
+        raise InputError(f"{what} must hold integers, got {grid_thw.dtype}: {grid_thw.tolist()}")
     if (grid_thw <= 0).any():
-        raise ValueError(f"{what} holds a non-positive size: {grid_thw.tolist()}")
+        raise InputError(f"{what} holds a non-positive size: {grid_thw.tolist()}")
     bad = [g for g in grid_thw.tolist() if g[1] % merge or g[2] % merge]
     if bad:
-        raise ValueError(f"{what} {bad}: h and w must be divisible by spatial_merge_size ({merge})")
+        raise InputError(f"{what} {bad}: h and w must be divisible by spatial_merge_size ({merge})")
     return grid_thw.long()
+
+
+def check_second_per_grid_ts(second_per_grid_ts, videos: int) -> list[float]:
+    """Seconds per temporal patch of each video: one finite number > 0 per video."""
+    try:
+        values = torch.as_tensor(second_per_grid_ts)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise InputError(f"second_per_grid_ts must be numbers, one per video, got {second_per_grid_ts!r:.80}") from None
+    if values.dtype == torch.bool or values.is_complex() or not (values.is_floating_point() or is_integer(values)):
+        raise InputError(f"second_per_grid_ts must be real numbers, got {values.dtype}")
+    spg = [float(s) for s in values.flatten().tolist()]
+    if len(spg) != videos:
+        raise InputError(f"second_per_grid_ts has {len(spg)} entries but video_grid_thw has {videos} videos")
+    for i, s in enumerate(spg):
+        if not (math.isfinite(s) and s > 0):
+            raise InputError(f"second_per_grid_ts[{i}] is {s:g}: seconds per temporal patch must be a finite number "
+                             "> 0")
+    return spg
 
 
 def vision_rope_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
@@ -69,24 +98,29 @@ def vision_frame_seqlens(grid_thw: torch.Tensor) -> list[int]:
     return [h * w for t, h, w in grid_thw.tolist() for _ in range(t)]
 
 
-def left_padding(attention_mask: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor | None:
+def left_padding(attention_mask: torch.Tensor | None, shape: tuple[int, int], device=None) -> torch.Tensor | None:
     """Per-row count of left padding tokens in a (batch, tokens) mask of `shape` (the tokens, with any cached
     before them); None when there is none. Other padding layouts are refused."""
     if attention_mask is None:
         return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.is_complex():
+        raise InputError(f"attention_mask must be a {tuple(shape)} tensor of 0 and 1, got "
+                         f"{type(attention_mask).__name__}")
+    if device is not None:
+        attention_mask = attention_mask.to(device)
     if tuple(attention_mask.shape) != tuple(shape):
-        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must be {tuple(shape)}: one entry per token "
+        raise InputError(f"attention_mask {tuple(attention_mask.shape)} must be {tuple(shape)}: one entry per token "
                          "(cached tokens included)")
     if not ((attention_mask == 0) | (attention_mask == 1)).all():
-        raise ValueError("attention_mask must hold only 0 and 1")
+        raise InputError("attention_mask must hold only 0 and 1")
     m = attention_mask.to(torch.long)
     pad = (m == 0).sum(1)
     expected = torch.arange(m.shape[1], device=m.device)[None, :] >= pad[:, None]
     if not torch.equal(expected, m.bool()):
-        raise ValueError("attention_mask must be left-padded (zeros, then ones) for every row; "
+        raise InputError("attention_mask must be left-padded (zeros, then ones) for every row; "
                          "qvl pads on the left for batched generation")
     if (pad == m.shape[1]).any():
-        raise ValueError("attention_mask has a row with no tokens")
+        raise InputError("attention_mask has a row with no tokens")
     return pad if pad.any() else None
 
 
@@ -107,13 +141,10 @@ def mrope_positions(cfg: Qwen25VLConfig, input_ids: torch.Tensor, pad: torch.Ten
     grids = {cfg.image_token_id: _queue(image_grid_thw), cfg.video_token_id: _queue(video_grid_thw)}
     spg = [1.0] * (len(grids[cfg.video_token_id]))
     if second_per_grid_ts is not None and not cfg.vision.time_scaled_video:
-        raise ValueError(f"second_per_grid_ts is not an input of {cfg.model_type}: its video frames are placed by "
+        raise InputError(f"second_per_grid_ts is not an input of {cfg.model_type}: its video frames are placed by "
                          "their index, not in seconds")
     if second_per_grid_ts is not None:
-        spg = [float(s) for s in torch.as_tensor(second_per_grid_ts).flatten().tolist()]
-        if len(spg) != len(grids[cfg.video_token_id]):
-            raise ValueError(f"second_per_grid_ts has {len(spg)} entries but video_grid_thw has "
-                             f"{len(grids[cfg.video_token_id])} videos")
+        spg = check_second_per_grid_ts(second_per_grid_ts, len(grids[cfg.video_token_id]))
     video_no = 0
     positions = torch.ones(3, batch, length, dtype=torch.long)
     deltas = torch.zeros(batch, 1, dtype=torch.long)
@@ -138,18 +169,21 @@ def mrope_positions(cfg: Qwen25VLConfig, input_ids: torch.Tensor, pad: torch.Ten
             tok = ids[i]
             kind = "image" if tok == cfg.image_token_id else "video"
             if not grids[tok]:
-                raise ValueError(f"row {b} has more {kind} placeholder runs than {kind}_grid_thw entries")
+                raise InputError(f"row {b} has more {kind} placeholder runs than {kind}_grid_thw entries")
             t, h, w = grids[tok].pop(0)
             gh, gw = h // merge, w // merge
             count = t * gh * gw
             if i + count > n or any(other != tok for other in ids[i:i + count]):
-                raise ValueError(f"row {b}: the {kind} at token {start + i} needs {count} consecutive {kind} "
+                raise InputError(f"row {b}: the {kind} at token {start + i} needs {count} consecutive {kind} "
                                  f"placeholder tokens for its grid (t={t}, h={h}, w={w}) and merge size {merge}")
             step = 1.0
             if kind == "video":
                 if cfg.vision.time_scaled_video:
                     step = spg[video_no] * cfg.vision.tokens_per_second
                 video_no += 1
+                if nxt + (t - 1) * step >= INT32_LIMIT:
+                    raise InputError(f"second_per_grid_ts[{video_no - 1}] ({spg[video_no - 1]:g}) places the video's "
+                                     f"{t} temporal patches past position 2**31")
             tpos = (torch.arange(t, dtype=torch.float64) * step).floor().long()
             tt, hh, ww = torch.meshgrid(tpos, torch.arange(gh), torch.arange(gw), indexing="ij")
             block = torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]) + nxt
@@ -161,7 +195,7 @@ def mrope_positions(cfg: Qwen25VLConfig, input_ids: torch.Tensor, pad: torch.Ten
         deltas[b, 0] = int(row.max()) + 1 - length
     leftover = [name for name, tok in (("image", cfg.image_token_id), ("video", cfg.video_token_id)) if grids[tok]]
     if leftover:
-        raise ValueError(f"more {' and '.join(leftover)} grids than placeholder runs in input_ids")
+        raise InputError(f"more {' and '.join(leftover)} grids than placeholder runs in input_ids")
     return positions.to(input_ids.device), deltas.to(input_ids.device)
 
 

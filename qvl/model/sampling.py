@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
+from .inputs import check_int, check_number
+
 NEG_INF = float("-inf")
+# Scores are float32: a temperature or repetition penalty below SCALE_LIMIT (or a penalty above its inverse)
+# would push logits of any ordinary size (|x| < 1e8) past float32's range, to infinity, and sampling from
+# infinities is undefined. Such arguments are refused rather than met as non-finite scores midway.
+SCALE_LIMIT = 1e-30
 
 
 class RepetitionPenalty:
@@ -98,13 +105,20 @@ class TopP:
         return scores.masked_fill(drop.scatter(1, order, drop), NEG_INF)
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+def same_name(name: str) -> str:
+    """How the API spells an argument in messages: as it is (the CLI passes its flags instead)."""
+    return name
+
+
+def check_sampling(temperature, top_k, top_p, name=same_name) -> None:
+    """transformers' ranges (its warpers' checks), finite: temperature >= 0 (0: greedy), top_k an integer >= 0
+    (0: none), top_p in [0, 1]. `name` spells each argument in the messages (the CLI's flags)."""
+    check_number(temperature, name("temperature"), 0.0, note=" (0 is greedy)")
+    if 0 < temperature < SCALE_LIMIT:
+        raise InputError(f"{name('temperature')} must be 0 (greedy) or at least {SCALE_LIMIT:g}: dividing float32 "
+                         f"scores by {temperature!r} overflows them to infinity")
+    check_int(top_k, name("top_k"), 0, optional=True, note=" (0: no top-k)")
+    check_number(top_p, name("top_p"), 0.0, 1.0, optional=True)
 
 
 def logits_processors(*, eos: torch.Tensor, prompt_length: int, padding: torch.Tensor | None,
@@ -117,7 +131,7 @@ def logits_processors(*, eos: torch.Tensor, prompt_length: int, padding: torch.T
     beams they keep at least one token more than there are EOS ids (a beam can always continue)."""
     processors: list = []
     if repetition_penalty is not None and repetition_penalty != 1.0:
-        processors.append(RepetitionPenalty(repetition_penalty, padding))
+        processors.append(RepetitionPenalty(float(repetition_penalty), padding))
     if no_repeat_ngram_size:
         processors.append(NoRepeatNGram(no_repeat_ngram_size))
     if len(eos):
@@ -127,22 +141,23 @@ def logits_processors(*, eos: torch.Tensor, prompt_length: int, padding: torch.T
             processors.append(MinLength(min_new_tokens, eos, prompt_length))
     if sample:
         keep = len(eos) + 1 if beams > 1 else 1
-        if temperature != 1.0:
-            processors.append(Temperature(temperature))
+        if temperature != 1.0:  # numbers as floats: a tensor op with a Python int past int64 overflows
+            processors.append(Temperature(float(temperature)))
         if top_k:
-            processors.append(TopK(top_k, keep))
+            processors.append(TopK(int(top_k), keep))
         if top_p is not None and top_p < 1.0:
-            processors.append(TopP(top_p, keep))
+            processors.append(TopP(float(top_p), keep))
     return processors
 
 
-def check_processors(repetition_penalty, no_repeat_ngram_size, min_length, min_new_tokens) -> None:
-    if repetition_penalty is not None and not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1.0: none), got {repetition_penalty}")
-    for name, value in (("no_repeat_ngram_size", no_repeat_ngram_size), ("min_length", min_length),
-                        ("min_new_tokens", min_new_tokens)):
-        if value is not None and (not isinstance(value, int) or value < 0):
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+def check_processors(repetition_penalty, no_repeat_ngram_size, min_length, min_new_tokens, name=same_name) -> None:
+    """repetition_penalty a number in [SCALE_LIMIT, 1 / SCALE_LIMIT] (1.0: none); the n-gram size and minimum
+    lengths integers >= 0."""
+    check_number(repetition_penalty, name("repetition_penalty"), SCALE_LIMIT, 1 / SCALE_LIMIT, optional=True,
+                 note=" (1.0: none; beyond, float32 scores overflow)")
+    for arg, value in (("no_repeat_ngram_size", no_repeat_ngram_size), ("min_length", min_length),
+                       ("min_new_tokens", min_new_tokens)):
+        check_int(value, name(arg), 0, optional=True)
 
 
 def process(processors: list, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..config import Qwen25VLConfig
+from ..errors import CheckpointError, InputError
 from .chat_template import ChatTemplateError
 from .files import read_json_object
 from .image import (
@@ -41,7 +42,7 @@ from .image import (
     smart_resize,
     target_size,
 )
-from .tokenizer import IMAGE_PAD, VIDEO_PAD, QwenTokenizer, expand_vision_placeholders, render_chat
+from .tokenizer import IMAGE_PAD, VIDEO_PAD, QwenTokenizer, check_text, expand_vision_placeholders, render_chat
 from .video import FRAME_EXTENSIONS, VIDEO_DEFAULTS, Video, VideoProcessor, load_video, sample_frame_indices
 
 IMAGE_CONFIG_FILE = "preprocessor_config.json"
@@ -69,8 +70,8 @@ def processing_configs(directory: str | os.PathLike | None) -> tuple[VisionProce
             image_cfg = VisionProcessingConfig.from_dict(image_raw, image_cfg)
         if video_raw:
             video_cfg = VisionProcessingConfig.from_dict(video_raw, video_cfg)
-    except ValueError as e:
-        raise ValueError(f"{directory}: {e}") from None
+    except ValueError as e:  # a bad value in one of the checkpoint's processor config files
+        raise CheckpointError(f"{directory}: {e}") from None
     return image_cfg, video_cfg
 
 
@@ -87,7 +88,7 @@ class Processor:
         if model_config is not None:
             tokenizer.check_config(model_config)
             for what, c in (("image", self.image_processor.config), ("video", self.video_processor.config)):
-                _check_against_model(c, model_config, what)
+                _check_against_model(c, model_config, what, CheckpointError)
         self.stop_ids = (tokenizer.stop_ids(model_config, extra_stop_ids) if model_config is not None
                          else (tokenizer.special.im_end,))
 
@@ -101,7 +102,7 @@ class Processor:
         """
         directory = os.fspath(directory)
         if not os.path.isdir(directory):
-            raise ValueError(f"checkpoint directory {directory!r} does not exist")
+            raise CheckpointError(f"checkpoint directory {directory!r} does not exist")
         tokenizer = QwenTokenizer.from_file(directory)
         image_cfg, video_cfg = processing_configs(directory)
         image_cfg, video_cfg = _apply_overrides(image_cfg, video_cfg, overrides)
@@ -155,18 +156,23 @@ class Processor:
         """
         if text is not None:
             if prompt is not None:
-                raise ValueError("pass a prompt (rendered with the chat template) or text= (already rendered text), "
+                raise InputError("pass a prompt (rendered with the chat template) or text= (already rendered text), "
                                  "not both")
             return self.batch(text, images, videos, video_fps=video_fps, **processing_kwargs)
         if prompt is None:
-            raise ValueError("nothing to process: pass a prompt or text=")
+            raise InputError("nothing to process: pass a prompt or text=")
+        if system is not None:
+            check_text(system, "system")
         images = list(images) if isinstance(images, (list, tuple)) else [] if images is None else [images]
         videos = list(videos) if isinstance(videos, (list, tuple)) else [] if videos is None else [videos]
-        if isinstance(prompt, str):
-            messages = self.messages(prompt, len(images), len(videos), system)
-        else:
+        if isinstance(prompt, (list, tuple)):
             messages = list(prompt)
+        else:
+            if not isinstance(prompt, (str, bytes, bytearray)):
+                raise InputError(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+            messages = self.messages(check_text(prompt, "prompt"), len(images), len(videos), system)
         rendered = self.tokenizer.render_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        check_text(rendered, "the rendered chat messages")
         return self.encode(rendered, images, videos, video_fps, **processing_kwargs)
 
     def encode(self, text: str, images: Sequence = (), videos: Sequence = (),
@@ -190,11 +196,14 @@ class Processor:
         tokenizer's pad id, and ``attention_mask`` is 0 there. ``mm_token_type_ids`` (1 image token, 2 video
         token, 0 else) is returned as transformers 5's Qwen2.5-VL processor returns it.
         """
-        texts = [text] if isinstance(text, str) else list(text)
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise ValueError(f"text must be a string or a non-empty list of strings, got {text!r:.80}")
+        if isinstance(text, (list, tuple)):
+            if not text:
+                raise InputError("text is an empty list: nothing to process")
+            texts = [check_text(t, f"text[{i}]") for i, t in enumerate(text)]
+        else:
+            texts = [check_text(text, "text")]
         if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+            raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         image_cfg, video_cfg = self._call_configs(processing_kwargs)
         image_list = _per_sample(images, texts, IMAGE_PAD, "image", _flatten_images)
         video_list = _per_sample(videos, texts, VIDEO_PAD, "video", _flatten_videos)
@@ -210,7 +219,7 @@ class Processor:
         for t in texts:
             n_img, n_vid = t.count(IMAGE_PAD), t.count(VIDEO_PAD)
             expanded = expand_vision_placeholders(t, image_tokens[:n_img], video_tokens[:n_vid])
-            rows.append(self.tokenizer.encode(expanded))
+            rows.append(self.tokenizer.encode(expanded, name=f"text[{len(rows)}]"))
             image_tokens, video_tokens = image_tokens[n_img:], video_tokens[n_vid:]
         input_ids, attention_mask = self._pad(rows, padding_side)
         text_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -236,8 +245,9 @@ class Processor:
         local files only). `processor_kwargs` go to `batch`; `template_kwargs` (``tools``, ``documents``,
         ``chat_template``, ``add_vision_id``, ...) to the template.
         """
-        if not messages:
-            raise ValueError("no messages to render")
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise InputError(f"messages must be a non-empty list of message dicts (or of conversations), got "
+                             f"{messages!r:.80}")
         batched = isinstance(messages[0], (list, tuple))
         conversations = list(messages) if batched else [messages]
         texts = [self.tokenizer.render_chat_template(c, add_generation_prompt, **template_kwargs)
@@ -255,7 +265,7 @@ class Processor:
         kwargs = dict(kwargs)
         images_kwargs, videos_kwargs = kwargs.pop("images_kwargs", None) or {}, kwargs.pop("videos_kwargs", None) or {}
         if kwargs.pop("return_tensors", "pt") not in ("pt", None):
-            raise ValueError("qvl's processor returns torch tensors: return_tensors must be 'pt' or None")
+            raise InputError("qvl's processor returns torch tensors: return_tensors must be 'pt' or None")
         image_cfg = _override(self.image_processor.config, {**kwargs, **images_kwargs}, "image")
         video_cfg = _override(self.video_processor.config, {**kwargs, **videos_kwargs}, "video")
         if self.model_config is not None:
@@ -267,8 +277,8 @@ class Processor:
         length = max(len(r) for r in rows)
         pad_id = self.tokenizer.pad_id
         if pad_id is None and any(len(r) != length for r in rows):
-            raise ValueError(f"{self.tokenizer.source} has no pad token (pad_token or <|endoftext|>): cannot pad a "
-                             "batch of prompts of different lengths")
+            raise CheckpointError(f"{self.tokenizer.source} has no pad token (pad_token or <|endoftext|>): cannot "
+                                  "pad a batch of prompts of different lengths")
         ids = torch.full((len(rows), length), pad_id if pad_id is not None else 0, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
         for i, r in enumerate(rows):
@@ -293,16 +303,16 @@ def _override(cfg: VisionProcessingConfig, overrides: dict[str, Any], what: str)
     """`cfg` with transformers-style call-time settings (``size`` dict, ``min_pixels``, ``fps``, ...)."""
     unknown = sorted(set(overrides) - CALL_SETTINGS)
     if unknown:
-        raise ValueError(f"unknown processing argument(s) {', '.join(unknown)}; valid ones are "
+        raise InputError(f"unknown processing argument(s) {', '.join(unknown)}; valid ones are "
                          f"{', '.join(sorted(CALL_SETTINGS))}, images_kwargs, videos_kwargs")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if not overrides:
         return cfg
     size = overrides.get("size")
     if size is not None and not (isinstance(size, dict) and set(size) <= SIZE_KEYS):
-        raise ValueError(f"size must be a dict with shortest_edge and/or longest_edge (pixel bounds), got {size!r}")
+        raise InputError(f"size must be a dict with shortest_edge and/or longest_edge (pixel bounds), got {size!r}")
     if what == "video" and "fps" in overrides and "num_frames" in overrides:
-        raise ValueError(f"fps ({overrides['fps']}) and num_frames ({overrides['num_frames']}) are mutually "
+        raise InputError(f"fps ({overrides['fps']}) and num_frames ({overrides['num_frames']}) are mutually "
                          "exclusive: pass one")
     try:
         out = VisionProcessingConfig.from_dict({k: v for k, v in overrides.items() if k != "resize_backend"}, cfg)
@@ -310,7 +320,7 @@ def _override(cfg: VisionProcessingConfig, overrides: dict[str, Any], what: str)
             out = replace(out, num_frames=None)
         return out.with_overrides(resize_backend=overrides.get("resize_backend"))
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{what} processing arguments {overrides}: {e}") from None
+        raise InputError(f"{what} processing arguments {overrides}: {e}") from None
 
 
 def _is_frame(item: Any) -> bool:
@@ -352,10 +362,10 @@ def _per_sample(media, texts: list[str], token: str, what: str, flatten) -> list
     found = [t.count(token) for t in texts]
     if counts is not None and len(counts) == len(texts) and counts != found:
         i = next(i for i, (c, f) in enumerate(zip(counts, found, strict=True)) if c != f)
-        raise ValueError(f"text {i} has {found[i]} {what} placeholder(s) ({token}) but {counts[i]} {what}(s) were "
+        raise InputError(f"text {i} has {found[i]} {what} placeholder(s) ({token}) but {counts[i]} {what}(s) were "
                          "given for it")
     if sum(found) != len(flat):
-        raise ValueError(f"the text has {sum(found)} {what} placeholder(s) ({token}) but {len(flat)} {what}(s) "
+        raise InputError(f"the text has {sum(found)} {what} placeholder(s) ({token}) but {len(flat)} {what}(s) "
                          "were given")
     return flat
 
@@ -383,13 +393,16 @@ def _apply_overrides(image_cfg, video_cfg, overrides: dict[str, Any]):
     return image_cfg.with_overrides(**image_o), video_cfg.with_overrides(**video_o)
 
 
-def _check_against_model(c: VisionProcessingConfig, cfg: Qwen25VLConfig, what: str) -> None:
+def _check_against_model(c: VisionProcessingConfig, cfg: Qwen25VLConfig, what: str,
+                         error: type[ValueError] = InputError) -> None:
+    """The patch and merge sizes of `c` against the model's: `error` (InputError for call-time settings,
+    CheckpointError for a checkpoint's files) when they differ."""
     v = cfg.vision
     pairs = (("patch_size", c.patch_size, v.patch_size), ("temporal_patch_size", c.temporal_patch_size,
              v.temporal_patch_size), ("merge_size", c.merge_size, v.spatial_merge_size))
     bad = [f"{name} {mine} vs the model's {theirs}" for name, mine, theirs in pairs if mine != theirs]
     if bad:
-        raise ValueError(f"the {what} processor config does not match the model config: " + "; ".join(bad))
+        raise error(f"the {what} processor config does not match the model config: " + "; ".join(bad))
 
 
 __all__ = ["Processor", "ImageProcessor", "VideoProcessor", "VisionProcessingConfig", "QwenTokenizer", "Video",

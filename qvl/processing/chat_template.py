@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import CheckpointError, InputError
 from .files import MAX_CONFIG_BYTES, read_json_object, read_text
 
 TEMPLATE_FILE = "chat_template.jinja"
@@ -37,7 +38,7 @@ MAX_TEMPLATE_BYTES = 1 << 20  # the largest published templates are tens of KiB
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(InputError):
     """A chat template refused its input (``raise_exception``) or could not be compiled or rendered."""
 
 
@@ -140,11 +141,11 @@ def plain_data(value: Any) -> Any:
 def normalize_messages(messages: Sequence[Mapping], what: str = "messages") -> list[dict]:
     """Messages as plain dicts with the None-valued keys dropped (as transformers does before rendering)."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise ValueError(f"{what} must be a list of message dicts, got {type(messages).__name__}")
+        raise InputError(f"{what} must be a list of message dicts, got {type(messages).__name__}")
     out = []
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
-            raise ValueError(f"{what}[{i}] must be a dict like {{'role': ..., 'content': ...}}, got {message!r}")
+            raise InputError(f"{what}[{i}] must be a dict like {{'role': ..., 'content': ...}}, got {message!r}")
         out.append(plain_data({k: v for k, v in message.items() if v is not None}))
     return out
 
@@ -160,11 +161,11 @@ def render(source: str, messages: Sequence[Mapping], *, add_generation_prompt: b
     if tools is not None:
         bad = [i for i, t in enumerate(tools) if not isinstance(t, Mapping)]
         if bad:
-            raise ValueError(f"tools[{bad[0]}] must be a JSON schema dict, got {type(tools[bad[0]]).__name__}")
+            raise InputError(f"tools[{bad[0]}] must be a JSON schema dict, got {type(tools[bad[0]]).__name__}")
     if documents is not None:
         bad = [i for i, d in enumerate(documents) if not isinstance(d, Mapping)]
         if bad:
-            raise ValueError(f"documents[{bad[0]}] must be a dict (e.g. title and text), got "
+            raise InputError(f"documents[{bad[0]}] must be a dict (e.g. title and text), got "
                              f"{type(documents[bad[0]]).__name__}")
     variables = {**(special_tokens or {}), **template_kwargs}
     try:
@@ -172,11 +173,23 @@ def render(source: str, messages: Sequence[Mapping], *, add_generation_prompt: b
             messages=normalize_messages(messages), tools=plain_data(list(tools) if tools is not None else None),
             documents=plain_data(list(documents) if documents is not None else None),
             add_generation_prompt=add_generation_prompt, **plain_data(variables))
-    except (jinja2.exceptions.SecurityError, ChatTemplateError):
+    except ChatTemplateError:
         raise
+    except jinja2.exceptions.SecurityError as e:  # reaching for unsafe attributes or mutating its input
+        raise _security_error()(f"the chat template did what the sandbox forbids: {e}") from None
     except jinja2.TemplateError as e:
         raise ChatTemplateError(f"the chat template failed to render: {e}") from None
-    # jinja2's SecurityError (a template reaching for unsafe attributes or mutating its input) propagates as is
+
+
+@lru_cache(maxsize=1)
+def _security_error() -> type:
+    """The sandbox's refusal as both a qvl error (one CLI line, exit 2) and jinja2's SecurityError."""
+    jinja2 = _jinja()
+
+    class ChatTemplateSecurityError(ChatTemplateError, jinja2.exceptions.SecurityError):
+        """A chat template reached for something jinja2's sandbox forbids."""
+
+    return ChatTemplateSecurityError
 
 
 # --- finding the template -----------------------------------------------------------------------------------------
@@ -192,12 +205,12 @@ def _templates_from_field(value: Any, path: str) -> dict[str, str]:
         for i, entry in enumerate(value):
             if (not isinstance(entry, dict) or not isinstance(entry.get("name"), str)
                     or not isinstance(entry.get("template"), str)):
-                raise ValueError(f'{field}[{i}] must be {{"name": str, "template": str}}, got {entry!r:.80}')
+                raise CheckpointError(f'{field}[{i}] must be {{"name": str, "template": str}}, got {entry!r:.80}')
             out[entry["name"]] = entry["template"]
         if not out:
-            raise ValueError(f"{field} is an empty list")
+            raise CheckpointError(f"{field} is an empty list")
         return out
-    raise ValueError(f"{field} must be a string or a list of named templates, got {type(value).__name__}")
+    raise CheckpointError(f"{field} must be a string or a list of named templates, got {type(value).__name__}")
 
 
 def find_chat_templates(directory: str | os.PathLike) -> tuple[dict[str, str], str | None]:
@@ -213,7 +226,7 @@ def find_chat_templates(directory: str | os.PathLike) -> tuple[dict[str, str], s
         if data is None:
             continue
         if name == TEMPLATE_JSON_FILE and "chat_template" not in data:
-            raise ValueError(f'{path} has no "chat_template" field')
+            raise CheckpointError(f'{path} has no "chat_template" field')
         if data.get("chat_template") is not None:
             return _templates_from_field(data["chat_template"], path), path
     return {}, None
@@ -231,7 +244,7 @@ def special_tokens_from_config(directory: str | os.PathLike) -> dict[str, str]:
         if value is None:
             continue
         if not isinstance(value, str):
-            raise ValueError(f'{path}: "{name}" must be a string or {{"content": str, ...}}, got {value!r:.80}')
+            raise CheckpointError(f'{path}: "{name}" must be a string or {{"content": str, ...}}, got {value!r:.80}')
         out[name] = value
     return out
 
@@ -248,7 +261,7 @@ def select_template(templates: Mapping[str, str], chat_template: str | None = No
         return templates["tool_use"]
     if "default" in templates:
         return templates["default"]
-    raise ValueError(f"the checkpoint has several chat templates and none is named 'default': pass "
+    raise CheckpointError(f"the checkpoint has several chat templates and none is named 'default': pass "
                      f"chat_template= one of {sorted(templates)}")
 
 

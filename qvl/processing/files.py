@@ -1,40 +1,32 @@
-"""Reading a checkpoint's small text and JSON files with a size limit and errors that name the file."""
+"""A checkpoint's optional small text and JSON files (templates, processor and generation configs): None when
+absent, else read with qvl.files' checks, as CheckpointError naming the file."""
 
 from __future__ import annotations
 
-import json
 import os
+
+from ..errors import CheckpointError
+from ..files import read_json
+from ..files import read_text as read_checked_text
 
 MAX_CONFIG_BYTES = 16 << 20  # tokenizer_config.json may list many added tokens; the others are far smaller
 
 
 def read_text(path: str, limit: int) -> str | None:
-    """The UTF-8 text of `path` (None when absent); refuses files over `limit` bytes or not UTF-8."""
-    if not os.path.isfile(path):
+    """The UTF-8 text of `path`, None when absent; refuses a directory, a FIFO, an LFS pointer, files over
+    `limit` bytes and text that is not UTF-8."""
+    if not os.path.lexists(path):
         return None
-    size = os.path.getsize(path)
-    if size > limit:
-        raise ValueError(f"{path} is {size} bytes, more than the {limit} qvl reads for it")
-    try:
-        with open(path, "rb") as f:
-            return f.read(limit + 1).decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise ValueError(f"cannot read {path}: {e}") from None
+    return read_checked_text(path, error=CheckpointError, max_bytes=limit)
 
 
 def read_json_object(path: str, limit: int = MAX_CONFIG_BYTES) -> dict | None:
-    """The JSON object in `path` (None when absent); refuses other JSON values and malformed text."""
-    text = read_text(path, limit)
-    if text is None:
+    """The JSON object in `path`, None when absent; refuses other JSON values as well as what `read_text` does."""
+    if not os.path.lexists(path):
         return None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    data = read_json(path, error=CheckpointError, max_bytes=limit)
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        raise CheckpointError(f"{path}: must hold a JSON object, got {type(data).__name__}")
     return data
 
 

@@ -23,14 +23,40 @@ a = -0.75):
   (skipped when the size does not change), then one fused float32 normalize with ``mean / rescale`` and
   ``std / rescale``. This is exactly what torchvision's ``resize`` and ``normalize`` run on CPU, i.e. the
   torchvision-backed ``Qwen2VLImageProcessor`` (transformers 5.24's default class when torchvision is
-  installed) and its video processor. One exception: transparency is always composited onto white by PIL,
-  which rounds; transformers' tensor path for an RGBA *array* truncates, so such pixels can be one level
-  apart there (PIL images and files are composited by PIL on both sides).
+  installed) and its video processor. One exception: an RGBA *array* is composited onto white with
+  rounding, as the PIL processor does; the torchvision processor composites in float32 and truncates, so
+  such pixels can be one level apart there (PIL images and files are composited by PIL on both sides).
+
+Odd media (each decided against what ``Qwen2VLImageProcessorPil`` does with the same input; what it
+cannot decode, or decodes into garbage, qvl refuses with `MediaError`, naming the image):
+
+- Files: opened with Pillow, EXIF orientation (tags 2..8) applied as ``transformers.image_utils.load_image``
+  does, first frame of an animated GIF/WebP/APNG (what Pillow and so transformers take). Transparency
+  (RGBA, LA, PA, palette with a transparent index) is composited onto white, as the processor's
+  ``convert_to_rgb`` does for a PIL image; ``load_image`` drops the alpha instead (``convert("RGB")``),
+  so for a file *path* with transparency transformers differs from itself and qvl follows its processor.
+  CMYK, YCbCr, 1-bit, palette and greyscale are converted by Pillow, as there. Truncated files are refused
+  unless ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is set (then what is there is decoded, as transformers
+  then does); decompression bombs (``PIL.Image.MAX_IMAGE_PIXELS``) are refused. A missing path, a folder,
+  a file that is not an image or not a regular file: refused.
+- 16-bit and 32-bit greyscale (modes ``I;16``, ``I``) and float (``F``): Pillow's RGB conversion, which
+  transformers uses, keeps 0..255 and clips the rest, so values outside 0..255 (an actual 16-bit range)
+  are refused rather than turned white; ``F`` values in 0..1 (scaled pixels, which it truncates to black)
+  and NaN are refused too.
+- Arrays and tensors (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4: uint8 as given; other integer
+  dtypes and float arrays of whole numbers in 0..255 are converted exactly (transformers converts them the
+  same way); float pixels in 0..1 (transformers rescales them twice: garbage), fractional values above 1,
+  values outside 0..255, NaN or infinity (transformers raises), bool masks (it reads True as level 1 of
+  255), float RGBA arrays (it raises or mis-scales them) and other dtypes are refused. Transformers
+  refuses 2-D arrays; qvl reads them as greyscale, which gives its (H, W, 1) result. A 4-channel array is
+  composited onto white with transformers' numpy formula.
+- Empty images (a side of 0) are refused; a 1x1 image is scaled up to min_pixels as in transformers.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
@@ -39,16 +65,53 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import InputError, MediaError
+from ..memory import ensure_fits
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_ASPECT_RATIO = 200
 RESIZE_BACKENDS = ("pil", "torch")
 _PIL_BICUBIC = 3
 _RESAMPLE_TORCH = {2: "bilinear", 3: "bicubic"}  # PIL resample codes qvl accepts -> interpolate modes
+# Integer settings and the least value each may take (min_frames 0: no floor on the sampled frame count).
+_INT_SETTINGS = {"min_pixels": 1, "max_pixels": 1, "patch_size": 1, "temporal_patch_size": 1, "merge_size": 1,
+                 "min_frames": 0, "max_frames": 1, "max_video_tokens": 1}
+_BOOL_SETTINGS = ("do_resize", "do_rescale", "do_normalize", "cap_pixels_per_frame")
+# Pillow modes holding more than 8 bits per pixel, which its RGB conversion clips to 0..255.
+_HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 class OptionalDependencyError(ImportError):
     """An optional package (e.g. a video decoder) is needed for this input and is not installed."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _setting_int(name: str, value: Any) -> int:
+    """`value` as an int setting: an integer, or a float holding one (JSON may write 3136.0); never a bool."""
+    if _is_int(value):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and float(value).is_integer():
+        return int(value)
+    raise InputError(f"{name} must be an integer, got {value!r}")
+
+
+def _setting_float(name: str, value: Any) -> float:
+    """`value` as a finite float setting; never a bool or a string."""
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value):
+        return float(value)
+    raise InputError(f"{name} must be a finite number, got {value!r}")
+
+
+def check_positive_rate(name: str, value: Any) -> float:
+    """A frame rate: a finite number above 0 (`name` says whose, for the message)."""
+    rate = _setting_float(name, value)
+    if rate <= 0:
+        raise InputError(f"{name} must be above 0, got {value!r}")
+    return rate
 
 
 @dataclass(frozen=True)
@@ -57,11 +120,15 @@ class VisionProcessingConfig:
 
     ``min_pixels`` / ``max_pixels`` bound ``h * w`` after resizing. The defaults are transformers'
     image-processor defaults (56*56, 28*28*1280); a checkpoint's file overrides them (the published
-    Qwen2.5-VL files say 3136 and 12845056). As in transformers, min_pixels may exceed max_pixels (the
-    max_pixels bound is applied first) and max_pixels may be below one ``factor x factor`` unit (the image
-    then becomes that one unit).
+    Qwen2.5-VL files say 3136 and 12845056). max_pixels may be below one ``factor x factor`` unit (the
+    image then becomes that one unit) and below min_pixels (min_pixels then decides the size, which can pass
+    max_pixels), as in transformers: `qvl generate --max-pixels 1000` works on a published checkpoint.
 
     ``num_frames`` (videos): take this many frames, evenly spaced, instead of sampling at ``fps``.
+    ``min_frames`` above ``max_frames`` is allowed: the cap wins, as in transformers' sampling.
+
+    Every field is checked when the config is made (`validate`): wrong types, values out of range and NaN
+    raise `InputError` naming the field and the value.
     """
 
     min_pixels: int = 56 * 56
@@ -85,6 +152,9 @@ class VisionProcessingConfig:
     cap_pixels_per_frame: bool = False
     max_video_tokens: int = 128000
 
+    def __post_init__(self):
+        self.validate()
+
     @property
     def factor(self) -> int:
         return self.patch_size * self.merge_size
@@ -94,24 +164,37 @@ class VisionProcessingConfig:
         return 3 * self.temporal_patch_size * self.patch_size**2
 
     def validate(self) -> VisionProcessingConfig:
-        for name in ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size", "max_frames"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"processor config: {name} must be positive, got {getattr(self, name)}")
+        for name, least in _INT_SETTINGS.items():
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise InputError(f"{name} must be an integer, got {value!r}")
+            if value < least:
+                raise InputError(f"{name} must be at least {least}, got {value}")
+        if self.num_frames is not None and not (_is_int(self.num_frames) and self.num_frames >= 1):
+            raise InputError(f"num_frames must be a positive integer (or None), got {self.num_frames!r}")
+        for name in _BOOL_SETTINGS:
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.resize_backend not in RESIZE_BACKENDS:
-            raise ValueError(f"resize_backend must be one of {RESIZE_BACKENDS}, got {self.resize_backend!r}")
-        if self.resample not in _RESAMPLE_TORCH:
-            raise ValueError(f"processor config: resample {self.resample} is not supported; qvl resizes with "
-                             "bicubic (3) or bilinear (2)")
-        if len(self.image_mean) != 3 or len(self.image_std) != 3:
-            raise ValueError("processor config: image_mean and image_std need 3 values (RGB)")
-        if self.fps <= 0:
-            raise ValueError(f"video fps must be positive, got {self.fps}")
-        if self.num_frames is not None and self.num_frames <= 0:
-            raise ValueError(f"video num_frames must be positive, got {self.num_frames}")
+            raise InputError(f"resize_backend must be one of {RESIZE_BACKENDS}, got {self.resize_backend!r}")
+        if not _is_int(self.resample) or self.resample not in _RESAMPLE_TORCH:
+            raise InputError(f"resample {self.resample!r} is not supported; qvl resizes with bicubic (3) or "
+                             "bilinear (2)")
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if not isinstance(value, (tuple, list)) or len(value) != 3:
+                raise InputError(f"{name} needs 3 values (RGB), got {value!r}")
+            for v in value:
+                _setting_float(name, v)
+        if any(s <= 0 for s in self.image_std):
+            raise InputError(f"image_std must be above 0 (it divides the pixels), got {tuple(self.image_std)}")
+        if _setting_float("rescale_factor", self.rescale_factor) <= 0:
+            raise InputError(f"rescale_factor must be above 0, got {self.rescale_factor!r}")
+        check_positive_rate("fps", self.fps)
         return self
 
     def with_overrides(self, **overrides: Any) -> VisionProcessingConfig:
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None}).validate()
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], base: VisionProcessingConfig | None = None) -> VisionProcessingConfig:
@@ -119,10 +202,11 @@ class VisionProcessingConfig:
 
         Pixel bounds are read from ``size`` (``shortest_edge``/``longest_edge``, or ``min_pixels``/
         ``max_pixels`` inside it) and then from top-level ``min_pixels``/``max_pixels``, which win, as in
-        transformers. Unknown keys are ignored.
+        transformers. Unknown keys are ignored. Integers may be written as floats holding one (3136.0);
+        anything else of the wrong type raises `InputError` naming the key.
         """
         if not isinstance(raw, dict):
-            raise ValueError("processor config must be a JSON object")
+            raise InputError(f"processor config must be a JSON object, got {type(raw).__name__}")
         base = base or cls()
         out: dict[str, Any] = {}
         size = raw.get("size")
@@ -138,18 +222,15 @@ class VisionProcessingConfig:
         for key in ("image_mean", "image_std"):
             if key in out:
                 value = out[key]
-                out[key] = tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else [value] * 3))
-        try:
-            for key in ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size", "resample",
-                        "min_frames", "max_frames", "num_frames", "max_video_tokens"):
-                if key in out:
-                    out[key] = int(out[key])
-            for key in ("rescale_factor", "fps"):
-                if key in out:
-                    out[key] = float(out[key])
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"processor config has a malformed value: {e}") from None
-        return replace(base, **out).validate()
+                values = value if isinstance(value, (list, tuple)) else [value] * 3
+                out[key] = tuple(_setting_float(key, v) for v in values)
+        for key in (*_INT_SETTINGS, "resample", "num_frames"):
+            if key in out:
+                out[key] = _setting_int(key, out[key])
+        for key in ("rescale_factor", "fps"):
+            if key in out:
+                out[key] = _setting_float(key, out[key])
+        return replace(base, **out)
 
 
 # --- sizes --------------------------------------------------------------------------------------------------------
@@ -163,9 +244,9 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     an area above `max_pixels`; `target_size` says when that is refused.
     """
     if height <= 0 or width <= 0:
-        raise ValueError(f"image has an empty side: {width}x{height}")
+        raise MediaError(f"image has an empty side: {width}x{height}")
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise ValueError(f"image aspect ratio {max(height, width) / min(height, width):.1f} ({width}x{height}) "
+        raise MediaError(f"image aspect ratio {max(height, width) / min(height, width):.1f} ({width}x{height}) "
                          f"exceeds {MAX_ASPECT_RATIO}, the most Qwen2.5-VL's resizing allows; crop the image first")
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
@@ -194,15 +275,26 @@ def target_size(height: int, width: int, cfg: VisionProcessingConfig, max_pixels
     max_pixels = cfg.max_pixels if max_pixels is None else max_pixels
     if not cfg.do_resize:
         if height % cfg.factor or width % cfg.factor:
-            raise ValueError(f"{what} is {width}x{height} and do_resize is off: both sides must be multiples of "
+            raise MediaError(f"{what} is {width}x{height} and do_resize is off: both sides must be multiples of "
                              f"{cfg.factor}")
         return height, width
     h, w = smart_resize(height, width, cfg.factor, cfg.min_pixels, max_pixels)
     if h * w > max(max_pixels, cfg.factor**2) and min(h, w) == cfg.factor:  # one unit is the least it can be
-        raise ValueError(f"{what} of {width}x{height} pixels cannot be resized within max_pixels={max_pixels}: "
+        raise MediaError(f"{what} of {width}x{height} pixels cannot be resized within max_pixels={max_pixels}: "
                          f"the resizing rules (sides multiples of {cfg.factor}) give {w}x{h} = {w * h} pixels. "
                          "Crop it to a less extreme aspect ratio or raise max_pixels")
     return h, w
+
+
+def ensure_processing_fits(what: str, frames: int, height: int, width: int, cfg: VisionProcessingConfig) -> None:
+    """Refuse (`ResourceError`) frames whose processed size would not fit in memory, before any is made.
+
+    Per pixel and channel at most: the resized uint8 value, its float64 rescale and float32 normalized copy,
+    and patchify's repeated and reordered float32 copies (``temporal_patch_size`` frames each way).
+    """
+    t = frames + (-frames % cfg.temporal_patch_size)
+    per_value = 1 + 8 + 4 + 2 * 4 * cfg.temporal_patch_size
+    ensure_fits(f"{what}: {t} frame(s) resized to {width}x{height}", t * height * width * 3 * per_value)
 
 
 # --- decoding -----------------------------------------------------------------------------------------------------
@@ -211,31 +303,63 @@ def target_size(height: int, width: int, cfg: VisionProcessingConfig, max_pixels
 def _pil():
     try:
         import PIL.Image
+        import PIL.ImageFile
         import PIL.ImageOps
     except ImportError as e:  # pillow is a dependency of qvl's processing; say so plainly
         raise OptionalDependencyError("image input needs Pillow: pip install pillow") from e
     return PIL
 
 
-def to_rgb(image) -> Any:
+def _check_high_bit(image, what: str) -> None:
+    """Refuse 16/32-bit and float images whose RGB conversion would clip or blacken them (see module notes)."""
+    if image.mode not in _HIGH_BIT_MODES:
+        return
+    values = np.asarray(image)
+    if values.size == 0:
+        return
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        raise MediaError(f"{what}: mode {image.mode} image holds NaN or infinite values")
+    lo, hi = values.min().item(), values.max().item()
+    if lo < 0 or hi > 255:
+        raise MediaError(f"{what}: mode {image.mode} pixels span {lo}..{hi}; conversion to 8-bit RGB (Pillow's, "
+                         "which transformers uses) keeps only 0..255 and clips the rest. Scale the image to 8 bits "
+                         "first (e.g. divide 16-bit values by 257)")
+    if values.dtype.kind == "f" and hi <= 1 and not np.array_equal(values, np.floor(values)):
+        raise MediaError(f"{what}: mode F pixels lie in 0..1 (scaled); conversion to 8-bit RGB reads them as 0..255 "
+                         "levels and truncates them to black. Multiply by 255 first")
+
+
+def to_rgb(image, what: str = "image") -> Any:
     """A PIL image in RGB, transparency composited onto white (as transformers' ``convert_to_rgb``)."""
     PIL = _pil()
-    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
-    return image if image.mode == "RGB" else image.convert("RGB")
+    _check_high_bit(image, what)
+    try:
+        has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+        if has_alpha:
+            rgba = image.convert("RGBA")
+            background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return PIL.Image.alpha_composite(background, rgba).convert("RGB")
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except (ValueError, OSError) as e:  # a mode Pillow cannot convert ("conversion from X to RGB not supported")
+        raise MediaError(f"{what}: cannot convert a mode {image.mode} image to RGB: {e}") from None
+
+
+def _truncated_hint(PIL) -> str:
+    if PIL.ImageFile.LOAD_TRUNCATED_IMAGES:
+        return ""
+    return " (a truncated file is refused unless PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set)"
 
 
 def open_image_file(path: str | os.PathLike, what: str = "image"):
-    """Decode an image file fully (so corrupt data fails here), EXIF orientation applied."""
+    """Decode an image file fully (so corrupt data fails here), EXIF orientation applied; first frame only."""
     PIL = _pil()
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{what} file not found: {path}")
+        raise MediaError(f"{what} file not found: {path}")
     if os.path.isdir(path):
-        raise ValueError(f"{what} path is a directory, not an image file: {path}")
+        raise MediaError(f"{what} path is a directory, not an image file: {path}")
+    if not os.path.isfile(path):  # a FIFO or a device would block or never end
+        raise MediaError(f"{what} path is not a regular file: {path}")
     try:
         with PIL.Image.open(path) as img:
             img.load()
@@ -243,47 +367,114 @@ def open_image_file(path: str | os.PathLike, what: str = "image"):
             img.load()
             return img
     except PIL.Image.DecompressionBombError as e:
-        raise ValueError(f"{what} {path} is too large to decode safely: {e}") from None
+        raise MediaError(f"{what} {path} is too large to decode safely: {e}") from None
     except PIL.UnidentifiedImageError:
-        raise ValueError(f"cannot read {what} {path}: not an image format Pillow recognizes") from None
-    except (OSError, SyntaxError, ValueError) as e:  # truncated / corrupt data, unreadable file
-        raise ValueError(f"cannot read {what} {path}: the file is corrupt or unreadable ({e})") from None
+        raise MediaError(f"cannot read {what} {path}: not an image format Pillow recognizes") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # Pillow's decoders meet malformed bytes with many exception types
+        raise MediaError(f"cannot read {what} {path}: the file is corrupt or unreadable "
+                         f"({type(e).__name__}: {e}){_truncated_hint(PIL)}") from None
 
 
 def load_image(source, what: str = "image"):
-    """A path, a PIL image or an (H, W[, C]) uint8 array -> a PIL RGB image.
+    """A path, a PIL image or an array/tensor -> a PIL RGB image (see the module notes for odd inputs).
 
-    Arrays may also be channels-first (C, H, W) when their last dim cannot be channels (1, 3 or 4). An array
-    that reads either way (e.g. (3, 2, 3)) is taken as (H, W, C); transformers guesses channels-first there.
+    Arrays are (H, W), (H, W, C) or channels-first (C, H, W) when their last dim cannot be channels (1, 3
+    or 4). An array that reads either way (e.g. (3, 2, 3)) is taken as (H, W, C); transformers guesses
+    channels-first there.
     """
     PIL = _pil()
     if isinstance(source, (str, os.PathLike)):
-        return to_rgb(open_image_file(source, what))
-    if isinstance(source, PIL.Image.Image):
+        image = open_image_file(source, what)
+        what = f"{what} {os.fspath(source)}"
+    elif isinstance(source, PIL.Image.Image):
         try:
             source.load()
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"cannot read {what}: the image data is corrupt ({e})") from None
-        return to_rgb(source)
-    if isinstance(source, torch.Tensor):
-        source = source.detach().cpu().numpy()
-    if isinstance(source, np.ndarray):
-        return to_rgb(PIL.Image.fromarray(_as_hwc_uint8(source, what)))
-    raise ValueError(f"{what} must be a file path, a PIL image or a uint8 array, got {type(source).__name__}")
+        except MemoryError:
+            raise
+        except Exception as e:  # a lazily opened image decodes here; a closed one fails here
+            raise MediaError(f"cannot read {what}: the image data is corrupt or unreadable "
+                             f"({type(e).__name__}: {e}){_truncated_hint(PIL)}") from None
+        image = source
+    elif isinstance(source, (np.ndarray, torch.Tensor)):
+        return PIL.Image.fromarray(array_to_rgb(source, what))
+    else:
+        raise InputError(f"{what} must be a file path, a PIL image, a numpy array or a torch tensor, "
+                         f"got {type(source).__name__}")
+    if image.width == 0 or image.height == 0:
+        raise MediaError(f"{what} is empty: {image.width}x{image.height} pixels")
+    return to_rgb(image, what)
 
 
-def _as_hwc_uint8(array: np.ndarray, what: str) -> np.ndarray:
-    if array.dtype != np.uint8:
-        raise ValueError(f"{what} arrays must be uint8 (0..255), got {array.dtype}")
+def tensor_to_numpy(source: torch.Tensor, what: str) -> np.ndarray:
+    """A tensor's values on the host as numpy (half and bfloat16 as float32, which holds them exactly)."""
+    if source.is_complex():
+        raise MediaError(f"{what}: a complex tensor ({source.dtype}) is not pixels")
+    try:
+        source = source.detach().to("cpu")
+    except (RuntimeError, NotImplementedError) as e:  # meta tensors have no values
+        raise MediaError(f"{what}: cannot read the tensor's values ({e})") from None
+    if source.dtype in (torch.bfloat16, torch.float16):
+        source = source.float()
+    return source.numpy()
+
+
+def pixels_to_uint8(array: np.ndarray, what: str, alpha: bool = False) -> np.ndarray:
+    """`array` as uint8 levels, converted exactly, or `MediaError` when it is not 0..255 pixels.
+
+    transformers' processor turns non-uint8 arrays into uint8 the same way (``to_pil_image``): integers in
+    0..255 as they are, floats holding whole numbers in 0..255 truncated to them; it raises on anything
+    else except float pixels in 0..1, which it rescales to 0..255 and then again by 1/255 (garbage).
+    `alpha`: the array carries an alpha channel, which transformers composites as floats only in 0..1.
+    """
+    kind = array.dtype.kind
+    if array.dtype == np.uint8:
+        return array
+    if kind == "b":
+        raise MediaError(f"{what}: a bool array is a mask, not pixels (transformers reads True as level 1 of 255); "
+                         "pass uint8, e.g. mask * 255")
+    if kind not in "iuf":
+        raise MediaError(f"{what}: arrays of dtype {array.dtype} are not pixels; pass uint8 (0..255)")
+    if kind == "f":
+        if alpha:
+            raise MediaError(f"{what}: a float array with an alpha channel is refused (transformers raises on one "
+                             "in 0..255 and mis-scales one in 0..1); pass uint8 (0..255)")
+        if not np.isfinite(array).all():
+            raise MediaError(f"{what}: the array holds NaN or infinite pixel values")
+    lo, hi = array.min().item(), array.max().item()
+    if lo < 0 or hi > 255:
+        raise MediaError(f"{what}: {array.dtype} pixels span {lo:g}..{hi:g}, outside 0..255; pass uint8 levels")
+    if kind == "f" and not np.allclose(array, array.astype(np.int64)):  # transformers' own test for whole numbers
+        if hi <= 1:
+            raise MediaError(f"{what}: float pixels in 0..1 (already scaled) are refused: transformers' processor "
+                             "rescales them twice. Pass uint8 (x * 255) or whole numbers in 0..255")
+        raise MediaError(f"{what}: float pixels must be whole numbers in 0..255 (as transformers requires), got "
+                         f"fractional values in {lo:g}..{hi:g}")
+    return array.astype(np.uint8)
+
+
+def array_to_rgb(source, what: str = "image") -> np.ndarray:
+    """An image array or tensor -> (H, W, 3) uint8: greyscale repeated, alpha composited onto white."""
+    array = tensor_to_numpy(source, what) if isinstance(source, torch.Tensor) else source
     if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
         array = np.moveaxis(array, 0, -1)  # channels first -> last
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        raise ValueError(f"{what} array must be (H, W), (H, W, 3) or (H, W, 4), got shape {array.shape}")
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        hint = f"; a batch of {array.shape[0]} images is given as a list" if array.ndim == 4 else ""
+        raise MediaError(f"{what}: an image array must be (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4, got "
+                         f"shape {tuple(array.shape)}{hint}")
     if array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValueError(f"{what} is empty: shape {array.shape}")
-    return np.ascontiguousarray(array)
+        raise MediaError(f"{what} is empty: array shape {tuple(array.shape)}")
+    channels = array.shape[-1]
+    pixels = pixels_to_uint8(array, what, alpha=channels == 4)
+    if channels == 1:
+        return np.ascontiguousarray(np.repeat(pixels, 3, axis=-1))
+    if channels == 4:  # transformers' numpy convert_to_rgb: blend onto white in float64, round
+        a = pixels[..., 3:4] / 255
+        return np.round(a * pixels[..., :3] + (1 - a) * 255).astype(np.uint8)
+    return np.ascontiguousarray(pixels)
 
 
 # --- pixels -------------------------------------------------------------------------------------------------------
@@ -354,11 +545,14 @@ class ImageProcessor:
     def __init__(self, config: VisionProcessingConfig | None = None, **overrides: Any):
         self.config = (config or VisionProcessingConfig()).with_overrides(**overrides)
 
-    def preprocess_one(self, image) -> tuple[np.ndarray, tuple[int, int, int]]:
+    def preprocess_one(self, image, what: str = "image") -> tuple[np.ndarray, tuple[int, int, int]]:
         cfg = self.config
-        rgb = load_image(image)
+        rgb = load_image(image, what)  # names the file itself
+        if isinstance(image, (str, os.PathLike)):
+            what = f"{what} ({os.fspath(image)})"
         frame = np.asarray(rgb)[None]  # (1, H, W, 3) uint8
-        size = target_size(frame.shape[1], frame.shape[2], cfg, what=f"image ({_describe(image)})")
+        size = target_size(frame.shape[1], frame.shape[2], cfg, what=what)
+        ensure_processing_fits(what, 1, *size, cfg)
         if cfg.do_resize:
             frame = resize_frames(frame, size, cfg)
         pixels = normalize_frames(frame, cfg)
@@ -368,22 +562,17 @@ class ImageProcessor:
         if not isinstance(images, (list, tuple)):
             images = [images]
         if not images:
-            raise ValueError("no images given")
+            raise InputError("no images given")
         rows, grids = [], []
-        for image in images:
-            r, g = self.preprocess_one(image)
+        for i, image in enumerate(images):
+            r, g = self.preprocess_one(image, what=f"image {i}" if len(images) > 1 else "image")
             rows.append(r)
             grids.append(g)
         return {"pixel_values": torch.from_numpy(np.concatenate(rows)),
                 "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
 
 
-def _describe(source) -> str:
-    if isinstance(source, (str, os.PathLike)):
-        return os.fspath(source)
-    return type(source).__name__
-
-
 __all__ = ["VisionProcessingConfig", "ImageProcessor", "smart_resize", "target_size", "load_image", "to_rgb",
-           "open_image_file", "resize_frames", "normalize_frames", "patchify", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD",
-           "OptionalDependencyError"]
+           "open_image_file", "array_to_rgb", "pixels_to_uint8", "tensor_to_numpy", "ensure_processing_fits",
+           "check_positive_rate", "resize_frames", "normalize_frames", "patchify", "OPENAI_CLIP_MEAN",
+           "OPENAI_CLIP_STD", "OptionalDependencyError"]

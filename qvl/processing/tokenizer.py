@@ -10,12 +10,14 @@ text the published Qwen2.5-VL ``chat_template.json`` renders (ChatML turns, a de
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..config import Qwen25VLConfig
+from ..errors import CheckpointError, ConfigError, InputError
 from . import chat_template as jinja_chat
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -39,13 +41,31 @@ def _tokenizers():
     return tokenizers
 
 
+def check_text(text: Any, name: str) -> str:
+    """`text` as given, when it is a str that encodes as UTF-8; otherwise `InputError` naming `name`: bytes
+    (decode them first), another type, or lone surrogates (what Python makes of bytes that are not UTF-8 when
+    it decodes a command line or a file with errors="surrogateescape")."""
+    if isinstance(text, (bytes, bytearray)):
+        raise InputError(f"{name} is {type(text).__name__}, not str: decode it first (e.g. .decode('utf-8'))")
+    if not isinstance(text, str):
+        raise InputError(f"{name} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        what = (f"the byte 0x{code - 0xDC00:02x}, which is not UTF-8" if 0xDC80 <= code <= 0xDCFF
+                else f"a lone surrogate U+{code:04X}")
+        raise InputError(f"{name} is not valid UTF-8 text: {what}, at character {e.start}") from None
+    return text
+
+
 # --- chat template ------------------------------------------------------------------------------------------------
 
 
 def _kind(item: Any) -> str | None:
     """How the template classifies one content item (the same tests, in the same order)."""
     if not isinstance(item, dict):
-        raise ValueError(f"message content items must be dicts like {{'type': 'text', 'text': ...}}, got {item!r}")
+        raise InputError(f"message content items must be dicts like {{'type': 'text', 'text': ...}}, got {item!r}")
     if item.get("type") == "image" or "image" in item or "image_url" in item:
         return "image"
     if item.get("type") == "video" or "video" in item:
@@ -64,11 +84,11 @@ def render_chat(messages: Sequence[dict], add_generation_prompt: bool = True, ad
     is added when the first message is not a system message.
     """
     if not messages:
-        raise ValueError("no messages to render")
+        raise InputError("no messages to render")
     out, images, videos = [], 0, 0
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {message!r}")
+            raise InputError(f"message {i} must be a dict with 'role' and 'content', got {message!r}")
         role, content = message["role"], message["content"]
         if i == 0 and role != "system":
             out.append(f"{IM_START}system\n{DEFAULT_SYSTEM}{IM_END}\n")
@@ -79,7 +99,7 @@ def render_chat(messages: Sequence[dict], add_generation_prompt: bool = True, ad
         if content is None:  # e.g. an assistant turn that only called tools: an empty turn, as transformers renders it
             content = []
         if not isinstance(content, (list, tuple)):
-            raise ValueError(f"message {i} content must be a string or a list of items, got {type(content).__name__}")
+            raise InputError(f"message {i} content must be a string or a list of items, got {type(content).__name__}")
         for item in content:
             kind = _kind(item)
             if kind == "image":
@@ -103,7 +123,7 @@ def expand_vision_placeholders(text: str, image_tokens: Sequence[int] = (), vide
     found = {IMAGE_PAD: text.count(IMAGE_PAD), VIDEO_PAD: text.count(VIDEO_PAD)}
     for token, what in ((IMAGE_PAD, "image"), (VIDEO_PAD, "video")):
         if found[token] != len(counts[token]):
-            raise ValueError(f"the prompt has {found[token]} {what} placeholder(s) ({token}) but "
+            raise InputError(f"the prompt has {found[token]} {what} placeholder(s) ({token}) but "
                              f"{len(counts[token])} {what}(s) were given")
     used = {IMAGE_PAD: 0, VIDEO_PAD: 0}
     rest = text
@@ -150,7 +170,7 @@ class QwenTokenizer:
             ids[token] = tokenizer.token_to_id(token)
         missing = [t for t in SPECIAL_TOKENS if ids[t] is None and t != ENDOFTEXT]
         if missing:
-            raise ValueError(f"{source} lacks the Qwen2.5-VL special token(s) {', '.join(missing)}; "
+            raise CheckpointError(f"{source} lacks the Qwen2.5-VL special token(s) {', '.join(missing)}; "
                              "it is not a Qwen2.5-VL tokenizer")
         self.special = SpecialIds(ids[IM_START], ids[IM_END], ids[VISION_START], ids[VISION_END], ids[IMAGE_PAD],
                                   ids[VIDEO_PAD], ids[ENDOFTEXT])
@@ -164,12 +184,12 @@ class QwenTokenizer:
             path = os.path.join(path, "tokenizer.json")
         folder = os.path.dirname(path) or "."
         if not os.path.isfile(path):
-            raise ValueError(f"no tokenizer.json at {path}: qvl reads the checkpoint's tokenizer.json "
+            raise CheckpointError(f"no tokenizer.json at {path}: qvl reads the checkpoint's tokenizer.json "
                              "(the fast-tokenizer file); copy it into the checkpoint directory")
         try:
             tok = _tokenizers().Tokenizer.from_file(path)
         except Exception as e:  # tokenizers raises its own Exception type for malformed files
-            raise ValueError(f"cannot load {path}: {e}") from None
+            raise CheckpointError(f"cannot load {path}: {e}") from None
         templates, _ = jinja_chat.find_chat_templates(folder)
         return cls(tok, source=path, chat_templates=templates,
                    special_tokens=jinja_chat.special_tokens_from_config(folder))
@@ -190,7 +210,7 @@ class QwenTokenizer:
             im_start = next(i for i in range(256, cfg.text.vocab_size) if i not in used)
         fixed[IM_START] = im_start
         if len(set(fixed.values())) != len(fixed) or max(fixed.values()) >= cfg.text.vocab_size:
-            raise ValueError(f"cannot place the special tokens at the config's ids {fixed} in a vocabulary of "
+            raise ConfigError(f"cannot place the special tokens at the config's ids {fixed} in a vocabulary of "
                              f"{cfg.text.vocab_size}")
         vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
         vocab.update(fixed)
@@ -212,7 +232,7 @@ class QwenTokenizer:
         if top >= cfg.text.vocab_size:
             problems.append(f"special token id {top} is outside the model vocabulary ({cfg.text.vocab_size})")
         if problems:
-            raise ValueError(f"{self.source} does not match the model config: " + "; ".join(problems))
+            raise CheckpointError(f"{self.source} does not match the model config: " + "; ".join(problems))
 
     def stop_ids(self, cfg: Qwen25VLConfig, extra: Iterable[int] = ()) -> tuple[int, ...]:
         """The config's EOS ids, ``<|im_end|>`` (end of the assistant turn) and any `extra`, in order."""
@@ -233,7 +253,7 @@ class QwenTokenizer:
         token = self.special_tokens.get("pad_token")
         tid = self.tok.token_to_id(token) if token is not None else None
         if token is not None and tid is None:
-            raise ValueError(f"{self.source}: the pad_token {token!r} is not in the vocabulary")
+            raise CheckpointError(f"{self.source}: the pad_token {token!r} is not in the vocabulary")
         return tid if tid is not None else self.special.endoftext
 
     def render_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False, *,
@@ -254,19 +274,28 @@ class QwenTokenizer:
         `tokenize` its ids (no special tokens added beyond the template's). A list of conversations gives a
         list of results. `template_kwargs`: ``tools``, ``documents``, ``chat_template`` and any variable the
         template reads (e.g. ``add_vision_id``)."""
-        if not messages:
-            raise ValueError("no messages to render")
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise InputError(f"messages must be a non-empty list of message dicts (or of conversations), got "
+                             f"{messages!r:.80}")
         batched = isinstance(messages[0], (list, tuple))
         texts = [self.render_chat_template(m, add_generation_prompt, **template_kwargs)
                  for m in (messages if batched else [messages])]
         out = [self.encode(t, add_special_tokens=False) for t in texts] if tokenize else texts
         return out if batched else out[0]
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.tok.encode(text, add_special_tokens=add_special_tokens).ids)
+    def encode(self, text: str, add_special_tokens: bool = True, *, name: str = "text") -> list[int]:
+        """Token ids of `text` (a str that is valid UTF-8: `check_text`, with `name` in its message)."""
+        return list(self.tok.encode(check_text(text, name), add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """Text of token ids: integers (not bools) in [0, 2**32); ids the vocabulary lacks decode to nothing,
+        as in the tokenizers library."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # a tensor or an array too
+        bad = next((i for i in ids if isinstance(i, bool) or not isinstance(i, numbers.Integral)
+                    or not 0 <= i < 2**32), None)
+        if bad is not None:
+            raise InputError(f"token ids to decode must be integers in [0, 2**32), got {bad!r:.40}")
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -282,5 +311,5 @@ def _bytes_to_unicode() -> dict[int, str]:
     return chars
 
 
-__all__ = ["QwenTokenizer", "SpecialIds", "render_chat", "expand_vision_placeholders", "SPECIAL_TOKENS",
+__all__ = ["QwenTokenizer", "SpecialIds", "render_chat", "expand_vision_placeholders", "check_text", "SPECIAL_TOKENS",
            "IM_START", "IM_END", "VISION_START", "VISION_END", "IMAGE_PAD", "VIDEO_PAD", "ENDOFTEXT", "DEFAULT_SYSTEM"]

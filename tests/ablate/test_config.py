@@ -273,7 +273,7 @@ def test_image_file_resolves_from_the_config_folder(tmp_path):
 
 
 def test_unreadable_file():
-    with pytest.raises(ConfigError, match="nope.toml: cannot read"):
+    with pytest.raises(ConfigError, match="nope.toml: no such file"):
         load_config("nope.toml")
 
 

@@ -16,6 +16,7 @@ import torch
 
 import qvl
 from qvl.config import config_from_hf_dict, config_to_hf_dict, get_preset
+from qvl.errors import InputError
 
 IMG, VID, VS, VE = 1001, 1002, 1003, 1004
 PATCH_DIM = 1176
@@ -65,7 +66,7 @@ def test_generation_builds_no_autograd_graph(model):
 
 @pytest.mark.parametrize("n_tokens", [5, 7, 12])
 def test_placeholder_count_must_match_image_grid(model, n_tokens):
-    with pytest.raises(ValueError, match=rf"{n_tokens} image placeholder tokens, but the image grids "
+    with pytest.raises(InputError, match=rf"{n_tokens} image placeholder tokens, but the image grids "
                                          rf"\[\[1, 4, 6\]\] give 6 merged image tokens"):
         model(_image_ids(n_tokens), pixel_values=_pixels(24), image_grid_thw=GRID)
 
@@ -73,39 +74,39 @@ def test_placeholder_count_must_match_image_grid(model, n_tokens):
 def test_placeholder_count_across_two_images(model):
     ids = torch.tensor([[VS] + [IMG] * 6 + [VE, VS] + [IMG] * 5 + [VE]])
     grids = torch.tensor([[1, 4, 6], [1, 2, 2]])  # 6 + 1 tokens expected
-    with pytest.raises(ValueError, match="11 image placeholder tokens.*give 7 merged image tokens"):
+    with pytest.raises(InputError, match="11 image placeholder tokens.*give 7 merged image tokens"):
         model(ids, pixel_values=_pixels(24 + 4), image_grid_thw=grids)
 
 
 def test_placeholder_tokens_must_be_one_run_per_grid(model):
     ids = torch.tensor([[VS] + [IMG] * 3 + [7] + [IMG] * 3 + [VE]])  # right count, split in two runs
-    with pytest.raises(ValueError, match="needs 6 consecutive image placeholder tokens"):
+    with pytest.raises(InputError, match="needs 6 consecutive image placeholder tokens"):
         model(ids, pixel_values=_pixels(24), image_grid_thw=GRID)
 
 
 @pytest.mark.parametrize("rows", [23, 25, 96])
 def test_pixel_rows_must_match_grid(model, rows):
-    with pytest.raises(ValueError, match=rf"image pixels must be \(24, 1176\) for grids \[\[1, 4, 6\]\], "
+    with pytest.raises(InputError, match=rf"image pixels must be \(24, 1176\) for grids \[\[1, 4, 6\]\], "
                                          rf"floating point; got \({rows}, 1176\)"):
         model(_image_ids(), pixel_values=_pixels(rows), image_grid_thw=GRID)
 
 
 def test_pixel_columns_must_be_patch_dim(model):
-    with pytest.raises(ValueError, match=r"must be \(24, 1176\).*got \(24, 588\)"):
+    with pytest.raises(InputError, match=r"must be \(24, 1176\).*got \(24, 588\)"):
         model(_image_ids(), pixel_values=_pixels(24, 588), image_grid_thw=GRID)
-    with pytest.raises(ValueError, match=r"must be \(24, 1176\).*got \(1, 24, 1176\)"):
+    with pytest.raises(InputError, match=r"must be \(24, 1176\).*got \(1, 24, 1176\)"):
         model(_image_ids(), pixel_values=_pixels(24)[None], image_grid_thw=GRID)
 
 
 @pytest.mark.parametrize("grid", [[1, 3, 6], [1, 4, 5], [2, 7, 7]])
 def test_grid_h_w_must_be_divisible_by_merge_size(model, grid):
     t, h, w = grid
-    with pytest.raises(ValueError, match=r"image_grid_thw .*h and w must be divisible by spatial_merge_size \(2\)"):
+    with pytest.raises(InputError, match=r"image_grid_thw .*h and w must be divisible by spatial_merge_size \(2\)"):
         model(_image_ids(), pixel_values=_pixels(t * h * w), image_grid_thw=torch.tensor([grid]))
 
 
 def test_video_grid_h_w_must_be_divisible_by_merge_size(model):
-    with pytest.raises(ValueError, match=r"video_grid_thw \[\[2, 4, 3\]\].*divisible by spatial_merge_size \(2\)"):
+    with pytest.raises(InputError, match=r"video_grid_thw \[\[2, 4, 3\]\].*divisible by spatial_merge_size \(2\)"):
         model(torch.tensor([[VID] * 4]), pixel_values_videos=_pixels(24), video_grid_thw=torch.tensor([[2, 4, 3]]))
 
 
@@ -116,37 +117,37 @@ def test_video_grid_h_w_must_be_divisible_by_merge_size(model):
     ([[1, -4, 6]], r"holds a non-positive size: \[\[1, -4, 6\]\]"),
 ])
 def test_grid_shape_and_sizes(model, grid, problem):
-    with pytest.raises(ValueError, match=f"image_grid_thw {problem}"):
+    with pytest.raises(InputError, match=f"image_grid_thw {problem}"):
         model(_image_ids(), pixel_values=_pixels(24), image_grid_thw=torch.tensor(grid))
 
 
 def test_image_tokens_without_pixels(model):
-    with pytest.raises(ValueError, match="input_ids hold 6 image placeholder tokens but no image pixels were given"):
+    with pytest.raises(InputError, match="input_ids hold 6 image placeholder tokens but no image pixels were given"):
         model(_image_ids())
 
 
 def test_pixels_without_grid_and_grid_without_pixels(model):
-    with pytest.raises(ValueError, match="image: pass both the pixels and their grid_thw, or neither"):
+    with pytest.raises(InputError, match="image: pass both the pixels and their grid_thw, or neither"):
         model(_image_ids(), pixel_values=_pixels(24))
-    with pytest.raises(ValueError, match="image: pass both the pixels and their grid_thw, or neither"):
+    with pytest.raises(InputError, match="image: pass both the pixels and their grid_thw, or neither"):
         model(_image_ids(), image_grid_thw=GRID)
-    with pytest.raises(ValueError, match="video: pass both the pixels and their grid_thw, or neither"):
+    with pytest.raises(InputError, match="video: pass both the pixels and their grid_thw, or neither"):
         model(torch.tensor([[VID] * 8]), pixel_values_videos=_pixels(32))
 
 
 def test_video_placeholder_without_video_pixels(model):
     ids = torch.tensor([[5, VS] + [VID] * 8 + [VE]])
-    with pytest.raises(ValueError, match="input_ids hold 8 video placeholder tokens but no video pixels were given"):
+    with pytest.raises(InputError, match="input_ids hold 8 video placeholder tokens but no video pixels were given"):
         model(ids)
     # image pixels do not stand in for video ones
-    with pytest.raises(ValueError, match="8 video placeholder tokens but no video pixels"):
+    with pytest.raises(InputError, match="8 video placeholder tokens but no video pixels"):
         model(torch.tensor([[VS] + [IMG] * 6 + [VE, VS] + [VID] * 8 + [VE]]), pixel_values=_pixels(24),
               image_grid_thw=GRID)
 
 
 def test_video_placeholder_count_must_match_video_grid(model):
     ids = torch.tensor([[VS] + [VID] * 6 + [VE]])
-    with pytest.raises(ValueError, match=r"6 video placeholder tokens, but the video grids \[\[2, 4, 4\]\] give 8"):
+    with pytest.raises(InputError, match=r"6 video placeholder tokens, but the video grids \[\[2, 4, 4\]\] give 8"):
         model(ids, pixel_values_videos=_pixels(32), video_grid_thw=torch.tensor([[2, 4, 4]]))
 
 
@@ -154,13 +155,13 @@ def test_video_placeholder_count_must_match_video_grid(model):
 def test_second_per_grid_ts_length_must_match_videos(model, spg):
     ids = torch.tensor([[5, VS] + [VID] * 8 + [VE]])
     n = len(torch.as_tensor(spg).flatten())
-    with pytest.raises(ValueError, match=f"second_per_grid_ts has {n} entries but video_grid_thw has 1 videos"):
+    with pytest.raises(InputError, match=f"second_per_grid_ts has {n} entries but video_grid_thw has 1 videos"):
         model(ids, pixel_values_videos=_pixels(32), video_grid_thw=torch.tensor([[2, 4, 4]]),
               second_per_grid_ts=torch.tensor(spg))
 
 
 def test_second_per_grid_ts_without_videos(model):
-    with pytest.raises(ValueError, match="second_per_grid_ts given without video_grid_thw"):
+    with pytest.raises(InputError, match="second_per_grid_ts given without video_grid_thw"):
         model(torch.tensor([[5, 6, 7]]), second_per_grid_ts=torch.tensor([1.0]))
 
 
@@ -169,35 +170,35 @@ def test_second_per_grid_ts_without_videos(model):
 
 @pytest.mark.parametrize("bad", [1024, 5000, -1])
 def test_token_ids_outside_vocabulary(model, bad):
-    with pytest.raises(ValueError, match=rf"input_ids hold ids outside the vocabulary \[0, 1024\): {bad} at "
+    with pytest.raises(InputError, match=rf"input_ids hold ids outside the vocabulary \[0, 1024\): {bad} at "
                                          "batch row 0, position 1"):
         model(torch.tensor([[5, bad, 7]]))
-    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 1024\)"):
+    with pytest.raises(InputError, match=r"outside the vocabulary \[0, 1024\)"):
         model.generate(torch.tensor([[5, bad, 7]]), max_new_tokens=1)
 
 
 def test_input_ids_shape(model):
-    with pytest.raises(ValueError, match=r"input_ids must be a \(batch, length\) integer tensor"):
+    with pytest.raises(InputError, match=r"input_ids must be a \(batch, length\) integer tensor"):
         model(torch.tensor([5, 6, 7]))
-    with pytest.raises(ValueError, match=r"input_ids must be a \(batch, length\) integer tensor"):
+    with pytest.raises(InputError, match=r"input_ids must be a \(batch, length\) integer tensor"):
         model([[5, 6, 7]])
-    with pytest.raises(ValueError, match="input_ids is empty"):
+    with pytest.raises(InputError, match="input_ids is empty"):
         model(torch.zeros(1, 0, dtype=torch.long))
 
 
 def test_input_ids_must_be_integers(model):
-    with pytest.raises(ValueError, match="integer"):
+    with pytest.raises(InputError, match="integer"):
         model(torch.tensor([[5.0, 6.0, 7.0]]))
 
 
 def test_right_padded_attention_mask(model):
     ids = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 8]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
-    with pytest.raises(ValueError, match=r"attention_mask must be left-padded \(zeros, then ones\)"):
+    with pytest.raises(InputError, match=r"attention_mask must be left-padded \(zeros, then ones\)"):
         model(ids, attention_mask=mask)
-    with pytest.raises(ValueError, match="must be left-padded"):  # a hole in the middle
+    with pytest.raises(InputError, match="must be left-padded"):  # a hole in the middle
         model(ids, attention_mask=torch.tensor([[1, 1, 1, 1], [0, 1, 0, 1]]))
-    with pytest.raises(ValueError, match="must be left-padded"):
+    with pytest.raises(InputError, match="must be left-padded"):
         model.generate(ids, attention_mask=mask, max_new_tokens=1)
 
 
@@ -208,18 +209,18 @@ def test_right_padded_attention_mask(model):
     [[1.0, 1.0, 1.0, 1.7]],
 ])
 def test_attention_mask_must_hold_zeros_and_ones(model, mask):
-    with pytest.raises(ValueError, match="attention_mask must hold only 0 and 1"):
+    with pytest.raises(InputError, match="attention_mask must hold only 0 and 1"):
         model(torch.tensor([[5, 6, 7, 8]]), attention_mask=torch.tensor(mask))
 
 
 @pytest.mark.parametrize("shape", [(1, 3), (1, 5), (2, 4), (4,)])
 def test_attention_mask_shape(model, shape):
-    with pytest.raises(ValueError, match=re.escape(f"attention_mask {tuple(shape)} must be (1, 4)")):
+    with pytest.raises(InputError, match=re.escape(f"attention_mask {tuple(shape)} must be (1, 4)")):
         model(torch.tensor([[5, 6, 7, 8]]), attention_mask=torch.ones(shape, dtype=torch.long))
 
 
 def test_attention_mask_row_without_tokens(model):
-    with pytest.raises(ValueError, match="attention_mask has a row with no tokens"):
+    with pytest.raises(InputError, match="attention_mask has a row with no tokens"):
         model(torch.tensor([[5, 6], [7, 8]]), attention_mask=torch.tensor([[1, 1], [0, 0]]))
 
 
@@ -227,9 +228,9 @@ def test_attention_mask_row_without_tokens(model):
 
 
 def test_unknown_preset():
-    with pytest.raises(ValueError, match="unknown preset 'huge'; valid options are: tiny, 3b, 7b, 32b, 72b"):
+    with pytest.raises(qvl.ConfigError, match="unknown preset 'huge'; valid options are: tiny, 3b, 7b, 32b, 72b"):
         qvl.from_config("huge")
-    with pytest.raises(ValueError, match="unknown preset 'Tiny'"):
+    with pytest.raises(qvl.ConfigError, match="unknown preset 'Tiny'"):
         get_preset("Tiny")
 
 
@@ -246,25 +247,25 @@ def test_hf_dict_round_trips(hf):
                                      "num_attention_heads"])
 def test_hf_dict_missing_required_field(hf, missing):
     del hf[missing]
-    with pytest.raises(ValueError, match=f"missing required text fields: {missing}"):
+    with pytest.raises(qvl.ConfigError, match=f"missing required text fields: {missing}"):
         config_from_hf_dict(hf)
 
 
 def test_hf_dict_missing_several_fields_names_all(hf):
     del hf["vocab_size"], hf["num_attention_heads"]
-    with pytest.raises(ValueError, match="missing required text fields: vocab_size, num_attention_heads"):
+    with pytest.raises(qvl.ConfigError, match="missing required text fields: vocab_size, num_attention_heads"):
         config_from_hf_dict(hf)
 
 
 def test_hf_dict_without_vision_config(hf):
     del hf["vision_config"]
-    with pytest.raises(ValueError, match="no vision_config"):
+    with pytest.raises(qvl.ConfigError, match="no vision_config"):
         config_from_hf_dict(hf)
 
 
 def test_hf_dict_contradictory_mrope_section(hf):
     hf["rope_parameters"] = {"rope_type": "default", "rope_theta": hf["rope_theta"], "mrope_section": [3, 3, 2]}
-    with pytest.raises(ValueError, match=r"contradictory mrope_section values: rope_scaling=\[2, 3, 3\], "
+    with pytest.raises(qvl.ConfigError, match=r"contradictory mrope_section values: rope_scaling=\[2, 3, 3\], "
                                          r"rope_parameters=\[3, 3, 2\]"):
         config_from_hf_dict(hf)
     hf["rope_parameters"]["mrope_section"] = [2, 3, 3]  # agreeing spellings are fine
@@ -273,55 +274,56 @@ def test_hf_dict_contradictory_mrope_section(hf):
 
 def test_hf_dict_contradictory_rope_theta(hf):
     hf["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-    with pytest.raises(ValueError, match="contradictory rope_theta"):
+    with pytest.raises(qvl.ConfigError, match="contradictory rope_theta"):
         config_from_hf_dict(hf)
 
 
 @pytest.mark.parametrize("section, total", [([2, 3, 4], 9), ([1, 1, 1], 3), ([16, 24, 24], 64)])
 def test_hf_dict_mrope_section_must_sum_to_half_head_dim(hf, section, total):
     hf["rope_scaling"]["mrope_section"] = section  # tiny: head_dim 64 / 4 heads = 16
-    with pytest.raises(ValueError, match=re.escape(f"mrope_section {tuple(section)} sums to {total}, but must sum to "
-                                                   "head_dim / 2 = 8")):
+    with pytest.raises(qvl.ConfigError, match=re.escape(f"mrope_section {tuple(section)} sums to {total}, but must "
+                                                        "sum to head_dim / 2 = 8")):
         config_from_hf_dict(hf)
 
 
 def test_hf_dict_mrope_section_needs_three_entries(hf):
     hf["rope_scaling"]["mrope_section"] = [4, 4]
-    with pytest.raises(ValueError, match="mrope_section needs 3 entries"):
+    with pytest.raises(qvl.ConfigError, match="mrope_section needs 3 entries"):
         config_from_hf_dict(hf)
 
 
 @pytest.mark.parametrize("model_type", ["qwen2", "llava"])
 def test_hf_dict_wrong_model_type(hf, model_type):
     hf["model_type"] = model_type
-    with pytest.raises(ValueError, match=f"model_type '{model_type}'; qvl reads only 'qwen2_5_vl'"):
+    with pytest.raises(qvl.ConfigError, match=f"^config.json: model_type '{model_type}' unknown; qvl reads only "
+                                              "'qwen2_5_vl' and 'qwen2_vl'$"):
         config_from_hf_dict(hf)
 
 
 def test_hf_dict_not_an_object():
-    with pytest.raises(ValueError, match="must hold a JSON object"):
+    with pytest.raises(qvl.ConfigError, match="must hold a JSON object"):
         config_from_hf_dict([1, 2])
 
 
 def test_hf_dict_unsupported_rope_type(hf):
     hf["rope_scaling"] = {"type": "yarn", "factor": 4.0, "mrope_section": [2, 3, 3]}
-    with pytest.raises(ValueError, match="rope type 'yarn'"):
+    with pytest.raises(qvl.ConfigError, match="rope type 'yarn'"):
         config_from_hf_dict(hf)
 
 
 @pytest.mark.parametrize("key", ["bogus", "text.bogus", "vision.bogus"])
 def test_with_overrides_unknown_field(key):
-    with pytest.raises(ValueError, match="unknown config field .*bogus.*valid fields"):
+    with pytest.raises(qvl.ConfigError, match="unknown config field .*bogus.*valid fields"):
         get_preset("tiny").with_overrides({key: 1})
 
 
 def test_with_overrides_unknown_section():
-    with pytest.raises(ValueError, match=r"unknown config override 'audio.sample_rate': use text.<field>"):
+    with pytest.raises(qvl.ConfigError, match=r"unknown config override 'audio.sample_rate': use text.<field>"):
         get_preset("tiny").with_overrides({"audio.sample_rate": 16000})
 
 
 def test_with_overrides_invalid_value_is_validated():
-    with pytest.raises(ValueError, match="mrope_section"):
+    with pytest.raises(qvl.ConfigError, match="mrope_section"):
         get_preset("tiny").with_overrides({"text.mrope_section": [4, 4, 4]})
     cfg = get_preset("tiny").with_overrides({"vision.window_size": 112})
     assert cfg.vision.window_size == 112
@@ -377,36 +379,34 @@ def test_sharded_checkpoint_with_missing_shard(tmp_path, model):
 # --- generation arguments ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n", [-1, -100])
-def test_generate_negative_max_new_tokens(model, n):
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+@pytest.mark.parametrize("n", [0, -1, -100])
+def test_generate_max_new_tokens_below_one(model, n):
+    """transformers' GenerationConfig.validate: max_new_tokens must be > 0."""
+    with pytest.raises(InputError, match=f"max_new_tokens must be an integer >= 1, got {n}"):
         model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=n)
-
-
-def test_generate_zero_max_new_tokens_returns_the_prompt(model):
-    ids = torch.tensor([[5, 6, 7]])
-    assert torch.equal(model.generate(ids, max_new_tokens=0), ids)
 
 
 @pytest.mark.parametrize("t", [-0.1, -1.0])
 def test_generate_negative_temperature(model, t):
-    with pytest.raises(ValueError, match=f"temperature must be >= 0 \\(0 is greedy\\), got {t}"):
+    with pytest.raises(InputError, match=f"temperature must be >= 0 \\(0 is greedy\\), got {t}"):
         model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, temperature=t)
 
 
-@pytest.mark.parametrize("p", [0.0, -0.5, 1.5])
+@pytest.mark.parametrize("p", [-0.5, 1.5, 1.0000001])
 def test_generate_top_p_out_of_range(model, p):
-    with pytest.raises(ValueError, match=rf"top_p must be in \(0, 1\], got {p}"):
+    """transformers' TopPLogitsWarper range, [0, 1]."""
+    with pytest.raises(InputError, match=rf"top_p must be in \[0, 1\], got {p}"):
         model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, temperature=1.0, top_p=p, seed=0)
 
 
-@pytest.mark.parametrize("k", [0, -3])
+@pytest.mark.parametrize("k", [-1, -3])
 def test_generate_top_k_out_of_range(model, k):
-    with pytest.raises(ValueError, match=f"top_k must be >= 1, got {k}"):
+    """transformers' range: an integer >= 0, 0 meaning no top-k."""
+    with pytest.raises(InputError, match=rf"top_k must be an integer >= 0 \(0: no top-k\), got {k}"):
         model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, temperature=1.0, top_k=k, seed=0)
 
 
 def test_generate_past_max_position_embeddings(model):
-    with pytest.raises(ValueError,
-                       match=r"prompt \(3\) \+ max_new_tokens \(5000\) exceeds max_position_embeddings \(4096\)"):
+    with pytest.raises(InputError, match=r"prompt \(3 tokens\) \+ max_new_tokens \(5000\) exceeds "
+                                         r"max_position_embeddings \(4096\): at most 4093 new tokens fit"):
         model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=5000)

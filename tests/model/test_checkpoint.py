@@ -326,7 +326,7 @@ def test_untied_round_trip(tmp_path):
 def test_untied_checkpoint_without_lm_head_is_refused(tmp_path):
     qvl.save_pretrained(qvl.from_config(UNTIED), tmp_path)
     _rewrite(tmp_path, lambda t: {k: v for k, v in t.items() if k != "lm_head.weight"})
-    with pytest.raises(ValueError, match=r"missing keys \(1\): lm_head\.weight"):
+    with pytest.raises(qvl.CheckpointError, match=r"missing keys \(1\): lm_head\.weight"):
         qvl.from_pretrained(tmp_path)
 
 
@@ -349,7 +349,7 @@ def test_tied_checkpoint_with_lm_head_loads(saved_copy, tiny_model):
                                  "model.embed_tokens.weight"])
 def test_missing_key_is_named(saved_copy, key):
     _rewrite(saved_copy, lambda t: {k: v for k, v in t.items() if k != key})
-    with pytest.raises(ValueError, match=r"missing keys \(1\): " + key.replace(".", r"\.") + "$"):
+    with pytest.raises(qvl.CheckpointError, match=r"missing keys \(1\): " + key.replace(".", r"\.") + "$"):
         qvl.from_pretrained(saved_copy)
 
 
@@ -359,7 +359,8 @@ def test_unexpected_key_is_named(saved_copy):
         return t
 
     _rewrite(saved_copy, add)
-    with pytest.raises(ValueError, match=r"unexpected keys \(1\): model\.layers\.0\.self_attn\.rotary_emb\.extra"):
+    with pytest.raises(qvl.CheckpointError,
+                       match=r"unexpected keys \(1\): model\.layers\.0\.self_attn\.rotary_emb\.extra"):
         qvl.from_pretrained(saved_copy)
 
 
@@ -372,7 +373,7 @@ def test_unexpected_key_is_named(saved_copy):
 def test_shape_mismatch_names_key_and_shapes(saved_copy, key, bad, good):
     _rewrite(saved_copy, lambda t: {**t, key: torch.zeros(bad)})
     msg = f"{key}: checkpoint {bad} vs model {good}"
-    with pytest.raises(ValueError, match="shape mismatches") as info:
+    with pytest.raises(qvl.CheckpointError, match="shape mismatches") as info:
         qvl.from_pretrained(saved_copy)
     assert msg in str(info.value)
 
@@ -382,7 +383,7 @@ def test_sharded_index_naming_missing_shard(tmp_path, tiny_model):
     shards = sorted(tmp_path.glob("model-*.safetensors"))
     victim = shards[1].name
     shards[1].unlink()
-    with pytest.raises(ValueError, match=r"shard files that are missing: " + victim.replace(".", r"\.")):
+    with pytest.raises(qvl.CheckpointError, match=r"shard files that are missing: " + victim.replace(".", r"\.")):
         qvl.from_pretrained(tmp_path)
 
 
@@ -392,21 +393,21 @@ def test_index_with_shard_not_on_disk(tmp_path, tiny_model):
     index = json.loads(index_path.read_text())
     index["weight_map"]["model.norm.weight"] = "model-extra.safetensors"
     index_path.write_text(json.dumps(index))
-    with pytest.raises(ValueError, match=r"model-extra\.safetensors"):
+    with pytest.raises(qvl.CheckpointError, match=r"model-extra\.safetensors"):
         qvl.from_pretrained(tmp_path)
 
 
 def test_no_weights(tmp_path, saved):
     (tmp_path / "config.json").write_bytes((saved / "config.json").read_bytes())
-    with pytest.raises(ValueError,
+    with pytest.raises(qvl.CheckpointError,
                        match=r"no weights in .*expected model\.safetensors or model\.safetensors\.index\.json"):
         qvl.from_pretrained(tmp_path)
 
 
 def test_missing_directory(tmp_path):
-    with pytest.raises(ValueError):
+    with pytest.raises(qvl.CheckpointError):
         qvl.from_pretrained(tmp_path / "nope")
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(qvl.CheckpointError, match="does not exist"):
         ckpt.load_weights(qvl.from_config("tiny"), str(tmp_path / "nope"))
 
 
@@ -431,7 +432,7 @@ def test_pickle_only_directory_is_refused_unopened(tmp_path, saved, payload):
         pickle.loads(pickle.dumps(_Trap(probe)))
         assert probe.exists()
         probe.unlink()
-    with pytest.raises(ValueError, match=r"pickle files \(pytorch_model\.bin\), which qvl never loads"):
+    with pytest.raises(qvl.CheckpointError, match=r"pickle files \(pytorch_model\.bin\), which qvl never loads"):
         qvl.from_pretrained(tmp_path)
     assert not sentinel.exists()
 
@@ -689,8 +690,10 @@ def test_same_tensor_under_both_layouts_is_refused(saved_copy):
         return t
 
     _rewrite(saved_copy, duplicate)
-    with pytest.raises(ValueError, match=r"model\.(language_model\.)?norm\.weight"):
+    with pytest.raises(qvl.CheckpointError, match=r"keys present twice \(1\): ") as info:
         qvl.from_pretrained(saved_copy)
+    assert "model.norm.weight in model.safetensors" in str(info.value)
+    assert "model.language_model.norm.weight in model.safetensors" in str(info.value)
 
 
 # --- vision configs transformers accepts -------------------------------------------------------------------------

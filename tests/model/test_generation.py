@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import qvl
+from qvl.errors import InputError
 from tests.model.test_parity import TINY, hf_kwargs, left_pad, perturbed_hf_model, pixels, placeholders, text_ids
 
 transformers = pytest.importorskip("transformers")
@@ -285,25 +286,34 @@ def test_beam_search_with_one_eos_and_sampled_beams(pair, beam_eos):
     ({"num_beams": 0}, "num_beams must be an integer >= 1, got 0"),
     ({"num_beams": 2, "early_stopping": "sometimes"}, "early_stopping must be True, False or 'never'"),
     ({"num_beams": 2, "on_token": print}, "on_token streams one token per row"),
-    ({"repetition_penalty": 0.0}, r"repetition_penalty must be > 0 \(1.0: none\), got 0.0"),
+    ({"repetition_penalty": 0.0}, r"repetition_penalty must be in \[1e-30, 1e\+30\] \(1.0: none; .*\), got 0.0"),
+    ({"temperature": float("nan")}, r"temperature must be a finite number >= 0 \(0 is greedy\), got nan"),
+    ({"top_p": 1.5, "temperature": 1.0}, r"top_p must be in \[0, 1\], got 1.5"),
+    ({"top_k": -1, "temperature": 1.0}, r"top_k must be an integer >= 0 \(0: no top-k\), got -1"),
     ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size must be an integer >= 0, got -1"),
     ({"do_sample": True}, r"do_sample=True needs temperature > 0"),
     ({"stop_strings": [""], "tokenizer": Digits()}, "stop_strings must be a non-empty string"),
 ])
 def test_bad_arguments(pair, gen, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InputError, match=message):
         pair[1].generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, **gen)
 
 
+def test_zero_top_k_and_top_p_sample_as_in_transformers(pair):
+    """top_k=0: no top-k warper; top_p=0.0: transformers' TopP keeps one token (the most likely)."""
+    ref, out = run_both(pair, text_batch(), seed=3, temperature=0.9, top_k=0, top_p=0.0, num_return_sequences=2)
+    assert_same(ref, out)
+
+
 def test_beam_search_refuses_cuda_graphs(pair):
-    with pytest.raises(ValueError, match=r"cuda_graph=True cannot run beam search \(num_beams > 1\)"):
+    with pytest.raises(InputError, match=r"cuda_graph cannot run beam search \(num_beams > 1\)"):
         pair[1].generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, num_beams=2, cuda_graph=True)
 
 
 def test_image_count_mismatch_is_named(pair):
     inputs = image_batch()
     inputs["image_grid_thw"] = inputs["image_grid_thw"][:2]
-    with pytest.raises(ValueError, match=r"image pixels must be \(28, 1176\) for grids \[\[1, 4, 6\], \[1, 2, 2\]\]"):
+    with pytest.raises(InputError, match=r"image pixels must be \(28, 1176\) for grids \[\[1, 4, 6\], \[1, 2, 2\]\]"):
         pair[1].generate(**inputs, max_new_tokens=2, num_beams=2)
 
 

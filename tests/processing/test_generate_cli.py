@@ -7,7 +7,11 @@ It must run, stream the answer piece by piece, print the statistics, and generat
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +28,7 @@ PIL = pytest.importorskip("PIL.Image")
 pytest.importorskip("tokenizers")
 TINY = PRESETS["tiny"]
 NEW_TOKENS = 10
+REPO = str(Path(__file__).resolve().parents[2])
 
 
 @pytest.fixture(scope="module")
@@ -218,13 +223,45 @@ def test_errors(ckpt, media, tmp_path, capsys):
 
     for flags, message in [
         (["--num-beams", "2", "--num-return-sequences", "3"], "--num-return-sequences (3) must be <= --num-beams (2)"),
-        (["--num-return-sequences", "2"], "--num-return-sequences > 1 needs --temperature > 0"),
-        (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
-        (["--top-k", "0"], "--top-k must be >= 1, got 0"),
-        (["--repetition-penalty", "0"], "--repetition-penalty must be > 0, got 0.0"),
-        (["--num-beams", "0"], "--num-beams must be >= 1, got 0"),
+        (["--num-return-sequences", "2"], "--num-return-sequences (2) > 1 needs sampling (--temperature > 0)"),
+        (["--top-p", "1.5"], "--top-p must be in [0, 1], got 1.5"),
+        (["--top-p", "nan"], "--top-p must be a finite number in [0, 1], got nan"),
+        (["--top-k", "-1"], "--top-k must be an integer >= 0 (0: no top-k), got -1"),
+        (["--temperature", "nan"], "--temperature must be a finite number >= 0 (0 is greedy), got nan"),
+        (["--temperature", "inf"], "--temperature must be a finite number >= 0 (0 is greedy), got inf"),
+        (["--temperature", "-0.5"], "--temperature must be >= 0 (0 is greedy), got -0.5"),
+        (["--repetition-penalty", "0"], "--repetition-penalty must be in [1e-30, 1e+30] (1.0: none; beyond, float32 "
+                                        "scores overflow), got 0.0"),
+        (["--repetition-penalty=-inf"], "--repetition-penalty must be a finite number in [1e-30, 1e+30]"),
+        (["--num-beams", "0"], "--num-beams must be an integer >= 1, got 0"),
         (["--num-beams", "2", "--cuda-graph"], "--cuda-graph cannot run beam search (--num-beams > 1)"),
         (["--stop", ""], "--stop needs a non-empty text"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1, got 0"),
+        (["--max-new-tokens", "-5"], "--max-new-tokens must be an integer >= 1, got -5"),
+        (["--max-new-tokens", "100000"],
+         "prompt (25 tokens) + max_new_tokens (100000) exceeds max_position_embeddings (4096): at most 4071 new "
+         "tokens fit"),
+        (["--seed", str(2**64)], f"--seed must be an integer in [{-(2**63)}, {2**64 - 1}], got {2**64}"),
+        (["--prompt", "caf\udce9"], "--prompt is not valid UTF-8 text: the byte 0xe9, which is not UTF-8, at "
+                                     "character 3"),
+        (["--system", "\ud800x"], "--system is not valid UTF-8 text: a lone surrogate U+D800, at character 0"),
     ]:
-        rc, err = run_cli(capsys, "--model", str(ckpt), *flags, *base)
+        rc, err = run_cli(capsys, "--model", str(ckpt), *base, *flags)
         assert rc == 2 and f"qvl: error: {message}" in err and len(err.strip().splitlines()) == 1, err
+    for flags in (["--top-k", "nan"], ["--num-beams", "1.5"], ["--max-new-tokens", "1e12"]):  # argparse's own
+        with pytest.raises(SystemExit) as exit_:
+            main(["generate", "--model", str(ckpt), *base, *flags])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith("qvl: error: generate: argument") and "invalid int value" in err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_a_prompt_that_is_not_utf8_on_the_command_line(tmp_path):
+    """Bytes that are not UTF-8 in argv reach Python as lone surrogates (surrogateescape): one error line, exit
+    2, nothing loaded."""
+    proc = subprocess.run([sys.executable, "-m", "qvl", "generate", "--model", "tiny", "--prompt", b"caf\xe9 \xff"],
+                          capture_output=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": REPO},
+                          timeout=120)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 2, err
+    assert err == "qvl: error: --prompt is not valid UTF-8 text: the byte 0xe9, which is not UTF-8, at character 3\n"

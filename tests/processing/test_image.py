@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from qvl.errors import InputError, MediaError
 from qvl.processing import ImageProcessor, VisionProcessingConfig, smart_resize
 from qvl.processing.image import load_image
 from tests.processing.helpers import textured, torchvision_or_skip
@@ -151,31 +152,31 @@ def test_transparency_is_composited_on_white():
 
 def test_unreadable_and_corrupt_files(tmp_path):
     proc = ImageProcessor()
-    with pytest.raises(FileNotFoundError, match="image file not found"):
+    with pytest.raises(MediaError, match="image file not found"):
         proc([str(tmp_path / "missing.png")])
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"this is not an image")
-    with pytest.raises(ValueError, match="not an image format"):
+    with pytest.raises(MediaError, match="not an image format"):
         proc([str(junk)])
     good = tmp_path / "good.jpg"
     PIL.fromarray(textured(200, 300)).save(good, format="JPEG")
     truncated = tmp_path / "truncated.jpg"
     truncated.write_bytes(good.read_bytes()[:400])
-    with pytest.raises(ValueError, match="corrupt or unreadable"):
+    with pytest.raises(MediaError, match="corrupt or unreadable"):
         proc([str(truncated)])
-    with pytest.raises(ValueError, match="is a directory"):
+    with pytest.raises(MediaError, match="is a directory"):
         proc([str(tmp_path)])
-    with pytest.raises(ValueError, match="must be uint8"):
-        proc([np.zeros((28, 28, 3), np.float32)])
+    with pytest.raises(MediaError, match="float pixels in 0..1"):
+        proc([np.full((28, 28, 3), 0.5, np.float32)])
 
 
 def test_images_outside_the_resizing_rules():
     proc = ImageProcessor(VisionProcessingConfig(min_pixels=3136, max_pixels=3136))
-    with pytest.raises(ValueError, match="aspect ratio .* exceeds 200"):
+    with pytest.raises(MediaError, match="aspect ratio .* exceeds 200"):
         proc([np.zeros((10, 2500, 3), np.uint8)])
     # a thin strip: the short side is held at 28, which pushes the area over max_pixels
     # (transformers silently returns 28 x 700 = 19600 pixels here)
-    with pytest.raises(ValueError, match="cannot be resized within max_pixels=3136"):
+    with pytest.raises(MediaError, match="cannot be resized within max_pixels=3136"):
         proc([np.zeros((10, 1500, 3), np.uint8)])
 
 
@@ -194,19 +195,20 @@ def test_rounding_up_to_min_pixels_may_pass_max_pixels_as_in_transformers(width,
 
 
 def test_min_pixels_above_max_pixels_is_accepted_as_in_transformers():
-    """transformers applies the max_pixels bound first and never compares the two bounds."""
+    """transformers never compares the two bounds: min_pixels then decides the size (a 60x60 image under min
+    10000, max 5000 becomes 112x112 = 12544 pixels); below one unit both give that one unit."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    bounds = {"min_pixels": 10_000, "max_pixels": 5_000}
     image = PIL.fromarray(textured(90, 120, seed=3))
-    ref = Qwen2VLImageProcessorPil(**bounds)(images=[image], return_tensors="pt")
-    assert_same(ImageProcessor(VisionProcessingConfig.from_dict(bounds))([image]), ref)
+    for bounds in ({"min_pixels": 10_000, "max_pixels": 5_000}, {"min_pixels": 3136, "max_pixels": 100}):
+        ref = Qwen2VLImageProcessorPil(**bounds)(images=[image], return_tensors="pt")
+        assert_same(ImageProcessor(VisionProcessingConfig.from_dict(bounds))([image]), ref)
 
 
 def test_bad_settings():
-    with pytest.raises(ValueError, match="max_pixels must be positive"):
+    with pytest.raises(InputError, match="max_pixels must be at least 1, got 0"):
         VisionProcessingConfig.from_dict({"max_pixels": 0})
-    with pytest.raises(ValueError, match="resize_backend"):
+    with pytest.raises(InputError, match="resize_backend"):
         VisionProcessingConfig(resize_backend="cv2").validate()
 
 
@@ -214,5 +216,5 @@ def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "big.png"
     PIL.fromarray(textured(64, 64)).save(path)
     monkeypatch.setattr(PIL, "MAX_IMAGE_PIXELS", 100)  # 64*64 > 2 * 100: Pillow refuses to decode
-    with pytest.raises(ValueError, match="too large to decode safely"):
+    with pytest.raises(MediaError, match="too large to decode safely"):
         ImageProcessor()([os.fspath(path)])

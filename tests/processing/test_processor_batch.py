@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from qvl.config import PRESETS
+from qvl.errors import InputError
 from qvl.processing import ImageProcessor, VisionProcessingConfig
 from tests.processing.helpers import (
     BOUNDS,
@@ -163,22 +164,22 @@ def test_the_prompt_call_keeps_its_keys_and_takes_settings(ours):
 
 def test_mistakes_are_clear_errors(ours, batch_inputs):
     _, texts, imgs = batch_inputs
-    with pytest.raises(ValueError, match=r"text 0 has 2 image placeholder\(s\) .* but 1 image\(s\) were given for it"):
+    with pytest.raises(InputError, match=r"text 0 has 2 image placeholder\(s\) .* but 1 image\(s\) were given for it"):
         ours(text=texts, images=[imgs[:1], imgs[1:]])
-    with pytest.raises(ValueError, match=r"the text has 3 image placeholder\(s\) .* but 2 image\(s\)"):
+    with pytest.raises(InputError, match=r"the text has 3 image placeholder\(s\) .* but 2 image\(s\)"):
         ours(text=texts, images=imgs[:2])
-    with pytest.raises(ValueError, match="unknown processing argument.s. max_pixel; valid ones are"):
+    with pytest.raises(InputError, match="unknown processing argument.s. max_pixel; valid ones are"):
         ours(text=texts, images=imgs, max_pixel=100)
-    with pytest.raises(ValueError, match="fps .* and num_frames .* are mutually exclusive"):
+    with pytest.raises(InputError, match="fps .* and num_frames .* are mutually exclusive"):
         ours(text=["<|vision_start|><|video_pad|><|vision_end|>"], videos=[video_frames(4, 28, 28)], fps=2.0,
              num_frames=4)
-    with pytest.raises(ValueError, match=r"cannot sample num_frames=10 .* from a video of 4 frames"):
+    with pytest.raises(InputError, match=r"cannot sample num_frames=10 .* from a video of 4 frames"):
         ours(text=["<|vision_start|><|video_pad|><|vision_end|>"], videos=[video_frames(4, 28, 28)], num_frames=10)
-    with pytest.raises(ValueError, match="patch_size 16 vs the model's 14"):
+    with pytest.raises(InputError, match="patch_size 16 vs the model's 14"):
         ours(text=texts, images=imgs, patch_size=16)
-    with pytest.raises(ValueError, match=r"size must be a dict with shortest_edge and/or longest_edge .* got 448"):
+    with pytest.raises(InputError, match=r"size must be a dict with shortest_edge and/or longest_edge .* got 448"):
         ours(text=texts, images=imgs, size=448)
-    with pytest.raises(ValueError, match="pass a prompt .* or text="):
+    with pytest.raises(InputError, match="pass a prompt .* or text="):
         ours("hi", text=texts)
 
 

@@ -231,16 +231,16 @@ def test_template_source_order(tmp_path):
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("chat_template.jinja", b"\xff\xfe{{ x }}", r"chat_template.jinja is not UTF-8 text \(byte 0\)"),
-    ("chat_template.json", b"{not json", "chat_template.json is not valid JSON"),
-    ("chat_template.json", b"[1, 2]", "chat_template.json must hold a JSON object, got list"),
+    ("chat_template.jinja", b"\xff\xfe{{ x }}", r"chat_template.jinja: not UTF-8 \(byte 0xff at offset 0\)"),
+    ("chat_template.json", b"{not json", "chat_template.json: not JSON"),
+    ("chat_template.json", b"[1, 2]", "chat_template.json: must hold a JSON object, got list"),
     ("chat_template.json", b'{"template": "x"}', 'chat_template.json has no "chat_template" field'),
     ("chat_template.json", b'{"chat_template": 5}',
      'chat_template.json: "chat_template" must be a string or a list of named templates, got int'),
     ("tokenizer_config.json", b'{"chat_template": [{"name": "default"}]}',
      r'tokenizer_config.json: "chat_template"\[0\] must be \{"name": str, "template": str\}'),
     ("tokenizer_config.json", b'{"eos_token": 7}', 'tokenizer_config.json: "eos_token" must be a string'),
-    ("chat_template.jinja", b" " * ((1 << 20) + 1), "more than the 1048576 qvl reads"),
+    ("chat_template.jinja", b" " * ((1 << 20) + 1), "over the 1048576 qvl reads"),
 ])
 def test_broken_template_files_are_clear_errors(tmp_path, name, content, message):
     write_tokenizer(tmp_path, TINY)

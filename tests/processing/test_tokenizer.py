@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from qvl.config import PRESETS
+from qvl.errors import InputError
 from qvl.processing import Processor, QwenTokenizer, render_chat
 from tests.processing.helpers import (
     BOUNDS,
@@ -175,14 +176,14 @@ def test_synthetic_tokenizer_for_presets(preset):
 
 @pytest.mark.parametrize("content", [5, {"type": "text", "text": "hi"}])
 def test_content_that_is_neither_text_nor_items_is_refused(content):
-    with pytest.raises(ValueError, match="message 0 content must be a string or a list of items"):
+    with pytest.raises(InputError, match="message 0 content must be a string or a list of items"):
         render_chat([{"role": "user", "content": content}])
 
 
 def test_placeholder_counts_must_match_the_inputs(ours):
-    with pytest.raises(ValueError, match=r"1 image placeholder\(s\) .* but 0 image\(s\)"):
+    with pytest.raises(InputError, match=r"1 image placeholder\(s\) .* but 0 image\(s\)"):
         ours.encode(render_chat([{"role": "user", "content": [{"type": "image"}, {"text": "hi"}]}]))
-    with pytest.raises(ValueError, match=r"0 video placeholder\(s\) .* but 1 video\(s\)"):
+    with pytest.raises(InputError, match=r"0 video placeholder\(s\) .* but 1 video\(s\)"):
         ours.encode(render_chat([{"role": "user", "content": "hi"}]), videos=[video_frames(2, 28, 28)])
 
 

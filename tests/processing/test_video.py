@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from qvl.errors import MediaError
 from qvl.processing import ImageProcessor, VideoProcessor, VisionProcessingConfig, load_video, sample_frame_indices
 from qvl.processing.image import OptionalDependencyError
 from qvl.processing.video import VIDEO_DEFAULTS
@@ -171,16 +172,16 @@ def test_missing_decoder_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_videos_without_frames(tmp_path):
-    with pytest.raises(ValueError, match="no frame images"):
+    with pytest.raises(MediaError, match="no frame images"):
         load_video(str(tmp_path))
-    with pytest.raises(ValueError, match="no frames"):
+    with pytest.raises(MediaError, match="no frames"):
         load_video([])
-    with pytest.raises(ValueError, match="no frames"):
+    with pytest.raises(MediaError, match="no frames"):
         load_video(np.zeros((0, 28, 28, 3), np.uint8))
-    with pytest.raises(FileNotFoundError, match="video not found"):
+    with pytest.raises(MediaError, match="video not found"):
         load_video(str(tmp_path / "missing.mp4"))
     (tmp_path / "a.png").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="frame 0"):
+    with pytest.raises(MediaError, match="frame 0"):
         load_video(str(tmp_path))
 
 
@@ -188,10 +189,10 @@ def test_corrupt_video_file(tmp_path):
     pytest.importorskip("av")
     path = tmp_path / "broken.mp4"
     path.write_bytes(b"definitely not a video" * 10)
-    with pytest.raises(ValueError, match="cannot decode video"):
+    with pytest.raises(MediaError, match="cannot decode video"):
         load_video(str(path))
 
 
 def test_frames_of_different_sizes(tmp_path):
-    with pytest.raises(ValueError, match="same size"):
+    with pytest.raises(MediaError, match="same size"):
         load_video([np.zeros((28, 28, 3), np.uint8), np.zeros((28, 56, 3), np.uint8)])
