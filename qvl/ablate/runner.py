@@ -31,6 +31,7 @@ shared, and given back with their weights, mode and checkpointing unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import traceback
@@ -42,29 +43,32 @@ import torch
 from ..backends import resolve_plan
 from ..checkpoint import from_config, from_pretrained
 from ..dtypes import DTYPES, dtype_name
-from ..files import write_json
-from .config import TRAIN, AblationConfig, Variant
+from ..errors import ConfigError
+from ..files import reworded, write_json
+from .config import TRAIN, AblationConfig, ModelSpec, RunSpec, Variant, check_key
 from .measure import Clock, PeakMemory, Progress, environment, summarize
+from .report import FORMAT, render_run
 from .train import compare_gradients, loss_curve, measure_steps, training, training_batch
 from .workload import Workload, build_workload
 
-FORMAT = "qvl-ablation/1"
-
 
 def resolve_device(name: str) -> torch.device:
+    """A device name (auto, cpu, cuda, cuda:N; the [model] device key's rule) as a device this machine has."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    device = torch.device(check_key(ModelSpec, "device", name, "device"))
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested, but CUDA is not available on this machine "
-                             "(use device = \"auto\" or \"cpu\", or --device cpu)")
+            raise ConfigError(f"device {name!r} requested, but CUDA is not available on this machine "
+                              "(use device = \"auto\" or \"cpu\", or --device cpu)")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r} requested, but only {torch.cuda.device_count()} CUDA devices exist")
+            raise ConfigError(f"device {name!r} requested, but only {torch.cuda.device_count()} CUDA devices exist")
     return device
 
 
 def make_run_dir(root: str, name: str) -> str:
+    """A new folder root/name/<timestamp> (``-2``, ``-3`` ... when taken). A root that is a file, lies under a
+    file or cannot be written to raises the OSError with a message naming the folder."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = os.path.join(root, name, stamp)
     path, n = base, 1
@@ -75,6 +79,9 @@ def make_run_dir(root: str, name: str) -> str:
         except FileExistsError:
             n += 1
             path = f"{base}-{n}"
+        except OSError as e:
+            raise reworded(e, f"cannot create the run folder {path} under the results folder {root}: "
+                              f"{e.strerror}") from None
 
 
 def _now() -> str:
@@ -111,7 +118,7 @@ def _generation_pass(model, work: Workload, forced: torch.Tensor | None = None, 
     """Prefill then greedy decode; `forced` (B, N) feeds those tokens instead of the model's own.
 
     Returns (tokens (B, N), logits (B, N, V) float32 on the CPU or None)."""
-    cache = model.new_cache(work.batch_size, work.total_length)
+    cache = model.decode_cache(work.batch_size, work.total_length, cuda_graph)
     prompt = model.prepare(**work.inputs)
     logits = model.prefill(prompt, cache)
     decode = model.decoder(prompt, cache, cuda_graph)
@@ -127,14 +134,15 @@ def _generation_pass(model, work: Workload, forced: torch.Tensor | None = None, 
 
 def _timed_generation(model, work: Workload, clock: Clock, cuda_graph: bool):
     """One timed run: (tokens, time to first token ms, decode loop ms)."""
-    cache = model.new_cache(work.batch_size, work.total_length)  # allocated outside the timed region
+    # allocated outside the timed region; with cuda_graph the pooled cache whose graph later runs replay
+    cache = model.decode_cache(work.batch_size, work.total_length, cuda_graph)
 
     def first():
         prompt = model.prepare(**work.inputs)
         return prompt, model.prefill(prompt, cache).argmax(-1)
 
     (prompt, token), ttft_ms = clock.time(first)
-    decode = model.decoder(prompt, cache, cuda_graph)  # a graph is captured here, untimed
+    decode = model.decoder(prompt, cache, cuda_graph)  # the first run of a shape captures its graph here, untimed
 
     def rest():
         tokens = [token]
@@ -169,6 +177,10 @@ def measure_timings(model, work: Workload, clock: Clock, warmup: int, repeats: i
                "decode_tok_s": summarize([work.batch_size * steps / (ms / 1e3) for ms in decode if ms > 0])
                if steps else None,
                "decode_ms_per_step": summarize([ms / steps for ms in decode]) if steps else None}
+    if cuda_graph:  # paid once per shape by the first run (a warm-up when there is one), apart from the timings
+        key = model.graphs.key(model, work.batch_size, work.total_length)
+        figures["graph_capture_ms"] = next((s["capture_seconds"] * 1e3 for s in model.graphs.stats() if s["captured"]
+                                            and (s["batch"], s["cache_len"]) == (key.batch, key.cache_len)), None)
     return figures, tokens
 
 
@@ -213,14 +225,14 @@ class AblationRun:
                  repeats: int | None = None, warmup: int | None = None, quiet: bool = False,
                  progress: bool | None = None):
         self.config = config
+        # overrides of [run] keys obey those keys' rules (ConfigError: "repeats: must be an integer >= 1, got 0")
+        repeats = config.run.repeats if repeats is None else check_key(RunSpec, "repeats", repeats, "repeats")
+        warmup = config.run.warmup if warmup is None else check_key(RunSpec, "warmup", warmup, "warmup")
         self.device = resolve_device(device or config.model.device)
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)
-        cuda = self.device.type == "cuda"
-        self.repeats = repeats or config.run.repeats or (10 if cuda else 3)
-        self.warmup = config.run.warmup if warmup is None else warmup
-        if self.repeats < 1 or self.warmup < 0:
-            raise ValueError("repeats must be >= 1 and warmup >= 0")
+        self.repeats = repeats or (10 if self.device.type == "cuda" else 3)
+        self.warmup = warmup
         self.quiet = quiet
         self.clock, self.memory = Clock(self.device), PeakMemory(self.device)
         self.order = _order(config)
@@ -250,7 +262,12 @@ class AblationRun:
             "variants": [self._pending(v) for v in config.variants],
             "plot": None,
         }
-        self.save()
+        try:
+            self.save()
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.dir)  # nothing of this run is anywhere: leave no empty folder behind
+            raise
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
 
@@ -277,8 +294,13 @@ class AblationRun:
     def _entry(self, name: str) -> dict:
         return next(e for e in self.results["variants"] if e["name"] == name)
 
+    @property
+    def results_file(self) -> str:
+        return os.path.join(self.dir, "results.json")
+
     def save(self) -> None:
-        write_json(os.path.join(self.dir, "results.json"), self.results)
+        """results.json rewritten whole (atomically: a reader or a killed run sees the old file or the new one)."""
+        write_json(self.results_file, self.results)  # an OSError names the file
 
     def _say(self, text: str) -> None:
         if not self.quiet:
@@ -373,31 +395,64 @@ class AblationRun:
     # -- running -----------------------------------------------------------------------------------------------
 
     def execute(self) -> dict:
+        """Every variant in turn (a variant's own failure is recorded and the run goes on), then report.md and
+        the plot. Interrupted (Ctrl-C, SIGTERM): what was measured is written, then KeyboardInterrupt again.
+        An error of the run itself (results that cannot be written: a full disk) stops it: see `_stopped`."""
         try:
-            with torch.no_grad():
-                for i, v in enumerate(self.order):
-                    self._run_variant(v, i)
-                    self._release_unneeded(self.order[i + 1:])
-        except KeyboardInterrupt:
-            for e in self.results["variants"]:
-                if e["status"] == "running":
-                    e["status"], e["error"] = "interrupted", "KeyboardInterrupt: the run was interrupted here"
-            self.results["status"] = "interrupted"
+            try:
+                with torch.no_grad():
+                    for i, v in enumerate(self.order):
+                        self._run_variant(v, i)
+                        self._release_unneeded(self.order[i + 1:])
+            except KeyboardInterrupt:
+                self._mark_running("interrupted", "KeyboardInterrupt: the run was interrupted here")
+                self.results["status"] = "interrupted"
+                self._finish()
+                raise
+            self.results["status"] = "complete"
             self._finish()
-            raise
-        self.results["status"] = "complete"
-        self._finish()
+        except Exception as e:
+            error = self._stopped(e)
+            if error is e:
+                raise
+            raise error from e
         return self.results
 
-    def _finish(self) -> None:
-        from .report import render_run
+    def _mark_running(self, status: str, error: str) -> None:
+        for e in self.results["variants"]:
+            if e["status"] == "running":
+                e["status"], e["error"] = status, error
 
+    def _finish(self) -> None:
         self.progress.close()
         self._models.clear()
         self.results["finished"] = _now()
         self.save()
         self.results["plot"] = render_run(self.results, self.dir)
         self.save()
+
+    def _stopped(self, e: Exception) -> Exception:
+        """The run stopped on an error of its own, outside any variant (results.json, report.md or the plot
+        could not be written, a bug): the variant in flight and the run are marked failed and results.json is
+        written once more, keeping every finished variant; if even that fails, the results.json written last
+        stays as it was (writes are atomic). Returns the error to raise: for an OSError (a full disk, a folder
+        made read-only) the same class and errno, its message saying where the results are."""
+        self.progress.close()
+        self._models.clear()
+        what = f"{type(e).__name__}: {e.strerror or e}" if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+        done = sum(v["status"] in ("ok", "failed") for v in self.results["variants"])  # measured, in memory
+        self._mark_running("failed", f"the run stopped here: {what}")
+        self.results.update(status="failed", error=what, finished=_now())
+        stopped = f"the run stopped with {done} of {len(self.order)} variants measured"
+        try:
+            self.save()
+            where = f"{stopped}; {self.results_file} marks it failed and keeps them"
+        except OSError as again:
+            why = f" ({os.strerror(again.errno)})" if again.errno else ""
+            where = f"{stopped}; {self.results_file} could not be updated either{why}, the one written last is intact"
+        if not isinstance(e, OSError):
+            return e
+        return reworded(e, f"{e.strerror or e}; {where}")
 
     def _run_variant(self, v: Variant, index: int) -> None:
         entry = self._entry(v.name)

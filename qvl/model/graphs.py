@@ -11,7 +11,18 @@ or refused when there is none, before anything is captured.
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
 import torch
+
+from ..errors import InputError
+
+
+def require_cuda(device: torch.device, who: str = "DecodeGraph") -> None:
+    if device.type != "cuda":
+        raise InputError(f"{who}: CUDA graphs need the model on a CUDA device; it is on {device}")
 
 
 def capture(fn, warmup: int = 1, device=None):
@@ -27,6 +38,7 @@ def capture(fn, warmup: int = 1, device=None):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fn()
+    torch.cuda.synchronize(device)
     return graph, out
 
 
@@ -43,15 +55,16 @@ class DecodeGraph:
 
     def __init__(self, model, prompt, cache):
         device = model.device
-        if device.type != "cuda":
-            raise ValueError(f"DecodeGraph: CUDA graphs need the model on a CUDA device; it is on {device}")
+        require_cuda(device)
         if cache.length >= cache.max_len:
             raise ValueError(f"DecodeGraph: the cache is full ({cache.length} of {cache.max_len} slots)")
         self.cache = cache
-        self.tokens = torch.zeros(prompt.embeds.shape[0], dtype=torch.long, device=device)
+        self.tokens = torch.zeros(cache.batch, dtype=torch.long, device=device)
         self.length = torch.full((), cache.length, dtype=torch.long, device=device)
+        started = time.perf_counter()
         self.graph, self.logits = capture(lambda: model.decode_step(self.tokens, prompt, cache, length=self.length),
                                           self.WARMUP_STEPS, device)
+        self.capture_seconds = time.perf_counter() - started
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed `tokens` (B,) at slot cache.length, advance it; the logits (B, vocab) are a buffer the next
@@ -65,3 +78,106 @@ class DecodeGraph:
         self.graph.replay()
         self.cache.length += 1
         return self.logits
+
+
+@dataclass(frozen=True)
+class GraphKey:
+    """What a captured decode step is specific to: rows, cache slots, the operators chosen, dtype and device."""
+
+    batch: int
+    cache_len: int
+    plan: str
+    dtype: torch.dtype
+    device: torch.device
+
+
+class PooledDecode:
+    """One pool entry: a static cache and the decode step captured on it, with the per-prompt values the step
+    reads (rope deltas, left padding) in buffers of their own, so the graph serves every prompt of its shape.
+
+    Prefill into `cache`, then `start(prompt)` loads the prompt's values (capturing the step the first time) and
+    `step(tokens)` replays it.
+    """
+
+    def __init__(self, model, key: GraphKey):
+        self.model, self.key = model, key
+        self.cache = model.new_cache(key.batch, key.cache_len)
+        self.deltas = torch.zeros(key.batch, 1, dtype=torch.long, device=key.device)
+        # always a tensor (zeros without padding): one graph for padded and unpadded batches
+        self.pad = torch.zeros(key.batch, dtype=torch.long, device=key.device)
+        self.graph: DecodeGraph | None = None
+        self.calls = 0
+
+    def start(self, prompt) -> None:
+        """Load `prompt`'s values into the buffers (after its prefill into `cache`); the first call captures."""
+        if prompt.deltas.shape[0] != self.key.batch:
+            raise ValueError(f"PooledDecode: a prompt of {prompt.deltas.shape[0]} rows for a graph of {self.key.batch}")
+        self.calls += 1
+        self.deltas.copy_(prompt.deltas)
+        self.pad.zero_() if prompt.pad is None else self.pad.copy_(prompt.pad)
+        if self.graph is None:
+            # what the decode step reads of a prompt: the buffers above (embeddings and positions are prefill's)
+            step_prompt = replace(prompt, embeds=prompt.embeds[:, :0], positions=prompt.positions[:, :, :0],
+                                  pad=self.pad, deltas=self.deltas)
+            self.graph = DecodeGraph(self.model, step_prompt, self.cache)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B,) -> logits (B, vocab), a buffer the next step overwrites."""
+        return self.graph.step(tokens)
+
+
+class DecodeGraphPool:
+    """Decode graphs captured once per (batch, cache-length bucket, backend plan) and kept across `generate`
+    calls, so only the first call of a shape pays the capture. Cache lengths round up to a bucket (at least
+    MIN_BUCKET slots, then steps of a quarter of a power of two: at most 25 % more slots than asked, since
+    the captured attention spans the whole cache); the least recently used entry goes when more than
+    `max_entries` are held. The model empties the pool on `set_backends` and when it moves (`.to`), and
+    `clear()` frees the entries' caches. One generate at a time per model: an entry's cache and buffers are
+    reused by the next call.
+    """
+
+    MIN_BUCKET = 256
+
+    def __init__(self, max_entries: int = 4):
+        self.max_entries = max_entries
+        self._entries: OrderedDict[GraphKey, PooledDecode] = OrderedDict()
+
+    @classmethod
+    def bucket(cls, length: int) -> int:
+        """Cache slots for `length` tokens: MIN_BUCKET, or the next multiple of a quarter of the power of two
+        at or below `length` (256, 320, 384, 448, 512, 640, ...)."""
+        if length <= cls.MIN_BUCKET:
+            return cls.MIN_BUCKET
+        step = (1 << (length.bit_length() - 1)) // 4
+        return -(-length // step) * step
+
+    def key(self, model, batch: int, length: int) -> GraphKey:
+        limit = model.cfg.text.max_position_embeddings
+        return GraphKey(batch, min(self.bucket(length), max(length, limit)), str(model.plan), model.dtype,
+                        model.device)
+
+    def acquire(self, model, batch: int, length: int) -> PooledDecode:
+        """The entry for `batch` rows and at least `length` cache slots, made (not yet captured) if new."""
+        require_cuda(model.device)
+        key = self.key(model, batch, length)
+        entry = self._entries.pop(key, None) or PooledDecode(model, key)
+        self._entries[key] = entry  # most recently used last
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return entry
+
+    def entry_for(self, cache) -> PooledDecode | None:
+        """The entry whose cache `cache` is, if any."""
+        return next((e for e in self._entries.values() if e.cache is cache), None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def stats(self) -> list[dict]:
+        """Per entry: its key, whether captured, the capture's seconds and how many generate calls used it."""
+        return [{"batch": k.batch, "cache_len": k.cache_len, "plan": k.plan, "captured": e.graph is not None,
+                 "capture_seconds": e.graph.capture_seconds if e.graph else None, "calls": e.calls}
+                for k, e in self._entries.items()]
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -19,13 +19,15 @@ from torch import nn
 
 from ..backends import CausalMask, Ops, Rotary, resolve_plan
 from ..config import Qwen25VLConfig
+from ..errors import InputError
 from . import generation
 from .cache import StaticKVCache
-from .graphs import DecodeGraph
+from .graphs import DecodeGraph, DecodeGraphPool
 from .inputs import (
     check_cache_position,
     check_pixels,
     check_position_ids,
+    check_rope_deltas,
     check_token_ids,
     keep_positions,
     next_token_targets,
@@ -99,13 +101,15 @@ class Qwen25VL(nn.Module):
             self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         self.register_buffer("inv_freq", torch.empty(cfg.text.head_dim // 2), persistent=False)
         self.reset_rotary()
+        self.graphs = DecodeGraphPool()  # decode steps captured once per shape, kept across generate calls
         self.set_backends(backends, fallback=fallback)
 
     def _apply(self, fn, recurse=True):
         # .to(dtype / device) would cast the float32 frequency buffers and leave the cached Rotary
-        # objects behind: rebuild both after every such move.
+        # objects behind: rebuild both after every such move. Captured graphs hold the old tensors: drop them.
         super()._apply(fn, recurse)
         self.reset_rotary()
+        self.graphs.clear()
         return self
 
     def reset_rotary(self) -> None:
@@ -122,8 +126,12 @@ class Qwen25VL(nn.Module):
     # --- backends --------------------------------------------------------------------------------------------
 
     def set_backends(self, backends=None, *, fallback: str | None = None) -> Qwen25VL:
-        """Resolve a backend plan (see `qvl.backends.registry`) and route every operator through it."""
-        self.ops = Ops(resolve_plan(backends, fallback=fallback))
+        """Resolve a backend plan (see `qvl.backends.registry`) and route every operator through it. Captured
+        decode graphs replay the old plan's kernels: they are dropped when the plan changes."""
+        plan = resolve_plan(backends, fallback=fallback)
+        if getattr(self, "ops", None) is None or plan != self.ops.plan:
+            self.graphs.clear()
+        self.ops = Ops(plan)
         return self
 
     @property
@@ -180,8 +188,8 @@ class Qwen25VL(nn.Module):
         """(3, B, L) M-RoPE positions and the (B, 1) deltas (decode position = cache slot + delta) of a prompt:
         transformers' get_rope_index, placeholders read from input_ids. The deltas are transformers': the next
         position = the count of unpadded tokens before it + delta."""
-        ids = check_token_ids(input_ids, self.cfg.text.vocab_size, "input_ids").to(self.device)
-        pad = left_padding(None if attention_mask is None else attention_mask.to(self.device), ids.shape)
+        ids = check_token_ids(input_ids, self.cfg.text.vocab_size, "input_ids").to(self.device, torch.long)
+        pad = left_padding(attention_mask, ids.shape, self.device)
         merge = self.cfg.vision.spatial_merge_size
         positions, deltas = mrope_positions(self.cfg, ids, pad, check_grids(image_grid_thw, merge, "image_grid_thw"),
                                             check_grids(video_grid_thw, merge, "video_grid_thw"), second_per_grid_ts)
@@ -209,19 +217,23 @@ class Qwen25VL(nn.Module):
         batch, length = embeds.shape[:2]
         past_length = 0 if past is None else past.length
         if past is not None and past.batch != batch:
-            raise ValueError(f"the cache holds {past.batch} rows, the tokens {batch}")
-        if mm_token_type_ids is not None and tuple(mm_token_type_ids.shape) != (batch, length):
-            raise ValueError(f"mm_token_type_ids must be ({batch}, {length}) like the tokens, got "
-                             f"{tuple(mm_token_type_ids.shape)}")
+            raise InputError(f"the cache holds {past.batch} rows, the tokens {batch}")
+        if mm_token_type_ids is not None and (not isinstance(mm_token_type_ids, torch.Tensor)
+                                              or tuple(mm_token_type_ids.shape) != (batch, length)):
+            got = (tuple(mm_token_type_ids.shape) if isinstance(mm_token_type_ids, torch.Tensor)
+                   else type(mm_token_type_ids).__name__)
+            raise InputError(f"mm_token_type_ids must be ({batch}, {length}) like the tokens, got {got}")
+        if rope_deltas is not None:
+            rope_deltas = check_rope_deltas(rope_deltas, batch)
         if attention_mask is not None:
-            pad = left_padding(attention_mask.to(self.device), (batch, past_length + length))
+            pad = left_padding(attention_mask, (batch, past_length + length), self.device)
         else:
             pad = None if past is None else past.pad
         merge = cfg.vision.spatial_merge_size
         image_grid_thw = check_grids(image_grid_thw, merge, "image_grid_thw")
         video_grid_thw = check_grids(video_grid_thw, merge, "video_grid_thw")
         if second_per_grid_ts is not None and video_grid_thw is None:
-            raise ValueError("second_per_grid_ts given without video_grid_thw")
+            raise InputError("second_per_grid_ts given without video_grid_thw")
 
         placeholders, source = {}, "input_ids" if ids is not None else "inputs_embeds"
         for kind, pixels, grid, token in (("image", pixel_values, image_grid_thw, cfg.image_token_id),
@@ -230,19 +242,19 @@ class Qwen25VL(nn.Module):
             placeholders[token] = placeholder
             n_tokens = int(placeholder.sum())
             if (pixels is None) != (grid is None):
-                raise ValueError(f"{kind}: pass both the pixels and their grid_thw, or neither")
+                raise InputError(f"{kind}: pass both the pixels and their grid_thw, or neither")
             if pixels is None:
                 if n_tokens:
-                    raise ValueError(f"{source} hold {n_tokens} {kind} placeholder tokens but no {kind} pixels "
+                    raise InputError(f"{source} hold {n_tokens} {kind} placeholder tokens but no {kind} pixels "
                                      "were given")
                 continue
             if past is not None and position_ids is None:
-                raise ValueError(f"{kind} pixels in a continuation of a cache: their 3-D positions need the whole "
+                raise InputError(f"{kind} pixels in a continuation of a cache: their 3-D positions need the whole "
                                  "prompt; put the vision inputs in the first forward, or pass position_ids")
             check_pixels(pixels, grid, cfg.vision.patch_dim, kind)
             expected = int(grid.prod(-1).sum()) // merge**2
             if n_tokens != expected:
-                raise ValueError(f"{source} hold {n_tokens} {kind} placeholder tokens, but the {kind} grids "
+                raise InputError(f"{source} hold {n_tokens} {kind} placeholder tokens, but the {kind} grids "
                                  f"{grid.tolist()} give {expected} merged {kind} tokens")
             features = self.vision_features(pixels, grid).to(embeds.dtype)
             embeds = embeds.masked_scatter(placeholder.unsqueeze(-1), features)
@@ -270,18 +282,18 @@ class Qwen25VL(nn.Module):
     def _tokens(self, input_ids, inputs_embeds) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(checked ids or None, embeddings) from exactly one of input_ids and inputs_embeds."""
         if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+            raise InputError("pass exactly one of input_ids and inputs_embeds")
         if input_ids is not None:
-            ids = check_token_ids(input_ids, self.cfg.text.vocab_size, "input_ids").to(self.device)
+            ids = check_token_ids(input_ids, self.cfg.text.vocab_size, "input_ids").to(self.device, torch.long)
             return ids, self.model.embed_tokens(ids)
         hidden = self.cfg.text.hidden_size
         if (not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden
                 or not inputs_embeds.is_floating_point()):
             got = (f"{tuple(inputs_embeds.shape)} {inputs_embeds.dtype}" if isinstance(inputs_embeds, torch.Tensor)
                    else type(inputs_embeds).__name__)
-            raise ValueError(f"inputs_embeds must be a (batch, length, {hidden}) float tensor, got {got}")
-        if inputs_embeds.shape[1] == 0:
-            raise ValueError("inputs_embeds is empty")
+            raise InputError(f"inputs_embeds must be a (batch, length, {hidden}) float tensor, got {got}")
+        if inputs_embeds.shape[0] == 0 or inputs_embeds.shape[1] == 0:
+            raise InputError(f"inputs_embeds is empty: {tuple(inputs_embeds.shape)}")
         return None, inputs_embeds.to(self.device, self.dtype)
 
     def _is_embedding_of(self, embeds: torch.Tensor, token: int) -> torch.Tensor:
@@ -327,15 +339,17 @@ class Qwen25VL(nn.Module):
         one of them, as `generate` does. A cached past is a constant to them.
         """
         if cache is not None and past_key_values is not None:
-            raise ValueError("pass the cache once, as past_key_values or as cache")
+            raise InputError("pass the cache once, as past_key_values or as cache")
         past = past_key_values if past_key_values is not None else cache
         if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
-            raise ValueError("labels score every position: logits_to_keep must be 0 with labels")
+            raise InputError("labels score every position: logits_to_keep must be 0 with labels")
         if past is not None and not isinstance(past, StaticKVCache):
-            raise ValueError(f"past_key_values must be the cache a forward with use_cache=True returned, got "
+            raise InputError(f"past_key_values must be the cache a forward with use_cache=True returned, got "
                              f"{type(past).__name__}")
         if past is not None and cache_position is not None:
-            past.length = check_cache_position(cache_position, past.length)
+            tokens = input_ids if input_ids is not None else inputs_embeds
+            length = tokens.shape[1] if isinstance(tokens, torch.Tensor) and tokens.dim() >= 2 else None
+            past.length = check_cache_position(cache_position, past.length, length)
         p = self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
                          video_grid_thw, second_per_grid_ts, inputs_embeds=inputs_embeds, position_ids=position_ids,
                          rope_deltas=rope_deltas, past=past, mm_token_type_ids=mm_token_type_ids)
@@ -380,9 +394,16 @@ class Qwen25VL(nn.Module):
         return self.model.gradient_checkpointing
 
     def new_cache(self, batch: int, max_len: int) -> StaticKVCache:
+        """An empty cache for `batch` rows of up to `max_len` tokens; `ResourceError` if it would not fit."""
+        return StaticKVCache(*self._cache_layout(batch, max_len), self.dtype, self.device)
+
+    def check_cache_fits(self, batch: int, max_len: int) -> None:
+        """What `new_cache(batch, max_len)` checks, without allocating: `ResourceError` if it would not fit."""
+        StaticKVCache.ensure_fits(*self._cache_layout(batch, max_len), self.dtype, self.device)
+
+    def _cache_layout(self, batch: int, max_len: int) -> tuple[int, int, int, int, int]:
         t = self.cfg.text
-        return StaticKVCache(t.num_hidden_layers, batch, max_len, t.num_key_value_heads, t.head_dim, self.dtype,
-                             self.device)
+        return t.num_hidden_layers, batch, max_len, t.num_key_value_heads, t.head_dim
 
     @torch.no_grad()
     def prefill(self, prompt: Prompt, cache: StaticKVCache) -> torch.Tensor:
@@ -412,14 +433,28 @@ class Qwen25VL(nn.Module):
             cache.length = start + 1
         return self.logits(hidden[:, -1])
 
+    def decode_cache(self, batch: int, max_len: int, cuda_graph: bool = False) -> StaticKVCache:
+        """An empty cache to prefill and then decode into: a new one, or with cuda_graph the cache of the graph
+        pool's entry for this batch and length bucket (`self.graphs`), whose captured step `decoder` replays."""
+        if not cuda_graph:
+            return self.new_cache(batch, max_len)
+        cache = self.graphs.acquire(self, batch, max_len).cache
+        cache.reset()
+        return cache
+
     def decoder(self, prompt: Prompt, cache: StaticKVCache, cuda_graph: bool = False):
         """The decode step for this prompt and cache as a callable: tokens (B,) -> logits (B, vocab).
 
-        cuda_graph: capture the step once and replay it for every token (`DecodeGraph`; CUDA only). The
-        logits are then a buffer the next call overwrites.
+        cuda_graph: replay the step from a CUDA graph (CUDA only): the pooled one when `cache` came from
+        `decode_cache(..., cuda_graph=True)` (captured by the first call of its shape, replayed by later calls),
+        else one captured for this cache alone. The logits are then a buffer the next call overwrites.
         """
         if cuda_graph:
-            return torch.no_grad()(DecodeGraph(self, prompt, cache).step)
+            pooled = self.graphs.entry_for(cache)
+            if pooled is None:
+                return torch.no_grad()(DecodeGraph(self, prompt, cache).step)
+            pooled.start(prompt)
+            return torch.no_grad()(pooled.step)
         return lambda tokens: self.decode_step(tokens, prompt, cache)
 
     # Continue prompts: greedy, sampling or beam search; `qvl.model.generation.generate` with the model as self

@@ -89,7 +89,7 @@ def test_a_backend_without_device_lengths_is_routed_or_refused_with_the_reason(h
 def test_cuda_graph_needs_a_cuda_device():
     model = qvl.from_config("tiny")
     inputs = demo_prompt(model.cfg)
-    with pytest.raises(ValueError, match="cuda_graph needs the model on a CUDA device; it is on cpu"):
+    with pytest.raises(ValueError, match="cuda_graph=True: CUDA graphs need the model on a CUDA device; it is on cpu"):
         model.generate(**inputs, max_new_tokens=3, cuda_graph=True)
     prompt = model.prepare(**inputs)
     with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
