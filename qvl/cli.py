@@ -1,4 +1,4 @@
-"""The `qvl` command: `qvl backends`, `qvl demo`, `qvl ablate`, `qvl report`, `qvl generate`."""
+"""The `qvl` command: `qvl backends`, `qvl demo`, `qvl ablate`, `qvl report`, `qvl generate`, `qvl plan`."""
 
 from __future__ import annotations
 
@@ -123,11 +123,13 @@ def _check_details(config) -> str:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .ablate import compare_runs, format_table, load_results, render_run
+    from .ablate.report import write_comparison
 
     runs = [load_results(d) for d in args.dirs]
     if len(runs) == 1 and not args.out:
         results, directory = runs[0]
-        print(f"{results['name']} ({directory}): {results['status']}")
+        print(f"{results['name']} ({directory}): {results['status']}"
+              + (f": {one_line(results['error'])}" if results.get("error") else ""))
         print(format_table(results))
         if not args.no_write:
             plot = render_run(results, directory)
@@ -136,14 +138,56 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 0
     print(compare_runs(runs))
     if args.out:
-        import os
-
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, "compare.md")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(compare_runs(runs, style="md"))
-        print(f"\nwrote {path}")
+        print(f"\nwrote {write_comparison(runs, args.out)}")
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .config import get_preset, load_hf_config
+    from .dtypes import DTYPES
+    from .errors import ConfigError
+    from .memory import format_bytes
+    from .parallel.plan import format_plan, memory_plan, plan_notes
+    from .parallel.shard import valid_degrees
+
+    cfg = load_hf_config(args.checkpoint) if args.checkpoint else get_preset(args.preset)
+    dtype = DTYPES[args.dtype]
+    degrees = list(dict.fromkeys(args.tp)) if args.tp else [d for d in valid_degrees(cfg) if d <= 8]
+    rows: list = []
+    refused: list[ConfigError] = []
+    for tp in degrees:
+        try:
+            rows.append(memory_plan(cfg, dtype, tp, args.memory, args.batch))
+        except ConfigError as e:  # one degree: an error; among several: a row, unless none can split the model
+            refused.append(e)
+            rows.append((tp, str(e)))
+    if len(refused) == len(degrees):
+        raise refused[0]
+    model = f"checkpoint {args.checkpoint}" if args.checkpoint else f"preset {args.preset}"
+    print(f"qvl plan: {model}, {cfg.num_parameters():,} parameters in {args.dtype}; {format_bytes(args.memory)} "
+          f"per rank, batch {args.batch}")
+    print(format_plan(rows))
+    print(f"\n{plan_notes(dtype)}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _memory_size(text: str) -> int:
+    from .parallel.plan import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except QvlError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -154,28 +198,70 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"qvl: error: {sub + ': ' if sub else ''}{message} (see {self.prog} --help)\n")
 
 
-def one_line(e: BaseException) -> str:
-    """An exception's message on one line: its lines joined by '; ' (list bullets dropped)."""
+def one_line(e: BaseException | str) -> str:
+    """An exception's message (or a text) on one line: its lines joined by '; ' (list bullets dropped)."""
     lines = [line.strip().removeprefix("- ") for line in str(e).splitlines()]
     return "; ".join(line for line in lines if line) or type(e).__name__
 
 
 def error_status(e: Exception) -> tuple[int, str]:
     """(exit status, message) for an exception that ends a command: 2 for what the user gave (qvl's errors,
-    bad values, missing or unreadable paths, backends this machine cannot run), 1 for failures of the run
-    itself (a full disk, memory, non-finite numbers midway, a bug)."""
+    bad values, missing, unreadable or misplaced paths, text that is not UTF-8, backends this machine cannot
+    run), 1 for failures of the run itself (a full disk, memory, a missing optional package, input nested too
+    deeply for Python, non-finite numbers midway, a bug)."""
     from .backends import BackendUnsupportedError
 
     if isinstance(e, QvlError):
         return e.exit_status, one_line(e)
-    if isinstance(e, (ValueError, BackendUnsupportedError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
-                      PermissionError)):
-        return 2, one_line(e)
+    if isinstance(e, UnicodeDecodeError):  # the readers that know the file name it (ConfigError, ResultsError)
+        return 2, f"not {e.encoding} text: byte 0x{e.object[e.start]:02x} at offset {e.start} ({e.reason})"
+    if isinstance(e, (ValueError, BackendUnsupportedError, FileNotFoundError, FileExistsError, IsADirectoryError,
+                      NotADirectoryError, PermissionError)):
+        return 2, _os_message(e) if isinstance(e, OSError) else one_line(e)
     if isinstance(e, OSError):
+        return 1, _os_message(e)
+    if isinstance(e, ImportError):  # an optional package (PyAV, Pillow, matplotlib): its message says what to install
         return 1, one_line(e)
+    if isinstance(e, RecursionError):
+        return 1, f"input nested too deeply for Python to follow ({one_line(e)})"
     if isinstance(e, MemoryError):
         return 1, f"out of memory: {one_line(e)}"
     return 1, f"internal error ({type(e).__name__}): {one_line(e)}; QVL_DEBUG=1 shows the traceback"
+
+
+def _os_message(e: OSError) -> str:
+    """``<file>: <reason>`` rather than Python's ``[Errno 2] No such file or directory: '<file>'``."""
+    if e.strerror and e.filename is not None:
+        return one_line(f"{e.filename}: {e.strerror}" + (f" ({e.filename2})" if e.filename2 else ""))
+    return one_line(e.strerror or e)
+
+
+def _discard_stdout() -> None:
+    """stdout to /dev/null: its reader went away (`qvl backends | head -1`), and Python's last flush of what is
+    still buffered must not fail again at exit."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # no file descriptor (captured in tests)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def key_type(spec: str, name: str, flag: str, integer: bool = False):
+    """An argparse type that checks a flag by the rule of the config key it stands for (qvl.ablate.config's
+    `spec`.`name`), so ``--repeats 0`` is refused as ``[run] repeats = 0`` is, in the same words."""
+
+    def parse(text: str):
+        from .ablate import config
+
+        value: object = text
+        if integer:
+            with contextlib.suppress(ValueError):
+                value = int(text)
+        try:
+            return config.check_key(getattr(config, spec), name, value, flag)
+        except QvlError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{flag}: ")) from None
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,9 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("backends", help="operator x backend availability on this machine, with reasons")
     p.set_defaults(func=cmd_backends)
     p = sub.add_parser("demo", help="run the tiny model through every available backend mix")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--new-tokens", type=int, default=8)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--preset", default="tiny", choices=PRESETS)
+    p.add_argument("--new-tokens", type=key_type("WorkloadSpec", "decode_tokens", "--new-tokens", integer=True),
+                   default=8)
+    p.add_argument("--device", default="cpu", type=key_type("ModelSpec", "device", "--device"))
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("ablate",
                        help="run an ablation config (ablations/*.toml); no config: a default for this machine",
@@ -198,13 +285,15 @@ def main(argv: list[str] | None = None) -> int:
                                    "RESULTS_DIR/<config name>/<timestamp>/{results.json,report.md,plot.png}.")
     p.add_argument("config", nargs="?", help="an ablations/*.toml file (default: tiny preset on a CPU, 3b on a GPU)")
     p.add_argument("--results-dir", default="results", help="root folder for results (default: results)")
-    p.add_argument("--device", help="override the config's device (auto, cpu, cuda, cuda:N)")
-    p.add_argument("--preset", help=f"run the config on another preset ({', '.join(PRESETS)})")
-    p.add_argument("--dtype", help=f"override the config's model dtype ({', '.join(DTYPES)}); variants that set "
-                                   "their own keep it")
-    p.add_argument("--repeats", type=int,
-                   help="timed repeats per variant (default: the config's, else 3 on a CPU, 10 on a GPU)")
-    p.add_argument("--warmup", type=int, help="warm-up runs per variant (default: the config's, else 1)")
+    p.add_argument("--device", type=key_type("ModelSpec", "device", "--device"),
+                   help="override the config's device (auto, cpu, cuda, cuda:N)")
+    p.add_argument("--preset", choices=PRESETS, help=f"run the config on another preset ({', '.join(PRESETS)})")
+    p.add_argument("--dtype", choices=DTYPES, help=f"override the config's model dtype ({', '.join(DTYPES)}); "
+                                                   "variants that set their own keep it")
+    p.add_argument("--repeats", type=key_type("RunSpec", "repeats", "--repeats", integer=True),
+                   help="timed repeats per variant, >= 1 (default: the config's, else 3 on a CPU, 10 on a GPU)")
+    p.add_argument("--warmup", type=key_type("RunSpec", "warmup", "--warmup", integer=True),
+                   help="warm-up runs per variant, >= 0 (default: the config's, else 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-variant lines")
     p.add_argument("--check", action="store_true",
                    help="only check the config, and print it with every default filled in")
@@ -217,12 +306,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write the comparison to OUT/compare.md")
     p.add_argument("--no-write", action="store_true", help="one DIR: print only, do not rewrite report.md and plot.png")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("plan", help="tensor-parallel memory plan: weights and KV cache per rank, longest context",
+                       description="For each tensor-parallel degree: the weights one rank holds, its KV cache per "
+                                   "token, and the longest context that fits MEMORY per rank. One --tp that cannot "
+                                   "split the model is an error; among several it is a row saying why (an error only "
+                                   "when none can).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", choices=PRESETS, help=f"a preset ({', '.join(PRESETS)})")
+    src.add_argument("--checkpoint", metavar="DIR", help="a checkpoint folder (its config.json is read)")
+    p.add_argument("--tp", type=_positive_int, nargs="+", metavar="N",
+                   help="tensor-parallel degrees, e.g. --tp 1 2 4 8 (default: those up to 8 that split the model)")
+    p.add_argument("--memory", type=_memory_size, required=True,
+                   help="device memory per rank: 141GiB, 80GB (10^9 bytes) or a number of bytes")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight and cache dtype (default bfloat16)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="rows sharing the KV cache (default 1)")
+    p.set_defaults(func=cmd_plan)
     from .generate_cli import add_generate_parser
 
     add_generate_parser(sub)  # qvl generate
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a reader that went away shows here, not in Python's flush at exit
+        return status
+    except BrokenPipeError:
+        _discard_stdout()
+        return 1
     except KeyboardInterrupt:
         print("qvl: interrupted", file=sys.stderr)
         return 130

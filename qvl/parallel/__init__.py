@@ -1,0 +1,21 @@
+"""Tensor parallelism: what each rank holds (`shard`) and what fits a device (`plan`)."""
+
+from .plan import MemoryPlan, format_plan, memory_plan, parse_bytes
+from .shard import (
+    STYLES,
+    RankSlice,
+    check_degree,
+    checkpoint_slices,
+    local_heads,
+    parameter_shapes,
+    rank_bytes,
+    rank_ranges,
+    rank_shape,
+    rank_slice,
+    split_style,
+    valid_degrees,
+)
+
+__all__ = ["STYLES", "RankSlice", "check_degree", "checkpoint_slices", "local_heads", "parameter_shapes",
+           "rank_bytes", "rank_ranges", "rank_shape", "rank_slice", "split_style", "valid_degrees", "MemoryPlan",
+           "format_plan", "memory_plan", "parse_bytes"]

@@ -1,0 +1,239 @@
+"""What each tensor-parallel rank holds: the degrees that can split the model, and every parameter's split.
+
+Megatron-style tensor parallelism over `tp` ranks, as vLLM and SGLang run Qwen2.5-VL:
+
+    colwise     qkv_proj, gate_up_proj: each rank computes its own output rows (its heads, its share of the
+                MLP's inner width) from the whole input
+    rowwise     o_proj, down_proj: each rank multiplies its share of the input columns; the partial outputs
+                are summed over the ranks (an all-reduce)
+    vocab       embed_tokens, lm_head: each rank holds a contiguous block of vocabulary rows
+    replicated  the norms, a row-parallel layer's bias (added once, after the sum), and the whole vision tower
+                (it runs data-parallel: each rank encodes some of the images)
+
+A fused matrix is not split contiguously. qkv_proj stacks [q; k; v]: rank r holds its query heads' q rows, its
+KV heads' k rows and their v rows (three ranges). gate_up_proj stacks [gate; up]: rank r holds its gate rows and
+the same rows of up (two ranges). When tp exceeds num_key_value_heads, each KV head is replicated over
+tp / num_key_value_heads ranks: every rank holds the one KV head its query heads read.
+
+Every split is a `RankSlice`, one dim and (start, stop) ranges along it: `rank_slice` cuts a tensor with it,
+`rank_shape` and `rank_bytes` size a rank without any tensor, and `checkpoint_slices` maps it onto the unfused
+checkpoint tensors, so a reader fetches only a rank's rows (safetensors' ``get_slice``). The later distributed
+runtime builds on these; this module needs no process group.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..config import Qwen25VLConfig
+from ..errors import ConfigError
+
+STYLES = ("colwise", "rowwise", "vocab", "replicated")
+
+# Parameter name (as in model.named_parameters()) -> style; the first full match wins. A name no rule matches is an
+# error, so a parameter added to the model must be given its split here rather than replicated unnoticed.
+_LAYER = r"model\.layers\.\d+\."
+_RULES: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p), s) for p, s in (
+    (r"visual\..+", "replicated"),
+    (r"model\.embed_tokens\.weight|lm_head\.weight", "vocab"),
+    (_LAYER + r"(self_attn\.qkv_proj\.(weight|bias)|mlp\.gate_up_proj\.weight)", "colwise"),
+    (_LAYER + r"(self_attn\.o_proj|mlp\.down_proj)\.weight", "rowwise"),
+    (_LAYER + r"(self_attn\.o_proj|mlp\.down_proj)\.bias", "replicated"),
+    (_LAYER + r"(input_layernorm|post_attention_layernorm)\.weight|model\.norm\.weight", "replicated"),
+))
+
+
+# --- degrees ---------------------------------------------------------------------------------------------------
+
+
+def _splits(cfg: Qwen25VLConfig) -> tuple[tuple[str, int, str], ...]:
+    """(dimension, size, how a degree must relate to it) for each decoder dimension tensor parallelism splits."""
+    t = cfg.text
+    return (("num_attention_heads", t.num_attention_heads, "divide"),
+            ("num_key_value_heads", t.num_key_value_heads, "divide or be divided by"),
+            ("intermediate_size", t.intermediate_size, "divide"),
+            ("vocab_size", t.vocab_size, "divide"))
+
+
+def _fits(tp: int, size: int, rule: str) -> bool:
+    # KV heads are split when tp divides them, replicated when they divide tp
+    return size % tp == 0 or (rule != "divide" and tp % size == 0)
+
+
+@functools.lru_cache(maxsize=64)
+def valid_degrees(cfg: Qwen25VLConfig) -> tuple[int, ...]:
+    """Every degree that splits the decoder, ascending. Each divides num_attention_heads, so only its divisors
+    are candidates."""
+    heads = cfg.text.num_attention_heads
+    divisors = {d for i in range(1, math.isqrt(heads) + 1) if heads % i == 0 for d in (i, heads // i)}
+    return tuple(d for d in sorted(divisors) if all(_fits(d, size, rule) for _, size, rule in _splits(cfg)))
+
+
+def _check_int(value, name: str, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def check_degree(cfg: Qwen25VLConfig, tp: int) -> None:
+    """Refuse (`ConfigError`, one line) a degree that cannot split the decoder, naming the dimension, its size and
+    the degrees that would: ``tp 3 cannot split num_attention_heads 16; degrees that split every dimension: 1, 2,
+    4, 8, 16``. The vocabulary is not padded (vLLM pads it): a degree must divide it."""
+    _check_int(tp, "tp", 1)
+    for dim, size, rule in _splits(cfg):
+        if not _fits(tp, size, rule):
+            why = " (KV heads are split when tp divides them, replicated when they divide tp)" if rule != "divide" \
+                else ""
+            raise ConfigError(f"tp {tp} cannot split {dim} {size}{why}; degrees that split every dimension: "
+                              f"{', '.join(map(str, valid_degrees(cfg)))}")
+
+
+def local_heads(cfg: Qwen25VLConfig, tp: int) -> tuple[int, int]:
+    """(query heads, KV heads) one rank holds: what its attention, rope and cache operators see."""
+    check_degree(cfg, tp)
+    t = cfg.text
+    return t.num_attention_heads // tp, max(1, t.num_key_value_heads // tp)
+
+
+# --- one parameter ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RankSlice:
+    """One rank's piece of a parameter: the indexes in `ranges` ((start, stop) pairs, ascending) along `dim`,
+    concatenated in order. Replicated parameters take their whole dim 0."""
+
+    style: str
+    dim: int
+    ranges: tuple[tuple[int, int], ...]
+
+    @property
+    def length(self) -> int:
+        return sum(stop - start for start, stop in self.ranges)
+
+    def shape(self, full: tuple[int, ...]) -> tuple[int, ...]:
+        return full[:self.dim] + (self.length,) + full[self.dim + 1:]
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The piece of `tensor` (a view when it is one range, a new tensor otherwise)."""
+        pieces = [tensor.narrow(self.dim, start, stop - start) for start, stop in self.ranges]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, self.dim)
+
+
+def split_style(name: str) -> str:
+    """How parameter `name` is split across ranks: one of STYLES."""
+    for pattern, style in _RULES:
+        if pattern.fullmatch(name):
+            return style
+    raise ConfigError(f"no tensor-parallel split for parameter {name!r}: add it to qvl.parallel.shard's rules")
+
+
+@functools.lru_cache(maxsize=8)
+def parameter_shapes(cfg: Qwen25VLConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's full shape, by name, from the model itself built on the meta device (no memory)."""
+    from ..model.qwen2_5_vl import Qwen25VL
+
+    with torch.device("meta"):
+        model = Qwen25VL(cfg, backends="eager")
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def _share(size: int, tp: int, rank: int) -> tuple[int, int]:
+    """Rank `rank`'s contiguous block of `size` split evenly in `tp`."""
+    return rank * size // tp, (rank + 1) * size // tp
+
+
+def _merged(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Adjacent ranges joined (at tp 1 a fused matrix is one range), empty ones dropped."""
+    out: list[tuple[int, int]] = []
+    for start, stop in ranges:
+        if stop <= start:
+            continue
+        if out and out[-1][1] == start:
+            out[-1] = (out[-1][0], stop)
+        else:
+            out.append((start, stop))
+    return tuple(out)
+
+
+def rank_ranges(name: str, cfg: Qwen25VLConfig, tp: int, rank: int) -> RankSlice:
+    """Which indexes of parameter `name` rank `rank` of `tp` holds. The one place a split is computed."""
+    check_degree(cfg, tp)
+    _check_int(rank, "rank", 0)
+    if rank >= tp:
+        raise ConfigError(f"rank {rank} out of range for tp {tp} (ranks 0 to {tp - 1})")
+    shapes = parameter_shapes(cfg)
+    if name not in shapes:
+        raise ConfigError(f"{name!r} is not a parameter of this model")
+    style, full = split_style(name), shapes[name]
+    t, d = cfg.text, cfg.text.head_dim
+    module = name.split(".")[-2]
+    if style == "replicated":
+        return RankSlice(style, 0, ((0, full[0]),))
+    if style == "vocab":
+        return RankSlice(style, 0, (_share(t.vocab_size, tp, rank),))
+    q_rows = _share(t.num_attention_heads * d, tp, rank)  # this rank's query heads, as rows of q (or columns of o)
+    if module == "o_proj":
+        return RankSlice(style, 1, (q_rows,))
+    inner = _share(t.intermediate_size, tp, rank)
+    if module == "down_proj":
+        return RankSlice(style, 1, (inner,))
+    if module == "gate_up_proj":  # [gate; up]: the rank's gate rows, then the same rows of up
+        i = t.intermediate_size
+        return RankSlice(style, 0, _merged([inner, (i + inner[0], i + inner[1])]))
+    # qkv_proj, [q; k; v]: the rank's q heads, then its KV heads' k and v. Past tp = KV heads, rank r's query
+    # heads all read KV head r * kv // tp (one head, replicated over tp // kv ranks).
+    kv = t.num_key_value_heads
+    head = _share(kv, tp, rank) if tp <= kv else (rank * kv // tp, rank * kv // tp + 1)
+    k_rows = (head[0] * d, head[1] * d)
+    q_all, kv_all = t.num_attention_heads * d, kv * d
+    return RankSlice(style, 0, _merged([q_rows, (q_all + k_rows[0], q_all + k_rows[1]),
+                                        (q_all + kv_all + k_rows[0], q_all + kv_all + k_rows[1])]))
+
+
+def rank_slice(name: str, tensor: torch.Tensor, cfg: Qwen25VLConfig, tp: int, rank: int) -> torch.Tensor:
+    """Rank `rank`'s piece of parameter `name`, given the whole parameter `tensor`."""
+    full = parameter_shapes(cfg).get(name)
+    if full is not None and tuple(tensor.shape) != full:
+        raise ConfigError(f"{name} has shape {tuple(full)} in this model, got a tensor of {tuple(tensor.shape)}")
+    return rank_ranges(name, cfg, tp, rank).take(tensor)
+
+
+def rank_shape(name: str, cfg: Qwen25VLConfig, tp: int, rank: int = 0) -> tuple[int, ...]:
+    """The shape of rank `rank`'s piece of parameter `name`, without any tensor."""
+    return rank_ranges(name, cfg, tp, rank).shape(parameter_shapes(cfg)[name])
+
+
+def rank_bytes(cfg: Qwen25VLConfig, dtype: torch.dtype, tp: int, rank: int = 0, *, tower: str | None = None) -> int:
+    """Exact bytes of the parameters rank `rank` holds in `dtype`; `tower` "decoder" (with the LM head) or
+    "vision" counts only that part."""
+    if tower not in (None, "decoder", "vision"):
+        raise ConfigError(f"tower must be 'decoder', 'vision' or None, got {tower!r}")
+    names = [n for n in parameter_shapes(cfg) if tower is None or (n.startswith("visual.") == (tower == "vision"))]
+    return sum(math.prod(rank_shape(n, cfg, tp, rank)) for n in names) * dtype.itemsize
+
+
+def checkpoint_slices(name: str, sources: list[tuple[str, int]], cfg: Qwen25VLConfig, tp: int,
+                      rank: int) -> list[tuple[str, RankSlice]]:
+    """Rank `rank`'s piece of parameter `name` as pieces of the checkpoint tensors that fill it.
+
+    `sources` is `qvl.checkpoint.checkpoint_sources(model)[name]`: (checkpoint key, first row in the parameter),
+    in row order. Returns (key, slice of that tensor) for each source the rank reads, the ranges relative to the
+    source's own rows; concatenating the pieces along the slice's dim, in order, gives `rank_slice`'s tensor.
+    """
+    piece = rank_ranges(name, cfg, tp, rank)
+    rows = parameter_shapes(cfg)[name][0]
+    out = []
+    for i, (key, first) in enumerate(sources):
+        last = sources[i + 1][1] if i + 1 < len(sources) else rows
+        if piece.dim != 0:  # a column split reads the same columns of every source
+            out.append((key, piece))
+            continue
+        local = [(max(a, first) - first, min(b, last) - first) for a, b in piece.ranges]
+        if ranges := _merged(local):
+            out.append((key, RankSlice(piece.style, 0, ranges)))
+    return out
