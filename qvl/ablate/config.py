@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from ..backends import OPERATORS, backend_names, parse_spec
 from ..config import PRESETS, Qwen25VLConfig, TextConfig, VisionConfig, get_preset, load_hf_config
 from ..dtypes import DTYPES
-from ..files import regular_file_size
+from ..files import read_text
 from .schema import (
     At,
     ConfigError,
@@ -364,17 +364,7 @@ MAX_CONFIG_BYTES = 1 << 20  # a config is a page of TOML; anything far larger is
 
 def load_config(path: str | os.PathLike) -> AblationConfig:
     path = os.fspath(path)
-    if regular_file_size(path, ConfigError) > MAX_CONFIG_BYTES:  # missing, a folder, a FIFO: refused here
-        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB, not an ablation config")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8")  # TOML is UTF-8
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start}") from None
+    text = read_text(path, error=ConfigError, max_bytes=MAX_CONFIG_BYTES)  # TOML is UTF-8
     stem = os.path.splitext(os.path.basename(path))[0]
     return parse_config(text, path=path, default_name=stem)
 

@@ -28,11 +28,11 @@ from hypothesis import strategies as st
 
 from qvl import cli
 from qvl.ablate import compare_runs, format_table, load_config, load_results, parse_config, run_ablation
-from qvl.ablate import runner as runner_module
 from qvl.ablate.report import FORMAT, render_markdown
 from qvl.cli import main
 from qvl.errors import ConfigError, ResultsError
 from qvl.processing import OptionalDependencyError
+from tests.ablate.test_runner import interrupt_second_measurement
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -168,7 +168,7 @@ def test_ablate_config_files(tmp_path, capsys):
     cases = {
         tmp_path / "missing.toml": "no such file",
         folder: "is a directory",
-        latin1: "not UTF-8 text: byte 0xe9 at offset 18",
+        latin1: "not UTF-8 (byte 0xe9 at offset 18)",
         write_config(tmp_path, "broken", "name = [1, 2\n"): "not valid TOML",
         write_config(tmp_path, "deep", "x = " + "[" * 5000): "nested too deeply",
         write_config(tmp_path, "repeats", SMALL.format(name="r").replace("repeats = 1", "repeats = 0")):
@@ -333,22 +333,10 @@ def disk(monkeypatch, tmp_path):
     return state
 
 
-def when_second_variant_measures(monkeypatch, action):
-    real, calls = runner_module.measure_timings, []
-
-    def measure(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            action()
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(runner_module, "measure_timings", measure)
-
-
 def test_disk_fills_up_for_good_mid_run(tmp_path, capsys, monkeypatch, disk):
     """From the second variant on nothing can be written: the error says so, the results.json written after
     the first variant is intact, no temporary file is left."""
-    when_second_variant_measures(monkeypatch, lambda: setattr(disk, "full", None))
+    interrupt_second_measurement(monkeypatch, lambda: setattr(disk, "full", None))
     root = tmp_path / "results"
     status, _, err = cli_run(capsys, "ablate", write_config(tmp_path), "--results-dir", root, "--quiet")
     (run,) = glob.glob(str(root / "small" / "*"))
@@ -365,7 +353,7 @@ def test_disk_fills_up_for_good_mid_run(tmp_path, capsys, monkeypatch, disk):
 def test_disk_full_for_a_moment_marks_the_run_failed(tmp_path, monkeypatch, disk):
     """One write fails (space comes back: a log rotated): the run stops there and results.json, written again,
     marks it failed with every finished variant kept (API: the OSError, errno ENOSPC)."""
-    when_second_variant_measures(monkeypatch, lambda: setattr(disk, "full", 1))
+    interrupt_second_measurement(monkeypatch, lambda: setattr(disk, "full", 1))
     config = parse_config(SMALL.format(name="moment"), path=str(tmp_path / "moment.toml"))
     with pytest.raises(OSError) as caught:
         run_ablation(config, results_root=str(tmp_path / "results"), quiet=True)
