@@ -8,6 +8,9 @@
 #   bash benchmarks/gpu_session.sh peers      # the whole model next to transformers, same weights (model_peers.py)
 #   bash benchmarks/gpu_session.sh train      # a 3b training step next to transformers and Liger (train_peers.py)
 #   bash benchmarks/gpu_session.sh profile    # where the host time goes: cProfile + device time (host_profile.py)
+#   bash benchmarks/gpu_session.sh batches    # decode tok/s at batch 1, 4, 16, 64 vs transformers' static cache
+#   bash benchmarks/gpu_session.sh speed      # issue 23's figures in one call: peers (TTFT with the kept graphs,
+#                                             # capture apart), batches, the kernel table
 #   bash benchmarks/gpu_session.sh ablate     # the default ablation (3b, every backend mix)
 #   bash benchmarks/gpu_session.sh configs    # the shipped ablations/*.toml at the 3b preset (bf16 but dtype.toml)
 #   bash benchmarks/gpu_session.sh baseline   # the benchmark suite, written as this GPU's baseline
@@ -68,6 +71,7 @@ stage_decode() { script_stage decode_sweep "$1"; }
 stage_peers() { script_stage model_peers "$1"; }
 stage_train() { script_stage train_peers "$1"; }
 stage_profile() { script_stage host_profile "$1"; }
+stage_batches() { script_stage decode_batches "$1"; }
 
 stage_tests() {
   log "tests (<= $(box "$1") s, $EXAMPLES hypothesis examples, 12 workers)"
@@ -137,8 +141,11 @@ decode) BUDGET_S=580 stage_decode 560 ;;
 peers) BUDGET_S=580 stage_peers 560 ;;
 train) BUDGET_S=580 stage_train 560 ;;
 profile) BUDGET_S=580 stage_profile 560 ;;
-*) echo "stages: lease tests figures decode peers train profile ablate configs baseline"; exit 2 ;;
+batches) BUDGET_S=580 stage_batches 560 ;;
+speed) PLAN=${PLAN:-peers:200 batches:200 figures:150} BUDGET_S=580; for step in $PLAN; do "stage_${step%%:*}" "${step##*:}"; done ;;
+*) echo "stages: lease speed tests figures decode peers batches train profile ablate configs baseline"; exit 2 ;;
 esac
 tar -czf "$OUT/results.tar.gz" -C "$FULL" . && rm -rf "$FULL"
-cat "$OUT/kernel_figures.md" "$OUT/decode_sweep.md" "$OUT/model_peers.md" "$OUT/train_peers.md" 2>/dev/null
+cat "$OUT/kernel_figures.md" "$OUT/decode_sweep.md" "$OUT/model_peers.md" "$OUT/decode_batches.md" \
+  "$OUT/train_peers.md" 2>/dev/null
 cat "$OUT/summary.txt"

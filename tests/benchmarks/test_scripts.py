@@ -124,3 +124,13 @@ def test_gpu_session_script_runs_a_lease_and_packs_its_results(tmp_path):
     assert "| transformers (SDPA) |" in (out / "model_peers.md").read_text()
     assert (out / "environment.txt").exists() and (out / "results.tar.gz").stat().st_size > 0
     assert not (out / "full").exists()  # packed into results.tar.gz
+
+
+def test_decode_batches_smoke_run_writes_its_table(tmp_path):
+    """Decode tok/s by batch for transformers (static cache) and qvl: every cell a positive rate."""
+    pytest.importorskip("transformers")
+    run_script("decode_batches.py", tmp_path)
+    rows = json.loads((tmp_path / "decode_batches.json").read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    assert all(isinstance(r[k], float) and r[k] > 0 for r in rows for k in r if k != "batch"), rows
+    assert "| batch | transformers (SDPA, static cache) | qvl eager |" in (tmp_path / "decode_batches.md").read_text()
