@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from .errors import ResourceError
+from .errors import ConfigError, ResourceError
 
 # Headroom left for activations, the allocator and everything else: work is refused above this share of free memory.
 USABLE_SHARE = 0.9
@@ -50,12 +50,21 @@ def available_bytes(device: torch.device | str = "cpu") -> int | None:
     return _host_available()
 
 
+def _limit_from_env() -> int | None:
+    """QVL_MEMORY_LIMIT as bytes, or None when unset."""
+    limit = os.environ.get("QVL_MEMORY_LIMIT", "").strip()
+    if not limit:
+        return None
+    if not limit.isdigit() or int(limit) == 0:
+        raise ConfigError(f"QVL_MEMORY_LIMIT must be a positive number of bytes, got {limit!r:.40}")
+    return int(limit)
+
+
 def ensure_fits(what: str, nbytes: int, device: torch.device | str = "cpu") -> None:
     """Raise `ResourceError` when `nbytes` exceeds the usable share of `device`'s free memory, naming `what`
     and both sizes: ``a 72b model's weights need 136 GiB; cpu has 21.3 GiB free``. QVL_MEMORY_LIMIT (bytes)
     overrides the free memory, for tests and shared machines."""
-    limit = os.environ.get("QVL_MEMORY_LIMIT")
-    free = int(limit) if limit else available_bytes(device)
+    free = _limit_from_env() or available_bytes(device)
     if free is None or nbytes <= USABLE_SHARE * free:
         return
     raise ResourceError(f"{what} need {format_bytes(nbytes)}; {torch.device(device)} has {format_bytes(free)} free "

@@ -559,3 +559,10 @@ def test_fuzz_config_dicts_validate_or_raise_config_error(hf):
     assert cfg.validate() is cfg
     assert isinstance(cfg.weight_bytes(torch.bfloat16), int) and cfg.weight_bytes(torch.bfloat16) > 0
     assert config_from_hf_dict(config_to_hf_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("value", ["lots", "-5", "0", "1e9"])
+def test_a_memory_limit_that_is_not_a_byte_count_is_refused(monkeypatch, value):
+    monkeypatch.setenv("QVL_MEMORY_LIMIT", value)
+    with pytest.raises(ConfigError, match="QVL_MEMORY_LIMIT must be a positive number of bytes"):
+        qvl.from_config("tiny")
