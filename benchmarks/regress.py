@@ -225,7 +225,7 @@ def deterministic_counts() -> dict:
         layer = model.model.layers[0]
         kv = cache.layer(0)
         n = prompt.embeds.shape[1]
-        rotary = model.rotary(not prompt.has_vision)
+        rotary = model.rotary(prompt.uniform)
         with LaunchCounter().counting() as prefill_layer:
             layer(model.ops, prompt.embeds, None, prompt.positions, rotary, CausalMask(prompt.pad), kv, 0)
         emb = model.model.embed_tokens(token[:, None])
