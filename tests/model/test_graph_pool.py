@@ -91,8 +91,10 @@ def test_set_backends_and_moves_empty_the_pool(model, captures):
     assert len(model.graphs) == 1
     model.set_backends(model.plan.as_dict(), fallback=model.plan.fallback)  # the same plan: kept
     assert len(model.graphs) == 1
-    model.set_backends({**model.plan.as_dict(), "norm": "triton"})
+    eager = model.plan
+    model.set_backends({**eager.as_dict(), "norm": "triton"})
     assert len(model.graphs) == 0
+    model.set_backends(eager.as_dict(), fallback=eager.fallback)
     model.generate(**inputs, max_new_tokens=3, cuda_graph=True)
     model.to(torch.float32)  # any move rebuilds what depends on the device and dtype
     assert len(model.graphs) == 0
