@@ -106,8 +106,8 @@ def _check_fits(cfg: Qwen25VLConfig, dtype: torch.dtype, device) -> None:
 
 
 def _allocate(cfg: Qwen25VLConfig, dtype: torch.dtype, device, backends, fallback) -> Qwen25VL:
-    """An uninitialized model in `dtype` on `device`, with no intermediate copy anywhere."""
-    _check_fits(cfg, dtype, device)
+    """An uninitialized model in `dtype` on `device`, with no intermediate copy anywhere (callers `_check_fits`
+    first)."""
     with _default_dtype(dtype), torch.device("meta"):
         model = Qwen25VL(cfg, backends=backends, fallback=fallback)
     model = model.to_empty(device=device)
@@ -119,6 +119,7 @@ def from_config(preset_or_config="tiny", *, dtype: torch.dtype = torch.float32, 
                 backends=None, fallback: str | None = None) -> Qwen25VL:
     """A model with random weights: N(0, 0.02) matrices and embeddings, zero biases, unit norm weights."""
     cfg = as_config(preset_or_config)
+    _check_fits(cfg, dtype, torch.device(device))
     model = _allocate(cfg, dtype, torch.device(device), backends, fallback)
     gen = torch.Generator(device=model.device)
     gen.manual_seed(seed)

@@ -178,9 +178,8 @@ def measure_timings(model, work: Workload, clock: Clock, warmup: int, repeats: i
                if steps else None,
                "decode_ms_per_step": summarize([ms / steps for ms in decode]) if steps else None}
     if cuda_graph:  # paid once per shape by the first run (a warm-up when there is one), apart from the timings
-        key = model.graphs.key(model, work.batch_size, work.total_length)
-        figures["graph_capture_ms"] = next((s["capture_seconds"] * 1e3 for s in model.graphs.stats() if s["captured"]
-                                            and (s["batch"], s["cache_len"]) == (key.batch, key.cache_len)), None)
+        graph = model.graphs.captured(model, work.batch_size, work.total_length)
+        figures["graph_capture_ms"] = graph.capture_seconds * 1e3 if graph else None
     return figures, tokens
 
 

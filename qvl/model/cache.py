@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..dtypes import dtype_name
 from ..errors import InputError
 from ..memory import ensure_fits
 
@@ -38,7 +39,7 @@ class StaticKVCache:
                     dtype: torch.dtype, device: torch.device | str) -> None:
         """Refuse (`ResourceError`, with the estimate) a cache that would not fit `device`'s free memory."""
         ensure_fits(f"K and V of a KV cache of {batch} rows x {max_len} tokens ({num_layers} layers, {num_kv_heads} "
-                    f"KV heads of {head_dim}, {str(dtype).removeprefix('torch.')})",
+                    f"KV heads of {head_dim}, {dtype_name(dtype)})",
                     cls.bytes_needed(num_layers, batch, max_len, num_kv_heads, head_dim, dtype), device)
 
     @property

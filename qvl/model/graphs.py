@@ -96,7 +96,7 @@ class PooledDecode:
     reads (rope deltas, left padding) in buffers of their own, so the graph serves every prompt of its shape.
 
     Prefill into `cache`, then `start(prompt)` loads the prompt's values (capturing the step the first time) and
-    `step(tokens)` replays it.
+    `graph.step(tokens)` replays it.
     """
 
     def __init__(self, model, key: GraphKey):
@@ -120,10 +120,6 @@ class PooledDecode:
             step_prompt = replace(prompt, embeds=prompt.embeds[:, :0], positions=prompt.positions[:, :, :0],
                                   pad=self.pad, deltas=self.deltas)
             self.graph = DecodeGraph(self.model, step_prompt, self.cache)
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B,) -> logits (B, vocab), a buffer the next step overwrites."""
-        return self.graph.step(tokens)
 
 
 class DecodeGraphPool:
@@ -165,6 +161,11 @@ class DecodeGraphPool:
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
         return entry
+
+    def captured(self, model, batch: int, length: int) -> DecodeGraph | None:
+        """The graph captured for `batch` rows and `length` cache slots under the model's plan, if any."""
+        entry = self._entries.get(self.key(model, batch, length))
+        return entry.graph if entry else None
 
     def entry_for(self, cache) -> PooledDecode | None:
         """The entry whose cache `cache` is, if any."""

@@ -454,7 +454,7 @@ class Qwen25VL(nn.Module):
             if pooled is None:
                 return torch.no_grad()(DecodeGraph(self, prompt, cache).step)
             pooled.start(prompt)
-            return torch.no_grad()(pooled.step)
+            return torch.no_grad()(pooled.graph.step)
         return lambda tokens: self.decode_step(tokens, prompt, cache)
 
     # Continue prompts: greedy, sampling or beam search; `qvl.model.generation.generate` with the model as self
