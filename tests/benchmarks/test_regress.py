@@ -18,6 +18,8 @@ def test_planted_30_percent_slowdown_is_caught():
                                 THRESHOLD)
     assert not ok
     assert "bench_a" in table and "REGRESSION" in table and "+30%" in table
+    # the last line names it, for a log whose tail is all that is shown
+    assert table.splitlines()[-1] == "1 regressions: bench_a (+30%: REGRESSION)"
 
 
 def test_noise_within_threshold_passes():
