@@ -9,8 +9,10 @@
 #   bash benchmarks/gpu_session.sh train      # a 3b training step next to transformers and Liger (train_peers.py)
 #   bash benchmarks/gpu_session.sh profile    # where the host time goes: cProfile + device time (host_profile.py)
 #   bash benchmarks/gpu_session.sh batches    # decode tok/s at batch 1, 4, 16, 64 vs transformers' static cache
+#   bash benchmarks/gpu_session.sh tp         # tensor parallelism's NCCL collectives on one GPU: a group of one
+#                                             # next to no group, the decode graph captured with them (tp_collectives.py)
 #   bash benchmarks/gpu_session.sh speed      # issue 23's figures in one call: peers (TTFT with the kept graphs,
-#                                             # capture apart), batches, the kernel table
+#                                             # capture apart), batches, the kernel table, and tp
 #   bash benchmarks/gpu_session.sh ablate     # the default ablation (3b, every backend mix)
 #   bash benchmarks/gpu_session.sh configs    # the shipped ablations/*.toml at the 3b preset (bf16 but dtype.toml)
 #   bash benchmarks/gpu_session.sh baseline   # the benchmark suite, written as this GPU's baseline
@@ -72,6 +74,7 @@ stage_peers() { script_stage model_peers "$1"; }
 stage_train() { script_stage train_peers "$1"; }
 stage_profile() { script_stage host_profile "$1"; }
 stage_batches() { script_stage decode_batches "$1"; }
+stage_tp() { script_stage tp_collectives "$1"; }
 
 stage_tests() {
   log "tests (<= $(box "$1") s, $EXAMPLES hypothesis examples, 12 workers)"
@@ -142,8 +145,9 @@ peers) BUDGET_S=580 stage_peers 560 ;;
 train) BUDGET_S=580 stage_train 560 ;;
 profile) BUDGET_S=580 stage_profile 560 ;;
 batches) BUDGET_S=580 stage_batches 560 ;;
-speed) PLAN=${PLAN:-peers:200 batches:200 figures:150} BUDGET_S=580; for step in $PLAN; do "stage_${step%%:*}" "${step##*:}"; done ;;
-*) echo "stages: lease speed tests figures decode peers batches train profile ablate configs baseline"; exit 2 ;;
+tp) BUDGET_S=580 stage_tp 560 ;;
+speed) PLAN=${PLAN:-peers:180 batches:180 figures:130 tp:60} BUDGET_S=580; for step in $PLAN; do "stage_${step%%:*}" "${step##*:}"; done ;;
+*) echo "stages: lease speed tests figures decode peers batches tp train profile ablate configs baseline"; exit 2 ;;
 esac
 tar -czf "$OUT/results.tar.gz" -C "$FULL" . && rm -rf "$FULL"
 cat "$OUT/kernel_figures.md" "$OUT/decode_sweep.md" "$OUT/model_peers.md" "$OUT/decode_batches.md" \

@@ -9,6 +9,9 @@ tensors that fill its rows. Qwen2-VL's vision blocks keep transformers' names (n
 mlp.fc1/mlp.fc2); both towers' merger MLP is merger.mlp.0 / merger.mlp.2 there, merger.fc1 / merger.fc2 here.
 Weights are read tensor by tensor straight into parameters already allocated in the target dtype on the target
 device, so loading never holds a float32 copy of the model.
+With `tp=N` (tensor parallelism, under torchrun or `qvl.parallel.launch`) every rank builds and fills only its own
+piece of each parameter (`qvl.parallel.shard`), reading just those rows or columns of the checkpoint tensors
+(safetensors' `get_slice`): no rank holds the whole model, on the host or the device.
 Pickle-based files (``*.bin``, ``*.pt``) are refused. A folder or file that cannot be used (truncated, a Git LFS
 pointer, a malformed header or index, a name leading out of the folder, a tensor of the wrong name, shape or dtype) is
 a `CheckpointError` naming it, raised before the model is allocated; weights holding NaN or inf are refused too.
@@ -28,6 +31,8 @@ from .dtypes import DTYPES, dtype_name
 from .errors import CheckpointError, ConfigError
 from .files import read_json, write_json
 from .model.qwen2_5_vl import Qwen25VL
+from .parallel.group import TensorParallel, join, local_device
+from .parallel.shard import RankSlice, check_degree, checkpoint_slices, parameter_shapes, rank_bytes, rank_slice
 from .safetensors_check import (
     TensorHeader,
     checkpoint_file,
@@ -89,9 +94,9 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-def _check_fits(cfg: Qwen25VLConfig, dtype: torch.dtype, device) -> None:
+def _check_fits(cfg: Qwen25VLConfig, dtype: torch.dtype, device, tp: int = 1) -> None:
     """Refuse, with the estimate and before any model exists (even on the meta device), weights that would
-    not fit `device`."""
+    not fit `device`: the whole model's, or at degree `tp` one rank's."""
     from .config import PRESETS
     from .dtypes import FLOAT_DTYPES
     from .errors import ConfigError
@@ -100,29 +105,46 @@ def _check_fits(cfg: Qwen25VLConfig, dtype: torch.dtype, device) -> None:
     if not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES:
         raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     cfg.validate()  # every size checked before the estimate is computed from them
+    check_degree(cfg, tp)
     preset = next((name for name, p in PRESETS.items() if p == cfg), None)
-    ensure_fits(f"{f'the {preset} preset' if preset else 'this config'}'s weights "
-                f"({cfg.num_parameters():,} parameters) in {dtype_name(dtype)}", cfg.weight_bytes(dtype), device)
+    what = (f"{f'the {preset} preset' if preset else 'this config'}'s weights ({cfg.num_parameters():,} parameters) "
+            f"in {dtype_name(dtype)}")
+    # a rank holds at least 1/tp of the weights: absurd sizes are refused before the exact count builds a meta model
+    ensure_fits(what if tp == 1 else f"1/{tp} of {what}", cfg.weight_bytes(dtype) // tp, device)
+    if tp > 1:
+        ensure_fits(f"one rank's share of {what} at tp {tp}", rank_bytes(cfg, dtype, tp), device)
 
 
-def _allocate(cfg: Qwen25VLConfig, dtype: torch.dtype, device, backends, fallback) -> Qwen25VL:
-    """An uninitialized model in `dtype` on `device`, with no intermediate copy anywhere (callers `_check_fits`
-    first)."""
+def _join(tp: int, device) -> tuple[TensorParallel | None, torch.device]:
+    """The tensor-parallel group of degree `tp` and this rank's device."""
+    device = local_device(torch.device(device))
+    return join(tp, device), device
+
+
+def _allocate(cfg: Qwen25VLConfig, dtype: torch.dtype, device, backends, fallback,
+              parallel: TensorParallel | None = None) -> Qwen25VL:
+    """An uninitialized model (this rank's piece of it under `parallel`) in `dtype` on `device`, with no
+    intermediate copy anywhere (callers `_check_fits` first)."""
     with _default_dtype(dtype), torch.device("meta"):
-        model = Qwen25VL(cfg, backends=backends, fallback=fallback)
+        model = Qwen25VL(cfg, backends=backends, fallback=fallback, parallel=parallel)
     model = model.to_empty(device=device)
     model.reset_rotary()
     return model.eval()
 
 
 def from_config(preset_or_config="tiny", *, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0,
-                backends=None, fallback: str | None = None) -> Qwen25VL:
-    """A model with random weights: N(0, 0.02) matrices and embeddings, zero biases, unit norm weights."""
+                backends=None, fallback: str | None = None, tp: int = 1) -> Qwen25VL:
+    """A model with random weights: N(0, 0.02) matrices and embeddings, zero biases, unit norm weights.
+
+    `tp=N`: this rank's piece of the same model (the same weights as tp 1, for the same seed), in a group of N
+    processes (see `qvl.parallel.group.join`); each parameter is drawn whole, one at a time, and cut."""
     cfg = as_config(preset_or_config)
-    _check_fits(cfg, dtype, torch.device(device))
-    model = _allocate(cfg, dtype, torch.device(device), backends, fallback)
+    _check_fits(cfg, dtype, torch.device(device), tp)
+    parallel, device = _join(tp, device)
+    model = _allocate(cfg, dtype, device, backends, fallback, parallel)
     gen = torch.Generator(device=model.device)
     gen.manual_seed(seed)
+    shapes = None if parallel is None else parameter_shapes(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith("norm1.weight") or name.endswith("norm2.weight") \
@@ -130,8 +152,12 @@ def from_config(preset_or_config="tiny", *, dtype: torch.dtype = torch.float32, 
                 p.fill_(1.0)
             elif name.endswith(".bias"):
                 p.zero_()
-            else:
+            elif parallel is None:
                 p.normal_(0.0, 0.02, generator=gen)
+            else:  # the whole parameter drawn as at tp 1 (the same generator stream), then this rank's piece
+                whole = torch.empty(shapes[name], dtype=p.dtype, device=p.device).normal_(0.0, 0.02, generator=gen)
+                p.copy_(rank_slice(name, whole, cfg, parallel.size, parallel.rank))
+                del whole
     return model
 
 
@@ -275,11 +301,33 @@ def _nonfinite_note(path: str, key: str, stored: torch.Tensor, loaded: torch.Ten
             f"{dtype_name(stored.dtype)})")
 
 
+def _rank_pieces(model: Qwen25VL) -> dict[str, tuple[RankSlice, int]]:
+    """Under tensor parallelism, flat checkpoint key -> (the rows or columns of that tensor this rank reads, where
+    they start in its piece of the parameter along the slice's dim). Keys the rank reads nothing of are absent."""
+    tp, rank = model.parallel.size, model.parallel.rank
+    pieces = {}
+    for name, sources in checkpoint_sources(model).items():
+        offset = 0
+        for key, piece in checkpoint_slices(name, sources, model.cfg, tp, rank):
+            pieces[key] = (piece, offset)
+            offset += piece.length if piece.dim == 0 else 0
+    return pieces
+
+
+def _read_piece(f, key: str, piece: RankSlice) -> torch.Tensor:
+    """The rows (dim 0) or columns (dim 1) of checkpoint tensor `key` in `piece`, read without the rest."""
+    whole = f.get_slice(key)
+    parts = [whole[start:stop] if piece.dim == 0 else whole[:, start:stop] for start, stop in piece.ranges]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, piece.dim)
+
+
 def _copy(model: Qwen25VL, plan: list[tuple[str, str, str, int]], directory: str) -> None:
-    """Copy the planned tensors into the model's parameters, file by file, checking each for NaN and inf where
-    it lands; `CheckpointError` listing every non-finite tensor after the last."""
+    """Copy the planned tensors (under tensor parallelism, this rank's pieces of them) into the model's
+    parameters, file by file, checking each for NaN and inf where it lands; `CheckpointError` listing every
+    non-finite tensor after the last."""
     params = dict(model.named_parameters())
     device = str(model.device)
+    pieces = None if model.parallel is None else _rank_pieces(model)
     by_file: dict[str, list[tuple[str, str, int]]] = {}
     for path, key, name, row in plan:
         by_file.setdefault(path, []).append((key, name, row))
@@ -289,9 +337,16 @@ def _copy(model: Qwen25VL, plan: list[tuple[str, str, str, int]], directory: str
             # Tensors land directly on the target device; copy_ converts the dtype in place.
             with open_safetensors(path, device) as f:
                 for key, name, row in items:
-                    tensor = f.get_tensor(key)
                     target = params[name]
-                    loaded = target[row: row + tensor.shape[0]] if target.dim() else target
+                    if pieces is None:
+                        tensor = f.get_tensor(key)
+                        loaded = target[row: row + tensor.shape[0]] if target.dim() else target
+                    elif (flat := canonical_key(key)) in pieces:
+                        piece, offset = pieces[flat]
+                        tensor = _read_piece(f, key, piece)
+                        loaded = target.narrow(piece.dim, offset, piece.length)
+                    else:
+                        continue
                     loaded.copy_(tensor)
                     if not _finite(loaded):
                         nonfinite.append(_nonfinite_note(path, key, tensor, loaded))
@@ -305,7 +360,15 @@ def load_weights(model: Qwen25VL, directory: str) -> None:
     """Fill every parameter from the checkpoint, after checking its files and the names, shapes and dtypes of all
     its tensors; refuses NaN or inf weights."""
     directory = os.fspath(directory)
-    _copy(model, _plan(model, _read_headers(directory), directory), directory)
+    _copy(model, _full_plan(model.cfg, _read_headers(directory), directory), directory)
+
+
+def _full_plan(cfg: Qwen25VLConfig, headers: dict[str, dict[str, TensorHeader]], directory: str
+               ) -> list[tuple[str, str, str, int]]:
+    """`_plan` against the whole model's names and shapes (on the meta device, no memory): a rank's pieces are
+    read from the same checked plan."""
+    with torch.device("meta"):
+        return _plan(Qwen25VL(cfg, backends="eager"), headers, directory)
 
 
 def _rows_of(srcs: list[tuple[str, int]], row: int, total: int) -> int:
@@ -336,8 +399,12 @@ def _config_dtype(directory: str) -> torch.dtype:
 
 
 def from_pretrained(directory: str | os.PathLike, *, dtype: torch.dtype | None = None, device="cpu",
-                    backends=None, fallback: str | None = None, overrides: dict | None = None) -> Qwen25VL:
+                    backends=None, fallback: str | None = None, overrides: dict | None = None,
+                    tp: int = 1) -> Qwen25VL:
     """Load an HF-format Qwen2.5-VL or Qwen2-VL directory. `dtype=None` uses the checkpoint's own dtype.
+
+    `tp=N`: this rank's piece of the model, in a group of N processes (see `qvl.parallel.group.join`), read from
+    the rows and columns of the checkpoint's tensors it holds.
 
     `CheckpointError` for a folder or file that cannot be used (named, with the problem), found before the model is
     allocated; weights holding NaN or inf are refused after loading, each tensor named.
@@ -348,11 +415,10 @@ def from_pretrained(directory: str | os.PathLike, *, dtype: torch.dtype | None =
     if overrides:
         cfg = cfg.with_overrides(overrides)
     dtype = dtype or _config_dtype(directory)
-    _check_fits(cfg, dtype, torch.device(device))  # before the meta model: absurd sizes take long even there
-    headers = _read_headers(directory)
-    with torch.device("meta"):  # names and shapes only: the checkpoint is checked before memory is allocated
-        plan = _plan(Qwen25VL(cfg, backends="eager"), headers, directory)
-    model = _allocate(cfg, dtype, torch.device(device), backends, fallback)
+    _check_fits(cfg, dtype, torch.device(device), tp)  # before the meta model: absurd sizes take long even there
+    plan = _full_plan(cfg, _read_headers(directory), directory)  # checked before memory is allocated
+    parallel, device = _join(tp, device)
+    model = _allocate(cfg, dtype, device, backends, fallback, parallel)
     _copy(model, plan, directory)
     return model
 
@@ -393,6 +459,9 @@ def save_pretrained(model: Qwen25VL, directory: str | os.PathLike, *, max_shard_
     """
     from safetensors.torch import save_file
 
+    if model.parallel is not None:
+        raise ConfigError(f"save_pretrained writes a whole model; this one is rank {model.parallel.rank}'s piece at tp "
+                          f"{model.parallel.size}: save from a model loaded with tp=1")
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     params = dict(model.named_parameters())

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from .errors import QvlError
+from .errors import QvlError, one_line
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
@@ -171,7 +171,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -196,12 +196,6 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         sub = self.prog.partition(" ")[2]
         self.exit(2, f"qvl: error: {sub + ': ' if sub else ''}{message} (see {self.prog} --help)\n")
-
-
-def one_line(e: BaseException | str) -> str:
-    """An exception's message (or a text) on one line: its lines joined by '; ' (list bullets dropped)."""
-    lines = [line.strip().removeprefix("- ") for line in str(e).splitlines()]
-    return "; ".join(line for line in lines if line) or type(e).__name__
 
 
 def error_status(e: Exception) -> tuple[int, str]:
@@ -314,12 +308,12 @@ def main(argv: list[str] | None = None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=PRESETS, help=f"a preset ({', '.join(PRESETS)})")
     src.add_argument("--checkpoint", metavar="DIR", help="a checkpoint folder (its config.json is read)")
-    p.add_argument("--tp", type=_positive_int, nargs="+", metavar="N",
+    p.add_argument("--tp", type=positive_int, nargs="+", metavar="N",
                    help="tensor-parallel degrees, e.g. --tp 1 2 4 8 (default: those up to 8 that split the model)")
     p.add_argument("--memory", type=_memory_size, required=True,
                    help="device memory per rank: 141GiB, 80GB (10^9 bytes) or a number of bytes")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight and cache dtype (default bfloat16)")
-    p.add_argument("--batch", type=_positive_int, default=1, help="rows sharing the KV cache (default 1)")
+    p.add_argument("--batch", type=positive_int, default=1, help="rows sharing the KV cache (default 1)")
     p.set_defaults(func=cmd_plan)
     from .generate_cli import add_generate_parser
 

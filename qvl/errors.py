@@ -52,3 +52,9 @@ class NonFiniteError(QvlError):
 
 __all__ = ["QvlError", "CheckpointError", "ConfigError", "InputError", "MediaError", "ResultsError",
            "ResourceError", "NonFiniteError"]
+
+
+def one_line(e: BaseException | str) -> str:
+    """An exception's message (or a text) on one line: its lines joined by '; ' (list bullets dropped)."""
+    lines = [line.strip().removeprefix("- ") for line in str(e).splitlines()]
+    return "; ".join(line for line in lines if line) or type(e).__name__

@@ -5,6 +5,10 @@ the answer streamed as it is generated (several answers, from sampling or beam s
 Everything the user can get wrong (paths, corrupt files, a directory without tokenizer.json or weights, a
 tokenizer that does not belong to the model, an unavailable backend, a missing optional decoder) is
 checked before the weights are loaded where possible and reported as one line, without a traceback.
+
+`--tp N` splits the decoder over N processes (tensor parallelism): started here as local workers
+(`qvl.parallel.launch`), or, under torchrun (several nodes), the processes torchrun started. Every rank runs the
+same generation; rank 0 alone writes the answer and the figures.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cli import positive_int
 from .dtypes import DTYPES
 from .errors import CheckpointError, InputError
 
@@ -207,6 +212,9 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--max-pixels", type=int, default=None, help="override the image max_pixels")
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay the decode step from a CUDA graph (batch-1 decoding is bound by kernel launches)")
+    p.add_argument("--tp", type=positive_int, default=1, metavar="N",
+                   help="tensor-parallel degree: N local worker processes (one GPU each on CUDA) each hold 1/N of the "
+                        "decoder; under torchrun, N must be its WORLD_SIZE (default 1)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -233,13 +241,8 @@ def check_generate_args(args: argparse.Namespace) -> None:
             raise InputError("--stop needs a non-empty text")
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from .backends import BackendUnsupportedError
-    from .checkpoint import from_config, from_pretrained
-    from .model.generation import check_length
-    from .processing import OptionalDependencyError, Processor
-
-    check_generate_args(args)
+def _device(args: argparse.Namespace) -> torch.device:
+    """--device, checked against this machine, --cuda-graph and --tp."""
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
@@ -248,38 +251,55 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise InputError(f"--device {args.device}: CUDA is not available on this machine")
     if args.cuda_graph and device.type != "cuda":
         raise InputError(f"--cuda-graph needs a CUDA device (--device cuda); got --device {args.device}")
+    if args.tp > 1 and device.type == "cuda" and device.index is not None:
+        raise InputError(f"--tp {args.tp} runs each rank on cuda:LOCAL_RANK: pass --device cuda without an index, "
+                         f"got --device {args.device}")
+    return device
+
+
+def _model_source(args: argparse.Namespace):
+    """(kind, config, processor) of --model: 'dir' or 'preset' (`resolve_model_source`)."""
+    from .processing import Processor
+
     overrides = {"min_pixels": args.min_pixels, "max_pixels": args.max_pixels, "video_fps": args.fps,
                  "video_max_frames": args.max_frames}
-    try:
-        kind, cfg = resolve_model_source(args.model)
-        processor = (Processor.from_pretrained(args.model, cfg, **overrides) if kind == "dir"
-                     else Processor.for_config(cfg, **overrides))
-        # the inputs first: a bad image fails before gigabytes of weights are read
-        t0 = time.perf_counter()
-        inputs = processor(args.prompt, images=args.image, videos=args.video, system=args.system)
-        preprocess_s = time.perf_counter() - t0
-        check_length(inputs["input_ids"].shape[1], args.max_new_tokens, cfg.text.max_position_embeddings)
-        dtype = DTYPES[args.dtype] if args.dtype else None
-        if kind == "dir":
-            model = from_pretrained(args.model, dtype=dtype, device=device, backends=args.backends)
-        else:
-            model = from_config(cfg, dtype=dtype or torch.float32, device=device, backends=args.backends)
-    except (OptionalDependencyError, BackendUnsupportedError) as e:
-        raise ValueError(str(e)) from None
+    kind, cfg = resolve_model_source(args.model)
+    processor = (Processor.from_pretrained(args.model, cfg, **overrides) if kind == "dir"
+                 else Processor.for_config(cfg, **overrides))
+    return kind, cfg, processor
 
-    def write(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
 
-    try:
-        result = run_generate(model, processor, args.prompt, max_new_tokens=args.max_new_tokens,
-                              temperature=args.temperature, seed=args.seed, write=write, inputs=inputs,
-                              cuda_graph=args.cuda_graph, num_beams=args.num_beams,
-                              num_return_sequences=args.num_return_sequences, top_k=args.top_k, top_p=args.top_p,
-                              repetition_penalty=args.repetition_penalty, stop=args.stop)
-    except KeyboardInterrupt:
-        print("\nqvl generate: interrupted", file=sys.stderr)
-        return 130
+def _load(args: argparse.Namespace, kind: str, cfg, device: torch.device):
+    """The model (this rank's piece of it at --tp > 1)."""
+    from .checkpoint import from_config, from_pretrained
+
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    if kind == "dir":
+        return from_pretrained(args.model, dtype=dtype, device=device, backends=args.backends, tp=args.tp)
+    return from_config(cfg, dtype=dtype or torch.float32, device=device, backends=args.backends, tp=args.tp)
+
+
+def _rank() -> int:
+    """This process's rank in the tensor-parallel group; 0 outside one."""
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _write(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def _answer(args: argparse.Namespace, model, processor, inputs: dict, preprocess_s: float) -> None:
+    """Generate, streaming the answer to stdout, then the figures on stderr. Every rank of a group runs it (the
+    same calls on every rank, SPMD); only rank 0 writes."""
+    writes = _rank() == 0
+    result = run_generate(model, processor, args.prompt, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, seed=args.seed, write=_write if writes else None,
+                          inputs=inputs, cuda_graph=args.cuda_graph, num_beams=args.num_beams,
+                          num_return_sequences=args.num_return_sequences, top_k=args.top_k, top_p=args.top_p,
+                          repetition_penalty=args.repetition_penalty, stop=args.stop)
+    if not writes:
+        return
     if len(result.sequences) == 1:
         sys.stdout.write("\n")
     sys.stdout.flush()
@@ -289,7 +309,62 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"prefill {result.prefill_s * 1e3:.1f} ms (vision + prompt + first token)", file=sys.stderr)
     print(f"decode {len(result.tokens)} tokens, " + (f"{speed:.1f} tokens/s" if speed else "n/a tokens/s")
           + " (after the first)", file=sys.stderr)
-    print(f"peak memory {result.peak_memory_mib:.0f} MiB ({result.memory_kind}, {device})", file=sys.stderr)
+    rank = f", rank 0 of {args.tp}" if args.tp > 1 else ""  # each rank holds about as much as rank 0
+    print(f"peak memory {result.peak_memory_mib:.0f} MiB ({result.memory_kind}, {model.device}{rank})",
+          file=sys.stderr)
+
+
+def _generate_worker(args: argparse.Namespace, inputs: dict, preprocess_s: float) -> None:
+    """One rank of `qvl generate --tp N` started by `qvl.parallel.launch`: the parent checked the arguments and
+    made the inputs; this rank loads its piece of the model and runs the same generation as the others."""
+    from .backends import BackendUnsupportedError
+
+    kind, cfg, processor = _model_source(args)
+    try:
+        _answer(args, _load(args, kind, cfg, torch.device(args.device)), processor, inputs, preprocess_s)
+    except BackendUnsupportedError as e:  # --backends this machine cannot run: exit 2, as in one process
+        raise InputError(str(e)) from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .backends import BackendUnsupportedError, resolve_plan
+    from .model.generation import check_length
+    from .parallel.group import under_torchrun
+    from .parallel.launch import run_workers
+    from .parallel.shard import check_degree
+    from .processing import OptionalDependencyError
+
+    check_generate_args(args)
+    device = _device(args)
+    if under_torchrun() and os.environ["WORLD_SIZE"] != str(args.tp):
+        raise InputError(f"--tp {args.tp} but torchrun started WORLD_SIZE {os.environ['WORLD_SIZE']} processes: "
+                         "they must be equal")
+    local_workers = args.tp > 1 and not under_torchrun()  # under torchrun this process is one of the ranks
+    if local_workers and device.type == "cuda" and torch.cuda.device_count() < args.tp:
+        raise InputError(f"--tp {args.tp} on --device cuda starts {args.tp} local workers, one GPU each; this "
+                         f"machine has {torch.cuda.device_count()}")
+    try:
+        kind, cfg, processor = _model_source(args)
+        check_degree(cfg, args.tp)
+        # the inputs first: a bad image fails before gigabytes of weights are read (or workers started)
+        t0 = time.perf_counter()
+        inputs = processor(args.prompt, images=args.image, videos=args.video, system=args.system)
+        preprocess_s = time.perf_counter() - t0
+        check_length(inputs["input_ids"].shape[1], args.max_new_tokens, cfg.text.max_position_embeddings)
+        if local_workers:
+            resolve_plan(args.backends)  # --backends checked here: a worker's failure would be exit 1, not 2
+        model = None if local_workers else _load(args, kind, cfg, device)
+    except (OptionalDependencyError, BackendUnsupportedError) as e:
+        raise ValueError(str(e)) from None
+    try:
+        if local_workers:  # every worker loads its piece and generates; rank 0 writes
+            run_workers(args.tp, _generate_worker, (args, inputs, preprocess_s))
+        else:
+            _answer(args, model, processor, inputs, preprocess_s)
+    except KeyboardInterrupt:
+        if _rank() == 0:
+            print("\nqvl generate: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

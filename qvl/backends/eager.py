@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .interface import IGNORE_INDEX, QUICK_GELU_SLOPE, BlockDiagonalMask, CausalMask, Rotary
+from .interface import IGNORE_INDEX, QUICK_GELU_SLOPE, BlockDiagonalMask, CausalMask, Rotary, divide_loss
 from .registry import Backend, OpImpl
 
 
@@ -137,11 +137,7 @@ class EagerLoss(_EagerOp):
         logits = F.linear(hidden, weight)
         wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64 (gradcheck)
         total = F.cross_entropy(wide, targets.long(), ignore_index=IGNORE_INDEX, reduction="sum")
-        if divisor is None:
-            divisor = (targets != IGNORE_INDEX).sum().clamp(min=1)  # nothing counted: 0, not 0 / 0
-        elif isinstance(divisor, torch.Tensor):
-            divisor = divisor.reshape(()).to(device=total.device, dtype=total.dtype)
-        return total / divisor, logits
+        return divide_loss(total, targets, divisor), logits
 
 
 BACKEND = Backend(

@@ -304,3 +304,13 @@ def check_loss_inputs(hidden, weight, targets, divisor) -> None:
             raise ValueError(f"loss: divisor must be a number or a one-element tensor, got {tuple(divisor.shape)}")
     elif divisor is not None and not divisor > 0:
         raise ValueError(f"loss: divisor must be > 0, got {divisor}")
+
+
+def divide_loss(total: torch.Tensor, targets: torch.Tensor, divisor) -> torch.Tensor:
+    """The summed loss `total` over `divisor`, or over the count of counted targets when None (a batch with none
+    counted gives 0, not 0 / 0)."""
+    if divisor is None:
+        divisor = (targets != IGNORE_INDEX).sum().clamp(min=1)
+    elif isinstance(divisor, torch.Tensor):
+        divisor = divisor.reshape(()).to(device=total.device, dtype=total.dtype)
+    return total / divisor

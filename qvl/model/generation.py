@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError, NonFiniteError
+from ..parallel.group import agreed_seed
 from . import graphs
 from .inputs import check_int, check_number, check_token_shape
 from .sampling import check_processors, check_sampling, logits_processors, process, same_name
@@ -239,7 +240,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
     generator = None
     if sample:
         generator = torch.Generator(device=device)
-        generator.manual_seed(seed if seed is not None else torch.seed())
+        generator.manual_seed(agreed_seed(model.parallel, seed))  # under tensor parallelism the ranks draw alike
     cache = model.decode_cache(ids.shape[0], length + max_new_tokens, cuda_graph)
     logits = model.prefill(prompt, cache)
     record = Record(return_dict_in_generate and output_scores, return_dict_in_generate and output_logits)

@@ -5,8 +5,13 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+
+from ..parallel.comm import from_ranks
+from ..parallel.group import TensorParallel
+from ..parallel.shard import LocalSizes
 
 
 class RMSNorm(nn.Module):
@@ -41,6 +46,24 @@ class LayerNorm(nn.Module):
         if residual is None:
             return ops.norm(hidden, self.weight, self.eps, bias=self.bias), hidden
         return ops.norm(hidden, self.weight, self.eps, residual, bias=self.bias)
+
+
+class VocabEmbedding(nn.Embedding):
+    """The token embedding. Under tensor parallelism a rank holds the rows of ids [vocab_first, vocab_first +
+    vocab_rows): it looks up the ids it holds, zeros for the others, and the ranks' lookups are summed. `weight` is
+    then the rank's rows."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, sizes: LocalSizes, parallel: TensorParallel | None = None):
+        super().__init__(sizes.vocab_rows, hidden_size)
+        self.vocab_size, self.first, self.parallel = vocab_size, sizes.vocab_first, parallel
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.parallel is None:
+            return super().forward(ids)
+        local = ids - self.first
+        elsewhere = (local < 0) | (local >= self.num_embeddings)
+        rows = F.embedding(local.masked_fill(elsewhere, 0), self.weight).masked_fill(elsewhere[..., None], 0.0)
+        return from_ranks(rows, self.parallel)
 
 
 class SwiGLUMLP(nn.Module):

@@ -18,8 +18,13 @@ import torch
 from torch import nn
 
 from ..backends import CausalMask, Ops, Rotary, resolve_plan
+from ..backends.interface import check_loss_inputs, divide_loss
 from ..config import Qwen25VLConfig
 from ..errors import InputError
+from ..parallel.comm import gather, to_ranks, vocab_cross_entropy
+from ..parallel.group import TensorParallel
+from ..parallel.shard import check_degree, local_sizes
+from ..parallel.vision import encode_data_parallel
 from . import generation
 from .cache import StaticKVCache
 from .graphs import DecodeGraph, DecodeGraphPool
@@ -92,13 +97,21 @@ class Prompt:
 
 
 class Qwen25VL(nn.Module):
-    def __init__(self, cfg: Qwen25VLConfig, backends=None, fallback: str | None = None):
+    def __init__(self, cfg: Qwen25VLConfig, backends=None, fallback: str | None = None,
+                 parallel: TensorParallel | None = None):
+        """`parallel`: the tensor-parallel group this rank belongs to (`qvl.parallel.group.join`); the decoder is
+        then built with this rank's sizes (`qvl.parallel.shard`) and the vision tower whole (it runs
+        data-parallel). `from_config` and `from_pretrained` with `tp=N` build and fill it."""
         super().__init__()
         self.cfg = cfg.validate()
+        self.parallel = parallel
+        tp, rank = (1, 0) if parallel is None else (parallel.size, parallel.rank)
+        check_degree(cfg, tp)
+        self.sizes = local_sizes(cfg, tp, rank)
         self.visual = VisionTower(cfg.vision)
-        self.model = TextDecoder(cfg.text)
+        self.model = TextDecoder(cfg.text, self.sizes, parallel)
         if not cfg.text.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+            self.lm_head = nn.Linear(cfg.text.hidden_size, self.sizes.vocab_rows, bias=False)
         self.register_buffer("inv_freq", torch.empty(cfg.text.head_dim // 2), persistent=False)
         self.reset_rotary()
         self.graphs = DecodeGraphPool()  # decode steps captured once per shape, kept across generate calls
@@ -161,7 +174,16 @@ class Qwen25VL(nn.Module):
         return self._rotary[uniform_streams]
 
     def vision_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        return self.visual(self.ops, pixel_values.to(self.device), grid_thw)
+        """The merged vision tokens of every image (or video) in `grid_thw`, in order. Under tensor parallelism
+        the images are encoded data-parallel (each rank some, the features gathered), except while autograd
+        records for the tower: every rank then encodes every image, so the tower's gradients are whole on each."""
+        pixels = pixel_values.to(self.device)
+        records = torch.is_grad_enabled() and (pixels.requires_grad or any(
+            p.requires_grad for p in self.visual.parameters()))
+        if self.parallel is None or records:
+            return self.visual(self.ops, pixels, grid_thw)
+        return encode_data_parallel(lambda px, grid: self.visual(self.ops, px, grid), pixels, grid_thw,
+                                    self.cfg.vision, self.parallel, self.dtype)
 
     # --- transformers' public helpers -----------------------------------------------------------------------
 
@@ -298,10 +320,26 @@ class Qwen25VL(nn.Module):
 
     def _is_embedding_of(self, embeds: torch.Tensor, token: int) -> torch.Tensor:
         """(B, L) True where a row of embeds equals token's embedding exactly (transformers' placeholder test)."""
-        return (embeds == self.model.embed_tokens.weight[token].to(embeds.dtype)).all(-1)
+        with torch.no_grad():
+            row = self.model.embed_tokens(torch.tensor([token], device=self.device))[0]
+        return (embeds == row.to(embeds.dtype)).all(-1)
+
+    def _local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The logits of this rank's vocabulary rows (all of them at tp 1)."""
+        return torch.nn.functional.linear(to_ranks(hidden, self.parallel), self.lm_weight())
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(hidden, self.lm_weight())
+        return gather(self._local_logits(hidden), -1, self.parallel)
+
+    def _loss(self, hidden: torch.Tensor, targets: torch.Tensor, divisor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(loss, logits or None) of (N, hidden) states against (N,) targets: the `loss` operator, or under tensor
+        parallelism the vocabulary-parallel cross-entropy over each rank's logit columns."""
+        if self.parallel is None:
+            return self.ops.loss(hidden, self.lm_weight(), targets, divisor)
+        check_loss_inputs(hidden, self.lm_weight(), targets, divisor)
+        local = self._local_logits(hidden)
+        total = vocab_cross_entropy(local, targets, self.sizes.vocab_first, self.parallel)
+        return divide_loss(total, targets, divisor), gather(local, -1, self.parallel)
 
     # --- forward and generation ------------------------------------------------------------------------------
 
@@ -373,7 +411,7 @@ class Qwen25VL(nn.Module):
             out.logits = self.logits(keep_positions(hidden, logits_to_keep))
             return out
         targets = next_token_targets(labels, (batch, length), self.cfg.text.vocab_size, self.device)
-        loss, logits = self.ops.loss(hidden.flatten(0, 1), self.lm_weight(), targets.flatten(), num_items_in_batch)
+        loss, logits = self._loss(hidden.flatten(0, 1), targets.flatten(), num_items_in_batch)
         out.loss, out.logits = loss, None if logits is None else logits.view(batch, length, -1)
         return out
 
@@ -403,7 +441,7 @@ class Qwen25VL(nn.Module):
 
     def _cache_layout(self, batch: int, max_len: int) -> tuple[int, int, int, int, int]:
         t = self.cfg.text
-        return t.num_hidden_layers, batch, max_len, t.num_key_value_heads, t.head_dim
+        return t.num_hidden_layers, batch, max_len, self.sizes.kv_heads, t.head_dim
 
     @torch.no_grad()
     def prefill(self, prompt: Prompt, cache: StaticKVCache) -> torch.Tensor:

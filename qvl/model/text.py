@@ -1,21 +1,35 @@
-"""The Qwen2 text decoder with M-RoPE: GQA attention with qkv bias, SwiGLU MLP, pre-norm residual blocks."""
+"""The Qwen2 text decoder with M-RoPE: GQA attention with qkv bias, SwiGLU MLP, pre-norm residual blocks.
+
+Under tensor parallelism (`parallel` a `TensorParallel`) each rank builds its layers with its own sizes
+(`LocalSizes`): its query and KV heads, its share of the MLP's width and of the vocabulary. Attention and the MLP
+are then Megatron's pair, a column-parallel projection in (each rank its heads or inner rows) and a row-parallel
+one out, whose partial outputs are summed over the ranks (`from_ranks`). At tp 1 both collectives are the identity.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.distributed import ProcessGroup
 
 from ..backends import CausalMask, Ops, Rotary
 from ..backends.interface import needs_grad
 from ..config import TextConfig
-from .layers import RMSNorm, SwiGLUMLP, checkpointed
+from ..parallel.comm import from_ranks, gather, replicated_rows, to_ranks
+from ..parallel.group import TensorParallel
+from ..parallel.shard import LocalSizes
+from .layers import RMSNorm, SwiGLUMLP, VocabEmbedding, checkpointed
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, sizes: LocalSizes, parallel: TensorParallel | None = None,
+                 kv_replicas: ProcessGroup | None = None):
+        """`kv_replicas`: the ranks that hold this rank's KV head too (when tp exceeds the KV heads)."""
         super().__init__()
-        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.num_heads, self.num_kv_heads = sizes.heads, sizes.kv_heads
         self.head_dim = cfg.head_dim
+        self.parallel, self.kv_replicas = parallel, kv_replicas
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
@@ -26,7 +40,10 @@ class Attention(nn.Module):
         CUDA-graph capture) attention runs over the whole cache and `mask.kv_len` says how much is written.
         `attentions`, a list, receives the softmax weights (B, heads, Lq, Lk)."""
         b, n, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(
+        kv_rows = self.num_heads * self.head_dim  # the k and v rows follow the query heads' rows
+        qkv = F.linear(to_ranks(x, self.parallel), replicated_rows(self.qkv_proj.weight, kv_rows, self.kv_replicas),
+                       replicated_rows(self.qkv_proj.bias, kv_rows, self.kv_replicas))
+        q, k, v = qkv.split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], -1)
         q = q.view(b, n, self.num_heads, self.head_dim)
         k = k.view(b, n, self.num_kv_heads, self.head_dim)
@@ -52,17 +69,19 @@ class Attention(nn.Module):
             out = ops.attention(q, k, v, mask)
         else:
             out, weights = ops.attention(q, k, v, mask, weights=True)
-            attentions.append(weights)
-        return self.o_proj(out.reshape(b, n, -1))
+            attentions.append(gather(weights, 1, self.parallel))  # every rank's heads, in order
+        return from_ranks(self.o_proj(out.reshape(b, n, -1)), self.parallel)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, sizes: LocalSizes, parallel: TensorParallel | None = None,
+                 kv_replicas: ProcessGroup | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, sizes, parallel, kv_replicas)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.mlp = SwiGLUMLP(cfg.hidden_size, sizes.intermediate, bias=False)
+        self.parallel = parallel
 
     def forward(self, ops, hidden, residual, positions, rotary, mask, kv_cache, start, attentions=None):
         """`hidden` is the previous sublayer's output, `residual` the stream before it (None at layer 0).
@@ -73,15 +92,16 @@ class DecoderLayer(nn.Module):
         x, residual = self.input_layernorm.add_and_norm(ops, hidden, residual)
         hidden = self.self_attn(ops, x, positions, rotary, mask, kv_cache, start, attentions)
         x, residual = self.post_attention_layernorm.add_and_norm(ops, hidden, residual)
-        return self.mlp(ops, x), residual
+        return from_ranks(self.mlp(ops, to_ranks(x, self.parallel)), self.parallel), residual
 
 
 class TextDecoder(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, sizes: LocalSizes, parallel: TensorParallel | None = None):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, sizes, parallel)
+        replicas = None if parallel is None else parallel.replicas(cfg.num_key_value_heads)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, sizes, parallel, replicas) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
 

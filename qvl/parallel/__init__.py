@@ -3,10 +3,12 @@
 from .plan import MemoryPlan, format_plan, memory_plan, parse_bytes
 from .shard import (
     STYLES,
+    LocalSizes,
     RankSlice,
     check_degree,
     checkpoint_slices,
     local_heads,
+    local_sizes,
     parameter_shapes,
     rank_bytes,
     rank_ranges,
@@ -16,6 +18,7 @@ from .shard import (
     valid_degrees,
 )
 
-__all__ = ["STYLES", "RankSlice", "check_degree", "checkpoint_slices", "local_heads", "parameter_shapes",
+__all__ = ["STYLES", "RankSlice", "check_degree", "checkpoint_slices", "local_heads", "LocalSizes", "local_sizes",
+           "parameter_shapes",
            "rank_bytes", "rank_ranges", "rank_shape", "rank_slice", "split_style", "valid_degrees", "MemoryPlan",
            "format_plan", "memory_plan", "parse_bytes"]

@@ -99,6 +99,24 @@ def local_heads(cfg: Qwen25VLConfig, tp: int) -> tuple[int, int]:
     return t.num_attention_heads // tp, max(1, t.num_key_value_heads // tp)
 
 
+@dataclass(frozen=True)
+class LocalSizes:
+    """The decoder sizes one rank builds its layers with (the whole model's at tp 1)."""
+
+    heads: int  # query heads
+    kv_heads: int  # KV heads (one, replicated, when tp exceeds them)
+    intermediate: int  # the MLP's inner width
+    vocab_first: int  # the first token id of the rank's embedding and LM-head rows
+    vocab_rows: int
+
+
+def local_sizes(cfg: Qwen25VLConfig, tp: int = 1, rank: int = 0) -> LocalSizes:
+    """What rank `rank` of `tp` holds of each split dimension; the shapes `rank_shape` gives its parameters."""
+    heads, kv_heads = local_heads(cfg, tp)
+    first, stop = share(cfg.text.vocab_size, tp, rank)
+    return LocalSizes(heads, kv_heads, cfg.text.intermediate_size // tp, first, stop - first)
+
+
 # --- one parameter ---------------------------------------------------------------------------------------------
 
 
@@ -142,7 +160,7 @@ def parameter_shapes(cfg: Qwen25VLConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
-def _share(size: int, tp: int, rank: int) -> tuple[int, int]:
+def share(size: int, tp: int, rank: int) -> tuple[int, int]:
     """Rank `rank`'s contiguous block of `size` split evenly in `tp`."""
     return rank * size // tp, (rank + 1) * size // tp
 
@@ -175,11 +193,11 @@ def rank_ranges(name: str, cfg: Qwen25VLConfig, tp: int, rank: int) -> RankSlice
     if style == "replicated":
         return RankSlice(style, 0, ((0, full[0]),))
     if style == "vocab":
-        return RankSlice(style, 0, (_share(t.vocab_size, tp, rank),))
-    q_rows = _share(t.num_attention_heads * d, tp, rank)  # this rank's query heads, as rows of q (or columns of o)
+        return RankSlice(style, 0, (share(t.vocab_size, tp, rank),))
+    q_rows = share(t.num_attention_heads * d, tp, rank)  # this rank's query heads, as rows of q (or columns of o)
     if module == "o_proj":
         return RankSlice(style, 1, (q_rows,))
-    inner = _share(t.intermediate_size, tp, rank)
+    inner = share(t.intermediate_size, tp, rank)
     if module == "down_proj":
         return RankSlice(style, 1, (inner,))
     if module == "gate_up_proj":  # [gate; up]: the rank's gate rows, then the same rows of up
@@ -188,7 +206,7 @@ def rank_ranges(name: str, cfg: Qwen25VLConfig, tp: int, rank: int) -> RankSlice
     # qkv_proj, [q; k; v]: the rank's q heads, then its KV heads' k and v. Past tp = KV heads, rank r's query
     # heads all read KV head r * kv // tp (one head, replicated over tp // kv ranks).
     kv = t.num_key_value_heads
-    head = _share(kv, tp, rank) if tp <= kv else (rank * kv // tp, rank * kv // tp + 1)
+    head = share(kv, tp, rank) if tp <= kv else (rank * kv // tp, rank * kv // tp + 1)
     k_rows = (head[0] * d, head[1] * d)
     q_all, kv_all = t.num_attention_heads * d, kv * d
     return RankSlice(style, 0, _merged([q_rows, (q_all + k_rows[0], q_all + k_rows[1]),

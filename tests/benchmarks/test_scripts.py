@@ -134,3 +134,14 @@ def test_decode_batches_smoke_run_writes_its_table(tmp_path):
     assert [r["batch"] for r in rows] == [1, 2]
     assert all(isinstance(r[k], float) and r[k] > 0 for r in rows for k in r if k != "batch"), rows
     assert "| batch | transformers (SDPA, static cache) | qvl eager |" in (tmp_path / "decode_batches.md").read_text()
+
+
+def test_tp_collectives_smoke_run_finds_a_group_of_one_changes_nothing(tmp_path):
+    """The model in a gloo group of one rank (every tensor-parallel collective run) next to the same model without
+    a group: equal logits, equal greedy tokens, both decode rates measured."""
+    run_script("tp_collectives.py", tmp_path)
+    result = json.loads((tmp_path / "tp_collectives.json").read_text())
+    assert result["meta"]["backend"] == "gloo"
+    assert result["meta"]["logits_max_abs_difference"] == 0.0 and result["meta"]["tokens_equal"]
+    assert [r["model"] for r in result["rows"]] == ["no group", "group of one"]
+    assert all(r["decode_tok_s"] > 0 for r in result["rows"])

@@ -10,6 +10,7 @@ import torch
 
 import qvl
 from qvl.config import PRESETS, config_to_hf_dict
+from tests.model.prompts import left_pad, pixels, placeholders, text_ids  # noqa: F401  (re-exported to other tests)
 
 transformers = pytest.importorskip("transformers")
 
@@ -57,17 +58,6 @@ def rel_err(out, ref):
     return ((out - ref).norm() / ref.norm()).item()
 
 
-def placeholders(cfg, token, grid):
-    n = int(torch.tensor(grid).prod()) // cfg.vision.spatial_merge_size**2
-    return [cfg.vision_start_token_id] + [token] * n + [cfg.vision_end_token_id]
-
-
-def pixels(grids, seed):
-    g = torch.Generator().manual_seed(seed)
-    rows = sum(t * h * w for t, h, w in grids)
-    return torch.randn(rows, 3 * 2 * 14 * 14, generator=g)
-
-
 def hf_kwargs(cfg, input_ids, **inputs):
     """transformers >= 5 needs the token types to place vision positions."""
     mm = (input_ids == cfg.image_token_id).int() + 2 * (input_ids == cfg.video_token_id).int()
@@ -89,10 +79,6 @@ def check(cfg, hf, model, input_ids, valid=None, hf_position_ids=None, **inputs)
     assert got.tolist() == expected.tolist()
     new = got[:, input_ids.shape[1]:]
     assert len(set(new.flatten().tolist())) > 1, "degenerate generation proves little: perturb the weights more"
-
-
-def text_ids(n, seed, vocab=1000):
-    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def test_text_only(pair):
@@ -120,13 +106,6 @@ def test_video_with_fractional_seconds_per_grid(pair):
     # 0.75 s per grid * 2 tokens/s = 1.5 position steps: temporal positions 0, 1, 3 (fraction kept until floor)
     check(cfg, hf, model, ids, pixel_values_videos=pixels(video, 7), video_grid_thw=torch.tensor(video),
           second_per_grid_ts=torch.tensor([0.75]), pixel_values=pixels(image, 8), image_grid_thw=torch.tensor(image))
-
-
-def left_pad(rows, pad_id):
-    length = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (length - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
 
 
 def test_left_padded_batch_with_images(pair):
