@@ -32,7 +32,15 @@ from .errors import CheckpointError, ConfigError
 from .files import read_json, write_json
 from .model.qwen2_5_vl import Qwen25VL
 from .parallel.group import TensorParallel, join, local_device
-from .parallel.shard import RankSlice, check_degree, checkpoint_slices, parameter_shapes, rank_bytes, rank_slice
+from .parallel.shard import (
+    RankSlice,
+    check_degree,
+    check_vision_mode,
+    checkpoint_slices,
+    parameter_shapes,
+    rank_bytes,
+    rank_slice,
+)
 from .safetensors_check import (
     TensorHeader,
     checkpoint_file,
@@ -94,7 +102,7 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-def _check_fits(cfg: Qwen25VLConfig, dtype: torch.dtype, device, tp: int = 1) -> None:
+def _check_fits(cfg: Qwen25VLConfig, dtype: torch.dtype, device, tp: int = 1, vision_parallel: str = "data") -> None:
     """Refuse, with the estimate and before any model exists (even on the meta device), weights that would
     not fit `device`: the whole model's, or at degree `tp` one rank's."""
     from .config import PRESETS
@@ -105,14 +113,15 @@ def _check_fits(cfg: Qwen25VLConfig, dtype: torch.dtype, device, tp: int = 1) ->
     if not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES:
         raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     cfg.validate()  # every size checked before the estimate is computed from them
-    check_degree(cfg, tp)
+    check_degree(cfg, tp, check_vision_mode(vision_parallel))
     preset = next((name for name, p in PRESETS.items() if p == cfg), None)
     what = (f"{f'the {preset} preset' if preset else 'this config'}'s weights ({cfg.num_parameters():,} parameters) "
             f"in {dtype_name(dtype)}")
     # a rank holds at least 1/tp of the weights: absurd sizes are refused before the exact count builds a meta model
     ensure_fits(what if tp == 1 else f"1/{tp} of {what}", cfg.weight_bytes(dtype) // tp, device)
     if tp > 1:
-        ensure_fits(f"one rank's share of {what} at tp {tp}", rank_bytes(cfg, dtype, tp), device)
+        ensure_fits(f"one rank's share of {what} at tp {tp}", rank_bytes(cfg, dtype, tp, vision=vision_parallel),
+                    device)
 
 
 def _join(tp: int, device) -> tuple[TensorParallel | None, torch.device]:
@@ -122,26 +131,27 @@ def _join(tp: int, device) -> tuple[TensorParallel | None, torch.device]:
 
 
 def _allocate(cfg: Qwen25VLConfig, dtype: torch.dtype, device, backends, fallback,
-              parallel: TensorParallel | None = None) -> Qwen25VL:
+              parallel: TensorParallel | None = None, vision_parallel: str = "data") -> Qwen25VL:
     """An uninitialized model (this rank's piece of it under `parallel`) in `dtype` on `device`, with no
     intermediate copy anywhere (callers `_check_fits` first)."""
     with _default_dtype(dtype), torch.device("meta"):
-        model = Qwen25VL(cfg, backends=backends, fallback=fallback, parallel=parallel)
+        model = Qwen25VL(cfg, backends=backends, fallback=fallback, parallel=parallel, vision_parallel=vision_parallel)
     model = model.to_empty(device=device)
     model.reset_rotary()
     return model.eval()
 
 
 def from_config(preset_or_config="tiny", *, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0,
-                backends=None, fallback: str | None = None, tp: int = 1) -> Qwen25VL:
+                backends=None, fallback: str | None = None, tp: int = 1, vision_parallel: str = "data") -> Qwen25VL:
     """A model with random weights: N(0, 0.02) matrices and embeddings, zero biases, unit norm weights.
 
     `tp=N`: this rank's piece of the same model (the same weights as tp 1, for the same seed), in a group of N
-    processes (see `qvl.parallel.group.join`); each parameter is drawn whole, one at a time, and cut."""
+    processes (see `qvl.parallel.group.join`); each parameter is drawn whole, one at a time, and cut.
+    `vision_parallel`: the vision tower whole and data-parallel ("data") or split like the decoder ("tensor")."""
     cfg = as_config(preset_or_config)
-    _check_fits(cfg, dtype, torch.device(device), tp)
+    _check_fits(cfg, dtype, torch.device(device), tp, vision_parallel)
     parallel, device = _join(tp, device)
-    model = _allocate(cfg, dtype, device, backends, fallback, parallel)
+    model = _allocate(cfg, dtype, device, backends, fallback, parallel, vision_parallel)
     gen = torch.Generator(device=model.device)
     gen.manual_seed(seed)
     shapes = None if parallel is None else parameter_shapes(cfg)
@@ -156,7 +166,7 @@ def from_config(preset_or_config="tiny", *, dtype: torch.dtype = torch.float32, 
                 p.normal_(0.0, 0.02, generator=gen)
             else:  # the whole parameter drawn as at tp 1 (the same generator stream), then this rank's piece
                 whole = torch.empty(shapes[name], dtype=p.dtype, device=p.device).normal_(0.0, 0.02, generator=gen)
-                p.copy_(rank_slice(name, whole, cfg, parallel.size, parallel.rank))
+                p.copy_(rank_slice(name, whole, cfg, parallel.size, parallel.rank, vision_parallel))
                 del whole
     return model
 
@@ -308,7 +318,7 @@ def _rank_pieces(model: Qwen25VL) -> dict[str, tuple[RankSlice, int]]:
     pieces = {}
     for name, sources in checkpoint_sources(model).items():
         offset = 0
-        for key, piece in checkpoint_slices(name, sources, model.cfg, tp, rank):
+        for key, piece in checkpoint_slices(name, sources, model.cfg, tp, rank, model.vision_parallel):
             pieces[key] = (piece, offset)
             offset += piece.length if piece.dim == 0 else 0
     return pieces
@@ -400,11 +410,11 @@ def _config_dtype(directory: str) -> torch.dtype:
 
 def from_pretrained(directory: str | os.PathLike, *, dtype: torch.dtype | None = None, device="cpu",
                     backends=None, fallback: str | None = None, overrides: dict | None = None,
-                    tp: int = 1) -> Qwen25VL:
+                    tp: int = 1, vision_parallel: str = "data") -> Qwen25VL:
     """Load an HF-format Qwen2.5-VL or Qwen2-VL directory. `dtype=None` uses the checkpoint's own dtype.
 
     `tp=N`: this rank's piece of the model, in a group of N processes (see `qvl.parallel.group.join`), read from
-    the rows and columns of the checkpoint's tensors it holds.
+    the rows and columns of the checkpoint's tensors it holds; `vision_parallel` as in `from_config`.
 
     `CheckpointError` for a folder or file that cannot be used (named, with the problem), found before the model is
     allocated; weights holding NaN or inf are refused after loading, each tensor named.
@@ -415,10 +425,11 @@ def from_pretrained(directory: str | os.PathLike, *, dtype: torch.dtype | None =
     if overrides:
         cfg = cfg.with_overrides(overrides)
     dtype = dtype or _config_dtype(directory)
-    _check_fits(cfg, dtype, torch.device(device), tp)  # before the meta model: absurd sizes take long even there
+    # before the meta model: absurd sizes take long even there
+    _check_fits(cfg, dtype, torch.device(device), tp, vision_parallel)
     plan = _full_plan(cfg, _read_headers(directory), directory)  # checked before memory is allocated
     parallel, device = _join(tp, device)
-    model = _allocate(cfg, dtype, device, backends, fallback, parallel)
+    model = _allocate(cfg, dtype, device, backends, fallback, parallel, vision_parallel)
     _copy(model, plan, directory)
     return model
 

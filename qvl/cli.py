@@ -152,12 +152,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cfg = load_hf_config(args.checkpoint) if args.checkpoint else get_preset(args.preset)
     dtype = DTYPES[args.dtype]
-    degrees = list(dict.fromkeys(args.tp)) if args.tp else [d for d in valid_degrees(cfg) if d <= 8]
+    degrees = list(dict.fromkeys(args.tp)) if args.tp else [d for d in valid_degrees(cfg, args.vision) if d <= 8]
     rows: list = []
     refused: list[ConfigError] = []
     for tp in degrees:
         try:
-            rows.append(memory_plan(cfg, dtype, tp, args.memory, args.batch))
+            rows.append(memory_plan(cfg, dtype, tp, args.memory, args.batch, args.vision))
         except ConfigError as e:  # one degree: an error; among several: a row, unless none can split the model
             refused.append(e)
             rows.append((tp, str(e)))
@@ -167,7 +167,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"qvl plan: {model}, {cfg.num_parameters():,} parameters in {args.dtype}; {format_bytes(args.memory)} "
           f"per rank, batch {args.batch}")
     print(format_plan(rows))
-    print(f"\n{plan_notes(dtype)}")
+    print(f"\n{plan_notes(dtype, args.vision)}")
     return 0
 
 
@@ -314,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="device memory per rank: 141GiB, 80GB (10^9 bytes) or a number of bytes")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight and cache dtype (default bfloat16)")
     p.add_argument("--batch", type=positive_int, default=1, help="rows sharing the KV cache (default 1)")
+    p.add_argument("--vision", choices=("data", "tensor"), default="data",
+                   help="the vision tower whole on each rank, run data-parallel (default), or split like the decoder")
     p.set_defaults(func=cmd_plan)
     from .generate_cli import add_generate_parser
 

@@ -215,6 +215,9 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--tp", type=positive_int, default=1, metavar="N",
                    help="tensor-parallel degree: N local worker processes (one GPU each on CUDA) each hold 1/N of the "
                         "decoder; under torchrun, N must be its WORLD_SIZE (default 1)")
+    p.add_argument("--vision-parallel", choices=("data", "tensor"), default="data",
+                   help="with --tp: the vision tower whole on each rank, run data-parallel (default), or split like "
+                        "the decoder")
     p.set_defaults(func=cmd_generate)
 
 
@@ -275,8 +278,10 @@ def _load(args: argparse.Namespace, kind: str, cfg, device: torch.device):
 
     dtype = DTYPES[args.dtype] if args.dtype else None
     if kind == "dir":
-        return from_pretrained(args.model, dtype=dtype, device=device, backends=args.backends, tp=args.tp)
-    return from_config(cfg, dtype=dtype or torch.float32, device=device, backends=args.backends, tp=args.tp)
+        return from_pretrained(args.model, dtype=dtype, device=device, backends=args.backends, tp=args.tp,
+                               vision_parallel=args.vision_parallel)
+    return from_config(cfg, dtype=dtype or torch.float32, device=device, backends=args.backends, tp=args.tp,
+                       vision_parallel=args.vision_parallel)
 
 
 def _rank() -> int:
@@ -345,7 +350,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                          f"machine has {torch.cuda.device_count()}")
     try:
         kind, cfg, processor = _model_source(args)
-        check_degree(cfg, args.tp)
+        check_degree(cfg, args.tp, args.vision_parallel)
         # the inputs first: a bad image fails before gigabytes of weights are read (or workers started)
         t0 = time.perf_counter()
         inputs = processor(args.prompt, images=args.image, videos=args.video, system=args.system)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from ..parallel.comm import from_ranks
+from ..parallel.comm import from_ranks, to_ranks
 from ..parallel.group import TensorParallel
 from ..parallel.shard import LocalSizes
 
@@ -68,30 +68,57 @@ class VocabEmbedding(nn.Embedding):
 
 class SwiGLUMLP(nn.Module):
     """SiLU(x W_gate^T) * (x W_up^T), then the down projection; gate and up stacked in one weight [gate; up].
-    The text decoder's MLP has no biases, the vision blocks' have."""
+    The text decoder's MLP has no biases, the vision blocks' have.
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool):
+    Under tensor parallelism (`parallel`) a rank holds its share of the inner width: gate/up column-parallel, down
+    row-parallel, the partial outputs summed over the ranks, and the down bias (whole on every rank) added once
+    after the sum."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, parallel: TensorParallel | None = None):
         super().__init__()
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)  # [gate; up]
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.parallel = parallel
 
     def forward(self, ops, x: torch.Tensor) -> torch.Tensor:
-        return ops.mlp(x, self.gate_up_proj.weight, self.gate_up_proj.bias, self.down_proj.weight,
-                       self.down_proj.bias, "swiglu")
+        return _mlp(ops, x, self.gate_up_proj, self.down_proj, "swiglu", self.parallel)
 
 
 class PlainMLP(nn.Module):
     """fc2(activation(fc1(x))) with biases, the activation one of the `mlp` operator's (Qwen2-VL's vision blocks:
-    "quick_gelu")."""
+    "quick_gelu"). Under tensor parallelism split as `SwiGLUMLP`: fc1 column-parallel, fc2 row-parallel."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, activation: str):
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str,
+                 parallel: TensorParallel | None = None):
         super().__init__()
         self.fc1 = nn.Linear(hidden_size, intermediate_size, bias=True)
         self.fc2 = nn.Linear(intermediate_size, hidden_size, bias=True)
         self.activation = activation
+        self.parallel = parallel
 
     def forward(self, ops, x: torch.Tensor) -> torch.Tensor:
-        return ops.mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.activation)
+        return _mlp(ops, x, self.fc1, self.fc2, self.activation, self.parallel)
+
+
+def _mlp(ops, x: torch.Tensor, first: nn.Linear, second: nn.Linear, activation: str,
+         parallel: TensorParallel | None) -> torch.Tensor:
+    """The `mlp` operator; under tensor parallelism without the second layer's bias, the ranks' outputs summed,
+    then the bias (whole on every rank) added once."""
+    if parallel is None:
+        return ops.mlp(x, first.weight, first.bias, second.weight, second.bias, activation)
+    out = ops.mlp(to_ranks(x, parallel), first.weight, first.bias, second.weight, None, activation)
+    return with_bias(from_ranks(out, parallel), second.bias)
+
+
+def row_parallel_linear(x: torch.Tensor, layer: nn.Linear, parallel: TensorParallel | None) -> torch.Tensor:
+    """`layer(x)` for a row-parallel layer: the ranks' partial products summed, then the bias added once."""
+    if parallel is None:
+        return layer(x)
+    return with_bias(from_ranks(F.linear(x, layer.weight), parallel), layer.bias)
+
+
+def with_bias(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x if bias is None else x + bias
 
 
 def checkpointed(stack: nn.Module, layer: nn.Module):

@@ -23,7 +23,7 @@ from ..config import Qwen25VLConfig
 from ..errors import InputError
 from ..parallel.comm import gather, to_ranks, vocab_cross_entropy
 from ..parallel.group import TensorParallel
-from ..parallel.shard import check_degree, local_sizes
+from ..parallel.shard import check_vision_mode, local_sizes
 from ..parallel.vision import encode_data_parallel
 from . import generation
 from .cache import StaticKVCache
@@ -98,17 +98,18 @@ class Prompt:
 
 class Qwen25VL(nn.Module):
     def __init__(self, cfg: Qwen25VLConfig, backends=None, fallback: str | None = None,
-                 parallel: TensorParallel | None = None):
+                 parallel: TensorParallel | None = None, vision_parallel: str = "data"):
         """`parallel`: the tensor-parallel group this rank belongs to (`qvl.parallel.group.join`); the decoder is
-        then built with this rank's sizes (`qvl.parallel.shard`) and the vision tower whole (it runs
-        data-parallel). `from_config` and `from_pretrained` with `tp=N` build and fill it."""
+        then built with this rank's sizes (`qvl.parallel.shard`), and the vision tower whole, run data-parallel
+        (`vision_parallel="data"`), or split like the decoder ("tensor"). `from_config` and `from_pretrained` with
+        `tp=N` build and fill it."""
         super().__init__()
         self.cfg = cfg.validate()
         self.parallel = parallel
+        self.vision_parallel = check_vision_mode(vision_parallel)
         tp, rank = (1, 0) if parallel is None else (parallel.size, parallel.rank)
-        check_degree(cfg, tp)
-        self.sizes = local_sizes(cfg, tp, rank)
-        self.visual = VisionTower(cfg.vision)
+        self.sizes = local_sizes(cfg, tp, rank, vision_parallel)
+        self.visual = VisionTower(cfg.vision, self.sizes, parallel if vision_parallel == "tensor" else None)
         self.model = TextDecoder(cfg.text, self.sizes, parallel)
         if not cfg.text.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.text.hidden_size, self.sizes.vocab_rows, bias=False)
@@ -175,12 +176,13 @@ class Qwen25VL(nn.Module):
 
     def vision_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """The merged vision tokens of every image (or video) in `grid_thw`, in order. Under tensor parallelism
-        the images are encoded data-parallel (each rank some, the features gathered), except while autograd
-        records for the tower: every rank then encodes every image, so the tower's gradients are whole on each."""
+        with the tower data-parallel the images are split over the ranks (each encodes some, the features are
+        gathered), except while autograd records for the tower: every rank then encodes every image, so the
+        tower's gradients are whole on each. A split tower ("tensor") encodes every image on every rank."""
         pixels = pixel_values.to(self.device)
         records = torch.is_grad_enabled() and (pixels.requires_grad or any(
             p.requires_grad for p in self.visual.parameters()))
-        if self.parallel is None or records:
+        if self.parallel is None or self.vision_parallel == "tensor" or records:
             return self.visual(self.ops, pixels, grid_thw)
         return encode_data_parallel(lambda px, grid: self.visual(self.ops, px, grid), pixels, grid_thw,
                                     self.cfg.vision, self.parallel, self.dtype)

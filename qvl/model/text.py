@@ -16,10 +16,10 @@ from torch.distributed import ProcessGroup
 from ..backends import CausalMask, Ops, Rotary
 from ..backends.interface import needs_grad
 from ..config import TextConfig
-from ..parallel.comm import from_ranks, gather, replicated_rows, to_ranks
+from ..parallel.comm import gather, replicated_rows, to_ranks
 from ..parallel.group import TensorParallel
 from ..parallel.shard import LocalSizes
-from .layers import RMSNorm, SwiGLUMLP, VocabEmbedding, checkpointed
+from .layers import RMSNorm, SwiGLUMLP, VocabEmbedding, checkpointed, row_parallel_linear
 
 
 class Attention(nn.Module):
@@ -70,7 +70,7 @@ class Attention(nn.Module):
         else:
             out, weights = ops.attention(q, k, v, mask, weights=True)
             attentions.append(gather(weights, 1, self.parallel))  # every rank's heads, in order
-        return from_ranks(self.o_proj(out.reshape(b, n, -1)), self.parallel)
+        return row_parallel_linear(out.reshape(b, n, -1), self.o_proj, self.parallel)
 
 
 class DecoderLayer(nn.Module):
@@ -80,8 +80,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, sizes, parallel, kv_replicas)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = SwiGLUMLP(cfg.hidden_size, sizes.intermediate, bias=False)
-        self.parallel = parallel
+        self.mlp = SwiGLUMLP(cfg.hidden_size, sizes.intermediate, bias=False, parallel=parallel)
 
     def forward(self, ops, hidden, residual, positions, rotary, mask, kv_cache, start, attentions=None):
         """`hidden` is the previous sublayer's output, `residual` the stream before it (None at layer 0).
@@ -92,7 +91,7 @@ class DecoderLayer(nn.Module):
         x, residual = self.input_layernorm.add_and_norm(ops, hidden, residual)
         hidden = self.self_attn(ops, x, positions, rotary, mask, kv_cache, start, attentions)
         x, residual = self.post_attention_layernorm.add_and_norm(ops, hidden, residual)
-        return from_ranks(self.mlp(ops, to_ranks(x, self.parallel)), self.parallel), residual
+        return self.mlp(ops, x), residual
 
 
 class TextDecoder(nn.Module):

@@ -9,6 +9,10 @@ window order once before the blocks and restoring the order after the merger, so
 is one block-diagonal call over all windows of all images. Norms are RMSNorms, the MLP is SwiGLU.
 Qwen2-VL: every block attends over each whole frame; norms are LayerNorms with a bias, the MLP is
 fc1 -> QuickGELU -> fc2 (``cfg.hidden_act``). The merger is the same but for its norm.
+
+Under tensor parallelism the tower is whole on every rank and runs data-parallel (`Qwen25VL.vision_features`),
+or, built with `parallel` (`vision_parallel="tensor"`), its blocks are split like the decoder's layers: each rank
+its heads' q, k, v and its share of the MLP, the attention output and the MLP's last layer summed over the ranks.
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ from torch import nn
 
 from ..backends import BlockDiagonalMask, Ops, Rotary
 from ..config import VisionConfig
-from .layers import LayerNorm, PlainMLP, RMSNorm, SwiGLUMLP, checkpointed, inverse_frequencies
+from ..parallel.comm import to_ranks
+from ..parallel.group import TensorParallel
+from ..parallel.shard import LocalSizes
+from .layers import LayerNorm, PlainMLP, RMSNorm, SwiGLUMLP, checkpointed, inverse_frequencies, row_parallel_linear
 from .positions import vision_frame_seqlens, vision_rope_positions, vision_window_index
 
 
@@ -38,19 +45,20 @@ class PatchEmbed(nn.Module):
 
 
 class VisionAttention(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, heads: int, parallel: TensorParallel | None = None):
+        """`heads`: the heads this rank holds (all of them unless the tower is split)."""
         super().__init__()
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
-        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
+        self.num_heads, self.head_dim, self.parallel = heads, cfg.head_dim, parallel
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * heads * cfg.head_dim, bias=True)
+        self.proj = nn.Linear(heads * cfg.head_dim, cfg.hidden_size, bias=True)
 
     def forward(self, ops: Ops, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary,
                 mask: BlockDiagonalMask) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv(x).view(1, n, 3, self.num_heads, self.head_dim).unbind(2)
+        q, k, v = self.qkv(to_ranks(x, self.parallel)).view(1, n, 3, self.num_heads, self.head_dim).unbind(2)
         q, k = ops.rope(q, k, positions, rotary)
         out = ops.attention(q, k, v, mask)
-        return self.proj(out.reshape(n, -1))
+        return row_parallel_linear(out.reshape(n, -1), self.proj, self.parallel)
 
 
 def vision_norm(cfg: VisionConfig) -> RMSNorm | LayerNorm:
@@ -59,15 +67,15 @@ def vision_norm(cfg: VisionConfig) -> RMSNorm | LayerNorm:
 
 
 class VisionBlock(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, sizes: LocalSizes, parallel: TensorParallel | None = None):
         super().__init__()
         self.norm1 = vision_norm(cfg)
-        self.attn = VisionAttention(cfg)
+        self.attn = VisionAttention(cfg, sizes.vision_heads, parallel)
         self.norm2 = vision_norm(cfg)
         if cfg.gated_mlp:
-            self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, bias=True)
+            self.mlp = SwiGLUMLP(cfg.hidden_size, sizes.vision_intermediate, bias=True, parallel=parallel)
         else:
-            self.mlp = PlainMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+            self.mlp = PlainMLP(cfg.hidden_size, sizes.vision_intermediate, cfg.hidden_act, parallel=parallel)
 
     def forward(self, ops, hidden, residual, positions, rotary, mask):
         """x + attn(norm1(x)), then + mlp(norm2(x)), written as in the text decoder: `hidden` is the previous
@@ -97,11 +105,12 @@ class PatchMerger(nn.Module):
 
 
 class VisionTower(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, sizes: LocalSizes, parallel: TensorParallel | None = None):
+        """`parallel`: split the blocks over its ranks (`sizes` their local heads and MLP width); None: whole."""
         super().__init__()
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg)
-        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(VisionBlock(cfg, sizes, parallel) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg)
         self.gradient_checkpointing = False
         # 2-D RoPE: the first half of the rotated pairs follow the patch row, the second half its column,

@@ -3,6 +3,7 @@
 from .plan import MemoryPlan, format_plan, memory_plan, parse_bytes
 from .shard import (
     STYLES,
+    VISION_MODES,
     LocalSizes,
     RankSlice,
     check_degree,
@@ -18,7 +19,6 @@ from .shard import (
     valid_degrees,
 )
 
-__all__ = ["STYLES", "RankSlice", "check_degree", "checkpoint_slices", "local_heads", "LocalSizes", "local_sizes",
-           "parameter_shapes",
-           "rank_bytes", "rank_ranges", "rank_shape", "rank_slice", "split_style", "valid_degrees", "MemoryPlan",
-           "format_plan", "memory_plan", "parse_bytes"]
+__all__ = ["STYLES", "VISION_MODES", "RankSlice", "check_degree", "checkpoint_slices", "local_heads", "LocalSizes",
+           "local_sizes", "parameter_shapes", "rank_bytes", "rank_ranges", "rank_shape", "rank_slice", "split_style",
+           "valid_degrees", "MemoryPlan", "format_plan", "memory_plan", "parse_bytes"]

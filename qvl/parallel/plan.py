@@ -48,7 +48,7 @@ class MemoryPlan:
     batch: int
     memory_bytes: int  # one rank's device memory
     weight_bytes: int  # the parameters the rank holds
-    vision_bytes: int  # of which the vision tower (replicated: it runs data-parallel)
+    vision_bytes: int  # of which the vision tower's (whole when it runs data-parallel)
     kv_bytes_per_token: int  # K and V of one position: every layer, the rank's KV heads, all `batch` rows
     room: int  # positions per row whose cache fits in what the weights leave (0 when they do not fit)
     max_context: int  # room capped at max_position_embeddings: the longest context
@@ -68,15 +68,17 @@ class MemoryPlan:
         return self.memory_bytes - self.weight_bytes - self.cache_bytes
 
 
-def memory_plan(cfg: Qwen25VLConfig, dtype: torch.dtype, tp: int, memory_bytes: int, batch: int = 1) -> MemoryPlan:
-    """The plan of one rank of `tp` with `memory_bytes` of device memory, for `batch` rows of one length."""
-    check_degree(cfg, tp)
+def memory_plan(cfg: Qwen25VLConfig, dtype: torch.dtype, tp: int, memory_bytes: int, batch: int = 1,
+                vision: str = "data") -> MemoryPlan:
+    """The plan of one rank of `tp` with `memory_bytes` of device memory, for `batch` rows of one length; the
+    vision tower whole on each rank ("data") or split ("tensor")."""
+    check_degree(cfg, tp, vision)
     _check_int(memory_bytes, "memory_bytes", 1)
     _check_int(batch, "batch", 1)
     if dtype not in FLOAT_DTYPES:
         raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     t = cfg.text
-    weights = rank_bytes(cfg, dtype, tp)
+    weights = rank_bytes(cfg, dtype, tp, vision=vision)
     per_token = StaticKVCache.bytes_needed(t.num_hidden_layers, batch, 1, local_heads(cfg, tp)[1], t.head_dim, dtype)
     usable = USABLE_SHARE * memory_bytes
     if weights > usable:
@@ -87,13 +89,13 @@ def memory_plan(cfg: Qwen25VLConfig, dtype: torch.dtype, tp: int, memory_bytes: 
     tokens = min(room, t.max_position_embeddings)
     if room > t.max_position_embeddings:
         note = f"max_position_embeddings (room for {room:,})"
-    return MemoryPlan(tp, dtype, batch, memory_bytes, weights, rank_bytes(cfg, dtype, tp, tower="vision"), per_token,
-                      room, tokens, note)
+    vision_bytes = rank_bytes(cfg, dtype, tp, tower="vision", vision=vision)
+    return MemoryPlan(tp, dtype, batch, memory_bytes, weights, vision_bytes, per_token, room, tokens, note)
 
 
 def format_plan(rows: list[MemoryPlan | tuple[int, str]]) -> str:
     """A text table, one row per degree; a (tp, reason) row is a degree that cannot split the model."""
-    head = ["tp", "weights/rank", "vision (repl.)", "KV/token/rank", "longest context", "KV cache/rank", "left free",
+    head = ["tp", "weights/rank", "vision/rank", "KV/token/rank", "longest context", "KV cache/rank", "left free",
             "note"]
     table = [head]
     for row in rows:
@@ -109,9 +111,10 @@ def format_plan(rows: list[MemoryPlan | tuple[int, str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table)
 
 
-def plan_notes(dtype: torch.dtype) -> str:
+def plan_notes(dtype: torch.dtype, vision: str = "data") -> str:
     """What the table's numbers include, printed under it."""
+    tower = "whole on each (it runs data-parallel)" if vision == "data" else "split like the decoder"
     return (f"Weights in {dtype_name(dtype)}: the decoder split over the ranks (KV heads replicated when tp exceeds "
-            "them), the vision tower whole on each. The weights must fit "
+            f"them), the vision tower {tower}. The weights must fit "
             f"{USABLE_SHARE:.0%} of the memory and the KV cache {USABLE_SHARE:.0%} of what they leave (qvl.memory); "
             "what stays free is for activations, the allocator and the CUDA context.")

@@ -541,8 +541,8 @@ def test_float32_spy_catches_a_float32_detour(saved_bf16, monkeypatch):
     directory, model = saved_bf16
     real_allocate = ckpt._allocate
 
-    def allocate_via_float32(cfg, dtype, device, backends, fallback, parallel=None):
-        return real_allocate(cfg, torch.float32, device, backends, fallback, parallel).to(dtype)
+    def allocate_via_float32(cfg, dtype, device, backends, fallback, *parallel):
+        return real_allocate(cfg, torch.float32, device, backends, fallback, *parallel).to(dtype)
 
     monkeypatch.setattr(ckpt, "_allocate", allocate_via_float32)
     spy = _Float32Spy(min_numel=_smallest_param(model))

@@ -58,10 +58,11 @@ def run(*argv: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONPATH": REPO, "PYTHONIOENCODING": "utf-8"})
 
 
-def test_two_local_workers_print_the_answer_one_process_prints(case, capsys):
+@pytest.mark.parametrize("vision", ["data", "tensor"])
+def test_two_local_workers_print_the_answer_one_process_prints(case, capsys, vision):
     assert main([*case, "--tp", "1"]) == 0
     expected = capsys.readouterr().out
-    proc = run("-m", "qvl", *case, "--tp", "2")
+    proc = run("-m", "qvl", *case, "--tp", "2", "--vision-parallel", vision)
     err = proc.stderr.decode()
     assert proc.returncode == 0, err
     assert proc.stdout.decode() == expected  # written once: by rank 0

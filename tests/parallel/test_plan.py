@@ -15,7 +15,7 @@ from qvl.config import config_to_hf_dict, get_preset
 from qvl.errors import ConfigError, ResourceError
 from qvl.memory import USABLE_SHARE
 from qvl.model.cache import StaticKVCache
-from qvl.parallel import format_plan, memory_plan, parse_bytes, rank_slice
+from qvl.parallel import format_plan, memory_plan, parse_bytes, rank_bytes, rank_slice
 
 GIB = 2**30
 TINY = get_preset("tiny")
@@ -115,7 +115,7 @@ def test_parse_bytes():
 def test_table_rows():
     rows = [memory_plan(TINY, torch.float32, tp, GIB) for tp in (1, 2)] + [(3, "tp 3 cannot split x")]
     lines = format_plan(rows).splitlines()
-    assert lines[0].split()[:3] == ["tp", "weights/rank", "vision"]
+    assert lines[0].split()[:3] == ["tp", "weights/rank", "vision/rank"]
     assert lines[1].split()[0] == "1" and "4,096" in lines[1]
     assert lines[3].split()[:2] == ["3", "-"] and lines[3].endswith("tp 3 cannot split x")
 
@@ -176,3 +176,16 @@ def test_cli_usage_errors(capsys, argv, message):
 def test_cli_missing_checkpoint(tmp_path, capsys):
     assert main(["plan", "--checkpoint", str(tmp_path / "nowhere"), "--memory", "1GiB"]) == 2
     assert capsys.readouterr().err.startswith("qvl: error: no config.json at ")
+
+
+def test_a_split_vision_tower_is_planned_per_rank(capsys):
+    cfg = get_preset("72b")
+    data, split = (memory_plan(cfg, torch.bfloat16, 8, 141 * GIB, vision=v) for v in ("data", "tensor"))
+    assert data.vision_bytes == rank_bytes(cfg, torch.bfloat16, 1, tower="vision")  # whole on every rank
+    assert split.vision_bytes == rank_bytes(cfg, torch.bfloat16, 8, tower="vision", vision="tensor")
+    assert split.vision_bytes < data.vision_bytes / 4
+    assert split.weight_bytes - split.vision_bytes == data.weight_bytes - data.vision_bytes  # the same decoder
+    assert main(["plan", "--preset", "3b", "--memory", "80GB", "--vision", "tensor"]) == 0
+    out = capsys.readouterr().out
+    assert "the vision tower split like the decoder" in out
+    assert [line.split()[0] for line in out.splitlines()[2:5]] == ["1", "2", "4"]  # 8 cannot split its MLP width

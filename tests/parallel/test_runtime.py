@@ -1,9 +1,9 @@
 """Tensor parallelism at tp 2 (two gloo ranks on the CPU) against one process, on the same checkpoint.
 
 Both ranks run tests/parallel/tp_cases.py once (one spawn for the module); one process runs the same cases at tp 1.
-Logits within 1e-5 relative error, identical greedy tokens, the vision tower data-parallel over an odd number of
-images, a training step's loss and every gradient (each rank's piece of the single-process gradient), for 2 KV
-heads (split) and 1 (replicated).
+Logits within 1e-5 relative error, identical greedy tokens, a training step's loss and every gradient (each rank's
+piece of the single-process gradient), for 2 KV heads (split) with the vision tower data-parallel over an odd
+number of images, and 1 KV head (replicated) with the vision tower split over the ranks.
 """
 
 import pytest
@@ -78,7 +78,7 @@ def test_a_training_step_gives_each_rank_its_piece_of_every_gradient(runs, confi
     for r, rank in enumerate(ranks):
         assert rel_err(rank[f"{prefix}/loss"], reference["grad/loss"]) <= 1e-6
         for name in names:
-            expected = rank_slice(name, reference[f"grad/{name}"], cfg, TP, r)
+            expected = rank_slice(name, reference[f"grad/{name}"], cfg, TP, r, tp_cases.VISION[config])
             assert rank[f"{prefix}/{name}"].shape == expected.shape, name
             assert rel_err(rank[f"{prefix}/{name}"], expected) <= 1e-5, name
 
@@ -94,24 +94,29 @@ def test_each_rank_holds_its_piece_of_the_same_weights(runs, config, source):
     for r, rank in enumerate(ranks):
         assert sorted(k.removeprefix(f"{source}/") for k in rank if k.startswith(f"{source}/")) == sorted(names)
         for name in names:
-            assert torch.equal(rank[f"{source}/{name}"], rank_slice(name, reference[f"{source}/{name}"], cfg, TP, r))
+            expected = rank_slice(name, reference[f"{source}/{name}"], cfg, TP, r, tp_cases.VISION[config])
+            assert torch.equal(rank[f"{source}/{name}"], expected)
 
 
 @pytest.mark.parametrize("config", CONFIG_NAMES)
-def test_each_rank_holds_about_half_of_the_decoder(runs, config):
+def test_each_rank_holds_about_half_of_what_is_split(runs, config):
     reference, ranks = runs[config]
-    cfg = tp_cases.CONFIGS[config]
+    cfg, vision = tp_cases.CONFIGS[config], tp_cases.VISION[config]
 
-    def decoder_bytes(figures):
+    def held(figures, tower):
         return sum(t.numel() * t.element_size() for k, t in figures.items()
-                   if k.startswith("param/") and not k.startswith("param/visual."))
+                   if k.startswith("param/") and k.startswith("param/visual.") == (tower == "vision"))
 
-    whole = decoder_bytes(reference)
-    for r, rank in enumerate(ranks):
-        held = decoder_bytes(rank)
-        assert held == rank_bytes(cfg, torch.float32, TP, r, tower="decoder")
-        # half, plus the replicated norms (and the one KV head both ranks hold at kv1)
-        assert whole / 2 <= held <= 0.56 * whole
+    for tower in ("decoder", "vision"):
+        whole = held(reference, tower)
+        for r, rank in enumerate(ranks):
+            assert held(rank, tower) == rank_bytes(cfg, torch.float32, TP, r, tower=tower, vision=vision)
+            if tower == "decoder":  # half, plus the norms (and the one KV head both ranks hold at kv1)
+                assert whole / 2 < held(rank, tower) <= 0.56 * whole
+            elif vision == "data":
+                assert held(rank, tower) == whole  # the tower whole on every rank
+            else:  # the blocks halved; the patch embedding and merger (most of the tiny tower) whole
+                assert whole / 2 < held(rank, tower) < whole
 
 
 def test_a_degree_that_cannot_split_the_model_is_refused_before_any_group_starts():

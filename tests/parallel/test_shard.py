@@ -76,6 +76,43 @@ def test_pieces_reassemble_every_parameter(models, key, tp):
             assert len(held) == len(set(held.tolist())) == full.shape[dim], name
 
 
+@pytest.mark.parametrize("key", ["tiny", "tiny_qwen2_vl"])
+def test_a_split_vision_tower_is_partitioned_by_heads_and_mlp_width(models, key):
+    """vision="tensor": each block's qkv rows are the rank's heads' q, k and v; the MLP's first layer (gate/up or
+    fc1) its rows, the attention output and the last layer their columns; the rest whole on every rank."""
+    model, cfg, tp = models[key], CONFIGS[key], 2
+    width = cfg.vision.num_heads // tp * cfg.vision.head_dim
+    split = 0
+    for name, full in model.named_parameters():
+        if not name.startswith("visual."):
+            continue
+        full = full.detach()
+        pieces = [rank_slice(name, full, cfg, tp, r, "tensor") for r in range(tp)]
+        style = split_style(name, "tensor")
+        if style == "replicated":
+            assert all(torch.equal(p, full) for p in pieces), name
+            continue
+        split += 1
+        dim = rank_ranges(name, cfg, tp, 0, "tensor").dim
+        assert sum(p.shape[dim] for p in pieces) == full.shape[dim], name  # a partition
+        if name.endswith("attn.qkv.weight"):  # [q; k; v], each of hidden rows: rank 1's heads in each third
+            q, k, v = full.split(cfg.vision.hidden_size)
+            assert torch.equal(pieces[1], torch.cat([q[width:], k[width:], v[width:]]))
+    assert split == cfg.vision.depth * 6  # per block: qkv weight and bias, proj weight, the MLP's first layer
+    # (gate/up or fc1) weight and bias, its last layer's weight
+    assert split_style("visual.blocks.0.attn.proj.bias", "tensor") == "replicated"  # added once, after the sum
+
+
+def test_a_split_vision_tower_needs_its_heads_and_width_divided():
+    with pytest.raises(ConfigError, match=r"^tp 8 cannot split vision intermediate_size 3420; degrees that split "
+                                          r"every dimension: 1, 2, 4$"):
+        check_degree(get_preset("3b"), 8, "tensor")
+    check_degree(get_preset("3b"), 8)  # data-parallel: the tower is not split
+    with pytest.raises(ConfigError, match=r"'data'- or 'tensor'-parallel, got 'pipeline'"):
+        check_degree(get_preset("3b"), 2, "pipeline")
+    assert valid_degrees(get_preset("72b"), "tensor") == (1, 2, 4, 8, 16)
+
+
 def _kv_heads_read(cfg, q_heads: range) -> list[int]:
     """The KV heads query heads read in grouped-query attention: head h reads KV head h // (heads per KV head)."""
     group = cfg.text.num_attention_heads // cfg.text.num_key_value_heads

@@ -16,12 +16,14 @@ from qvl.backends import IGNORE_INDEX
 from qvl.config import PRESETS
 from tests.model.prompts import left_pad, pixels, placeholders, text_ids
 
-TINY = PRESETS["tiny"]  # 4 query heads, 2 KV heads: tp 2 splits both
+TINY = PRESETS["tiny"]  # 4 query heads, 2 KV heads: tp 2 splits both; 2 vision heads
 CONFIGS = {
     "kv2": TINY,
     # 1 KV head, replicated over both ranks; an untied LM head (its own vocabulary-parallel weight)
     "kv1": TINY.with_overrides({"text.num_key_value_heads": 1, "text.tie_word_embeddings": False}),
 }
+# how each config's vision tower runs at tp 2: data-parallel (the default) or split like the decoder
+VISION = {"kv2": "data", "kv1": "tensor"}
 IMAGES = [[1, 4, 6], [1, 6, 4], [1, 4, 4]]  # three: two ranks encode an odd number of images
 VIDEO = [[2, 4, 4]]
 NEW_TOKENS = 6
@@ -104,13 +106,13 @@ def rank_worker(checkpoint: str, results: str) -> None:
 
     tp, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     for name in CONFIGS:
-        model = qvl.from_pretrained(os.path.join(checkpoint, name), tp=tp)
+        model = qvl.from_pretrained(os.path.join(checkpoint, name), tp=tp, vision_parallel=VISION[name])
         figures = {k: v.contiguous() for k, v in run_cases(model).items()}
         try:
             qvl.save_pretrained(model, os.path.join(results, "piece"))
             figures["save_refused"] = torch.tensor(False)
         except qvl.ConfigError:
             figures["save_refused"] = torch.tensor(True)
-        drawn = qvl.from_config(CONFIGS[name], tp=tp, seed=3)
+        drawn = qvl.from_config(CONFIGS[name], tp=tp, seed=3, vision_parallel=VISION[name])
         figures.update({f"from_config/{k}": v.detach().contiguous() for k, v in drawn.named_parameters()})
         save_file(figures, os.path.join(results, f"{name}.rank{rank}.safetensors"))
