@@ -124,12 +124,6 @@ def _check_fits(cfg: Qwen25VLConfig, dtype: torch.dtype, device, tp: int = 1, vi
                     device)
 
 
-def _join(tp: int, device) -> tuple[TensorParallel | None, torch.device]:
-    """The tensor-parallel group of degree `tp` and this rank's device."""
-    device = local_device(torch.device(device))
-    return join(tp, device), device
-
-
 def _allocate(cfg: Qwen25VLConfig, dtype: torch.dtype, device, backends, fallback,
               parallel: TensorParallel | None = None, vision_parallel: str = "data") -> Qwen25VL:
     """An uninitialized model (this rank's piece of it under `parallel`) in `dtype` on `device`, with no
@@ -149,8 +143,9 @@ def from_config(preset_or_config="tiny", *, dtype: torch.dtype = torch.float32, 
     processes (see `qvl.parallel.group.join`); each parameter is drawn whole, one at a time, and cut.
     `vision_parallel`: the vision tower whole and data-parallel ("data") or split like the decoder ("tensor")."""
     cfg = as_config(preset_or_config)
-    _check_fits(cfg, dtype, torch.device(device), tp, vision_parallel)
-    parallel, device = _join(tp, device)
+    device = local_device(torch.device(device))  # under torchrun, a CUDA device is the rank's own
+    _check_fits(cfg, dtype, device, tp, vision_parallel)
+    parallel = join(tp, device)
     model = _allocate(cfg, dtype, device, backends, fallback, parallel, vision_parallel)
     gen = torch.Generator(device=model.device)
     gen.manual_seed(seed)
@@ -425,11 +420,11 @@ def from_pretrained(directory: str | os.PathLike, *, dtype: torch.dtype | None =
     if overrides:
         cfg = cfg.with_overrides(overrides)
     dtype = dtype or _config_dtype(directory)
+    device = local_device(torch.device(device))  # under torchrun, a CUDA device is the rank's own
     # before the meta model: absurd sizes take long even there
-    _check_fits(cfg, dtype, torch.device(device), tp, vision_parallel)
+    _check_fits(cfg, dtype, device, tp, vision_parallel)
     plan = _full_plan(cfg, _read_headers(directory), directory)  # checked before memory is allocated
-    parallel, device = _join(tp, device)
-    model = _allocate(cfg, dtype, device, backends, fallback, parallel, vision_parallel)
+    model = _allocate(cfg, dtype, device, backends, fallback, join(tp, device), vision_parallel)
     _copy(model, plan, directory)
     return model
 

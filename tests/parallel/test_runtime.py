@@ -144,3 +144,21 @@ def test_images_split_into_contiguous_runs_balanced_by_patches(patches, tp, runs
 def test_a_rank_refuses_to_save_its_piece_as_a_whole_checkpoint(runs):
     for _, ranks in runs.values():
         assert all(rank["save_refused"].item() for rank in ranks)
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"WORLD_SIZE": "4"}, r"tp 2 but this group has 4 processes \(WORLD_SIZE\): they must be equal"),
+    ({"WORLD_SIZE": "two"}, r"environment variable WORLD_SIZE must be a non-negative integer under torchrun, got "
+                            r"'two'"),
+    ({"WORLD_SIZE": "2", "MASTER_PORT": None}, r"tp 2: torchrun's variables MASTER_PORT are not set"),
+])
+def test_a_group_torchrun_did_not_describe_is_refused_before_it_starts(monkeypatch, env, message):
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
+                        **env}.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    with pytest.raises(qvl.ConfigError, match=message):
+        qvl.from_config("tiny", tp=2)
+    assert not torch.distributed.is_initialized()
