@@ -79,29 +79,37 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         from .ablate.config import with_dtype
 
         config = with_dtype(config, args.dtype)
+    if args.tp:
+        from .ablate.config import with_tp
+
+        config = with_tp(config, args.tp)  # the degree checked against every variant's architecture
+    tp = f", tp {config.model.tp}" if config.model.tp > 1 else ""
     if args.check:
         print(f"{config.path or 'built-in default'}: ok: {config.name}, {config.model.describe()} in "
-              f"{config.model.dtype}, {len(config.variants)} variants ({', '.join(v.name for v in config.variants)}), "
-              f"reference {config.reference}")
+              f"{config.model.dtype}{tp}, {len(config.variants)} variants "
+              f"({', '.join(v.name for v in config.variants)}), reference {config.reference}")
         print(_check_details(config), end="")
         return 0
+    # tp > 1: local workers (or, under torchrun, this process is one of the ranks); rank 0 writes and prints
     run = AblationRun(config, results_root=args.results_dir, device=args.device, repeats=args.repeats,
                       warmup=args.warmup, quiet=args.quiet)
-    if not args.quiet:
-        print(f"qvl ablate: {config.name} on {run.device}: {len(config.variants)} variants, {run.warmup} warm-up + "
-              f"{run.repeats} repeats each; results in {run.dir}", file=sys.stderr)
+    if not run.quiet:
+        print(f"qvl ablate: {config.name} on {run.device}{tp}: {len(config.variants)} variants, {run.warmup} "
+              f"warm-up + {run.repeats} repeats each; results in {run.dir}", file=sys.stderr)
     # SIGTERM ends the run like Ctrl-C: the variant in flight is marked interrupted and results.json,
-    # report.md and the plot are written for what was measured.
+    # report.md and the plot are written for what was measured (by rank 0; local workers are stopped).
     try:
         with sigterm_as_interrupt():
             results = run.execute()
     except KeyboardInterrupt:
-        print(f"\nqvl ablate: interrupted; what was measured is in {run.dir}", file=sys.stderr)
+        if run.writes:
+            print(f"\nqvl ablate: interrupted; what was measured is in {run.dir}", file=sys.stderr)
         return 130
-    print(format_table(results))
-    plot = results.get("plot") or {}
-    print(f"\nresults: {run.dir}/results.json, report.md" + (", plot.png" if plot.get("file") else
-                                                             f" (plot skipped: {plot.get('skipped')})"))
+    if run.writes:
+        print(format_table(results))
+        plot = results.get("plot") or {}
+        print(f"\nresults: {run.dir}/results.json, report.md" + (", plot.png" if plot.get("file") else
+                                                                 f" (plot skipped: {plot.get('skipped')})"))
     return 1 if any(v["status"] != "ok" for v in results["variants"]) else 0
 
 
@@ -284,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", choices=PRESETS, help=f"run the config on another preset ({', '.join(PRESETS)})")
     p.add_argument("--dtype", choices=DTYPES, help=f"override the config's model dtype ({', '.join(DTYPES)}); "
                                                    "variants that set their own keep it")
+    p.add_argument("--tp", type=key_type("ModelSpec", "tp", "--tp", integer=True), metavar="N",
+                   help="override the config's tensor-parallel degree ([model] tp): N local worker processes (one GPU "
+                        "each on CUDA); under torchrun, N must be its WORLD_SIZE")
     p.add_argument("--repeats", type=key_type("RunSpec", "repeats", "--repeats", integer=True),
                    help="timed repeats per variant, >= 1 (default: the config's, else 3 on a CPU, 10 on a GPU)")
     p.add_argument("--warmup", type=key_type("RunSpec", "warmup", "--warmup", integer=True),

@@ -22,6 +22,7 @@ from ..backends import OPERATORS, backend_names, parse_spec
 from ..config import PRESETS, Qwen25VLConfig, TextConfig, VisionConfig, get_preset, load_hf_config
 from ..dtypes import DTYPES
 from ..files import read_text
+from ..parallel.shard import check_degree
 from .schema import (
     At,
     ConfigError,
@@ -214,6 +215,8 @@ class ModelSpec:
     overrides: dict[str, Any] = key(
         {}, "architecture overrides for every variant, e.g. `{ \"vision.window_size\" = 112 }`", parse=_overrides,
         type_text=OVERRIDES_TEXT)
+    tp: int = key(1, "tensor-parallel degree: every model split over this many ranks (local worker processes, or "
+                     "torchrun's, whose WORLD_SIZE it must equal); generate mode only", minimum=1)
 
     @classmethod
     def finish_parse(cls, values: dict[str, Any], raw: dict, at: At) -> None:
@@ -400,6 +403,14 @@ def with_preset(config: AblationConfig, preset: str) -> AblationConfig:
     return new
 
 
+def with_tp(config: AblationConfig, tp: int) -> AblationConfig:
+    """The same ablation at another tensor-parallel degree (``--tp``), checked as `[model] tp` is."""
+    tp = check_key(ModelSpec, "tp", tp, "--tp")
+    new = replace(config, model=replace(config.model, tp=tp))
+    _check_tp(new, "--tp")
+    return new
+
+
 def with_dtype(config: AblationConfig, dtype: str) -> AblationConfig:
     """The same ablation with another model dtype (variants that set their own dtype keep it)."""
     if dtype not in DTYPES:
@@ -420,6 +431,23 @@ def _check_architectures(cfg: AblationConfig, path: str) -> None:
                 base.with_overrides(v.overrides)
             except ValueError as e:
                 raise replace(top, section=f"variants[{i}] ({v.name})").error("overrides", str(e)) from None
+    _check_tp(cfg, f"{path}: [model] tp")
+
+
+def _check_tp(cfg: AblationConfig, where: str) -> None:
+    """The tensor-parallel degree against the mode and every architecture the variants run (`check_degree`:
+    heads, KV heads, intermediate size, vocabulary), before anything starts; `where` names the key or flag."""
+    tp = cfg.model.tp
+    if tp == 1:
+        return
+    if cfg.run.mode == TRAIN:
+        raise ConfigError(f"{where}: tp {tp} is for generate mode only; train mode runs in one process (its "
+                          "gradient comparison and loss curve are not built for split parameters): use tp = 1")
+    for v in (None, *(v for v in cfg.variants if v.overrides)):
+        try:
+            check_degree(cfg.model_config(v), tp)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: " + (f"variant {v.name!r} (its overrides): " if v else "") + str(e)) from None
 
 
 # --- the schema out: docs and the effective config ----------------------------------------------------------------
@@ -460,4 +488,4 @@ def write_schema_docs(path: str = README) -> None:
 
 __all__ = ["AblationConfig", "ConfigError", "ImageSpec", "ModelSpec", "RunSpec", "Variant", "VideoSpec",
            "WorkloadSpec", "check_key", "config_toml", "load_config", "parse_config", "schema_markdown", "with_dtype",
-           "with_preset", "write_schema_docs", "tomllib"]
+           "with_preset", "with_tp", "write_schema_docs", "tomllib"]

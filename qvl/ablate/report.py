@@ -157,6 +157,8 @@ def check_results(results: Any, file: str) -> dict:
                               for k in ("environment", "run", "config", "workload"))
     check(env, "environment.", "git", OBJECT_OR_NULL)
     check(run, "run.", "device", TEXT)
+    check(run, "run.", "tp", (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+                              "an integer >= 1 or null"))
     check(check(config, "config.", "model", OBJECT_OR_NULL) or {}, "config.model.", "overrides", OBJECT_OR_NULL)
     if work:
         for key in ("image_grids_thw", "video_grids_thw"):
@@ -350,7 +352,9 @@ def render_markdown(results: dict, plot_file: str | None = None, plot_note: str 
         + f" (started {results.get('started')}, finished {results.get('finished') or '-'})",
         f"- config: `{results.get('config_path') or 'built in'}`; reference variant: `{results['reference']}`",
         f"- model: {src}, {model.get('dtype')}, device {run.get('device')}"
-        + (f", overrides {_inline(overrides)}" if overrides else ""),
+        + (f", overrides {_inline(overrides)}" if overrides else "")
+        + (f"; tensor-parallel over {run['tp']} ranks (peak memory, model MiB and launches/step are rank 0's)"
+           if run.get("tp") and run["tp"] > 1 else ""),
         f"- runs: {run.get('warmup')} warm-up, {run.get('repeats')} timed repeats; timer: {env.get('timer')}; "
         f"peak memory: {env.get('peak_memory')}",
     ]

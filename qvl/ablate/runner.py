@@ -24,6 +24,15 @@ parameter shapes agree (copied, cast to the variant's dtype, from the base model
 effect of the ablation itself. Variants whose prompt differs from the reference's (other patch or merge
 size) or whose vocabulary differs are not compared.
 
+With [model] tp = N > 1 every model is split over N ranks (`qvl.from_config(tp=N)`): outside torchrun `execute`
+starts N local workers (`qvl.parallel.launch.run_workers`), each running the same ablation (SPMD: the model's
+layers run collectives, so every rank makes the same calls in the same order); under torchrun the ranks are its
+processes. The logits are gathered on every rank, so every rank computes the same comparisons; rank 0 alone
+writes results.json, report.md and the plot, and its peak memory and launch counts are the ones recorded. After
+each variant the ranks compare their outcomes over a gloo group of their own (`_agree`): a variant failing on
+every rank is recorded and the run goes on; on some ranks only, the run stops, since the ranks' states differ,
+and a rank left waiting in a collective stops it after AGREE_TIMEOUT_S instead of hanging.
+
 With [run] mode = "train" the variant is measured training instead (`qvl.ablate.train`: step time, tokens/s,
 peak memory, the first step's loss, gradients against the reference's, a loss curve); the same models are
 shared, and given back with their weights, mode and checkpointing unchanged.
@@ -32,7 +41,9 @@ shared, and given back with their weights, mode and checkpointing unchanged.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
+import signal
 import time
 import traceback
 from dataclasses import fields
@@ -43,11 +54,12 @@ import torch
 from ..backends import resolve_plan
 from ..checkpoint import from_config, from_pretrained
 from ..dtypes import DTYPES, dtype_name
-from ..errors import ConfigError
-from ..files import reworded, write_json
+from ..errors import ConfigError, QvlError, ResultsError, one_line
+from ..files import read_json, reworded, write_json
+from ..parallel.group import join, local_device, under_torchrun
 from .config import TRAIN, AblationConfig, ModelSpec, RunSpec, Variant, check_key
 from .measure import Clock, PeakMemory, Progress, environment, summarize
-from .report import FORMAT, render_run
+from .report import FORMAT, check_results, render_run
 from .train import compare_gradients, loss_curve, measure_steps, training, training_batch
 from .workload import Workload, build_workload
 
@@ -64,6 +76,11 @@ def resolve_device(name: str) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"device {name!r} requested, but only {torch.cuda.device_count()} CUDA devices exist")
     return device
+
+
+# tp > 1: how long a rank that finished a variant waits for the others to finish it too. The ranks leave a variant
+# together (its last collective), so only a rank that failed alone, its peers blocked in a collective, waits long.
+AGREE_TIMEOUT_S = 300.0
 
 
 def make_run_dir(root: str, name: str) -> str:
@@ -222,22 +239,31 @@ class AblationRun:
 
     def __init__(self, config: AblationConfig, *, results_root: str = "results", device: str | None = None,
                  repeats: int | None = None, warmup: int | None = None, quiet: bool = False,
-                 progress: bool | None = None):
+                 progress: bool | None = None, run_dir: str | None = None):
+        """`run_dir`: an existing results folder to write to instead of a new one under `results_root` (a local
+        worker's: the folder its parent made)."""
         self.config = config
+        self.tp = config.model.tp
+        # the arguments a local worker builds its own AblationRun from
+        self._options = {"device": device, "repeats": repeats, "warmup": warmup, "quiet": quiet, "progress": progress}
         # overrides of [run] keys obey those keys' rules (ConfigError: "repeats: must be an integer >= 1, got 0")
         repeats = config.run.repeats if repeats is None else check_key(RunSpec, "repeats", repeats, "repeats")
         warmup = config.run.warmup if warmup is None else check_key(RunSpec, "warmup", warmup, "warmup")
-        self.device = resolve_device(device or config.model.device)
+        self.rank = _torchrun_rank(self.tp)
+        self.writes = self.rank == 0  # rank 0 alone writes the results (and is the parent of local workers)
+        self.device = _rank_device(resolve_device(device or config.model.device), self.tp)
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)
         self.repeats = repeats or (10 if self.device.type == "cuda" else 3)
         self.warmup = warmup
-        self.quiet = quiet
+        self.quiet = quiet or not self.writes
         self.clock, self.memory = Clock(self.device), PeakMemory(self.device)
         self.order = _order(config)
         self.progress = Progress(len(self.order) * (self.warmup + self.repeats + 1),
-                                 enabled=False if quiet else progress)
-        self.dir = make_run_dir(results_root, config.name)
+                                 enabled=False if self.quiet else progress)
+        made = run_dir is None and self.writes
+        self.dir = make_run_dir(results_root, config.name) if made else run_dir
+        self._agreement = None  # tp > 1: the ranks' gloo group for `_agree`, made by `execute`
         self._models: dict[Any, Any] = {}
         self._model_info: dict[Any, dict] = {}
         self._base_key = None
@@ -264,8 +290,9 @@ class AblationRun:
         try:
             self.save()
         except OSError:
-            with contextlib.suppress(OSError):
-                os.rmdir(self.dir)  # nothing of this run is anywhere: leave no empty folder behind
+            if made:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.dir)  # nothing of this run is anywhere: leave no empty folder behind
             raise
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
@@ -276,7 +303,8 @@ class AblationRun:
 
     def _run_info(self) -> dict:
         run = self.config.run
-        info = {"device": str(self.device), "repeats": self.repeats, "warmup": self.warmup, "mode": run.mode}
+        info = {"device": str(self.device), "repeats": self.repeats, "warmup": self.warmup, "mode": run.mode,
+                "tp": self.tp}
         if self.training:
             info.update(train_steps=run.train_steps, learning_rate=run.learning_rate)
         return info
@@ -298,8 +326,10 @@ class AblationRun:
         return os.path.join(self.dir, "results.json")
 
     def save(self) -> None:
-        """results.json rewritten whole (atomically: a reader or a killed run sees the old file or the new one)."""
-        write_json(self.results_file, self.results)  # an OSError names the file
+        """results.json rewritten whole (atomically: a reader or a killed run sees the old file or the new one);
+        by rank 0 alone."""
+        if self.writes:
+            write_json(self.results_file, self.results)  # an OSError names the file
 
     def _say(self, text: str) -> None:
         if not self.quiet:
@@ -321,13 +351,14 @@ class AblationRun:
                 start = time.perf_counter()
                 overrides = {**m.overrides, **v.overrides}
                 model = from_pretrained(m.checkpoint, dtype=DTYPES[dtype], device=self.device, backends="eager",
-                                        overrides=overrides or None)
+                                        overrides=overrides or None, tp=self.tp)
                 self._store(key, model, "loaded from the checkpoint", start)
             else:
                 base = self._base_model()
                 if key != self._base_key:
                     start = time.perf_counter()
-                    model = from_config(cfg, dtype=DTYPES[dtype], device=self.device, seed=m.seed, backends="eager")
+                    model = from_config(cfg, dtype=DTYPES[dtype], device=self.device, seed=m.seed, backends="eager",
+                                        tp=self.tp)
                     self._store(key, model, self._share_weights(base, model), start)
             return self._models[key], dict(self._model_info[key])
         info = dict(self._model_info[key], build_s=0.0)
@@ -342,7 +373,7 @@ class AblationRun:
             start = time.perf_counter()
             cfg, dtype = self._base_key
             model = from_config(cfg, dtype=DTYPES[dtype], device=self.device, seed=self.config.model.seed,
-                                backends="eager")
+                                backends="eager", tp=self.tp)
             self._store(self._base_key, model, f"seed {self.config.model.seed}", start)
         return self._models[self._base_key]
 
@@ -354,6 +385,9 @@ class AblationRun:
             "architecture_overrides": {**self.config.model.overrides, **_config_diff(cfg, self.config.model_config())},
             "weights": weights, "parameters": sum(p.numel() for p in model.parameters()),
             "build_s": time.perf_counter() - start}
+        if self.tp > 1:  # the model's parameters are this rank's piece (rank 0's in the results)
+            self._model_info[key].update(rank_parameters=self._model_info[key]["parameters"],
+                                         parameters=cfg.num_parameters())
 
     @staticmethod
     def _share_weights(base, model) -> str:
@@ -396,12 +430,18 @@ class AblationRun:
     def execute(self) -> dict:
         """Every variant in turn (a variant's own failure is recorded and the run goes on), then report.md and
         the plot. Interrupted (Ctrl-C, SIGTERM): what was measured is written, then KeyboardInterrupt again.
-        An error of the run itself (results that cannot be written: a full disk) stops it: see `_stopped`."""
+        An error of the run itself (results that cannot be written: a full disk) stops it: see `_stopped`.
+        tp > 1 outside torchrun: run in local workers (`_execute_in_workers`)."""
+        if self.tp > 1 and not under_torchrun():
+            return self._execute_in_workers()
         try:
             try:
+                if self.tp > 1:
+                    self._join()
                 with torch.no_grad():
                     for i, v in enumerate(self.order):
                         self._run_variant(v, i)
+                        self._agree(v)
                         self._release_unneeded(self.order[i + 1:])
             except KeyboardInterrupt:
                 self._mark_running("interrupted", "KeyboardInterrupt: the run was interrupted here")
@@ -417,6 +457,78 @@ class AblationRun:
             raise error from e
         return self.results
 
+    # -- tensor parallelism ------------------------------------------------------------------------------------
+
+    def _join(self) -> None:
+        """Join the group of tp ranks (torchrun's variables; a local worker has them too) and make the gloo group
+        the ranks compare their outcomes over: apart from the model's, so a rank waiting there never pairs with a
+        collective a peer is blocked in, and with a timeout of its own."""
+        import torch.distributed as dist
+
+        join(self.tp, self.device)
+        self._agreement = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=AGREE_TIMEOUT_S))
+
+    def _agree(self, v: Variant) -> None:
+        """tp > 1: the ranks' outcomes of variant `v`, compared before the next variant starts. All ok, or all
+        failed (a registry's refusal, the same error on every rank): the run goes on. Failed on some ranks only,
+        or a rank not done within AGREE_TIMEOUT_S (blocked in a collective its failed peer never joined): the run
+        stops with a RuntimeError naming the variant and the rank, since the ranks' states may differ."""
+        if self._agreement is None:
+            return
+        import torch.distributed as dist
+
+        entry = self._entry(v.name)
+        mine = (entry["status"] == "ok", entry["error"])
+        outcomes: list = [None] * self.tp
+        try:
+            dist.all_gather_object(outcomes, mine, group=self._agreement)
+        except RuntimeError as e:  # AGREE_TIMEOUT_S passed, or a peer's process ended
+            here = f"failed on rank {self.rank} ({entry['error']})" if not mine[0] else f"finished on rank {self.rank}"
+            message = (f"variant {v.name!r} {here}, but not every rank reached its end ({one_line(e)}); the run "
+                       "stops")
+        else:
+            failed = [(r, error) for r, (ok, error) in enumerate(outcomes) if not ok]
+            if len(failed) in (0, self.tp):
+                return
+            message = (f"variant {v.name!r} failed on rank {failed[0][0]} only ({failed[0][1]}); the ranks' states "
+                       "differ, so the run stops")
+        entry["status"], entry["error"] = "failed", message
+        raise RuntimeError(message)
+
+    def _execute_in_workers(self) -> dict:
+        """tp > 1 outside torchrun: `tp` local workers run this ablation into this run's folder, rank 0 writing
+        it; returns rank 0's results. Interrupted or failed, whatever rank 0 left in flight is marked so."""
+        from ..parallel.launch import run_workers
+
+        try:
+            run_workers(self.tp, _ablate_worker, (self.config, self.dir, self._options))
+        except BaseException as e:
+            interrupted = isinstance(e, KeyboardInterrupt)
+            with contextlib.suppress(QvlError, OSError):  # the workers' error is the one to report
+                self._adopt("interrupted" if interrupted else "failed", None if interrupted else
+                            f"{type(e).__name__}: {one_line(e)}")
+            raise
+        self._adopt("failed", "the workers ended without finishing the run")
+        if self.results["status"] == "interrupted":  # a worker's SIGTERM, not the parent's
+            raise KeyboardInterrupt("a worker was interrupted")
+        return self.results
+
+    def _adopt(self, status: str, error: str | None) -> None:
+        """Rank 0's results.json read back; a run it left running (a worker killed, or failed before it could
+        write) is marked `status` (with the run's `error`, if any, on it and its variant in flight) and written
+        with its report."""
+        self.results = check_results(read_json(self.results_file, error=ResultsError), self.results_file)
+        if self.results["status"] != "running":
+            return
+        self._mark_running(status, f"the run stopped here: {error}" if error else
+                           "KeyboardInterrupt: the run was interrupted here")
+        self.results.update(status=status, finished=_now())
+        if error:
+            self.results["error"] = error
+        self.save()
+        self.results["plot"] = render_run(self.results, self.dir)
+        self.save()
+
     def _mark_running(self, status: str, error: str) -> None:
         for e in self.results["variants"]:
             if e["status"] == "running":
@@ -427,8 +539,9 @@ class AblationRun:
         self._models.clear()
         self.results["finished"] = _now()
         self.save()
-        self.results["plot"] = render_run(self.results, self.dir)
-        self.save()
+        if self.writes:
+            self.results["plot"] = render_run(self.results, self.dir)
+            self.save()
 
     def _stopped(self, e: Exception) -> Exception:
         """The run stopped on an error of its own, outside any variant (results.json, report.md or the plot
@@ -445,7 +558,8 @@ class AblationRun:
         stopped = f"the run stopped with {done} of {len(self.order)} variants measured"
         try:
             self.save()
-            where = f"{stopped}; {self.results_file} marks it failed and keeps them"
+            where = f"{stopped}; " + (f"{self.results_file} marks it failed and keeps them" if self.writes else
+                                      "rank 0's results.json marks it failed and keeps them")
         except OSError as again:
             why = f" ({os.strerror(again.errno)})" if again.errno else ""
             where = f"{stopped}; {self.results_file} could not be updated either{why}, the one written last is intact"
@@ -621,6 +735,51 @@ def _one_line(entry: dict) -> str:
     if entry["fallbacks"]:
         parts.append(f"{len(entry['fallbacks'])} fallbacks")
     return ", ".join(parts)
+
+
+def _torchrun_rank(tp: int) -> int:
+    """This process's rank for a run of degree `tp`: RANK under torchrun (whose WORLD_SIZE must be tp), else 0."""
+    if not under_torchrun():
+        return 0
+    world = os.environ["WORLD_SIZE"]
+    if world != str(tp):
+        raise ConfigError(f"tp {tp} ([model] tp or --tp) but torchrun started WORLD_SIZE {world} processes: they "
+                          "must be equal")
+    rank = os.environ.get("RANK", "")
+    if not rank.isdigit():
+        raise ConfigError(f"environment variable RANK must be a non-negative integer under torchrun, got {rank!r}")
+    return int(rank)
+
+
+def _rank_device(device: torch.device, tp: int) -> torch.device:
+    """The device this rank runs on: cuda:LOCAL_RANK under torchrun for cuda; at tp > 1 a CUDA device with an
+    index is refused, and outside torchrun (local workers, one GPU each) the GPUs are counted."""
+    if tp == 1 or device.type != "cuda":
+        return device
+    if device.index is not None:
+        raise ConfigError(f"device {str(device)!r} with tp {tp}: each rank runs on cuda:LOCAL_RANK; use device "
+                          "\"cuda\" or \"auto\" (--device cuda)")
+    if not under_torchrun() and torch.cuda.device_count() < tp:
+        raise ConfigError(f"tp {tp} on CUDA starts {tp} local workers, one GPU each; this machine has "
+                          f"{torch.cuda.device_count()}")
+    return local_device(device)
+
+
+def _interrupt_once(signum, frame):
+    """A worker's handler of SIGTERM (the parent stopping it) and SIGINT (Ctrl-C, or its parent's death): the
+    first raises KeyboardInterrupt, so rank 0 writes what was measured; the ones after it, while it writes, are
+    ignored (the parent's SIGKILL after its grace period still ends a worker that does not finish)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _ablate_worker(config: AblationConfig, run_dir: str, options: dict) -> None:
+    """One rank of a tp > 1 ablation started by `qvl.parallel.launch.run_workers`: the same ablation as every
+    other rank, rank 0 writing it into `run_dir`."""
+    signal.signal(signal.SIGTERM, _interrupt_once)
+    signal.signal(signal.SIGINT, _interrupt_once)
+    AblationRun(config, run_dir=run_dir, **options).execute()
 
 
 def run_ablation(config: AblationConfig, **kwargs) -> dict:

@@ -96,7 +96,7 @@ def from_ranks(x: torch.Tensor, parallel: TensorParallel | None) -> torch.Tensor
     """The sum over ranks of a row-parallel layer's partial output."""
     if parallel is None:
         return x
-    return _FromRanks.apply(x, parallel) if _records(x) else _all_reduce(x, parallel)
+    return _FromRanks.apply(x, parallel) if _records(x) else _all_reduce(x.contiguous(), parallel)
 
 
 def replicated_rows(weight: torch.Tensor, first: int, group: dist.ProcessGroup | None) -> torch.Tensor:
