@@ -35,7 +35,6 @@ from .parallel.group import TensorParallel, join, local_device
 from .parallel.shard import (
     RankSlice,
     check_degree,
-    check_vision_mode,
     checkpoint_slices,
     parameter_shapes,
     rank_bytes,
@@ -113,7 +112,7 @@ def _check_fits(cfg: Qwen25VLConfig, dtype: torch.dtype, device, tp: int = 1, vi
     if not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES:
         raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     cfg.validate()  # every size checked before the estimate is computed from them
-    check_degree(cfg, tp, check_vision_mode(vision_parallel))
+    check_degree(cfg, tp, vision_parallel)
     preset = next((name for name, p in PRESETS.items() if p == cfg), None)
     what = (f"{f'the {preset} preset' if preset else 'this config'}'s weights ({cfg.num_parameters():,} parameters) "
             f"in {dtype_name(dtype)}")

@@ -334,16 +334,14 @@ def _generate_worker(args: argparse.Namespace, inputs: dict, preprocess_s: float
 def cmd_generate(args: argparse.Namespace) -> int:
     from .backends import BackendUnsupportedError, resolve_plan
     from .model.generation import check_length
-    from .parallel.group import under_torchrun
+    from .parallel.group import torchrun_rank, under_torchrun
     from .parallel.launch import run_workers
     from .parallel.shard import check_degree
     from .processing import OptionalDependencyError
 
     check_generate_args(args)
     device = _device(args)
-    if under_torchrun() and os.environ["WORLD_SIZE"] != str(args.tp):
-        raise InputError(f"--tp {args.tp} but torchrun started WORLD_SIZE {os.environ['WORLD_SIZE']} processes: "
-                         "they must be equal")
+    torchrun_rank(args.tp, f"--tp {args.tp}")  # under torchrun, --tp must be its world size
     local_workers = args.tp > 1 and not under_torchrun()  # under torchrun this process is one of the ranks
     if local_workers and device.type == "cuda" and torch.cuda.device_count() < args.tp:
         raise InputError(f"--tp {args.tp} on --device cuda starts {args.tp} local workers, one GPU each; this "

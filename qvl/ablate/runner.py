@@ -56,7 +56,7 @@ from ..checkpoint import from_config, from_pretrained
 from ..dtypes import DTYPES, dtype_name
 from ..errors import ConfigError, QvlError, ResultsError, one_line
 from ..files import read_json, reworded, write_json
-from ..parallel.group import join, local_device, under_torchrun
+from ..parallel.group import join, local_device, torchrun_rank, under_torchrun
 from .config import TRAIN, AblationConfig, ModelSpec, RunSpec, Variant, check_key
 from .measure import Clock, PeakMemory, Progress, environment, summarize
 from .report import FORMAT, check_results, render_run
@@ -249,7 +249,7 @@ class AblationRun:
         # overrides of [run] keys obey those keys' rules (ConfigError: "repeats: must be an integer >= 1, got 0")
         repeats = config.run.repeats if repeats is None else check_key(RunSpec, "repeats", repeats, "repeats")
         warmup = config.run.warmup if warmup is None else check_key(RunSpec, "warmup", warmup, "warmup")
-        self.rank = _torchrun_rank(self.tp)
+        self.rank = torchrun_rank(self.tp, f"tp {self.tp} ([model] tp or --tp)")
         self.writes = self.rank == 0  # rank 0 alone writes the results (and is the parent of local workers)
         self.device = _rank_device(resolve_device(device or config.model.device), self.tp)
         if self.device.type == "cuda" and self.device.index is not None:
@@ -735,20 +735,6 @@ def _one_line(entry: dict) -> str:
     if entry["fallbacks"]:
         parts.append(f"{len(entry['fallbacks'])} fallbacks")
     return ", ".join(parts)
-
-
-def _torchrun_rank(tp: int) -> int:
-    """This process's rank for a run of degree `tp`: RANK under torchrun (whose WORLD_SIZE must be tp), else 0."""
-    if not under_torchrun():
-        return 0
-    world = os.environ["WORLD_SIZE"]
-    if world != str(tp):
-        raise ConfigError(f"tp {tp} ([model] tp or --tp) but torchrun started WORLD_SIZE {world} processes: they "
-                          "must be equal")
-    rank = os.environ.get("RANK", "")
-    if not rank.isdigit():
-        raise ConfigError(f"environment variable RANK must be a non-negative integer under torchrun, got {rank!r}")
-    return int(rank)
 
 
 def _rank_device(device: torch.device, tp: int) -> torch.device:

@@ -53,9 +53,9 @@ class VocabEmbedding(nn.Embedding):
     vocab_rows): it looks up the ids it holds, zeros for the others, and the ranks' lookups are summed. `weight` is
     then the rank's rows."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, sizes: LocalSizes, parallel: TensorParallel | None = None):
+    def __init__(self, hidden_size: int, sizes: LocalSizes, parallel: TensorParallel | None = None):
         super().__init__(sizes.vocab_rows, hidden_size)
-        self.vocab_size, self.first, self.parallel = vocab_size, sizes.vocab_first, parallel
+        self.first, self.parallel = sizes.vocab_first, parallel
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.parallel is None:

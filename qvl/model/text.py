@@ -98,7 +98,7 @@ class TextDecoder(nn.Module):
     def __init__(self, cfg: TextConfig, sizes: LocalSizes, parallel: TensorParallel | None = None):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, sizes, parallel)
+        self.embed_tokens = VocabEmbedding(cfg.hidden_size, sizes, parallel)
         replicas = None if parallel is None else parallel.replicas(cfg.num_key_value_heads)
         self.layers = nn.ModuleList(DecoderLayer(cfg, sizes, parallel, replicas) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

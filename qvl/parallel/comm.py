@@ -46,13 +46,13 @@ class _ToRanks(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce(grad.contiguous().clone(), ctx.parallel), None
+        return _all_reduce(grad.clone(memory_format=torch.contiguous_format), ctx.parallel), None
 
 
 class _FromRanks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, parallel):
-        return _all_reduce(x.contiguous().clone(), parallel)
+        return _all_reduce(x.clone(memory_format=torch.contiguous_format), parallel)
 
     @staticmethod
     def backward(ctx, grad):
@@ -78,7 +78,7 @@ class _SumGradsFrom(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
+        grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad[ctx.first:], group=ctx.group)
         return grad, None, None
 

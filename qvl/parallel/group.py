@@ -57,6 +57,17 @@ def _environment_int(name: str) -> int:
     return int(value)
 
 
+def torchrun_rank(tp: int, name: str) -> int:
+    """This process's rank in a run of degree `tp`, named `name` in the error ("--tp 2"): RANK under torchrun,
+    whose WORLD_SIZE must be tp (`ConfigError` otherwise), else 0. For commands that check before joining."""
+    if not under_torchrun():
+        return 0
+    world = os.environ["WORLD_SIZE"]
+    if world != str(tp):
+        raise ConfigError(f"{name} but torchrun started WORLD_SIZE {world} processes: they must be equal")
+    return _environment_int("RANK")
+
+
 def local_device(device: torch.device) -> torch.device:
     """A rank's own device: cuda:LOCAL_RANK for a CUDA device without an index under torchrun."""
     if device.type == "cuda" and device.index is None and under_torchrun():
