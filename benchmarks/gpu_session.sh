@@ -11,8 +11,9 @@
 #   bash benchmarks/gpu_session.sh batches    # decode tok/s at batch 1, 4, 16, 64 vs transformers' static cache
 #   bash benchmarks/gpu_session.sh tp         # tensor parallelism's NCCL collectives on one GPU: a group of one
 #                                             # next to no group, the decode graph captured with them (tp_collectives.py)
+#   bash benchmarks/gpu_session.sh preprocess # image preprocessing on the host vs on the device (preprocess.py)
 #   bash benchmarks/gpu_session.sh speed      # issue 23's figures in one call: peers (TTFT with the kept graphs,
-#                                             # capture apart), batches, the kernel table, and tp
+#                                             # capture apart), batches, the kernel table, tp and preprocess
 #   bash benchmarks/gpu_session.sh ablate     # the default ablation (3b, every backend mix)
 #   bash benchmarks/gpu_session.sh configs    # the shipped ablations/*.toml at the 3b preset (bf16 but dtype.toml)
 #   bash benchmarks/gpu_session.sh baseline   # the benchmark suite, written as this GPU's baseline
@@ -75,6 +76,7 @@ stage_train() { script_stage train_peers "$1"; }
 stage_profile() { script_stage host_profile "$1"; }
 stage_batches() { script_stage decode_batches "$1"; }
 stage_tp() { script_stage tp_collectives "$1"; }
+stage_preprocess() { script_stage preprocess "$1"; }
 
 stage_tests() {
   log "tests (<= $(box "$1") s, $EXAMPLES hypothesis examples, 12 workers)"
@@ -146,8 +148,9 @@ train) BUDGET_S=580 stage_train 560 ;;
 profile) BUDGET_S=580 stage_profile 560 ;;
 batches) BUDGET_S=580 stage_batches 560 ;;
 tp) BUDGET_S=580 stage_tp 560 ;;
-speed) PLAN=${PLAN:-peers:180 batches:180 figures:130 tp:60} BUDGET_S=580; for step in $PLAN; do "stage_${step%%:*}" "${step##*:}"; done ;;
-*) echo "stages: lease speed tests figures decode peers batches tp train profile ablate configs baseline"; exit 2 ;;
+preprocess) BUDGET_S=580 stage_preprocess 560 ;;
+speed) PLAN=${PLAN:-peers:170 batches:170 figures:130 tp:60 preprocess:20} BUDGET_S=580; for step in $PLAN; do "stage_${step%%:*}" "${step##*:}"; done ;;
+*) echo "stages: lease speed tests figures decode peers batches tp preprocess train profile ablate configs baseline"; exit 2 ;;
 esac
 tar -czf "$OUT/results.tar.gz" -C "$FULL" . && rm -rf "$FULL"
 cat "$OUT/kernel_figures.md" "$OUT/decode_sweep.md" "$OUT/model_peers.md" "$OUT/decode_batches.md" \

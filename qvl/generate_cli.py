@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cli import positive_int
+from .devices import parse_device
 from .dtypes import DTYPES
 from .errors import CheckpointError, InputError
 
@@ -246,12 +247,7 @@ def check_generate_args(args: argparse.Namespace) -> None:
 
 def _device(args: argparse.Namespace) -> torch.device:
     """--device, checked against this machine, --cuda-graph and --tp."""
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        raise InputError(f"--device {args.device!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {args.device}: CUDA is not available on this machine")
+    device = parse_device(args.device, "--device")
     if args.cuda_graph and device.type != "cuda":
         raise InputError(f"--cuda-graph needs a CUDA device (--device cuda); got --device {args.device}")
     if args.tp > 1 and device.type == "cuda" and device.index is not None:

@@ -20,11 +20,10 @@ import torch
 
 from ..backends import IGNORE_INDEX
 from ..config import Qwen25VLConfig
-from ..processing.image import smart_resize  # the processor's own sizing rule
+from ..processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, patch_rows, smart_resize
 from .config import ImageSpec, VideoSpec, WorkloadSpec
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN, CLIP_STD = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 
 def normalize(frames: torch.Tensor) -> torch.Tensor:
@@ -35,23 +34,14 @@ def normalize(frames: torch.Tensor) -> torch.Tensor:
 
 
 def patchify(frames: torch.Tensor, cfg: Qwen25VLConfig) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """(T, C, H, W) normalized frames -> (t*h*w, C*tp*p*p) patch rows and the (t, h, w) grid.
-
-    Frames are padded to a multiple of the temporal patch size by repeating the last one (an image is one
-    frame repeated). Row order: frame group, merge-unit row, merge-unit column, then the 2x2 patches of
-    the unit; each row is (channel, temporal, y, x) flattened, the layout of the patch embedding's kernel.
-    """
+    """(T, C, H, W) normalized frames -> the model's patch rows and (t, h, w) grid (`patch_rows`), for frames
+    whose sides are multiples of patch_size * merge_size."""
     v = cfg.vision
-    tp, p, m = v.temporal_patch_size, v.patch_size, v.spatial_merge_size
-    if frames.shape[0] % tp:
-        frames = torch.cat([frames, frames[-1:].expand(tp - frames.shape[0] % tp, -1, -1, -1)])
-    t, c, height, width = frames.shape
-    gt, gh, gw = t // tp, height // p, width // p
+    p, m = v.patch_size, v.spatial_merge_size
+    height, width = frames.shape[-2:]
     if height % (p * m) or width % (p * m):
         raise ValueError(f"frames {height}x{width} are not multiples of patch_size * merge_size ({p * m})")
-    x = frames.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # t, unit row, unit col, row in unit, col in unit, C, tp, y, x
-    return x.reshape(gt * gh * gw, c * tp * p * p).contiguous(), (gt, gh, gw)
+    return patch_rows(frames, v.temporal_patch_size, p, m)
 
 
 def _pil(path: str):

@@ -26,6 +26,12 @@ a = -0.75):
   installed) and its video processor. One exception: an RGBA *array* is composited onto white with
   rounding, as the PIL processor does; the torchvision processor composites in float32 and truncates, so
   such pixels can be one level apart there (PIL images and files are composited by PIL on both sides).
+  With ``device=`` (e.g. ``"cuda"``, also a call-time setting of the processor, as transformers' fast
+  processors take it) the uint8 pixels are moved there and resized, normalized and cut into patches on it;
+  the pixel rows come back on that device. Off the CPU torchvision resizes in float32, then clamps and
+  rounds to uint8; qvl does the same, so a GPU's rows match the torchvision processor's on that GPU (its
+  uint8 CPU kernel rounds between its two passes, so the CPU and GPU routes differ by a few levels at
+  sharp edges, in torchvision as here).
 
 Odd media (each decided against what ``Qwen2VLImageProcessorPil`` does with the same input; what it
 cannot decode, or decodes into garbage, qvl refuses with `MediaError`, naming the image):
@@ -58,6 +64,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -65,6 +72,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..devices import parse_device
 from ..errors import InputError, MediaError
 from ..memory import ensure_fits
 
@@ -78,6 +86,8 @@ _RESAMPLE_TORCH = {2: "bilinear", 3: "bicubic"}  # PIL resample codes qvl accept
 _INT_SETTINGS = {"min_pixels": 1, "max_pixels": 1, "patch_size": 1, "temporal_patch_size": 1, "merge_size": 1,
                  "min_frames": 0, "max_frames": 1, "max_video_tokens": 1}
 _BOOL_SETTINGS = ("do_resize", "do_rescale", "do_normalize", "cap_pixels_per_frame")
+# Settings chosen by the caller, never read from a checkpoint's preprocessor_config.json.
+_CALL_SETTINGS = ("resize_backend", "device")
 # Pillow modes holding more than 8 bits per pixel, which its RGB conversion clips to 0..255.
 _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
@@ -144,6 +154,8 @@ class VisionProcessingConfig:
     do_normalize: bool = True
     resample: int = _PIL_BICUBIC
     resize_backend: str = "pil"
+    # where the torch backend resizes, normalizes and cuts patches (None: the CPU); the pixel rows come back there
+    device: str | torch.device | None = None
     # video only (ignored for images)
     fps: float = 2.0
     min_frames: int = 4
@@ -177,6 +189,11 @@ class VisionProcessingConfig:
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.resize_backend not in RESIZE_BACKENDS:
             raise InputError(f"resize_backend must be one of {RESIZE_BACKENDS}, got {self.resize_backend!r}")
+        if self.device is not None:
+            parse_device(self.device, "device")
+            if self.resize_backend != "torch":
+                raise InputError(f"device={str(self.device)!r} needs resize_backend='torch' (the PIL backend runs "
+                                 "on the host only)")
         if not _is_int(self.resample) or self.resample not in _RESAMPLE_TORCH:
             raise InputError(f"resample {self.resample!r} is not supported; qvl resizes with bicubic (3) or "
                              "bilinear (2)")
@@ -217,7 +234,7 @@ class VisionProcessingConfig:
                     out[name] = size[key]
         known = {f.name for f in fields(cls)}
         for key, value in raw.items():
-            if key in known and key != "resize_backend" and value is not None:
+            if key in known and key not in _CALL_SETTINGS and value is not None:
                 out[key] = value
         for key in ("image_mean", "image_std"):
             if key in out:
@@ -485,58 +502,90 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array if array.flags.writeable and array.flags.c_contiguous else np.array(array))
 
 
-def resize_frames(frames: np.ndarray, size: tuple[int, int], cfg: VisionProcessingConfig) -> np.ndarray:
-    """(T, H, W, 3) uint8 -> (T, h, w, 3) uint8 with the configured backend."""
+def _resize_pil(frames: np.ndarray, size: tuple[int, int], cfg: VisionProcessingConfig) -> np.ndarray:
+    """(T, H, W, 3) uint8 -> (T, h, w, 3) uint8 through ``PIL.Image.resize``."""
+    PIL = _pil()
     h, w = size
-    if frames.shape[1:3] == (h, w) and cfg.resize_backend == "torch":
-        return frames  # torchvision returns the input unchanged at the same size
-    if cfg.resize_backend == "pil":
-        PIL = _pil()
-        return np.stack([np.asarray(PIL.Image.fromarray(f).resize((w, h), resample=cfg.resample)) for f in frames])
-    x = _tensor(frames).permute(0, 3, 1, 2).contiguous()
-    y = torch.nn.functional.interpolate(x, size=(h, w), mode=_RESAMPLE_TORCH[cfg.resample], align_corners=False,
-                                        antialias=True)
-    return y.permute(0, 2, 3, 1).numpy()
+    return np.stack([np.asarray(PIL.Image.fromarray(f).resize((w, h), resample=cfg.resample)) for f in frames])
 
 
-def normalize_frames(frames: np.ndarray, cfg: VisionProcessingConfig) -> np.ndarray:
-    """(T, H, W, 3) uint8 -> (T, 3, H, W) float32: rescale and normalize as the chosen backend does."""
-    if cfg.resize_backend == "pil":
-        x = frames
-        if cfg.do_rescale:
-            x = (x.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
-        if cfg.do_normalize:
-            x = x.astype(np.float32, copy=False)
-            x = (x - np.array(cfg.image_mean, dtype=np.float32)) / np.array(cfg.image_std, dtype=np.float32)
-        return np.ascontiguousarray(x.astype(np.float32, copy=False).transpose(0, 3, 1, 2))
-    x = _tensor(frames).permute(0, 3, 1, 2).to(torch.float32)
+def _normalize_numpy(frames: np.ndarray, cfg: VisionProcessingConfig) -> np.ndarray:
+    """(T, H, W, 3) uint8 -> (T, 3, H, W) float32: rescale in float64, normalize in float32 (the PIL processor)."""
+    x = frames
+    if cfg.do_rescale:
+        x = (x.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
     if cfg.do_normalize:
-        mean = torch.tensor(cfg.image_mean, dtype=torch.float32)
-        std = torch.tensor(cfg.image_std, dtype=torch.float32)
-        if cfg.do_rescale:  # fused, as torchvision-backed processors do it
+        x = x.astype(np.float32, copy=False)
+        x = (x - np.array(cfg.image_mean, dtype=np.float32)) / np.array(cfg.image_std, dtype=np.float32)
+    return np.ascontiguousarray(x.astype(np.float32, copy=False).transpose(0, 3, 1, 2))
+
+
+def _native_uint8_resize(device: torch.device, mode: str) -> bool:
+    """Whether torchvision resizes uint8 pixels as they are (its CPU kernels: bicubic, and bilinear where the
+    CPU has AVX2/AVX512 or is an Arm); elsewhere (a GPU) it resizes in float32, then clamps and rounds."""
+    if device.type != "cpu":
+        return False
+    return mode == "bicubic" or (torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+                                 or platform.machine() in ("aarch64", "arm64"))
+
+
+def _resize_torch(x: torch.Tensor, size: tuple[int, int], cfg: VisionProcessingConfig) -> torch.Tensor:
+    """(T, 3, H, W) uint8 -> (T, 3, h, w) uint8 as torchvision's ``resize`` (antialiased) on x's device."""
+    if tuple(x.shape[-2:]) == size:
+        return x  # torchvision returns the input unchanged at the same size
+    mode = _RESAMPLE_TORCH[cfg.resample]
+    if _native_uint8_resize(x.device, mode):
+        return torch.nn.functional.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
+    y = torch.nn.functional.interpolate(x.to(torch.float32), size=size, mode=mode, align_corners=False,
+                                        antialias=True)
+    if mode == "bicubic":  # bicubic overshoots past 0..255
+        y = y.clamp_(0, 255)
+    return y.round_().to(torch.uint8)
+
+
+def _normalize_torch(x: torch.Tensor, cfg: VisionProcessingConfig) -> torch.Tensor:
+    """(T, 3, H, W) uint8 -> float32: one fused normalize with ``mean / rescale`` and ``std / rescale``, as
+    torchvision-backed processors do it."""
+    x = x.to(torch.float32)
+    if cfg.do_normalize:
+        mean = torch.tensor(cfg.image_mean, dtype=torch.float32, device=x.device)
+        std = torch.tensor(cfg.image_std, dtype=torch.float32, device=x.device)
+        if cfg.do_rescale:
             mean, std = mean * (1.0 / cfg.rescale_factor), std * (1.0 / cfg.rescale_factor)
-        x = x.sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
-    elif cfg.do_rescale:
-        x = x * cfg.rescale_factor
-    return x.contiguous().numpy()
+        return x.sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
+    return x * cfg.rescale_factor if cfg.do_rescale else x
 
 
-def patchify(frames: np.ndarray, cfg: VisionProcessingConfig) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """(T, C, H, W) float32 -> (grid_t * grid_h * grid_w, C * tp * p * p) rows and the (t, h, w) grid.
+def patch_rows(frames: torch.Tensor, temporal_patch: int, patch: int, merge: int
+               ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """(T, C, H, W) -> (grid_t * grid_h * grid_w, C * tp * p * p) rows and the (t, h, w) grid.
 
-    The last frame is repeated until T is a multiple of the temporal patch. Row order: time, then
-    merge-unit rows and columns, then the merge x merge patches inside a unit; within a row
-    (channel, time, y, x).
+    The last frame is repeated until T is a multiple of the temporal patch (an image is one frame, repeated).
+    Row order: time, then merge-unit rows and columns, then the merge x merge patches inside a unit; within
+    a row (channel, time, y, x): the layout of the vision tower's patch embedding.
     """
-    tp, p, m = cfg.temporal_patch_size, cfg.patch_size, cfg.merge_size
+    if pad := -frames.shape[0] % temporal_patch:
+        frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
     t, c, h, w = frames.shape
-    if pad := -t % tp:
-        frames = np.concatenate([frames, np.repeat(frames[-1:], pad, axis=0)])
-        t += pad
-    gt, gh, gw = t // tp, h // p, w // p
-    x = frames.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
-    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    return np.ascontiguousarray(x).reshape(gt * gh * gw, c * tp * p * p), (gt, gh, gw)
+    gt, gh, gw = t // temporal_patch, h // patch, w // patch
+    x = frames.reshape(gt, temporal_patch, c, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # t, unit row, unit col, row in unit, col in unit, C, tp, y, x
+    return x.reshape(gt * gh * gw, c * temporal_patch * patch * patch).contiguous(), (gt, gh, gw)
+
+
+def frames_to_rows(frames: np.ndarray, size: tuple[int, int], cfg: VisionProcessingConfig
+                   ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """(T, H, W, 3) uint8 frames -> float32 patch rows and their grid: resized to `size` (when ``do_resize``),
+    rescaled, normalized and cut into patches with the configured backend. The torch backend runs on
+    ``cfg.device`` (the uint8 frames are what crosses to it); the PIL backend on the host."""
+    if cfg.resize_backend == "pil":
+        if cfg.do_resize and frames.shape[1:3] != size:
+            frames = _resize_pil(frames, size, cfg)
+        pixels = torch.from_numpy(_normalize_numpy(frames, cfg))
+    else:
+        x = _tensor(frames).to(cfg.device or "cpu").permute(0, 3, 1, 2).contiguous()
+        pixels = _normalize_torch(_resize_torch(x, size, cfg) if cfg.do_resize else x, cfg)
+    return patch_rows(pixels, cfg.temporal_patch_size, cfg.patch_size, cfg.merge_size)
 
 
 class ImageProcessor:
@@ -545,7 +594,7 @@ class ImageProcessor:
     def __init__(self, config: VisionProcessingConfig | None = None, **overrides: Any):
         self.config = (config or VisionProcessingConfig()).with_overrides(**overrides)
 
-    def preprocess_one(self, image, what: str = "image") -> tuple[np.ndarray, tuple[int, int, int]]:
+    def preprocess_one(self, image, what: str = "image") -> tuple[torch.Tensor, tuple[int, int, int]]:
         cfg = self.config
         rgb = load_image(image, what)  # names the file itself
         if isinstance(image, (str, os.PathLike)):
@@ -553,10 +602,7 @@ class ImageProcessor:
         frame = np.asarray(rgb)[None]  # (1, H, W, 3) uint8
         size = target_size(frame.shape[1], frame.shape[2], cfg, what=what)
         ensure_processing_fits(what, 1, *size, cfg)
-        if cfg.do_resize:
-            frame = resize_frames(frame, size, cfg)
-        pixels = normalize_frames(frame, cfg)
-        return patchify(np.repeat(pixels, cfg.temporal_patch_size, axis=0), cfg)
+        return frames_to_rows(frame, size, cfg)
 
     def __call__(self, images: Sequence) -> dict[str, torch.Tensor]:
         if not isinstance(images, (list, tuple)):
@@ -568,11 +614,11 @@ class ImageProcessor:
             r, g = self.preprocess_one(image, what=f"image {i}" if len(images) > 1 else "image")
             rows.append(r)
             grids.append(g)
-        return {"pixel_values": torch.from_numpy(np.concatenate(rows)),
+        return {"pixel_values": torch.cat(rows),
                 "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
 
 
 __all__ = ["VisionProcessingConfig", "ImageProcessor", "smart_resize", "target_size", "load_image", "to_rgb",
            "open_image_file", "array_to_rgb", "pixels_to_uint8", "tensor_to_numpy", "ensure_processing_fits",
-           "check_positive_rate", "resize_frames", "normalize_frames", "patchify", "OPENAI_CLIP_MEAN",
+           "check_positive_rate", "frames_to_rows", "patch_rows", "OPENAI_CLIP_MEAN",
            "OPENAI_CLIP_STD", "OptionalDependencyError"]

@@ -67,11 +67,9 @@ from .image import (
     VisionProcessingConfig,
     check_positive_rate,
     ensure_processing_fits,
+    frames_to_rows,
     load_image,
-    normalize_frames,
-    patchify,
     pixels_to_uint8,
-    resize_frames,
     target_size,
     tensor_to_numpy,
 )
@@ -363,7 +361,7 @@ class VideoProcessor:
         return load_video(source, fps=c.fps, source_fps=source_fps, min_frames=c.min_frames,
                           max_frames=c.max_frames, temporal_patch_size=c.temporal_patch_size, num_frames=c.num_frames)
 
-    def preprocess_one(self, video: Video, what: str = "video") -> tuple[np.ndarray, tuple[int, int, int], float]:
+    def preprocess_one(self, video: Video, what: str = "video") -> tuple[torch.Tensor, tuple[int, int, int], float]:
         cfg = self.config
         frames = video.check(what).frames
         max_pixels = cfg.max_pixels
@@ -373,9 +371,7 @@ class VideoProcessor:
                              int(cfg.min_pixels * 1.05))
         size = target_size(frames.shape[1], frames.shape[2], cfg, max_pixels=max_pixels, what=f"{what} frames")
         ensure_processing_fits(what, frames.shape[0], *size, cfg)
-        if cfg.do_resize:
-            frames = resize_frames(frames, size, cfg)
-        rows, grid = patchify(normalize_frames(frames, cfg), cfg)
+        rows, grid = frames_to_rows(frames, size, cfg)
         return rows, grid, video.second_per_grid(cfg.temporal_patch_size)
 
     def __call__(self, videos: Sequence, source_fps: float | Sequence[float | None] | None = None
@@ -396,7 +392,7 @@ class VideoProcessor:
             rows.append(r)
             grids.append(g)
             spg.append(s)
-        return {"pixel_values_videos": torch.from_numpy(np.concatenate(rows)),
+        return {"pixel_values_videos": torch.cat(rows),
                 "video_grid_thw": torch.tensor(grids, dtype=torch.long),
                 "second_per_grid_ts": torch.tensor(spg, dtype=torch.float64)}
 

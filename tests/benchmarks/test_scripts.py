@@ -48,6 +48,12 @@ def test_kernel_figures_smoke_run_has_a_row_per_backend(tmp_path):
     assert {r["impl"] for r in rows if r["op"] == "mlp"} >= {"qvl[eager]", "qvl[triton]", "qvl[triton-gemm]"}
 
 
+def test_preprocess_smoke_run_times_every_route(tmp_path):
+    rows = smoke_rows("preprocess.py", "preprocess", tmp_path, "pil (host)")
+    assert {r["route"] for r in rows} >= {"pil (host)", "torch (host)"}
+    assert all(r["ms"] > 0 and r["levels_from_torch_host"] <= 3 for r in rows)
+
+
 def test_decode_sweep_smoke_run_writes_every_row(tmp_path):
     smoke_rows("decode_sweep.py", "decode_sweep", tmp_path, "triton")
 

@@ -112,6 +112,39 @@ def test_torch_backend_matches_torchvision_processor(image_files):
     assert_same(ImageProcessor(VisionProcessingConfig(resize_backend="torch", **BOUNDS))(image_files), ref)
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+def test_device_preprocessing_matches_torchvision_processor_on_the_gpu(image_files):
+    """On a GPU both sides resize in float32, then clamp and round (torchvision's route off the CPU)."""
+    torchvision_or_skip()
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    images = decoded(image_files)
+    ref = Qwen2VLImageProcessor(**BOUNDS)(images=images, return_tensors="pt", device="cuda")
+    ours = ImageProcessor(VisionProcessingConfig(resize_backend="torch", device="cuda", **BOUNDS))(image_files)
+    assert ours["pixel_values"].device.type == "cuda"
+    assert_same({k: v.cpu() for k, v in ours.items()}, {k: v.cpu() for k, v in ref.items()})
+
+
+def test_device_setting():
+    pixels = ImageProcessor(VisionProcessingConfig(resize_backend="torch", device="cpu"))(
+        [np.full((40, 50, 3), 7, np.uint8)])["pixel_values"]
+    assert pixels.device.type == "cpu" and pixels.dtype == torch.float32
+    with pytest.raises(InputError, match="needs resize_backend='torch'"):
+        VisionProcessingConfig(device="cpu")
+    with pytest.raises(InputError, match="device 'gpu0'"):
+        VisionProcessingConfig(resize_backend="torch", device="gpu0")
+    with pytest.raises(InputError, match="device must be a device name"):
+        VisionProcessingConfig(resize_backend="torch", device=3)
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available"):
+            VisionProcessingConfig(resize_backend="torch", device="cuda")
+    # a checkpoint's file never chooses where the caller's pixels go
+    assert VisionProcessingConfig.from_dict({"device": "cuda", "resize_backend": "torch"}).device is None
+
+
 def test_smart_resize_matches_transformers():
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
