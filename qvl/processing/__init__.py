@@ -187,14 +187,19 @@ class Processor:
 
     def batch(self, text: str | Sequence[str], images: Sequence | Any = None, videos: Sequence | Any = None, *,
               video_fps: Sequence[float | None] | float | None = None, padding_side: str = "left",
-              return_mm_token_type_ids: bool = True, **processing_kwargs: Any) -> dict[str, torch.Tensor]:
+              return_mm_token_type_ids: bool = True,
+              generation_spans: Sequence[Sequence[tuple[int, int]]] | None = None,
+              **processing_kwargs: Any) -> dict[str, torch.Tensor]:
         """transformers' ``processor(text=..., images=..., videos=...)`` on already-rendered texts.
 
         `images`: one list per text (``[[a, b], [c]]``) or one flat list, taken by the placeholders in order
         across the batch (as transformers does); likewise `videos`, where a list of frames is one video.
         Rows are padded on the left (`padding_side`; qvl's model needs left padding for batches) with the
         tokenizer's pad id, and ``attention_mask`` is 0 there. ``mm_token_type_ids`` (1 image token, 2 video
-        token, 0 else) is returned as transformers 5's Qwen2.5-VL processor returns it.
+        token, 0 else) is returned as transformers 5's Qwen2.5-VL processor returns it. `generation_spans` (per
+        text, the (start, end) characters of its ``{% generation %}`` blocks, from
+        `QwenTokenizer.render_chat_template(..., return_generation_spans=True)`) adds ``assistant_masks``: 1 for
+        the tokens inside them (`_assistant_mask`), 0 elsewhere and at padding.
         """
         if isinstance(text, (list, tuple)):
             if not text:
@@ -215,14 +220,23 @@ class Processor:
         if video_list:
             out.update(VideoProcessor(video_cfg)(video_list, source_fps=video_fps))
             video_tokens = [int(g.prod()) // video_cfg.merge_size**2 for g in out["video_grid_thw"]]
-        rows = []
+        if generation_spans is not None and len(generation_spans) != len(texts):
+            raise InputError(f"generation_spans has {len(generation_spans)} entries for {len(texts)} text(s)")
+        rows, masks = [], []
         for t in texts:
             n_img, n_vid = t.count(IMAGE_PAD), t.count(VIDEO_PAD)
             expanded = expand_vision_placeholders(t, image_tokens[:n_img], video_tokens[:n_vid])
             rows.append(self.tokenizer.encode(expanded, name=f"text[{len(rows)}]"))
+            if generation_spans is not None:
+                masks.append(self._assistant_mask(t, generation_spans[len(masks)], image_tokens[:n_img],
+                                                  video_tokens[:n_vid]))
             image_tokens, video_tokens = image_tokens[n_img:], video_tokens[n_vid:]
         input_ids, attention_mask = self._pad(rows, padding_side)
         text_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if generation_spans is not None:  # the rows' tokens sit where attention_mask is 1, row after row
+            assistant_masks = torch.zeros_like(input_ids)
+            assistant_masks[attention_mask.bool()] = torch.tensor([m for row in masks for m in row], dtype=torch.long)
+            text_inputs["assistant_masks"] = assistant_masks
         if return_mm_token_type_ids:
             special = self.tokenizer.special
             types = torch.zeros_like(input_ids)
@@ -233,6 +247,7 @@ class Processor:
 
     def apply_chat_template(self, messages: Sequence[dict] | Sequence[Sequence[dict]],
                             add_generation_prompt: bool = False, tokenize: bool = False, *,
+                            continue_final_message: bool | str = False, return_assistant_tokens_mask: bool = False,
                             images: Sequence | None = None, videos: Sequence | None = None,
                             video_fps: Sequence[float | None] | float | None = None,
                             processor_kwargs: dict[str, Any] | None = None, **template_kwargs: Any):
@@ -243,22 +258,43 @@ class Processor:
         The media for `tokenize` are `images` / `videos`, else the values of the conversation's image and video
         items (``{"type": "image", "image": <path, PIL image or array>}``; also under ``"path"`` or ``"url"``,
         local files only). `processor_kwargs` go to `batch`; `template_kwargs` (``tools``, ``documents``,
-        ``chat_template``, ``add_vision_id``, ...) to the template.
+        ``chat_template``, ``add_vision_id``, ...) to the template. `continue_final_message` ends the text right
+        after the final message's text (see `QwenTokenizer.render_chat_template`). `return_assistant_tokens_mask`
+        (with `tokenize`) adds ``assistant_masks``, a tensor shaped like ``input_ids``: 1 for the tokens of the
+        template's ``{% generation %}`` blocks, including every pad token an image or video inside one expands to.
         """
         if not isinstance(messages, (list, tuple)) or not messages:
             raise InputError(f"messages must be a non-empty list of message dicts (or of conversations), got "
                              f"{messages!r:.80}")
+        if return_assistant_tokens_mask and not tokenize:
+            raise InputError("return_assistant_tokens_mask=True needs tokenize=True: the mask is one entry per token")
         batched = isinstance(messages[0], (list, tuple))
         conversations = list(messages) if batched else [messages]
-        texts = [self.tokenizer.render_chat_template(c, add_generation_prompt, **template_kwargs)
-                 for c in conversations]
+        rendered = [self.tokenizer.render_chat_template(c, add_generation_prompt,
+                                                        continue_final_message=continue_final_message,
+                                                        return_generation_spans=return_assistant_tokens_mask,
+                                                        **template_kwargs)
+                    for c in conversations]
+        texts = [r[0] for r in rendered] if return_assistant_tokens_mask else rendered
         if not tokenize:
             return texts if batched else texts[0]
         if images is None:
             images = [_media_in(c, "image") for c in conversations]
         if videos is None:
             videos = [v for c in conversations for v in _media_in(c, "video")]
-        return self.batch(texts, images, videos, video_fps=video_fps, **(processor_kwargs or {}))
+        spans = [r[1] for r in rendered] if return_assistant_tokens_mask else None
+        return self.batch(texts, images, videos, video_fps=video_fps, generation_spans=spans,
+                          **(processor_kwargs or {}))
+
+    def _assistant_mask(self, text: str, spans: Sequence[tuple[int, int]], image_tokens: Sequence[int],
+                        video_tokens: Sequence[int]) -> list[int]:
+        """The assistant mask of `text` (`spans` are in its characters) once its placeholders are expanded: each
+        pad token's entry repeated as often as that pad is. transformers shifts the spans into the expanded
+        text instead; the result is the same, a pad being one added token inside or outside a span."""
+        ids, mask = self.tokenizer.encode_with_assistant_mask(text, spans, add_special_tokens=True)
+        special = self.tokenizer.special
+        repeats = {special.image_pad: iter(image_tokens), special.video_pad: iter(video_tokens)}
+        return [m for i, m in zip(ids, mask, strict=True) for _ in range(next(repeats[i]) if i in repeats else 1)]
 
     def _call_configs(self, kwargs: dict[str, Any]) -> tuple[VisionProcessingConfig, VisionProcessingConfig]:
         """The image and video settings for one call: the processor's, with transformers-style overrides."""

@@ -258,30 +258,72 @@ class QwenTokenizer:
 
     def render_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False, *,
                              tools: Sequence[dict] | None = None, documents: Sequence[dict] | None = None,
-                             chat_template: str | None = None, **template_kwargs: Any) -> str:
+                             chat_template: str | None = None, continue_final_message: bool | str = False,
+                             return_generation_spans: bool = False, **template_kwargs: Any):
         """One conversation as text: the checkpoint's template (or `chat_template`, a template name or text),
-        else `render_chat`, which reads only ``add_vision_id`` of the extra arguments."""
+        else `render_chat`, which reads only ``add_vision_id`` of the extra arguments.
+
+        `continue_final_message` ends the text right after the final message's text (``True``: its content; a
+        field name: that field), as transformers does (`chat_template.render_continuing`). With
+        `return_generation_spans`: (text, the (start, end) characters of each ``{% generation %}`` block's
+        output), which `encode_with_assistant_mask` turns into transformers' assistant mask; that needs a
+        template with such blocks and excludes `continue_final_message`."""
         source = jinja_chat.select_template(self.chat_templates, chat_template, tools)
+        if return_generation_spans:
+            if continue_final_message:
+                raise InputError("continue_final_message and return_assistant_tokens_mask cannot be combined")
+            if source is None:
+                raise InputError(f"return_assistant_tokens_mask needs a chat template with {{% generation %}} blocks; "
+                                 f"{self.source} has no chat template (the built-in Qwen2.5-VL layout has none)")
+            return jinja_chat.render_with_generation_spans(
+                source, messages, add_generation_prompt=add_generation_prompt, tools=tools, documents=documents,
+                special_tokens=self.special_tokens, **template_kwargs)
         if source is None:
-            return render_chat(messages, add_generation_prompt=add_generation_prompt,
-                               add_vision_id=bool(template_kwargs.get("add_vision_id", False)))
-        return jinja_chat.render(source, messages, add_generation_prompt=add_generation_prompt, tools=tools,
-                                 documents=documents, special_tokens=self.special_tokens, **template_kwargs)
+            add_vision_id = bool(template_kwargs.get("add_vision_id", False))
+            return jinja_chat.render_continuing(
+                lambda m: render_chat(m, add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id),
+                messages, continue_final_message, add_generation_prompt, reads=("content",))
+        return jinja_chat.render(source, messages, add_generation_prompt=add_generation_prompt,
+                                 continue_final_message=continue_final_message, tools=tools, documents=documents,
+                                 special_tokens=self.special_tokens, **template_kwargs)
 
     def apply_chat_template(self, messages: Sequence[dict] | Sequence[Sequence[dict]],
-                            add_generation_prompt: bool = False, tokenize: bool = False, **template_kwargs: Any):
+                            add_generation_prompt: bool = False, tokenize: bool = False, *,
+                            continue_final_message: bool | str = False, return_assistant_tokens_mask: bool = False,
+                            **template_kwargs: Any):
         """transformers' ``tokenizer.apply_chat_template(..., return_dict=False)``: the rendered text, or with
         `tokenize` its ids (no special tokens added beyond the template's). A list of conversations gives a
         list of results. `template_kwargs`: ``tools``, ``documents``, ``chat_template`` and any variable the
-        template reads (e.g. ``add_vision_id``)."""
+        template reads (e.g. ``add_vision_id``).
+
+        `continue_final_message`: see `render_chat_template`. `return_assistant_tokens_mask` (with `tokenize`)
+        returns what transformers returns with ``return_dict=True``: a dict of ``input_ids``, ``attention_mask``
+        (all ones) and ``assistant_masks`` (1 for the tokens of the template's ``{% generation %}`` blocks), lists
+        of ints, or lists of such lists for a list of conversations."""
         if not isinstance(messages, (list, tuple)) or not messages:
             raise InputError(f"messages must be a non-empty list of message dicts (or of conversations), got "
                              f"{messages!r:.80}")
+        if return_assistant_tokens_mask and not tokenize:
+            raise InputError("return_assistant_tokens_mask=True needs tokenize=True: the mask is one entry per token")
         batched = isinstance(messages[0], (list, tuple))
-        texts = [self.render_chat_template(m, add_generation_prompt, **template_kwargs)
-                 for m in (messages if batched else [messages])]
-        out = [self.encode(t, add_special_tokens=False) for t in texts] if tokenize else texts
+        conversations = messages if batched else [messages]
+        rendered = [self.render_chat_template(m, add_generation_prompt, continue_final_message=continue_final_message,
+                                              return_generation_spans=return_assistant_tokens_mask, **template_kwargs)
+                    for m in conversations]
+        if return_assistant_tokens_mask:
+            encoded = [self.encode_with_assistant_mask(t, spans) for t, spans in rendered]
+            out = {"input_ids": [ids for ids, _ in encoded], "attention_mask": [[1] * len(ids) for ids, _ in encoded],
+                   "assistant_masks": [mask for _, mask in encoded]}
+            return out if batched else {k: v[0] for k, v in out.items()}
+        out = [self.encode(t, add_special_tokens=False) for t in rendered] if tokenize else rendered
         return out if batched else out[0]
+
+    def encode_with_assistant_mask(self, text: str, spans: Sequence[tuple[int, int]], add_special_tokens: bool = False,
+                                   ) -> tuple[list[int], list[int]]:
+        """(ids of `text`, 1 for each id whose characters overlap one of `spans`, else 0): the assistant mask of
+        text rendered with `render_chat_template(..., return_generation_spans=True)`."""
+        encoding = self.tok.encode(check_text(text, "the rendered chat"), add_special_tokens=add_special_tokens)
+        return list(encoding.ids), jinja_chat.tokens_in_spans(encoding.offsets, spans)
 
     def encode(self, text: str, add_special_tokens: bool = True, *, name: str = "text") -> list[int]:
         """Token ids of `text` (a str that is valid UTF-8: `check_text`, with `name` in its message)."""
