@@ -17,8 +17,9 @@ Every row is timed with one clock (CUDA events on a GPU), median of --repeats ru
   work MiB       peak GPU memory during generate(N) above what was allocated before it (activations, KV cache)
   logits rel err ||L - L_ref|| / ||L_ref|| over the prompt's logits, L_ref from qvl eager in float32 (the
                  reference the parity tests hold to transformers' float32 at 1e-4)
-  capture ms     qvl's CUDA-graph rows: the decode graph's capture, paid once per shape by the warm-up run
-                 (the graph is kept in `model.graphs` and replayed by every later generate call)
+  capture ms     qvl's CUDA-graph rows: the decode graph's capture, then the vision tower's, each paid once per
+                 shape by the warm-up run (kept in `model.graphs` and `model.vision_graphs` and replayed by every
+                 later call: the vision ms and TTFT of those rows are replays)
 Generation never stops early: no EOS for either implementation, so every run decodes exactly N tokens.
 """
 
@@ -99,7 +100,8 @@ class QvlRow:
     def vision(self, inputs: dict):
         self.model.set_backends(self.spec, fallback="eager")
         with torch.no_grad():
-            return self.model.vision_features(inputs["pixel_values"], inputs["image_grid_thw"])
+            return self.model.vision_features(inputs["pixel_values"], inputs["image_grid_thw"],
+                                              cuda_graph=self.cuda_graph)
 
     def generate(self, inputs: dict, n: int) -> torch.Tensor:
         self.model.set_backends(self.spec, fallback="eager")
@@ -130,10 +132,12 @@ def measure(row, inputs: dict, n: int, repeats: int, clock: Clock, ref_logits: t
         logits = row.logits(inputs).float()
     err = ((logits - ref_logits).norm() / ref_logits.norm()).item()
     median = lambda xs: statistics.median(xs[1:])  # noqa: E731  (the warm-up run left out)
-    captures = [g["capture_seconds"] * 1e3 for g in row.model.graphs.stats() if g["captured"]] \
-        if getattr(row, "cuda_graph", False) else []
+    graphed = getattr(row, "cuda_graph", False)
+    captures = [g["capture_seconds"] * 1e3 for g in row.model.graphs.stats() if g["captured"]] if graphed else []
+    vision_captures = [g["capture_seconds"] * 1e3 for g in row.model.vision_graphs.stats()] if graphed else []
     return {"impl": row.name, "vision_ms": median(vision), "ttft_ms": median(first), "decode_tok_s": median(decode),
             "capture_ms": max(captures) if captures else None,
+            "vision_capture_ms": max(vision_captures) if vision_captures else None,
             "work_mib": median(work) if work else None, "logits_rel_err": err,
             "tokens": out[0, prompt_len:].tolist()}
 
@@ -214,6 +218,8 @@ def write(rows: list[dict], out: str, small: bool, preset: str, dtype: torch.dty
             continue
         work = "" if r["work_mib"] is None else f"{r['work_mib']:.0f}"
         capture = "" if r.get("capture_ms") is None else f"{r['capture_ms']:.0f}"
+        if r.get("vision_capture_ms") is not None:
+            capture += f" + {r['vision_capture_ms']:.0f}"
         lines.append(f"| {r['impl']} | {r['vision_ms']:.1f} | {r['ttft_ms']:.1f} | {r['decode_tok_s']:.1f} "
                      f"| {capture} | {work} | {r['logits_rel_err']:.2e} |")
     write_files(out, "model_peers", meta, rows, lines)

@@ -80,12 +80,15 @@ def resolve_model_source(name: str) -> tuple[str, object]:
     """('dir', path) or ('preset', config); a clear error for anything else or a directory missing files."""
     from .checkpoint import _weight_files
     from .config import PRESETS, load_hf_config
+    from .files import regular_file_size
 
     if os.path.isdir(name):
         cfg = load_hf_config(name)  # ValueError if config.json is missing or malformed
-        if not os.path.isfile(os.path.join(name, "tokenizer.json")):
+        tokenizer = os.path.join(name, "tokenizer.json")
+        if not os.path.lexists(tokenizer):
             raise CheckpointError(f"checkpoint directory {name!r} has no tokenizer.json: qvl generate needs the "
                                   "checkpoint's tokenizer.json next to its weights")
+        regular_file_size(tokenizer, CheckpointError)  # a directory or a FIFO in its place: named
         _weight_files(name)  # ValueError if there are no safetensors weights
         return "dir", cfg
     if name in PRESETS:
@@ -212,7 +215,8 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--min-pixels", type=int, default=None, help="override the image min_pixels")
     p.add_argument("--max-pixels", type=int, default=None, help="override the image max_pixels")
     p.add_argument("--cuda-graph", action="store_true",
-                   help="replay the decode step from a CUDA graph (batch-1 decoding is bound by kernel launches)")
+                   help="replay the vision tower and the decode step from CUDA graphs, kept per shape (at batch 1 "
+                        "both are bound by kernel launches)")
     p.add_argument("--tp", type=positive_int, default=1, metavar="N",
                    help="tensor-parallel degree: N local worker processes (one GPU each on CUDA) each hold 1/N of the "
                         "decoder; under torchrun, N must be its WORLD_SIZE (default 1)")

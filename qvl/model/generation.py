@@ -203,7 +203,8 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
     `on_token(tokens)` is called with each new (rows,) step, for streaming (not with beams).
     cuda_graph: replay the decode step from a CUDA graph for greedy and sampling, captured by the first call of
     a batch size and cache-length bucket and kept for later ones (`model.graphs`, a `DecodeGraphPool`); beam
-    search refuses it (it reorders the cache every step).
+    search refuses it (it reorders the cache every step). The vision tower is replayed the same way, captured
+    by the first call of its images' grids (`model.vision_graphs`, a `VisionGraphPool`).
     """
     sample = check_generate_args(
         max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -228,7 +229,8 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
     model.check_cache_fits(batch * rows_per_sample, length + max_new_tokens)
 
     prompt = model.prepare(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
-                           video_grid_thw, second_per_grid_ts, mm_token_type_ids=mm_token_type_ids)
+                           video_grid_thw, second_per_grid_ts, mm_token_type_ids=mm_token_type_ids,
+                           cuda_graph=cuda_graph)
     prompt = prompt.repeat_rows(rows_per_sample)
     ids = input_ids.to(model.device, torch.long).repeat_interleave(rows_per_sample, dim=0)
     device = model.device

@@ -1,4 +1,5 @@
-"""A decode step captured once in a CUDA graph and replayed for every new token.
+"""Work captured once in a CUDA graph and replayed: the decode step for every new token, the vision tower for
+every image set of the same grids.
 
 At batch 1 a decode step is bound by the host: Python, the registry and each kernel launch cost more than
 the kernels themselves run (benchmarks/host_overhead.py). Replaying a captured graph launches the whole step
@@ -7,6 +8,14 @@ device-length form (`Qwen25VL.decode_step(..., length=tensor)`): attention over 
 the written length read on the device, the new K/V written at a slot read on the device. Backends that
 cannot take lengths on the device (xformers' attention and cache) are routed by the model's fallback policy,
 or refused when there is none, before anything is captured.
+
+The vision tower is bound by the host the same way (the 3b triton tower took 13.9 ms for one image on an
+H200, benchmarks/gpu/h200-2026-11-26-lease3, mostly launching kernels). Its launches depend only on the grids
+(t, h, w) of the images: the host-side preparation from the grids (`VisionTower.layout`: positions, window
+order, attention segments) runs once per grid list, outside the graph, and the device work on it
+(`VisionTower.encode`) is captured. Its calls take every length from the grids, on the host, and read nothing
+back (tests/model/test_host_syncs.py), so no call asks a backend for anything it could refuse in a graph;
+calls the plan routes to its fallback are routed in the warm-up, before the capture, as in the decode step.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..dtypes import dtype_name
 from ..errors import InputError
 
 
@@ -122,7 +132,31 @@ class PooledDecode:
             self.graph = DecodeGraph(self.model, step_prompt, self.cache)
 
 
-class DecodeGraphPool:
+class GraphPool:
+    """Entries (captured graphs with the buffers they read) by key, at most `max_entries`: the least recently
+    used goes first, and its graph's memory with it. One call at a time per model: an entry's buffers are
+    reused by the next call of its key."""
+
+    def __init__(self, max_entries: int = 4):
+        self.max_entries = max_entries
+        self._entries: OrderedDict = OrderedDict()
+
+    def _use(self, key, make):
+        """The entry for `key`, `make()` if there is none, now the most recently used."""
+        entry = self._entries.pop(key) if key in self._entries else make()
+        self._entries[key] = entry  # most recently used last
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return entry
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class DecodeGraphPool(GraphPool):
     """Decode graphs captured once per (batch, cache-length bucket, backend plan) and kept across `generate`
     calls, so only the first call of a shape pays the capture. Cache lengths round up to a bucket (at least
     MIN_BUCKET slots, then steps of a quarter of a power of two: at most 25 % more slots than asked, since
@@ -133,10 +167,6 @@ class DecodeGraphPool:
     """
 
     MIN_BUCKET = 256
-
-    def __init__(self, max_entries: int = 4):
-        self.max_entries = max_entries
-        self._entries: OrderedDict[GraphKey, PooledDecode] = OrderedDict()
 
     @classmethod
     def bucket(cls, length: int) -> int:
@@ -156,11 +186,7 @@ class DecodeGraphPool:
         """The entry for `batch` rows and at least `length` cache slots, made (not yet captured) if new."""
         require_cuda(model.device)
         key = self.key(model, batch, length)
-        entry = self._entries.pop(key, None) or PooledDecode(model, key)
-        self._entries[key] = entry  # most recently used last
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-        return entry
+        return self._use(key, lambda: PooledDecode(model, key))
 
     def captured(self, model, batch: int, length: int) -> DecodeGraph | None:
         """The graph captured for `batch` rows and `length` cache slots under the model's plan, if any."""
@@ -171,14 +197,89 @@ class DecodeGraphPool:
         """The entry whose cache `cache` is, if any."""
         return next((e for e in self._entries.values() if e.cache is cache), None)
 
-    def clear(self) -> None:
-        self._entries.clear()
-
     def stats(self) -> list[dict]:
         """Per entry: its key, whether captured, the capture's seconds and how many generate calls used it."""
         return [{"batch": k.batch, "cache_len": k.cache_len, "plan": k.plan, "captured": e.graph is not None,
                  "capture_seconds": e.graph.capture_seconds if e.graph else None, "calls": e.calls}
                 for k, e in self._entries.items()]
 
-    def __len__(self) -> int:
-        return len(self._entries)
+
+# --- the vision tower ------------------------------------------------------------------------------------------
+
+
+class VisionGraph:
+    """The vision tower's device work for one list of grids (`VisionTower.encode`), captured once and replayed
+    for any pixels of those grids: `graph(pixels)` -> features (sum t*h*w / merge^2, out_hidden_size).
+
+    Building it prepares the grids' layout on the host (kept here: the graph reads it in place), runs a warm-up
+    (Triton compiles and autotunes there, the registry takes its decisions) and captures the tower on a static
+    pixel buffer. Each call copies the pixels into that buffer, replays, and returns a copy of the output
+    buffer. Inference only: no gradients. The graph keeps the operators of the model's plan at capture.
+    """
+
+    WARMUP_CALLS = 1
+
+    def __init__(self, model, grid_thw: torch.Tensor, pixel_dtype: torch.dtype):
+        device, tower = model.device, model.visual
+        require_cuda(device, "VisionGraph")
+        self.layout = tower.layout(grid_thw, device)  # the host-side preparation, outside the graph
+        rows = int(grid_thw.prod(-1).sum())
+        self.pixels = torch.zeros(rows, model.cfg.vision.patch_dim, dtype=pixel_dtype, device=device)
+        self.calls = 0
+        started = time.perf_counter()
+        with torch.no_grad():
+            self.graph, self.features = capture(lambda: tower.encode(model.ops, self.pixels, self.layout),
+                                                self.WARMUP_CALLS, device)
+        self.capture_seconds = time.perf_counter() - started
+
+    @torch.no_grad()
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.shape != self.pixels.shape:  # copy_ would broadcast a single row over the buffer
+            raise ValueError(f"VisionGraph: pixels must be {tuple(self.pixels.shape)} for its grids, got "
+                             f"{tuple(pixels.shape)}")
+        self.pixels.copy_(pixels)
+        self.graph.replay()
+        self.calls += 1
+        return self.features.clone()  # the next replay overwrites the buffer
+
+
+@dataclass(frozen=True)
+class VisionGraphKey:
+    """What a captured vision tower is specific to: the (t, h, w) grids of its images or videos in order, the
+    pixels' dtype, the operators chosen, the model's dtype and device."""
+
+    grids: tuple[tuple[int, int, int], ...]
+    pixel_dtype: torch.dtype
+    plan: str
+    dtype: torch.dtype
+    device: torch.device
+
+
+class VisionGraphPool(GraphPool):
+    """Vision towers captured once per (grids, pixel dtype, backend plan, model dtype, device) and kept across
+    calls, so only the first call of a list of grids pays the preparation and the capture. Grids are matched
+    exactly (an image's launches depend on its size: the rows of every matmul, the attention windows), so the
+    pool pays off when sizes repeat. The model empties it with the decode graphs (`set_backends` with another
+    plan, `.to`); at most `max_entries` are kept, the least recently used going first with its graph's memory.
+    """
+
+    def key(self, model, grid_thw: torch.Tensor, pixel_dtype: torch.dtype) -> VisionGraphKey:
+        grids = tuple(tuple(g) for g in grid_thw.tolist())
+        return VisionGraphKey(grids, pixel_dtype, str(model.plan), model.dtype, model.device)
+
+    def features(self, model, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """The tower's features of `pixels` (on the model's device, as many rows as the grids' patches) replayed
+        from the entry of these grids, captured first if there is none."""
+        require_cuda(model.device, "vision_features: cuda_graph=True")
+        key = self.key(model, grid_thw, pixels.dtype)
+        return self._use(key, lambda: VisionGraph(model, grid_thw, pixels.dtype))(pixels)
+
+    def captured(self, model, grid_thw: torch.Tensor, pixel_dtype: torch.dtype) -> VisionGraph | None:
+        """The graph captured for these grids and pixel dtype under the model's plan, if any."""
+        return self._entries.get(self.key(model, grid_thw, pixel_dtype))
+
+    def stats(self) -> list[dict]:
+        """Per entry: its grids, pixel dtype and plan, the capture's seconds and how many calls used it."""
+        return [{"grids": [list(g) for g in k.grids], "pixel_dtype": dtype_name(k.pixel_dtype),
+                 "plan": k.plan, "captured": True, "capture_seconds": e.capture_seconds, "calls": e.calls}
+                for k, e in self._entries.items()]

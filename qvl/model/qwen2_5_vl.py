@@ -12,6 +12,7 @@ loaded model without touching the weights.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -27,7 +28,7 @@ from ..parallel.shard import check_vision_mode, local_sizes
 from ..parallel.vision import encode_data_parallel
 from . import generation
 from .cache import StaticKVCache
-from .graphs import DecodeGraph, DecodeGraphPool
+from .graphs import DecodeGraph, DecodeGraphPool, VisionGraphPool
 from .inputs import (
     check_cache_position,
     check_pixels,
@@ -116,6 +117,7 @@ class Qwen25VL(nn.Module):
         self.register_buffer("inv_freq", torch.empty(cfg.text.head_dim // 2), persistent=False)
         self.reset_rotary()
         self.graphs = DecodeGraphPool()  # decode steps captured once per shape, kept across generate calls
+        self.vision_graphs = VisionGraphPool()  # the vision tower captured once per list of grids
         self.set_backends(backends, fallback=fallback)
 
     def _apply(self, fn, recurse=True):
@@ -123,8 +125,13 @@ class Qwen25VL(nn.Module):
         # objects behind: rebuild both after every such move. Captured graphs hold the old tensors: drop them.
         super()._apply(fn, recurse)
         self.reset_rotary()
-        self.graphs.clear()
+        self.clear_graphs()
         return self
+
+    def clear_graphs(self) -> None:
+        """Drop every captured graph (decode steps and vision towers) with the memory it holds."""
+        self.graphs.clear()
+        self.vision_graphs.clear()
 
     def reset_rotary(self) -> None:
         """(Re)compute the float32 rotary frequency buffers, e.g. after allocating on another device."""
@@ -141,10 +148,11 @@ class Qwen25VL(nn.Module):
 
     def set_backends(self, backends=None, *, fallback: str | None = None) -> Qwen25VL:
         """Resolve a backend plan (see `qvl.backends.registry`) and route every operator through it. Captured
-        decode graphs replay the old plan's kernels: they are dropped when the plan changes."""
+        graphs (decode steps, vision towers) replay the old plan's kernels: they are dropped when the plan
+        changes."""
         plan = resolve_plan(backends, fallback=fallback)
         if getattr(self, "ops", None) is None or plan != self.ops.plan:
-            self.graphs.clear()
+            self.clear_graphs()
         self.ops = Ops(plan)
         return self
 
@@ -174,18 +182,27 @@ class Qwen25VL(nn.Module):
         """Text M-RoPE; `uniform_streams` when every position stream is equal (text-only or decoding)."""
         return self._rotary[uniform_streams]
 
-    def vision_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    def vision_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+                        cuda_graph: bool = False) -> torch.Tensor:
         """The merged vision tokens of every image (or video) in `grid_thw`, in order. Under tensor parallelism
         with the tower data-parallel the images are split over the ranks (each encodes some, the features are
         gathered), except while autograd records for the tower: every rank then encodes every image, so the
-        tower's gradients are whole on each. A split tower ("tensor") encodes every image on every rank."""
+        tower's gradients are whole on each. A split tower ("tensor") encodes every image on every rank.
+
+        cuda_graph: replay the tower from a CUDA graph (CUDA only), captured by the first call of these grids
+        (in order), pixel dtype and plan and kept for later ones (`self.vision_graphs`, a `VisionGraphPool`).
+        Inference only: the features carry no gradient.
+        """
         pixels = pixel_values.to(self.device)
-        records = torch.is_grad_enabled() and (pixels.requires_grad or any(
-            p.requires_grad for p in self.visual.parameters()))
+        if cuda_graph:
+            encode, records = torch.no_grad()(functools.partial(self.vision_graphs.features, self)), False
+        else:
+            encode = functools.partial(self.visual, self.ops)
+            records = torch.is_grad_enabled() and (pixels.requires_grad or any(
+                p.requires_grad for p in self.visual.parameters()))
         if self.parallel is None or self.vision_parallel == "tensor" or records:
-            return self.visual(self.ops, pixels, grid_thw)
-        return encode_data_parallel(lambda px, grid: self.visual(self.ops, px, grid), pixels, grid_thw,
-                                    self.cfg.vision, self.parallel, self.dtype)
+            return encode(pixels, grid_thw)
+        return encode_data_parallel(encode, pixels, grid_thw, self.cfg.vision, self.parallel, self.dtype)
 
     # --- transformers' public helpers -----------------------------------------------------------------------
 
@@ -224,7 +241,7 @@ class Qwen25VL(nn.Module):
     def prepare(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, *, inputs_embeds=None,
                 position_ids=None, rope_deltas=None, past: StaticKVCache | None = None,
-                mm_token_type_ids=None) -> Prompt:
+                mm_token_type_ids=None, cuda_graph: bool = False) -> Prompt:
         """Check the inputs, run the vision tower, place its features, compute positions. Records gradients
         for the embeddings and the vision tower when autograd does.
 
@@ -234,7 +251,7 @@ class Qwen25VL(nn.Module):
         the computed positions (packed sequences). `past`: a cache these tokens continue (positions from its
         rope deltas, or `rope_deltas`); `attention_mask` then covers the cached tokens and these.
         `mm_token_type_ids` (what transformers' processor returns) is accepted and not needed: the token ids
-        say the same.
+        say the same. `cuda_graph`: run the vision tower from the model's pooled CUDA graphs (`vision_features`).
         """
         cfg = self.cfg
         ids, embeds = self._tokens(input_ids, inputs_embeds)
@@ -280,7 +297,7 @@ class Qwen25VL(nn.Module):
             if n_tokens != expected:
                 raise InputError(f"{source} hold {n_tokens} {kind} placeholder tokens, but the {kind} grids "
                                  f"{grid.tolist()} give {expected} merged {kind} tokens")
-            features = self.vision_features(pixels, grid).to(embeds.dtype)
+            features = self.vision_features(pixels, grid, cuda_graph).to(embeds.dtype)
             embeds = embeds.masked_scatter(placeholder.unsqueeze(-1), features)
 
         if position_ids is not None:

@@ -17,6 +17,8 @@ its heads' q, k, v and its share of the MLP, the attention output and the MLP's 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -104,6 +106,16 @@ class PatchMerger(nn.Module):
                        "gelu")
 
 
+@dataclass(frozen=True, eq=False)
+class VisionLayout:
+    """What the tower's blocks read of the grids, on the device (`VisionTower.layout`)."""
+
+    positions: torch.Tensor  # (2, 1, N): each patch's (h, w) rope coordinates, one packed sequence in block order
+    masks: tuple[BlockDiagonalMask, ...]  # per block: its windows or whole frames
+    patch_order: torch.Tensor | None = None  # (N,) patches into window order (windowed towers)
+    restore: torch.Tensor | None = None  # (N / merge^2,) merged tokens back into the input order
+
+
 class VisionTower(nn.Module):
     def __init__(self, cfg: VisionConfig, sizes: LocalSizes, parallel: TensorParallel | None = None):
         """`parallel`: split the blocks over its ranks (`sizes` their local heads and MLP width); None: whole."""
@@ -134,25 +146,36 @@ class VisionTower(nn.Module):
 
     def forward(self, ops: Ops, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """(sum t*h*w, patch_dim) patches -> (sum t*h*w / merge^2, out_hidden_size) merged tokens."""
-        cfg, device = self.cfg, pixel_values.device
-        x = self.patch_embed(pixel_values)
-        positions = vision_rope_positions(grid_thw, cfg.spatial_merge_size).to(device)
+        return self.encode(ops, pixel_values, self.layout(grid_thw, pixel_values.device))
+
+    def layout(self, grid_thw: torch.Tensor, device) -> VisionLayout:
+        """The host-side preparation from the grids: positions, window order and masks, computed on the host
+        and copied to `device` once. `encode` then reads nothing else of the grids."""
+        cfg = self.cfg
+        positions = vision_rope_positions(grid_thw, cfg.spatial_merge_size)
         # Full-attention blocks see whole frames; frames are contiguous in window order too, since windows
         # never straddle frames.
         frame_mask = BlockDiagonalMask.from_seqlens(vision_frame_seqlens(grid_thw), device=device)
-        masks = [frame_mask] * cfg.depth
-        if cfg.windowed:
-            unit = cfg.spatial_merge_size**2
-            window_index, window_seqlens = vision_window_index(grid_thw, cfg.spatial_merge_size, cfg.window_size,
-                                                               cfg.patch_size)
-            # Permute merge units (groups of `unit` consecutive patches) into window order.
-            patch_order = (window_index[:, None] * unit + torch.arange(unit)).flatten().to(device)
-            x, positions = x[patch_order], positions[:, patch_order]
-            window_mask = BlockDiagonalMask.from_seqlens(window_seqlens, device=device)
-            masks = [frame_mask if i in cfg.fullatt_block_indexes else window_mask for i in range(cfg.depth)]
-        positions = positions.unsqueeze(1)  # (2, 1, N): one packed sequence
+        if not cfg.windowed:
+            return VisionLayout(positions.unsqueeze(1).to(device), (frame_mask,) * cfg.depth)
+        unit = cfg.spatial_merge_size**2
+        window_index, window_seqlens = vision_window_index(grid_thw, cfg.spatial_merge_size, cfg.window_size,
+                                                           cfg.patch_size)
+        # Permute merge units (groups of `unit` consecutive patches) into window order.
+        patch_order = (window_index[:, None] * unit + torch.arange(unit)).flatten()
+        window_mask = BlockDiagonalMask.from_seqlens(window_seqlens, device=device)
+        masks = tuple(frame_mask if i in cfg.fullatt_block_indexes else window_mask for i in range(cfg.depth))
+        return VisionLayout(positions[:, patch_order].unsqueeze(1).to(device), masks, patch_order.to(device),
+                            torch.argsort(window_index).to(device))
+
+    def encode(self, ops: Ops, pixel_values: torch.Tensor, layout: VisionLayout) -> torch.Tensor:
+        """`forward` on a prepared layout: device work only (no read back, no copy from the host), so the same
+        launches for every image of the layout's grids: what a CUDA graph captures (`qvl.model.graphs`)."""
+        x = self.patch_embed(pixel_values)
+        if layout.patch_order is not None:
+            x = x[layout.patch_order]
         hidden, residual = x, None
-        for block, mask in zip(self.blocks, masks, strict=True):
-            hidden, residual = checkpointed(self, block)(ops, hidden, residual, positions, self.rotary, mask)
+        for block, mask in zip(self.blocks, layout.masks, strict=True):
+            hidden, residual = checkpointed(self, block)(ops, hidden, residual, layout.positions, self.rotary, mask)
         merged = self.merger(ops, hidden, residual)
-        return merged[torch.argsort(window_index.to(device))] if cfg.windowed else merged
+        return merged if layout.restore is None else merged[layout.restore]

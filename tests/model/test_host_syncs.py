@@ -21,7 +21,7 @@ from qvl.backends import get_backend
 from qvl.demo import demo_prompt
 from qvl.launches import LaunchCounter
 from qvl.model.text import DecoderLayer
-from qvl.model.vision import PatchMerger, VisionBlock
+from qvl.model.vision import PatchEmbed, PatchMerger, VisionBlock, VisionTower
 from tests.backends.model_checks import padded_batch, perturbed
 
 BACKENDS = ["eager"] + ([] if get_backend("triton").unavailable_reasons() else ["triton"])
@@ -30,6 +30,8 @@ SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_un
                "equal", "is_nonzero",
                "lift_fresh"}  # torch.tensor(host data): on a GPU a copy to the device, which waits like a read
 LAYER_CODE = {cls.forward.__code__: cls.__name__ for cls in (VisionBlock, PatchMerger, DecoderLayer)}
+# and all of the vision tower's device work, blocks or not: what a vision CUDA graph captures (qvl/model/graphs.py)
+LAYER_CODE[VisionTower.encode.__code__] = "VisionTower.encode"
 
 
 class SyncRecorder(LaunchCounter):
@@ -104,6 +106,21 @@ def test_a_sync_inside_a_layer_is_caught(monkeypatch, planted):
     monkeypatch.setattr(interface, "check_attention_inputs", check_touching_cu_seqlens)
     syncs = _generate_recording_syncs(model, demo_prompt(model.cfg))
     assert syncs == [f"{op} in VisionBlock"] * model.cfg.vision.depth
+
+
+def test_a_sync_in_the_vision_tower_outside_its_blocks_is_caught(monkeypatch):
+    """The whole of `VisionTower.encode` is checked, not only its blocks: a read planted in the patch embedding
+    is caught once."""
+    model = perturbed("tiny", torch.float32, device="cpu")
+    embed = PatchEmbed.forward
+
+    def embed_reading_a_pixel(self, patches):
+        patches[0, 0].item()
+        return embed(self, patches)
+
+    monkeypatch.setattr(PatchEmbed, "forward", embed_reading_a_pixel)
+    syncs = _generate_recording_syncs(model, demo_prompt(model.cfg))
+    assert syncs == ["aten._local_scalar_dense.default in VisionTower.encode"]
 
 
 def test_block_diagonal_mask_keeps_its_lengths_on_the_host():
