@@ -216,7 +216,8 @@ class ModelSpec:
         {}, "architecture overrides for every variant, e.g. `{ \"vision.window_size\" = 112 }`", parse=_overrides,
         type_text=OVERRIDES_TEXT)
     tp: int = key(1, "tensor-parallel degree: every model split over this many ranks (local worker processes, or "
-                     "torchrun's, whose WORLD_SIZE it must equal); generate mode only", minimum=1)
+                     "torchrun's, whose WORLD_SIZE it must equal); in train mode rank 0 gathers the gradients whole "
+                     "to compare them", minimum=1)
 
     @classmethod
     def finish_parse(cls, values: dict[str, Any], raw: dict, at: At) -> None:
@@ -435,14 +436,11 @@ def _check_architectures(cfg: AblationConfig, path: str) -> None:
 
 
 def _check_tp(cfg: AblationConfig, where: str) -> None:
-    """The tensor-parallel degree against the mode and every architecture the variants run (`check_degree`:
+    """The tensor-parallel degree against every architecture the variants run (`check_degree`:
     heads, KV heads, intermediate size, vocabulary), before anything starts; `where` names the key or flag."""
     tp = cfg.model.tp
     if tp == 1:
         return
-    if cfg.run.mode == TRAIN:
-        raise ConfigError(f"{where}: tp {tp} is for generate mode only; train mode runs in one process (its "
-                          "gradient comparison and loss curve are not built for split parameters): use tp = 1")
     for v in (None, *(v for v in cfg.variants if v.overrides)):
         try:
             check_degree(cfg.model_config(v), tp)

@@ -35,7 +35,8 @@ and a rank left waiting in a collective stops it after AGREE_TIMEOUT_S instead o
 
 With [run] mode = "train" the variant is measured training instead (`qvl.ablate.train`: step time, tokens/s,
 peak memory, the first step's loss, gradients against the reference's, a loss curve); the same models are
-shared, and given back with their weights, mode and checkpointing unchanged.
+shared, and given back with their weights, mode and checkpointing unchanged. Under tp > 1 the gradients are
+gathered whole on rank 0 alone (`whole_gradients`: they are the model's size), which compares them.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from ..parallel.group import join, local_device, torchrun_rank, under_torchrun
 from .config import TRAIN, AblationConfig, ModelSpec, RunSpec, Variant, check_key
 from .measure import Clock, PeakMemory, Progress, environment, summarize
 from .report import FORMAT, check_results, render_run
-from .train import compare_gradients, loss_curve, measure_steps, training, training_batch
+from .train import compare_gradients, loss_curve, measure_steps, training, training_batch, whole_gradients
 from .workload import Workload, build_workload
 
 
@@ -656,12 +657,17 @@ class AblationRun:
             figures, grads = measure_steps(model, batch, self.clock, self.warmup, self.repeats, tick)
             figures.update(self._memory_figures(model))
             entry["figures"] = figures
+            grads = whole_gradients(model, grads)  # tp > 1: on rank 0 only, None elsewhere
             entry["comparison"] = self._compare_training(v, work, figures["loss"], grads)
             del grads  # the reference's are kept in self._ref
             tick(f"loss curve ({run.train_steps} AdamW steps)", 0)
             figures["loss_curve"] = loss_curve(model, batch, run.train_steps, run.learning_rate)
 
-    def _compare_training(self, v: Variant, work: Workload, loss: float, grads) -> dict:
+    def _compare_training(self, v: Variant, work: Workload, loss: float, grads) -> dict | None:
+        """The comparison with the reference's gradients and loss; None on a rank without whole gradients (tp > 1,
+        not rank 0: rank 0 compares, and writes the results)."""
+        if grads is None:
+            return None
         ref_name = self.config.reference
         if v.name == ref_name:
             self._ref = {"grads": grads, "loss": loss, "workload": work}

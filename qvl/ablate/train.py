@@ -9,6 +9,10 @@ Per variant (the batch is the workload's prompt, its labels `training_labels`):
                  gradients of the same step, with the parameter where it is worst
   loss_curve     the loss before each of `train_steps` AdamW steps from the initial weights (its first point is
                  `loss`)
+Under tensor parallelism (a model with `parallel`) each rank times the same steps on its piece of the model; the
+loss is the same on every rank, and `whole_gradients` gathers the gradient pieces on rank 0 into tp 1's whole
+gradients, which rank 0 compares. The loss curve's AdamW updates each rank's piece: elementwise, they are tp 1's
+updates split.
 The model is shared between variants: `training` gives it back in its train/eval mode and checkpointing, with
 no gradients left on it, and `weights_restored` puts back the weights the loss curve changed.
 """
@@ -20,8 +24,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 
 from ..backends import IGNORE_INDEX
+from ..parallel.shard import assemble, split_style
 from .measure import Clock, summarize
 from .workload import Workload, training_labels
 
@@ -98,6 +104,26 @@ def measure_steps(model, batch: dict, clock: Clock, warmup: int, repeats: int,
     return figures, grads
 
 
+def whole_gradients(model, grads: Grads) -> Grads | None:
+    """The whole gradients, as at tp 1: `grads` itself for a model in one process. Under tensor parallelism each
+    rank's split gradients are gathered on rank 0 and put in place (`qvl.parallel.shard.assemble`), and
+    replicated parameters keep rank 0's own (the same whole gradient on every rank); the other ranks get None.
+    Every rank calls it: one gather per split parameter, in the model's order."""
+    parallel = model.parallel
+    if parallel is None:
+        return grads
+    vision, whole = model.vision_parallel, {}
+    for name, grad in grads.items():
+        if split_style(name, vision) == "replicated":
+            whole[name] = grad
+            continue
+        pieces = [torch.empty_like(grad) for _ in range(parallel.size)] if parallel.rank == 0 else None
+        dist.gather(grad.contiguous(), pieces, group=parallel.group, group_dst=0)
+        if pieces is not None:
+            whole[name] = assemble(name, pieces, model.cfg, vision)
+    return whole if parallel.rank == 0 else None
+
+
 def loss_curve(model, batch: dict, steps: int, learning_rate: float) -> list[float]:
     """The loss before each of `steps` AdamW updates on the batch; the weights are restored afterwards."""
     with weights_restored(model):
@@ -138,4 +164,4 @@ def compare_gradients(grads: Grads, ref_grads: Grads) -> dict:
 
 
 __all__ = ["compare_gradients", "counted_tokens", "loss_curve", "measure_steps", "training", "training_batch",
-           "weights_restored"]
+           "weights_restored", "whole_gradients"]

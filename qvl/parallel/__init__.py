@@ -6,6 +6,7 @@ from .shard import (
     VISION_MODES,
     LocalSizes,
     RankSlice,
+    assemble,
     check_degree,
     checkpoint_slices,
     local_heads,
@@ -19,6 +20,6 @@ from .shard import (
     valid_degrees,
 )
 
-__all__ = ["STYLES", "VISION_MODES", "RankSlice", "check_degree", "checkpoint_slices", "local_heads", "LocalSizes",
-           "local_sizes", "parameter_shapes", "rank_bytes", "rank_ranges", "rank_shape", "rank_slice", "split_style",
-           "valid_degrees", "MemoryPlan", "format_plan", "memory_plan", "parse_bytes"]
+__all__ = ["STYLES", "VISION_MODES", "RankSlice", "assemble", "check_degree", "checkpoint_slices", "local_heads",
+           "LocalSizes", "local_sizes", "parameter_shapes", "rank_bytes", "rank_ranges", "rank_shape", "rank_slice",
+           "split_style", "valid_degrees", "MemoryPlan", "format_plan", "memory_plan", "parse_bytes"]

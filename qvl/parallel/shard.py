@@ -19,10 +19,11 @@ KV heads' k rows and their v rows (three ranges). gate_up_proj stacks [gate; up]
 the same rows of up (two ranges). When tp exceeds num_key_value_heads, each KV head is replicated over
 tp / num_key_value_heads ranks: every rank holds the one KV head its query heads read.
 
-Every split is a `RankSlice`, one dim and (start, stop) ranges along it: `rank_slice` cuts a tensor with it,
-`rank_shape` and `rank_bytes` size a rank without any tensor, and `checkpoint_slices` maps it onto the unfused
-checkpoint tensors, so a reader fetches only a rank's rows (safetensors' ``get_slice``). The later distributed
-runtime builds on these; this module needs no process group.
+Every split is a `RankSlice`, one dim and (start, stop) ranges along it: `rank_slice` cuts a tensor with it and
+`assemble` puts every rank's piece back in the whole, `rank_shape` and `rank_bytes` size a rank without any
+tensor, and `checkpoint_slices` maps it onto the unfused checkpoint tensors, so a reader fetches only a rank's
+rows (safetensors' ``get_slice``). The later distributed runtime builds on these; this module needs no process
+group.
 """
 
 from __future__ import annotations
@@ -167,6 +168,13 @@ class RankSlice:
         pieces = [tensor.narrow(self.dim, start, stop - start) for start, stop in self.ranges]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, self.dim)
 
+    def put(self, piece: torch.Tensor, whole: torch.Tensor) -> None:
+        """Copy `piece` (what `take` cuts) into its indexes of `whole`: the inverse of `take`."""
+        at = 0
+        for start, stop in self.ranges:
+            whole.narrow(self.dim, start, stop - start).copy_(piece.narrow(self.dim, at, stop - start))
+            at += stop - start
+
 
 def split_style(name: str, vision: str = "data") -> str:
     """How parameter `name` is split across ranks: one of STYLES."""
@@ -257,6 +265,22 @@ def rank_slice(name: str, tensor: torch.Tensor, cfg: Qwen25VLConfig, tp: int, ra
     if full is not None and tuple(tensor.shape) != full:
         raise ConfigError(f"{name} has shape {tuple(full)} in this model, got a tensor of {tuple(tensor.shape)}")
     return rank_ranges(name, cfg, tp, rank, vision).take(tensor)
+
+
+def assemble(name: str, pieces: list[torch.Tensor], cfg: Qwen25VLConfig, vision: str = "data") -> torch.Tensor:
+    """Parameter `name` whole (or its gradient) from every rank's piece, `pieces[r]` rank r's as `rank_slice` cuts
+    it: the inverse of `rank_slice`, tp being len(pieces). Indexes several ranks hold (a replicated parameter, a
+    KV head replicated past tp = KV heads) come from any one of them: they hold the same values (a replicated KV
+    head's gradient is summed over its ranks, `qvl.parallel.comm.replicated_rows`)."""
+    splits = [rank_ranges(name, cfg, len(pieces), rank, vision) for rank in range(len(pieces))]
+    full = parameter_shapes(cfg)[name]
+    whole = pieces[0].new_empty(full)
+    for rank, (piece, where) in enumerate(zip(pieces, splits, strict=True)):
+        if tuple(piece.shape) != where.shape(full):
+            raise ConfigError(f"{name}: rank {rank}'s piece has shape {tuple(piece.shape)}, its split "
+                              f"{where.shape(full)}")
+        where.put(piece, whole)
+    return whole
 
 
 def rank_shape(name: str, cfg: Qwen25VLConfig, tp: int, rank: int = 0, vision: str = "data") -> tuple[int, ...]:

@@ -1,6 +1,6 @@
 """`qvl ablate` under tensor parallelism on the CPU (2 gloo ranks as local workers): the same figures and
-comparisons as one process, rank 0 alone writing; degrees refused before anything starts; SIGTERM keeps what was
-measured."""
+comparisons as one process, in generate and train mode (rank 0 gathering tp 1's whole gradients), rank 0 alone
+writing; degrees refused before anything starts; SIGTERM keeps what was measured."""
 
 import glob
 import json
@@ -11,9 +11,16 @@ import sys
 import time
 
 import pytest
+from safetensors.torch import load_file, save_file
 
+from qvl import from_config
 from qvl.ablate import ConfigError, parse_config
+from qvl.ablate.train import whole_gradients
 from qvl.cli import main
+from qvl.config import PRESETS
+from qvl.parallel.launch import run_workers
+from tests.ops.compare import rel_err
+from tests.parallel import tp_cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -133,11 +140,90 @@ def test_degree_that_cannot_split_the_model_is_refused_before_anything_starts(tm
         parse_config(text, path="x.toml")
 
 
-def test_train_mode_refuses_tp(tmp_path):
-    text = CONFIG.format(model="tp = 2").replace("decode_tokens = 4", "").replace("cuda_graph = true", "") \
-        .replace("[run]", '[run]\nmode = "train"')
-    with pytest.raises(ConfigError, match=r"^x.toml: \[model\] tp: tp 2 is for generate mode only"):
-        parse_config(text, path="x.toml")
+TRAIN_CONFIG = """
+name = "tp"
+reference = "eager"
+[model]
+device = "cpu"
+[workload]
+images = [{ size = [56, 84] }]
+prompt_tokens = 6
+batch_size = 2
+[run]
+mode = "train"
+warmup = 1
+repeats = 1
+train_steps = 2
+learning_rate = 1e-3
+[[variants]]
+name = "eager"
+[[variants]]
+name = "checkpointing"        # recomputation repeats the layers' collectives: the same gradients
+gradient_checkpointing = true
+[[variants]]
+name = "rope theta"           # another architecture, same weights: a gradient error well above noise
+overrides = { "text.rope_theta" = 100.0 }
+"""
+
+
+def test_train_mode_at_tp_2_gives_the_figures_and_comparisons_of_one_process(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    config = tmp_path / "train.toml"
+    config.write_text(TRAIN_CONFIG)
+    for tp in (1, 2):  # --tp 2 starts two local workers from this process
+        assert main(["ablate", str(config), "--tp", str(tp), "--results-dir", str(tmp_path / f"r{tp}"), "--quiet"]) == 0
+    one, r = results(tmp_path / "r1"), results(tmp_path / "r2")
+    assert r["run"]["tp"] == 2 and r["run"]["mode"] == "train" and r["status"] == "complete"
+    tp, ref = by_name(r), by_name(one)
+    for name in ("eager", "checkpointing", "rope theta"):
+        figures, figures1 = tp[name]["figures"], ref[name]["figures"]
+        assert tp[name]["status"] == "ok" and figures["step_ms"]["n"] == 1
+        assert figures["tokens"] == figures1["tokens"] and figures["counted_tokens"] == figures1["counted_tokens"]
+        assert figures["loss"] == pytest.approx(figures1["loss"], rel=1e-5)
+        # AdamW on each rank's piece is tp 1's update split: the same curve
+        assert figures["loss_curve"] == pytest.approx(figures1["loss_curve"], rel=1e-5)
+        model, model1 = tp[name]["model"], ref[name]["model"]
+        assert model["rank_parameters"] < model["parameters"] == model1["parameters"]
+        c, c1 = tp[name]["comparison"], ref[name]["comparison"]
+        # rank 0's whole gradients have tp 1's names and shapes, so every parameter is compared
+        assert c["compared_to"] == "eager" and c["grad_rel_err_param"] == c1["grad_rel_err_param"]
+    assert tp["checkpointing"]["comparison"]["grad_rel_err"] <= 1e-5
+    err, err1 = tp["rope theta"]["comparison"]["grad_rel_err"], ref["rope theta"]["comparison"]["grad_rel_err"]
+    assert err1 > 1e-3 and err == pytest.approx(err1, rel=1e-3)
+
+
+# whole_gradients on each kind of split: KV heads split and the vision tower data-parallel (whole on every rank);
+# one KV head replicated over both ranks (its rows' gradient summed) with the vision tower split, untied LM head
+GRADIENT_CASES = {"kv2": (PRESETS["tiny"], "data"),
+                  "kv1": (PRESETS["tiny"].with_overrides({"text.num_key_value_heads": 1,
+                                                          "text.tie_word_embeddings": False}), "tensor")}
+
+
+def _gradients(model) -> dict:
+    model.train()
+    model(**tp_cases.training_batch(model.cfg)).loss.backward()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def whole_gradients_worker(results: str) -> None:
+    """One rank of `test_rank_0_gathers_tp_1s_whole_gradients`: rank 0 writes each case's whole gradients."""
+    rank = int(os.environ["RANK"])
+    for case, (cfg, vision) in GRADIENT_CASES.items():
+        model = from_config(cfg, seed=0, tp=2, vision_parallel=vision)
+        grads = whole_gradients(model, _gradients(model))
+        assert (grads is None) == (rank != 0)
+        if grads is not None:
+            save_file({k: g.contiguous() for k, g in grads.items()}, os.path.join(results, f"{case}.safetensors"))
+
+
+def test_rank_0_gathers_tp_1s_whole_gradients(tmp_path):
+    run_workers(2, whole_gradients_worker, (str(tmp_path),))
+    for case, (cfg, _) in GRADIENT_CASES.items():
+        expected = _gradients(from_config(cfg, seed=0))
+        whole = load_file(tmp_path / f"{case}.safetensors")
+        assert sorted(whole) == sorted(expected)
+        for name, grad in expected.items():
+            assert whole[name].shape == grad.shape and rel_err(whole[name], grad) <= 1e-5, (case, name)
 
 
 def test_under_torchrun_tp_must_be_the_world_size(tmp_path, monkeypatch, capsys):

@@ -16,6 +16,7 @@ from qvl.checkpoint import checkpoint_sources
 from qvl.config import get_preset
 from qvl.errors import ConfigError
 from qvl.parallel import (
+    assemble,
     check_degree,
     checkpoint_slices,
     local_heads,
@@ -61,15 +62,17 @@ def test_pieces_reassemble_every_parameter(models, key, tp):
     model, cfg = models[key], CONFIGS[key]
     for name, full in model.named_parameters():
         full = full.detach()
-        rebuilt, held = torch.full_like(full, float("nan")), None
+        rebuilt, held, pieces = torch.full_like(full, float("nan")), None, []
         for rank in range(tp):
             piece = rank_slice(name, full, cfg, tp, rank)
+            pieces.append(piece)
             assert tuple(piece.shape) == rank_shape(name, cfg, tp, rank), name
             dim, idx = _indexes(name, cfg, tp, rank)
             assert torch.equal(piece, full.index_select(dim, idx)), name
             rebuilt.index_copy_(dim, idx, piece)
             held = idx if held is None else torch.cat([held, idx])
         assert torch.equal(rebuilt, full), f"{name}: the pieces do not cover the parameter"
+        assert torch.equal(assemble(name, pieces, cfg), full), f"{name}: assemble is not rank_slice's inverse"
         style = split_style(name)
         replicated_kv = "qkv_proj" in name and tp > cfg.text.num_key_value_heads
         if style != "replicated" and not replicated_kv and tp > 1:  # a partition: no row held twice
