@@ -1,7 +1,8 @@
 """Run an ablation: build the model once, measure every variant, compare each with the reference.
 
 Per variant (warm-up runs first, then `repeats` timed runs; median and min/max reported):
-  vision_ms      the vision tower alone (`model.vision_features` on every image and video)
+  vision_ms      the vision tower alone (`model.vision_features` on every image and video); a cuda_graph variant
+                 replays it from a graph captured before the first run (vision_graph_capture_ms)
   prefill_ms     time to first token: `prepare` (vision tower, embedding, positions) + `prefill` into a
                  fresh KV cache + argmax of the last position
   decode_tok_s   batch * (decode_tokens - 1) / time of the greedy `decode_step` loop after the prefill; a
@@ -122,13 +123,18 @@ def check_backends(variant: Variant) -> None:
     resolve_plan(variant.backends)
 
 
-@torch.no_grad()
-def _run_vision(model, work: Workload) -> None:
+def _vision_inputs(work: Workload) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(pixels, grid_thw) of the workload's images and of its videos, each present."""
     x = work.inputs
-    if x.get("pixel_values") is not None:
-        model.vision_features(x["pixel_values"], x["image_grid_thw"])
-    if x.get("pixel_values_videos") is not None:
-        model.vision_features(x["pixel_values_videos"], x["video_grid_thw"])
+    return [(x[pixels], x[grid]) for pixels, grid in (("pixel_values", "image_grid_thw"),
+                                                      ("pixel_values_videos", "video_grid_thw"))
+            if x.get(pixels) is not None]
+
+
+@torch.no_grad()
+def _run_vision(model, work: Workload, cuda_graph: bool = False) -> None:
+    for pixels, grid in _vision_inputs(work):
+        model.vision_features(pixels, grid, cuda_graph=cuda_graph)
 
 
 def _generation_pass(model, work: Workload, forced: torch.Tensor | None = None, keep_logits: bool = False,
@@ -137,7 +143,7 @@ def _generation_pass(model, work: Workload, forced: torch.Tensor | None = None, 
 
     Returns (tokens (B, N), logits (B, N, V) float32 on the CPU or None)."""
     cache = model.decode_cache(work.batch_size, work.total_length, cuda_graph)
-    prompt = model.prepare(**work.inputs)
+    prompt = model.prepare(**work.inputs, cuda_graph=cuda_graph)
     logits = model.prefill(prompt, cache)
     decode = model.decoder(prompt, cache, cuda_graph)
     tokens, kept = [logits.argmax(-1)], [logits.float().cpu()] if keep_logits else None
@@ -156,7 +162,7 @@ def _timed_generation(model, work: Workload, clock: Clock, cuda_graph: bool):
     cache = model.decode_cache(work.batch_size, work.total_length, cuda_graph)
 
     def first():
-        prompt = model.prepare(**work.inputs)
+        prompt = model.prepare(**work.inputs, cuda_graph=cuda_graph)
         return prompt, model.prefill(prompt, cache).argmax(-1)
 
     (prompt, token), ttft_ms = clock.time(first)
@@ -178,11 +184,13 @@ def measure_timings(model, work: Workload, clock: Clock, warmup: int, repeats: i
     greedy tokens of the last run."""
     vision, ttft, decode = [], [], []
     tokens = None
+    if cuda_graph and work.has_vision:  # the vision graphs captured first, outside every timing
+        _run_vision(model, work, cuda_graph)
     for i in range(warmup + repeats):
         timed = i >= warmup
         tick(f"repeat {i - warmup + 1}/{repeats}" if timed else f"warm-up {i + 1}/{warmup}", 0)
         if work.has_vision:
-            _, ms = clock.time(lambda: _run_vision(model, work))
+            _, ms = clock.time(lambda: _run_vision(model, work, cuda_graph))
             if timed:
                 vision.append(ms)
         tokens, ttft_ms, decode_ms = _timed_generation(model, work, clock, cuda_graph)
@@ -198,6 +206,9 @@ def measure_timings(model, work: Workload, clock: Clock, warmup: int, repeats: i
     if cuda_graph:  # paid once per shape by the first run (a warm-up when there is one), apart from the timings
         graph = model.graphs.captured(model, work.batch_size, work.total_length)
         figures["graph_capture_ms"] = graph.capture_seconds * 1e3 if graph else None
+        towers = [model.vision_graphs.captured(model, grid, pixels.dtype) for pixels, grid in _vision_inputs(work)]
+        figures["vision_graph_capture_ms"] = (sum(t.capture_seconds for t in towers) * 1e3
+                                              if towers and all(towers) else None)
     return figures, tokens
 
 
