@@ -1,46 +1,18 @@
 """The decode-graph pool: captured once per (batch, cache bucket, plan), reused by later generate calls, dropped
 when the backend plan changes or the model moves.
 
-On the CPU a stand-in for `torch.cuda.CUDAGraph` replays by calling the captured step again with the very
-objects it was captured with: a pooled graph reused by another prompt gives that prompt's tokens only if the
-per-prompt values (rope deltas, padding) reach the step through the buffers it was captured on. The real
-capture runs in tests/model/test_decode_graph.py on a GPU.
+On the CPU a stand-in for `torch.cuda.CUDAGraph` (tests/model/graph_standin.py) replays by calling the captured
+step again with the very objects it was captured with: a pooled graph reused by another prompt gives that
+prompt's tokens only if the per-prompt values (rope deltas, padding) reach the step through the buffers it was
+captured on. The real capture runs in tests/model/test_decode_graph.py on a GPU.
 """
 
 import pytest
 import torch
 
 from qvl.demo import demo_prompt
-from qvl.model import graphs
 from qvl.model.graphs import DecodeGraphPool
 from tests.backends.model_checks import padded_batch, perturbed
-
-
-class CallAgain:
-    """Replays a captured step by running it again into the output captured first (as a graph overwrites it)."""
-
-    def __init__(self, fn, out):
-        self.fn, self.out = fn, out
-
-    def replay(self):
-        self.out.copy_(self.fn())
-
-
-@pytest.fixture
-def captures(monkeypatch):
-    """Capture on the CPU; the list records each capture."""
-    made = []
-
-    def capture(fn, warmup=1, device=None):
-        for _ in range(warmup):
-            fn()
-        made.append(fn)
-        out = fn()
-        return CallAgain(fn, out), out
-
-    monkeypatch.setattr(graphs, "capture", capture)
-    monkeypatch.setattr(graphs, "require_cuda", lambda device, who="": None)
-    return made
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The vision-graph pool: the tower captured once per list of grids (with the pixel dtype, plan, model dtype and
 device), replayed by later calls of those grids, dropped when the backend plan changes or the model moves.
 
-On the CPU the stand-in for `torch.cuda.CUDAGraph` (tests/model/test_graph_pool.py's `captures`) replays by
+On the CPU the stand-in for `torch.cuda.CUDAGraph` (tests/model/graph_standin.py) replays by
 calling the captured tower again with the very objects it was captured with: another image of the same grids
 gets its own features only if its pixels reach the tower through the static buffer the graph was captured on,
 and a returned result survives the next call only if it was copied out of the output buffer. On a GPU the
@@ -19,7 +19,6 @@ from qvl.demo import demo_prompt
 from qvl.errors import InputError
 from qvl.model.graphs import VisionGraphPool
 from tests.backends.model_checks import perturbed
-from tests.model.test_graph_pool import captures  # noqa: F401  (the CPU stand-in for capture and replay)
 from tests.ops.compare import rel_err
 
 CUDA = torch.cuda.is_available()
@@ -38,7 +37,7 @@ def image_pixels(model, grids, seed):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny_qwen2_vl"])  # windowed (Qwen2.5-VL) and not (Qwen2-VL)
-def test_later_calls_of_the_same_grids_replay_the_first_capture(preset, captures):  # noqa: F811
+def test_later_calls_of_the_same_grids_replay_the_first_capture(preset, captures):
     model = perturbed(preset, torch.float32)
     inputs = demo_prompt(model.cfg)
     pixels, grid = inputs["pixel_values"], inputs["image_grid_thw"]
@@ -51,7 +50,7 @@ def test_later_calls_of_the_same_grids_replay_the_first_capture(preset, captures
     assert model.vision_graphs.captured(model, grid, pixels.dtype).capture_seconds > 0
 
 
-def test_another_image_of_the_same_grids_gets_its_own_features(model, captures):  # noqa: F811
+def test_another_image_of_the_same_grids_gets_its_own_features(model, captures):
     """The pixels reach the graph through its input buffer, and each result is a copy of its output buffer."""
     model.vision_graphs.clear()
     first, grid = image_pixels(model, [[1, 8, 12], [1, 6, 6]], seed=1)
@@ -63,7 +62,7 @@ def test_another_image_of_the_same_grids_gets_its_own_features(model, captures):
     assert len(captures) == 1
 
 
-def test_each_list_of_grids_and_pixel_dtype_gets_its_own_entry(model, captures):  # noqa: F811
+def test_each_list_of_grids_and_pixel_dtype_gets_its_own_entry(model, captures):
     model.vision_graphs.clear()
     lists = [[[1, 8, 12], [1, 6, 6]], [[1, 6, 6], [1, 8, 12]], [[2, 6, 6]]]  # the order counts, and t
     for grids in lists:
@@ -77,7 +76,7 @@ def test_each_list_of_grids_and_pixel_dtype_gets_its_own_entry(model, captures):
         *[(grids, "float32") for grids in lists], (lists[0], "float64")]
 
 
-def test_the_least_recently_used_entry_goes(model, captures):  # noqa: F811
+def test_the_least_recently_used_entry_goes(model, captures):
     pool = VisionGraphPool(max_entries=2)
     sizes = [[[1, 6, 6]], [[1, 8, 8]], [[1, 6, 6]], [[1, 4, 4]]]
     for grids in sizes:
@@ -87,7 +86,7 @@ def test_the_least_recently_used_entry_goes(model, captures):  # noqa: F811
     assert [s["grids"] for s in pool.stats()] == [[[1, 6, 6]], [[1, 4, 4]]]  # [1, 8, 8] was the least recent
 
 
-def test_generate_replays_the_vision_tower(model, captures):  # noqa: F811
+def test_generate_replays_the_vision_tower(model, captures):
     model.clear_graphs()
     inputs = demo_prompt(model.cfg)
     plain = model.generate(**inputs, max_new_tokens=4)
@@ -98,7 +97,7 @@ def test_generate_replays_the_vision_tower(model, captures):  # noqa: F811
         (inputs["image_grid_thw"].tolist(), 2)]
 
 
-def test_set_backends_and_moves_empty_the_pool(model, captures):  # noqa: F811
+def test_set_backends_and_moves_empty_the_pool(model, captures):
     model.clear_graphs()
     pixels, grid = image_pixels(model, [[1, 6, 6]], seed=5)
     model.vision_features(pixels, grid, cuda_graph=True)
@@ -114,7 +113,7 @@ def test_set_backends_and_moves_empty_the_pool(model, captures):  # noqa: F811
     assert len(model.vision_graphs) == 0
 
 
-def test_pixels_that_do_not_fit_the_buffer_and_gradients_are_refused(model, captures):  # noqa: F811
+def test_pixels_that_do_not_fit_the_buffer_and_gradients_are_refused(model, captures):
     model.vision_graphs.clear()
     pixels, grid = image_pixels(model, [[1, 6, 6]], seed=6)
     features = model.vision_features(pixels.requires_grad_(), grid, cuda_graph=True)

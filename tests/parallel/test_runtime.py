@@ -62,6 +62,18 @@ def test_greedy_tokens_equal_one_process(runs, config, figure):
         assert rank[figure].tolist() == reference[figure].tolist()
 
 
+@pytest.mark.parametrize("config", CONFIG_NAMES)
+def test_the_graph_path_replays_one_process_tokens(runs, config):
+    """generate(cuda_graph=True) twice with the CPU stand-in for capture and replay: the decode step in its
+    device-length form and the vision tower (data-parallel or split) captured once each, with their collectives
+    inside, replayed by the second call; the tokens are one process's greedy ones."""
+    reference, ranks = runs[config]
+    assert reference["tokens/graphed"].tolist() == reference["tokens/greedy"].tolist()
+    for rank in ranks:
+        assert rank["tokens/graphed"].tolist() == reference["tokens/greedy"].tolist()
+        assert int(rank["graph_captures"]) == int(reference["graph_captures"]) == 2  # a decode step, a tower
+
+
 def test_ranks_sample_the_same_tokens_without_a_seed(runs):
     for _, ranks in runs.values():
         assert ranks[0]["tokens/sampled"].tolist() == ranks[1]["tokens/sampled"].tolist()

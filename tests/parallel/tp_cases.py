@@ -14,6 +14,7 @@ import torch
 import qvl
 from qvl.backends import IGNORE_INDEX
 from qvl.config import PRESETS
+from tests.model.graph_standin import replayed_on_cpu
 from tests.model.prompts import left_pad, pixels, placeholders, text_ids
 
 TINY = PRESETS["tiny"]  # 4 query heads, 2 KV heads: tp 2 splits both; 2 vision heads
@@ -82,6 +83,10 @@ def run_cases(model) -> dict[str, torch.Tensor]:
         mask = torch.cat([images["attention_mask"], torch.ones_like(more)], 1)
         out["logits/continued"] = model(more, attention_mask=mask, past_key_values=first.past_key_values).logits
         out["tokens/greedy"] = model.generate(**images, max_new_tokens=NEW_TOKENS)
+        with replayed_on_cpu() as captured:  # the CUDA-graph path (decode step and vision tower), replayed twice
+            for _ in range(2):
+                out["tokens/graphed"] = model.generate(**images, max_new_tokens=NEW_TOKENS, cuda_graph=True)
+        out["graph_captures"] = torch.tensor(len(captured))
         out["tokens/video"] = model.generate(**video, max_new_tokens=NEW_TOKENS)
         out["tokens/beams"] = model.generate(**images, max_new_tokens=NEW_TOKENS, num_beams=2, num_return_sequences=2)
         # no seed: the ranks must still draw the same tokens (they agree on one)
