@@ -251,12 +251,12 @@ def check_generate_args(args: argparse.Namespace) -> None:
 
 def _device(args: argparse.Namespace) -> torch.device:
     """--device, checked against this machine, --cuda-graph and --tp."""
+    from .parallel.group import check_rank_device
+
     device = parse_device(args.device, "--device")
     if args.cuda_graph and device.type != "cuda":
         raise InputError(f"--cuda-graph needs a CUDA device (--device cuda); got --device {args.device}")
-    if args.tp > 1 and device.type == "cuda" and device.index is not None:
-        raise InputError(f"--tp {args.tp} runs each rank on cuda:LOCAL_RANK: pass --device cuda without an index, "
-                         f"got --device {args.device}")
+    check_rank_device(device, args.tp, f"--tp {args.tp}")
     return device
 
 
@@ -343,9 +343,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     device = _device(args)
     torchrun_rank(args.tp, f"--tp {args.tp}")  # under torchrun, --tp must be its world size
     local_workers = args.tp > 1 and not under_torchrun()  # under torchrun this process is one of the ranks
-    if local_workers and device.type == "cuda" and torch.cuda.device_count() < args.tp:
-        raise InputError(f"--tp {args.tp} on --device cuda starts {args.tp} local workers, one GPU each; this "
-                         f"machine has {torch.cuda.device_count()}")
     try:
         kind, cfg, processor = _model_source(args)
         check_degree(cfg, args.tp, args.vision_parallel)

@@ -58,7 +58,7 @@ from ..checkpoint import from_config, from_pretrained
 from ..dtypes import DTYPES, dtype_name
 from ..errors import ConfigError, QvlError, ResultsError, one_line
 from ..files import read_json, reworded, write_json
-from ..parallel.group import join, local_device, torchrun_rank, under_torchrun
+from ..parallel.group import check_rank_device, join, local_device, torchrun_rank, under_torchrun
 from .config import TRAIN, AblationConfig, ModelSpec, RunSpec, Variant, check_key
 from .measure import Clock, PeakMemory, Progress, environment, summarize
 from .report import FORMAT, check_results, render_run
@@ -263,7 +263,9 @@ class AblationRun:
         warmup = config.run.warmup if warmup is None else check_key(RunSpec, "warmup", warmup, "warmup")
         self.rank = torchrun_rank(self.tp, f"tp {self.tp} ([model] tp or --tp)")
         self.writes = self.rank == 0  # rank 0 alone writes the results (and is the parent of local workers)
-        self.device = _rank_device(resolve_device(device or config.model.device), self.tp)
+        self.device = resolve_device(device or config.model.device)
+        check_rank_device(self.device, self.tp, f"tp {self.tp}")
+        self.device = local_device(self.device)
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)
         self.repeats = repeats or (10 if self.device.type == "cuda" else 3)
@@ -752,20 +754,6 @@ def _one_line(entry: dict) -> str:
     if entry["fallbacks"]:
         parts.append(f"{len(entry['fallbacks'])} fallbacks")
     return ", ".join(parts)
-
-
-def _rank_device(device: torch.device, tp: int) -> torch.device:
-    """The device this rank runs on: cuda:LOCAL_RANK under torchrun for cuda; at tp > 1 a CUDA device with an
-    index is refused, and outside torchrun (local workers, one GPU each) the GPUs are counted."""
-    if tp == 1 or device.type != "cuda":
-        return device
-    if device.index is not None:
-        raise ConfigError(f"device {str(device)!r} with tp {tp}: each rank runs on cuda:LOCAL_RANK; use device "
-                          "\"cuda\" or \"auto\" (--device cuda)")
-    if not under_torchrun() and torch.cuda.device_count() < tp:
-        raise ConfigError(f"tp {tp} on CUDA starts {tp} local workers, one GPU each; this machine has "
-                          f"{torch.cuda.device_count()}")
-    return local_device(device)
 
 
 def _interrupt_once(signum, frame):

@@ -68,6 +68,19 @@ def torchrun_rank(tp: int, name: str) -> int:
     return _environment_int("RANK")
 
 
+def check_rank_device(device: torch.device, tp: int, name: str) -> None:
+    """At tp > 1 on CUDA each rank runs on cuda:LOCAL_RANK: a device with an index is refused, and outside torchrun
+    (local workers, one GPU each) the machine must have tp GPUs. `ConfigError` naming `name` ("--tp 2")."""
+    if tp == 1 or device.type != "cuda":
+        return
+    if device.index is not None:
+        raise ConfigError(f"{name} runs each rank on cuda:LOCAL_RANK: pass the CUDA device without an index "
+                          f"('cuda'), got {str(device)!r}")
+    if not under_torchrun() and torch.cuda.device_count() < tp:
+        raise ConfigError(f"{name} on CUDA starts {tp} local workers, one GPU each; this machine has "
+                          f"{torch.cuda.device_count()}")
+
+
 def local_device(device: torch.device) -> torch.device:
     """A rank's own device: cuda:LOCAL_RANK for a CUDA device without an index under torchrun."""
     if device.type == "cuda" and device.index is None and under_torchrun():

@@ -174,3 +174,25 @@ def test_a_group_torchrun_did_not_describe_is_refused_before_it_starts(monkeypat
     with pytest.raises(qvl.ConfigError, match=message):
         qvl.from_config("tiny", tp=2)
     assert not torch.distributed.is_initialized()
+
+
+def test_ranks_on_cuda_take_a_device_each(monkeypatch):
+    """The check `qvl generate --tp` and `qvl ablate --tp` share (no GPU needed: the count is stood in for)."""
+    from qvl.parallel.group import check_rank_device
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    cuda = torch.device("cuda")
+    check_rank_device(torch.device("cuda:1"), 1, "--tp 1")  # one process: any device
+    check_rank_device(torch.device("cpu"), 4, "--tp 4")  # CPU ranks share the cores
+    with pytest.raises(qvl.ConfigError, match=r"--tp 2 runs each rank on cuda:LOCAL_RANK: .* got 'cuda:1'"):
+        check_rank_device(torch.device("cuda:1"), 2, "--tp 2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(qvl.ConfigError, match="--tp 2 on CUDA starts 2 local workers, one GPU each; this machine "
+                                              "has 1"):
+        check_rank_device(cuda, 2, "--tp 2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_rank_device(cuda, 2, "--tp 2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun the ranks may span nodes: no count
+    check_rank_device(cuda, 2, "--tp 2")
