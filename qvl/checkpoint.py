@@ -27,9 +27,11 @@ from collections.abc import Iterator
 import torch
 
 from .config import Qwen25VLConfig, as_config, config_to_hf_dict, load_hf_config
+from .devices import parse_device
 from .dtypes import DTYPES, dtype_name
 from .errors import CheckpointError, ConfigError
 from .files import read_json, write_json
+from .model.inputs import check_int
 from .model.qwen2_5_vl import Qwen25VL
 from .parallel.group import TensorParallel, join, local_device
 from .parallel.shard import (
@@ -142,7 +144,8 @@ def from_config(preset_or_config="tiny", *, dtype: torch.dtype = torch.float32, 
     processes (see `qvl.parallel.group.join`); each parameter is drawn whole, one at a time, and cut.
     `vision_parallel`: the vision tower whole and data-parallel ("data") or split like the decoder ("tensor")."""
     cfg = as_config(preset_or_config)
-    device = local_device(torch.device(device))  # under torchrun, a CUDA device is the rank's own
+    device = local_device(parse_device(device))  # under torchrun, a CUDA device is the rank's own
+    check_int(seed, "seed", -(2**63), 2**64 - 1)  # torch.Generator.manual_seed's range
     _check_fits(cfg, dtype, device, tp, vision_parallel)
     parallel = join(tp, device)
     model = _allocate(cfg, dtype, device, backends, fallback, parallel, vision_parallel)
@@ -413,13 +416,16 @@ def from_pretrained(directory: str | os.PathLike, *, dtype: torch.dtype | None =
     `CheckpointError` for a folder or file that cannot be used (named, with the problem), found before the model is
     allocated; weights holding NaN or inf are refused after loading, each tensor named.
     """
-    directory = os.fspath(directory)
+    if not isinstance(directory, (str, bytes, os.PathLike)):
+        raise CheckpointError(f"the checkpoint folder must be a path, got {type(directory).__name__} "
+                              f"{directory!r:.60}")
+    directory = os.fsdecode(directory)
     _checkpoint_folder(directory)
     cfg = load_hf_config(directory)
     if overrides:
         cfg = cfg.with_overrides(overrides)
     dtype = dtype or _config_dtype(directory)
-    device = local_device(torch.device(device))  # under torchrun, a CUDA device is the rank's own
+    device = local_device(parse_device(device))  # under torchrun, a CUDA device is the rank's own
     # before the meta model: absurd sizes take long even there
     _check_fits(cfg, dtype, device, tp, vision_parallel)
     plan = _full_plan(cfg, _read_headers(directory), directory)  # checked before memory is allocated

@@ -70,7 +70,7 @@ def sigterm_as_interrupt():
 def cmd_ablate(args: argparse.Namespace) -> int:
     from .ablate import AblationRun, default_config, format_table, load_config
 
-    config = load_config(args.config) if args.config else default_config(args.device or "auto")
+    config = load_config(args.config) if args.config is not None else default_config(args.device or "auto")
     if args.preset:
         from .ablate.config import with_preset
 
@@ -158,7 +158,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .parallel.plan import format_plan, memory_plan, plan_notes
     from .parallel.shard import valid_degrees
 
-    cfg = load_hf_config(args.checkpoint) if args.checkpoint else get_preset(args.preset)
+    cfg = load_hf_config(args.checkpoint) if args.checkpoint is not None else get_preset(args.preset)
     dtype = DTYPES[args.dtype]
     degrees = list(dict.fromkeys(args.tp)) if args.tp else [d for d in valid_degrees(cfg, args.vision) if d <= 8]
     rows: list = []
@@ -171,7 +171,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             rows.append((tp, str(e)))
     if len(refused) == len(degrees):
         raise refused[0]
-    model = f"checkpoint {args.checkpoint}" if args.checkpoint else f"preset {args.preset}"
+    model = f"checkpoint {args.checkpoint}" if args.checkpoint is not None else f"preset {args.preset}"
     print(f"qvl plan: {model}, {cfg.num_parameters():,} parameters in {args.dtype}; {format_bytes(args.memory)} "
           f"per rank, batch {args.batch}")
     print(format_plan(rows))

@@ -632,7 +632,7 @@ def load_hf_config(path: str | os.PathLike) -> Qwen25VLConfig:
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
     if not os.path.lexists(path):
-        raise ConfigError(f"no config.json at {path}")
+        raise ConfigError(f"no config.json at {path or repr(path)}")
     # a directory, a device, a Git LFS pointer, not UTF-8, not JSON, nested too deeply: refused by read_json
     return config_from_hf_dict(read_json(path, error=ConfigError), path)
 

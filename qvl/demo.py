@@ -45,11 +45,14 @@ def backend_mixes() -> list[tuple[str, dict[str, str]]]:
 def run_demo(preset: str = "tiny", new_tokens: int = 8, device: str = "cpu", seed: int = 0) -> list[dict]:
     from .ablate.config import WorkloadSpec, check_key
     from .ablate.runner import resolve_device
+    from .model.generation import check_length
 
     cfg = get_preset(preset)
     check_key(WorkloadSpec, "decode_tokens", new_tokens, "new_tokens")  # the demo decodes as an ablation does
-    model = from_config(cfg, device=resolve_device(device), seed=seed)
     inputs = demo_prompt(cfg, seed)
+    # new tokens past the model's positions: one usage error now, not the same failure in every mix
+    check_length(inputs["input_ids"].shape[1], new_tokens, cfg.text.max_position_embeddings)
+    model = from_config(cfg, device=resolve_device(device), seed=seed)
     ref_logits = ref_tokens = None
     rows = []
     for name, spec in backend_mixes():

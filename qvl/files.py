@@ -89,6 +89,8 @@ def lfs_pointer_problem(head: bytes) -> str | None:
 def regular_file_size(path: str, error: type[QvlError] = QvlError) -> int:
     """The size of `path` (symlinks followed); `error` when it is missing, a directory, or not a regular file
     (a FIFO or device would block or never end)."""
+    if not path:
+        raise error("'': an empty path names no file")
     try:
         st = os.stat(path)
     except FileNotFoundError:

@@ -20,6 +20,8 @@ import torch
 
 from ..backends import IGNORE_INDEX
 from ..config import Qwen25VLConfig
+from ..errors import ConfigError
+from ..memory import ensure_fits
 from ..processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, patch_rows, smart_resize
 from .config import ImageSpec, VideoSpec, WorkloadSpec
 
@@ -127,23 +129,56 @@ def training_labels(input_ids: torch.Tensor, cfg: Qwen25VLConfig,
     return labels
 
 
-def _frames_for_image(spec: ImageSpec, cfg: Qwen25VLConfig, w: WorkloadSpec, gen: torch.Generator) -> torch.Tensor:
-    factor = cfg.vision.patch_size * cfg.vision.spatial_merge_size
-    if spec.file is not None:
-        h, w_ = smart_resize(*image_size(spec.file), factor, w.min_pixels, w.max_pixels)
-        return load_image_file(spec.file, h, w_)
-    h, w_ = smart_resize(*spec.size, factor, w.min_pixels, w.max_pixels)
-    return torch.rand(1, 3, h, w_, generator=gen)
+# A prompt token's bytes while the rows are built: a pointer and an int object in the Python lists, then the int64
+TOKEN_BYTES = 48  # tensor
 
 
-def _frames_for_video(spec: VideoSpec, cfg: Qwen25VLConfig, w: WorkloadSpec, gen: torch.Generator) -> torch.Tensor:
+def _vision_items(spec: WorkloadSpec, cfg: Qwen25VLConfig) -> list[tuple[int, ImageSpec | VideoSpec, int, int, int]]:
+    """Each image and video of a row, as (placeholder token, its spec, frames, height, width) after resizing: what
+    its pixels will be, known before any is made (an image file's size is read from its header)."""
     factor = cfg.vision.patch_size * cfg.vision.spatial_merge_size
-    h, w_ = smart_resize(*spec.size, factor, w.min_pixels, w.max_pixels)
-    return torch.rand(spec.frames, 3, h, w_, generator=gen)
+    items = []
+    for image in spec.images:
+        size = image_size(image.file) if image.file is not None else image.size
+        items.append((cfg.image_token_id, image, 1, *smart_resize(*size, factor, spec.min_pixels, spec.max_pixels)))
+    for video in spec.videos:
+        items.append((cfg.video_token_id, video, video.frames,
+                      *smart_resize(*video.size, factor, spec.min_pixels, spec.max_pixels)))
+    return items
+
+
+def _grid(frames: int, height: int, width: int, cfg: Qwen25VLConfig) -> tuple[int, int, int]:
+    """The (t, h, w) patch grid `patch_rows` gives these frames (the last repeated up to the temporal patch)."""
+    v = cfg.vision
+    return -(-frames // v.temporal_patch_size), height // v.patch_size, width // v.patch_size
+
+
+def check_workload(spec: WorkloadSpec, cfg: Qwen25VLConfig) -> list[tuple[int, ImageSpec | VideoSpec, int, int, int]]:
+    """The row layout of `spec` for `cfg` (`_vision_items`), refused before any token or pixel is made: a seed
+    torch cannot take or a prompt plus decode_tokens past max_position_embeddings (`ConfigError`), inputs that
+    would not fit in memory (`ResourceError`, with the estimate)."""
+    if not -(2**63) <= spec.seed < 2**64:
+        raise ConfigError(f"[workload] seed: must be an integer in [-2**63, 2**64), got {spec.seed}")
+    items = _vision_items(spec, cfg)
+    grids = [_grid(frames, h, w, cfg) for _, _, frames, h, w in items]
+    vision_tokens = sum(t * h * w for t, h, w in grids) // cfg.vision.spatial_merge_size**2
+    length = spec.prompt_tokens + vision_tokens + 2 * len(items)  # each item wrapped in vision start and end
+    if length + spec.decode_tokens > cfg.text.max_position_embeddings:
+        raise ConfigError(f"[workload]: the prompt ({length} tokens: {spec.prompt_tokens} text, {vision_tokens} vision "
+                          f"and {2 * len(items)} around them) plus decode_tokens ({spec.decode_tokens}) exceeds the "
+                          f"model's max_position_embeddings ({cfg.text.max_position_embeddings})")
+    v = cfg.vision
+    pixel_bytes = sum(t * h * w for t, h, w in grids) * 3 * v.temporal_patch_size * v.patch_size**2 * 4  # float32
+    # the patches of every row, then their concatenation (the frames of one item at a time besides)
+    ensure_fits(f"the workload's inputs ({spec.batch_size} rows of {length} tokens, {len(items)} images and videos "
+                "each)", spec.batch_size * (2 * pixel_bytes + length * TOKEN_BYTES), "cpu")
+    return items
 
 
 def build_workload(spec: WorkloadSpec, cfg: Qwen25VLConfig) -> Workload:
-    """Seeded inputs for `cfg`: the same spec and seed give the same prompt for the same architecture."""
+    """Seeded inputs for `cfg`: the same spec and seed give the same prompt for the same architecture. Checked
+    first (`check_workload`): nothing is made for a workload that cannot run."""
+    items = check_workload(spec, cfg)
     gen = torch.Generator().manual_seed(spec.seed)
     merge2 = cfg.vision.spatial_merge_size ** 2
     # Text ids avoid the special tokens (Qwen places them at the top of the vocabulary).
@@ -152,25 +187,22 @@ def build_workload(spec: WorkloadSpec, cfg: Qwen25VLConfig) -> Workload:
                 if t is not None and 0 <= t < cfg.text.vocab_size]
     text_high = min([cfg.text.vocab_size] + specials)
     if text_high < 2:
-        raise ValueError("the vocabulary has no room for ordinary text tokens below the special tokens")
+        raise ConfigError("the vocabulary has no room for ordinary text tokens below the special tokens")
     first_half = spec.prompt_tokens // 2
 
     rows, image_pixels, video_pixels, image_grids, video_grids = [], [], [], [], []
     for _ in range(spec.batch_size):
-        items = []  # (token, grid)
-        for image in spec.images:
-            patches, grid = patchify(normalize(_frames_for_image(image, cfg, spec, gen)), cfg)
-            image_pixels.append(patches)
-            image_grids.append(list(grid))
-            items.append((cfg.image_token_id, grid))
-        for video in spec.videos:
-            patches, grid = patchify(normalize(_frames_for_video(video, cfg, spec, gen)), cfg)
-            video_pixels.append(patches)
-            video_grids.append(list(grid))
-            items.append((cfg.video_token_id, grid))
+        placeholders = []  # (token, grid)
+        for token, item, frames, h, w in items:
+            from_file = isinstance(item, ImageSpec) and item.file is not None
+            pixels = load_image_file(item.file, h, w) if from_file else torch.rand(frames, 3, h, w, generator=gen)
+            patches, grid = patchify(normalize(pixels), cfg)
+            (image_pixels if token == cfg.image_token_id else video_pixels).append(patches)
+            (image_grids if token == cfg.image_token_id else video_grids).append(list(grid))
+            placeholders.append((token, grid))
         text = torch.randint(0, text_high, (spec.prompt_tokens,), generator=gen).tolist()
         ids = text[:first_half]
-        for token, (t, h, w) in items:
+        for token, (t, h, w) in placeholders:
             ids += [cfg.vision_start_token_id] + [token] * (t * h * w // merge2) + [cfg.vision_end_token_id]
         ids += text[first_half:]
         rows.append(ids)
@@ -185,9 +217,6 @@ def build_workload(spec: WorkloadSpec, cfg: Qwen25VLConfig) -> Workload:
         tp = cfg.vision.temporal_patch_size
         inputs["second_per_grid_ts"] = torch.tensor([tp / v.fps for v in spec.videos] * spec.batch_size)
     length = len(rows[0])
-    if length + spec.decode_tokens > cfg.text.max_position_embeddings:
-        raise ValueError(f"the prompt ({length} tokens) plus decode_tokens ({spec.decode_tokens}) exceeds the "
-                         f"model's max_position_embeddings ({cfg.text.max_position_embeddings})")
     per_row_images = image_grids[: len(spec.images)]
     per_row_videos = video_grids[: len(spec.videos)]
     vision_tokens = sum(t * h * w // merge2 for t, h, w in per_row_images + per_row_videos)
@@ -195,5 +224,5 @@ def build_workload(spec: WorkloadSpec, cfg: Qwen25VLConfig) -> Workload:
                     per_row_images, per_row_videos)
 
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "Workload", "build_workload", "load_image_file", "normalize", "patchify",
-           "smart_resize", "training_labels"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "Workload", "build_workload", "check_workload", "load_image_file", "normalize",
+           "patchify", "smart_resize", "training_labels"]

@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..dtypes import FLOAT_DTYPES, dtype_name
+from ..errors import ConfigError
 from .interface import OPERATORS
 
 log = logging.getLogger("qvl.backends")
@@ -208,10 +209,10 @@ def backend_names() -> list[str]:
 
 
 def get_backend(name: str) -> Backend:
-    if name in _LAZY:
+    if isinstance(name, str) and name in _LAZY:
         _load_lazy(name)
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; valid options are: {', '.join(backend_names() + [AUTO])}")
+    if not isinstance(name, str) or name not in _BACKENDS:
+        raise ConfigError(f"unknown backend {name!r}; valid options are: {', '.join(backend_names() + [AUTO])}")
     return _BACKENDS[name]
 
 
@@ -225,36 +226,40 @@ BackendSpec = "str | dict[str, str] | BackendPlan | None"
 
 
 def parse_spec(spec: Any, *, source: str = "backends") -> dict[str, str]:
-    """Turn a spec into {operator: backend name}; unknown operators or backends raise ValueError."""
+    """Turn a spec into {operator: backend name}; unknown operators or backends, or an operator given twice,
+    raise `ConfigError` (a ValueError)."""
     if spec is None or spec == "":
         return {}
     if isinstance(spec, BackendPlan):
         return dict(spec.choices)
     if isinstance(spec, str):
         items = [p.strip() for p in spec.split(",") if p.strip()]
-        mapping = {}
+        mapping, given = {}, set()
         for i, item in enumerate(items):
             op, sep, name = item.partition("=")
             if sep:
+                if op.strip() in given:  # which one was meant? (a bare name first is overridden on purpose)
+                    raise ConfigError(f"{source}: operator {op.strip()!r} is given twice in {spec!r}")
+                given.add(op.strip())
                 mapping[op.strip()] = name.strip()
             elif i == 0:  # a bare name first: every operator, then the overrides that follow
                 mapping = {o: item for o in OPERATORS}
             else:
-                raise ValueError(f"{source}: {item!r} is not operator=backend (a bare backend name, for every "
-                                 f"operator, may only come first) in {spec!r}")
+                raise ConfigError(f"{source}: {item!r} is not operator=backend (a bare backend name, for every "
+                                  f"operator, may only come first) in {spec!r}")
     elif isinstance(spec, dict):
         mapping = {str(k): str(v) for k, v in spec.items()}
     else:
-        raise ValueError(f"{source}: expected a backend name, 'op=backend,...' string or mapping, "
-                         f"got {type(spec).__name__}")
+        raise ConfigError(f"{source}: expected a backend name, 'op=backend,...' string or mapping, "
+                          f"got {type(spec).__name__}")
     for op, name in mapping.items():
         if op not in OPERATORS:
-            raise ValueError(f"{source}: unknown operator {op!r}; valid options are: {', '.join(OPERATORS)}")
+            raise ConfigError(f"{source}: unknown operator {op!r}; valid options are: {', '.join(OPERATORS)}")
         if name != AUTO:
             try:
                 get_backend(name)
             except ValueError as e:
-                raise ValueError(f"{source}: {e}") from None
+                raise ConfigError(f"{source}: {e}") from None
     return mapping
 
 
@@ -298,7 +303,10 @@ def resolve_plan(spec: Any = None, *, fallback: str | None = None) -> BackendPla
         merged.update(scope)
     merged.update(parse_spec(spec))
     if fallback is not None:
-        get_backend(fallback)
+        try:
+            get_backend(fallback)
+        except ValueError as e:
+            raise ConfigError(f"fallback: {e}") from None
     plan = BackendPlan(tuple((op, merged[op]) for op in OPERATORS), fallback)
     if fallback is None:  # an explicit choice that cannot run at all fails now, not at the first call
         for op, name in plan.choices:

@@ -372,7 +372,7 @@ def open_image_file(path: str | os.PathLike, what: str = "image"):
     PIL = _pil()
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise MediaError(f"{what} file not found: {path}")
+        raise MediaError(f"{what} file not found: {path!r}")
     if os.path.isdir(path):
         raise MediaError(f"{what} path is a directory, not an image file: {path}")
     if not os.path.isfile(path):  # a FIFO or a device would block or never end

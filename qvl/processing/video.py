@@ -221,7 +221,7 @@ def load_video(source, *, fps: float = 2.0, source_fps: float | None = None, min
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.exists(path):
-            raise MediaError(f"video not found: {path}")
+            raise MediaError(f"video not found: {path!r}")
         if os.path.isdir(path):
             files = list_frame_files(path)
             if not files:
