@@ -12,14 +12,17 @@ runs with its default attention (SDPA) and its default dynamic KV cache. Workloa
 
 Every row is timed with one clock (CUDA events on a GPU), median of --repeats runs after a warm-up:
   vision ms      the vision tower alone on the image (`get_image_features` / `vision_features`)
-  TTFT ms        `generate(max_new_tokens=1)`: vision tower, positions, prefill, the first token
-  decode tok/s   (N - 1) / (generate(N) - generate(1)), each run's difference: the N - 1 decode steps
+  TTFT ms        `generate(max_new_tokens=1)`: vision tower, positions, prefill, the first token (the CUDA-graph
+                 rows replay the tower and the prefill's device work)
+  decode tok/s   (N - 1) / (generate(N) - generate(1)), each run's difference: the N - 1 decode steps (replayed
+                 steps in the CUDA-graph rows)
   work MiB       peak GPU memory during generate(N) above what was allocated before it (activations, KV cache)
   logits rel err ||L - L_ref|| / ||L_ref|| over the prompt's logits, L_ref from qvl eager in float32 (the
                  reference the parity tests hold to transformers' float32 at 1e-4)
-  capture ms     qvl's CUDA-graph rows: the decode graph's capture, then the vision tower's, each paid once per
-                 shape by the warm-up run (kept in `model.graphs` and `model.vision_graphs` and replayed by every
-                 later call: the vision ms and TTFT of those rows are replays)
+  capture ms     qvl's CUDA-graph rows: the decode graph's capture, then the vision tower's, then the prefill's,
+                 each paid once per shape by the warm-up run (kept in `model.graphs`, `model.vision_graphs` and
+                 `model.prefill_graphs` and replayed by every later call: the vision ms, TTFT and decode tok/s of
+                 those rows are replays)
 Generation never stops early: no EOS for either implementation, so every run decodes exactly N tokens.
 """
 
@@ -135,9 +138,11 @@ def measure(row, inputs: dict, n: int, repeats: int, clock: Clock, ref_logits: t
     graphed = getattr(row, "cuda_graph", False)
     captures = [g["capture_seconds"] * 1e3 for g in row.model.graphs.stats() if g["captured"]] if graphed else []
     vision_captures = [g["capture_seconds"] * 1e3 for g in row.model.vision_graphs.stats()] if graphed else []
+    prefill_captures = [g["capture_seconds"] * 1e3 for g in row.model.prefill_graphs.stats()] if graphed else []
     return {"impl": row.name, "vision_ms": median(vision), "ttft_ms": median(first), "decode_tok_s": median(decode),
             "capture_ms": max(captures) if captures else None,
             "vision_capture_ms": max(vision_captures) if vision_captures else None,
+            "prefill_capture_ms": max(prefill_captures) if prefill_captures else None,
             "work_mib": median(work) if work else None, "logits_rel_err": err,
             "tokens": out[0, prompt_len:].tolist()}
 
@@ -218,8 +223,9 @@ def write(rows: list[dict], out: str, small: bool, preset: str, dtype: torch.dty
             continue
         work = "" if r["work_mib"] is None else f"{r['work_mib']:.0f}"
         capture = "" if r.get("capture_ms") is None else f"{r['capture_ms']:.0f}"
-        if r.get("vision_capture_ms") is not None:
-            capture += f" + {r['vision_capture_ms']:.0f}"
+        for part in ("vision_capture_ms", "prefill_capture_ms"):
+            if r.get(part) is not None:
+                capture += f" + {r[part]:.0f}"
         lines.append(f"| {r['impl']} | {r['vision_ms']:.1f} | {r['ttft_ms']:.1f} | {r['decode_tok_s']:.1f} "
                      f"| {capture} | {work} | {r['logits_rel_err']:.2e} |")
     write_files(out, "model_peers", meta, rows, lines)

@@ -4,7 +4,8 @@ Per variant (warm-up runs first, then `repeats` timed runs; median and min/max r
   vision_ms      the vision tower alone (`model.vision_features` on every image and video); a cuda_graph variant
                  replays it from a graph captured before the first run (vision_graph_capture_ms)
   prefill_ms     time to first token: `prepare` (vision tower, embedding, positions) + `prefill` into a
-                 fresh KV cache + argmax of the last position
+                 fresh KV cache + argmax of the last position; a cuda_graph variant replays the tower and the
+                 prefill's device work from graphs captured before the first run (prefill_graph_capture_ms)
   decode_tok_s   batch * (decode_tokens - 1) / time of the greedy `decode_step` loop after the prefill; a
                  variant with cuda_graph = true replays the step from a CUDA graph, captured after the
                  prefill and outside the timed loop (two warm-up steps and the capture, per run)
@@ -144,7 +145,7 @@ def _generation_pass(model, work: Workload, forced: torch.Tensor | None = None, 
     Returns (tokens (B, N), logits (B, N, V) float32 on the CPU or None)."""
     cache = model.decode_cache(work.batch_size, work.total_length, cuda_graph)
     prompt = model.prepare(**work.inputs, cuda_graph=cuda_graph)
-    logits = model.prefill(prompt, cache)
+    logits = model.prefill(prompt, cache, cuda_graph)
     decode = model.decoder(prompt, cache, cuda_graph)
     tokens, kept = [logits.argmax(-1)], [logits.float().cpu()] if keep_logits else None
     for step in range(1, work.decode_tokens):
@@ -163,7 +164,7 @@ def _timed_generation(model, work: Workload, clock: Clock, cuda_graph: bool):
 
     def first():
         prompt = model.prepare(**work.inputs, cuda_graph=cuda_graph)
-        return prompt, model.prefill(prompt, cache).argmax(-1)
+        return prompt, model.prefill(prompt, cache, cuda_graph).argmax(-1)
 
     (prompt, token), ttft_ms = clock.time(first)
     decode = model.decoder(prompt, cache, cuda_graph)  # the first run of a shape captures its graph here, untimed
@@ -184,8 +185,11 @@ def measure_timings(model, work: Workload, clock: Clock, warmup: int, repeats: i
     greedy tokens of the last run."""
     vision, ttft, decode = [], [], []
     tokens = None
-    if cuda_graph and work.has_vision:  # the vision graphs captured first, outside every timing
-        _run_vision(model, work, cuda_graph)
+    if cuda_graph:  # the vision and prefill graphs captured first, outside every timing
+        cache = model.decode_cache(work.batch_size, work.total_length, cuda_graph)
+        prompt = model.prepare(**work.inputs, cuda_graph=cuda_graph)
+        model.prefill(prompt, cache, cuda_graph)
+        prefill_graph = model.prefill_graphs.captured(model, prompt, cache)  # None: a prefill the plan cannot replay
     for i in range(warmup + repeats):
         timed = i >= warmup
         tick(f"repeat {i - warmup + 1}/{repeats}" if timed else f"warm-up {i + 1}/{warmup}", 0)
@@ -209,6 +213,7 @@ def measure_timings(model, work: Workload, clock: Clock, warmup: int, repeats: i
         towers = [model.vision_graphs.captured(model, grid, pixels.dtype) for pixels, grid in _vision_inputs(work)]
         figures["vision_graph_capture_ms"] = (sum(t.capture_seconds for t in towers) * 1e3
                                               if towers and all(towers) else None)
+        figures["prefill_graph_capture_ms"] = prefill_graph.capture_seconds * 1e3 if prefill_graph else None
     return figures, tokens
 
 

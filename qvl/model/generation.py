@@ -204,7 +204,9 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
     cuda_graph: replay the decode step from a CUDA graph for greedy and sampling, captured by the first call of
     a batch size and cache-length bucket and kept for later ones (`model.graphs`, a `DecodeGraphPool`); beam
     search refuses it (it reorders the cache every step). The vision tower is replayed the same way, captured
-    by the first call of its images' grids (`model.vision_graphs`, a `VisionGraphPool`).
+    by the first call of its images' grids (`model.vision_graphs`, a `VisionGraphPool`), and the prefill, by
+    the first prompt of its shape (rows, length), into the decode step's pooled cache (`model.prefill_graphs`,
+    a `PrefillGraphPool`).
     """
     sample = check_generate_args(
         max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -244,7 +246,7 @@ def generate(model, input_ids, attention_mask=None, pixel_values=None, image_gri
         generator = torch.Generator(device=device)
         generator.manual_seed(agreed_seed(model.parallel, seed))  # under tensor parallelism the ranks draw alike
     cache = model.decode_cache(ids.shape[0], length + max_new_tokens, cuda_graph)
-    logits = model.prefill(prompt, cache)
+    logits = model.prefill(prompt, cache, cuda_graph)
     record = Record(return_dict_in_generate and output_scores, return_dict_in_generate and output_logits)
     if num_beams > 1:
         out = _beam_search(model, prompt, cache, logits, ids, processors, record, eos_t, stops, pad_id,

@@ -1,5 +1,5 @@
 """Work captured once in a CUDA graph and replayed: the decode step for every new token, the vision tower for
-every image set of the same grids.
+every image set of the same grids, the prefill for every prompt of the same shape.
 
 At batch 1 a decode step is bound by the host: Python, the registry and each kernel launch cost more than
 the kernels themselves run (benchmarks/host_overhead.py). Replaying a captured graph launches the whole step
@@ -16,6 +16,13 @@ order, attention segments) runs once per grid list, outside the graph, and the d
 (`VisionTower.encode`) is captured. Its calls take every length from the grids, on the host, and read nothing
 back (tests/model/test_host_syncs.py), so no call asks a backend for anything it could refuse in a graph;
 calls the plan routes to its fallback are routed in the warm-up, before the capture, as in the decode step.
+
+The prefill, time to first token, is bound by the host the same way at batch 1 (the 3b triton prefill of one
+448x448 image and 256 text tokens took 31 ms on an H200, issue 23). `prepare` does everything that reads the
+host (padding, positions, placeholders, the vision tower, the embedding lookup); the device work on what it
+prepared (`Qwen25VL.prefill_logits`: the decoder layers writing the KV cache, the final norm, the last
+position's logits) launches the same work for every prompt of a shape and reads nothing back, so it is
+captured once per shape on the pooled decode cache it fills and replayed for every prompt of that shape.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..backends.registry import AUTO, get_backend
 from ..dtypes import dtype_name
 from ..errors import InputError
 
@@ -283,3 +291,120 @@ class VisionGraphPool(GraphPool):
         return [{"grids": [list(g) for g in k.grids], "pixel_dtype": dtype_name(k.pixel_dtype),
                  "plan": k.plan, "captured": True, "capture_seconds": e.capture_seconds, "calls": e.calls}
                 for k, e in self._entries.items()]
+
+
+# --- the prefill -----------------------------------------------------------------------------------------------
+
+
+def padding_read_on_device(model) -> bool:
+    """Whether the plan's attention reads a batch's left padding from device memory, as a captured padded prefill
+    needs (its replays take other paddings): the backends that take lengths held on the device
+    (`OpImpl.device_lengths`: eager, triton) do; xformers' builds its mask from the padding on the host. An
+    `auto` choice may pick either: counted as not."""
+    name = model.plan["attention"]
+    impl = None if name == AUTO else get_backend(name).impls.get("attention")
+    return bool(getattr(impl, "device_lengths", False))
+
+
+class PrefillGraph:
+    """The prefill's device work (`Qwen25VL.prefill_logits`) for one prompt shape, captured on a pooled decode
+    cache and replayed for any prompt of that shape: `graph(prompt)` -> the last position's logits (B, vocab).
+
+    The graph reads every per-prompt value from static buffers each call copies into: the embeddings (the vision
+    features already placed), the 3-D positions and, for padded batches, the left padding (unpadded prompts
+    have their own graph, with the plain prefill's mask). Building it runs a warm-up (Triton compiles and
+    autotunes there, the registry takes its decisions) and captures; both write only the cache the replay then
+    fills. The cache must stay the pool's while the graph is kept: the graph writes it in place. Inference only:
+    no gradients. The graph keeps the operators of the model's plan at capture.
+    """
+
+    WARMUP_CALLS = 1
+
+    def __init__(self, model, key: PrefillGraphKey, cache):
+        device = model.device
+        require_cuda(device, "PrefillGraph")
+        self.cache = cache
+        self.embeds = torch.zeros(key.batch, key.length, model.cfg.text.hidden_size, dtype=key.dtype, device=device)
+        self.positions = torch.zeros(3, key.batch, key.length, dtype=torch.long, device=device)
+        self.pad = torch.zeros(key.batch, dtype=torch.long, device=device) if key.padded else None
+        self.calls = 0
+        started = time.perf_counter()
+        with torch.no_grad():
+            self.graph, self.logits = capture(
+                lambda: model.prefill_logits(self.embeds, self.positions, self.pad, key.uniform, cache),
+                self.WARMUP_CALLS, device)
+        self.capture_seconds = time.perf_counter() - started
+
+    @torch.no_grad()
+    def __call__(self, prompt) -> torch.Tensor:
+        if prompt.embeds.shape != self.embeds.shape:  # copy_ would broadcast one row over the batch
+            raise ValueError(f"PrefillGraph: embeddings must be {tuple(self.embeds.shape)}, got "
+                             f"{tuple(prompt.embeds.shape)}")
+        self.embeds.copy_(prompt.embeds)
+        self.positions.copy_(prompt.positions)
+        if self.pad is not None:
+            self.pad.copy_(prompt.pad)
+        self.graph.replay()
+        self.calls += 1
+        return self.logits.clone()  # the next replay of this shape overwrites the buffer
+
+
+@dataclass(frozen=True)
+class PrefillGraphKey:
+    """What a captured prefill is specific to: rows, prompt length, whether the three position streams are equal
+    (text only: the rotary kernels differ), whether the batch is left-padded (the mask differs), the cache it
+    writes (the decode pool's bucket), the operators chosen, dtype and device."""
+
+    batch: int
+    length: int
+    uniform: bool
+    padded: bool
+    cache_len: int
+    plan: str
+    dtype: torch.dtype
+    device: torch.device
+
+
+class PrefillGraphPool(GraphPool):
+    """Prefills captured once per (batch, prompt length, text only or not, padded or not, cache bucket, backend
+    plan, dtype, device) and kept across calls, so only the first prompt of a shape pays the capture. Each is
+    captured on the static cache of the decode pool's entry (`DecodeGraphPool`), which the decode step then
+    continues: no cache of its own. Lengths are matched exactly. An entry whose cache the decode pool let go
+    (evicted, cleared) is dropped at the next graphed prefill, and every entry by `model.clear_graphs()`
+    (`set_backends` with another plan, `.to`); at most `max_entries` are kept, the least recently used going
+    first with its graph's memory.
+    """
+
+    def key(self, model, prompt, cache) -> PrefillGraphKey:
+        batch, length = prompt.embeds.shape[:2]
+        return PrefillGraphKey(batch, length, prompt.uniform, prompt.pad is not None, cache.max_len,
+                               str(model.plan), model.dtype, model.device)
+
+    def graph(self, model, prompt, cache) -> PrefillGraph:
+        """The entry for `prompt`'s shape on `cache` (from `model.decode_cache(..., cuda_graph=True)`), captured
+        first if there is none."""
+        require_cuda(model.device, "prefill: cuda_graph=True")
+        if model.graphs.entry_for(cache) is None:
+            raise ValueError("prefill: cuda_graph=True needs the pooled cache of decode_cache(..., cuda_graph=True)")
+        for stale in [k for k, e in self._entries.items() if model.graphs.entry_for(e.cache) is None]:
+            del self._entries[stale]  # its graph writes a cache no decode graph continues, and keeps it alive
+        key = self.key(model, prompt, cache)
+        return self._use(key, lambda: PrefillGraph(model, key, cache))
+
+    def logits(self, model, prompt, cache) -> torch.Tensor:
+        """`prompt`'s prefill into `cache` replayed from its shape's graph: the last position's logits. A padded
+        prompt whose plan reads the padding on the host (`padding_read_on_device`) runs launched op by op
+        instead, into the same cache: a graph would replay the padding it was captured with."""
+        if prompt.pad is not None and not padding_read_on_device(model):
+            return model.prefill_logits(prompt.embeds, prompt.positions, prompt.pad, prompt.uniform, cache)
+        return self.graph(model, prompt, cache)(prompt)
+
+    def captured(self, model, prompt, cache) -> PrefillGraph | None:
+        """The graph captured for `prompt`'s shape on `cache` under the model's plan, if any."""
+        return self._entries.get(self.key(model, prompt, cache))
+
+    def stats(self) -> list[dict]:
+        """Per entry: its key, the capture's seconds and how many calls used it."""
+        return [{"batch": k.batch, "length": k.length, "uniform": k.uniform, "padded": k.padded,
+                 "cache_len": k.cache_len, "plan": k.plan, "captured": True, "capture_seconds": e.capture_seconds,
+                 "calls": e.calls} for k, e in self._entries.items()]

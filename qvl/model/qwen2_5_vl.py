@@ -28,7 +28,7 @@ from ..parallel.shard import check_vision_mode, local_sizes
 from ..parallel.vision import encode_data_parallel
 from . import generation
 from .cache import StaticKVCache
-from .graphs import DecodeGraph, DecodeGraphPool, VisionGraphPool
+from .graphs import DecodeGraph, DecodeGraphPool, PrefillGraphPool, VisionGraphPool
 from .inputs import (
     check_cache_position,
     check_pixels,
@@ -118,6 +118,7 @@ class Qwen25VL(nn.Module):
         self.reset_rotary()
         self.graphs = DecodeGraphPool()  # decode steps captured once per shape, kept across generate calls
         self.vision_graphs = VisionGraphPool()  # the vision tower captured once per list of grids
+        self.prefill_graphs = PrefillGraphPool()  # the prefill captured once per prompt shape, on a decode cache
         self.set_backends(backends, fallback=fallback)
 
     def _apply(self, fn, recurse=True):
@@ -129,9 +130,10 @@ class Qwen25VL(nn.Module):
         return self
 
     def clear_graphs(self) -> None:
-        """Drop every captured graph (decode steps and vision towers) with the memory it holds."""
+        """Drop every captured graph (decode steps, vision towers, prefills) with the memory it holds."""
         self.graphs.clear()
         self.vision_graphs.clear()
+        self.prefill_graphs.clear()
 
     def reset_rotary(self) -> None:
         """(Re)compute the float32 rotary frequency buffers, e.g. after allocating on another device."""
@@ -148,7 +150,7 @@ class Qwen25VL(nn.Module):
 
     def set_backends(self, backends=None, *, fallback: str | None = None) -> Qwen25VL:
         """Resolve a backend plan (see `qvl.backends.registry`) and route every operator through it. Captured
-        graphs (decode steps, vision towers) replay the old plan's kernels: they are dropped when the plan
+        graphs (decode steps, vision towers, prefills) replay the old plan's kernels: they are dropped when the plan
         changes."""
         plan = resolve_plan(backends, fallback=fallback)
         if getattr(self, "ops", None) is None or plan != self.ops.plan:
@@ -463,12 +465,28 @@ class Qwen25VL(nn.Module):
         return t.num_hidden_layers, batch, max_len, self.sizes.kv_heads, t.head_dim
 
     @torch.no_grad()
-    def prefill(self, prompt: Prompt, cache: StaticKVCache) -> torch.Tensor:
-        """Run the prompt into an empty cache; return the last position's logits (B, vocab)."""
-        n = prompt.embeds.shape[1]
-        hidden = self.model(self.ops, prompt.embeds, prompt.positions, self.rotary(prompt.uniform),
-                            CausalMask(prompt.pad), cache=cache, start=0)
-        cache.length = n
+    def prefill(self, prompt: Prompt, cache: StaticKVCache, cuda_graph: bool = False) -> torch.Tensor:
+        """Run the prompt into an empty cache; return the last position's logits (B, vocab).
+
+        cuda_graph: replay the device work (`prefill_logits`) from a CUDA graph (CUDA only), captured by the
+        first prompt of its shape and kept for later ones (`self.prefill_graphs`, a `PrefillGraphPool`); `cache`
+        must then be the pooled one of `decode_cache(..., cuda_graph=True)`, which the graph writes.
+        """
+        if cuda_graph:
+            logits = self.prefill_graphs.logits(self, prompt, cache)
+        else:
+            logits = self.prefill_logits(prompt.embeds, prompt.positions, prompt.pad, prompt.uniform, cache)
+        cache.length = prompt.embeds.shape[1]
+        return logits
+
+    def prefill_logits(self, embeds: torch.Tensor, positions: torch.Tensor, pad: torch.Tensor | None,
+                       uniform: bool, cache: StaticKVCache) -> torch.Tensor:
+        """The prefill's device work on a prepared prompt: the decoder layers over `embeds` (B, L, hidden) at
+        `positions` (3, B, L) with left padding `pad` (B,) or None, writing cache slots [0, L), then the final
+        norm and the last position's logits (B, vocab). It launches the same work for every prompt of a shape and
+        reads no value back to the host (the padding too, where the plan's attention reads it on the device:
+        `graphs.padding_read_on_device`), so `PrefillGraph` captures it; `cache.length` is the caller's."""
+        hidden = self.model(self.ops, embeds, positions, self.rotary(uniform), CausalMask(pad), cache=cache, start=0)
         return self.logits(hidden[:, -1])
 
     @torch.no_grad()

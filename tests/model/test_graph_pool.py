@@ -33,7 +33,7 @@ def test_later_calls_of_a_shape_replay_the_first_capture(model, captures):
     for _ in range(2):  # the second round captures nothing
         pooled = [model.generate(**inputs, max_new_tokens=6, cuda_graph=True) for inputs in (image, batch)]
         assert [p.tolist() for p in pooled] == [p.tolist() for p in plain]
-    assert len(captures) == 3  # a decode step per batch size, and the image prompt's vision tower
+    assert len(captures) == 5  # a prefill and a decode step per prompt shape, and the image prompt's vision tower
     assert [(s["batch"], s["cache_len"], s["captured"], s["calls"]) for s in model.graphs.stats()] == [
         (1, 256, True, 2), (batch["input_ids"].shape[0], 256, True, 2)]
 
@@ -46,7 +46,7 @@ def test_another_prompt_of_the_same_shape_gets_its_own_tokens(model, captures):
     plain = [model.generate(**b, max_new_tokens=5) for b in (batch, other)]
     pooled = [model.generate(**b, max_new_tokens=5, cuda_graph=True) for b in (batch, other)]
     assert [p.tolist() for p in pooled] == [p.tolist() for p in plain]
-    assert len(captures) == 1
+    assert len(captures) == 2  # the prefill and the decode step of the shape
 
 
 def test_a_longer_cache_takes_a_new_bucket_and_the_oldest_entry_goes(model, captures):

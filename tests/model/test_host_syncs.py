@@ -20,6 +20,7 @@ import qvl.backends.interface as interface
 from qvl.backends import get_backend
 from qvl.demo import demo_prompt
 from qvl.launches import LaunchCounter
+from qvl.model.qwen2_5_vl import Qwen25VL
 from qvl.model.text import DecoderLayer
 from qvl.model.vision import PatchEmbed, PatchMerger, VisionBlock, VisionTower
 from tests.backends.model_checks import padded_batch, perturbed
@@ -30,8 +31,10 @@ SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_un
                "equal", "is_nonzero",
                "lift_fresh"}  # torch.tensor(host data): on a GPU a copy to the device, which waits like a read
 LAYER_CODE = {cls.forward.__code__: cls.__name__ for cls in (VisionBlock, PatchMerger, DecoderLayer)}
-# and all of the vision tower's device work, blocks or not: what a vision CUDA graph captures (qvl/model/graphs.py)
+# and all of the vision tower's and the prefill's device work, layers or not: what their CUDA graphs capture
+# (qvl/model/graphs.py)
 LAYER_CODE[VisionTower.encode.__code__] = "VisionTower.encode"
+LAYER_CODE[Qwen25VL.prefill_logits.__code__] = "Qwen25VL.prefill_logits"
 
 
 class SyncRecorder(LaunchCounter):
@@ -121,6 +124,21 @@ def test_a_sync_in_the_vision_tower_outside_its_blocks_is_caught(monkeypatch):
     monkeypatch.setattr(PatchEmbed, "forward", embed_reading_a_pixel)
     syncs = _generate_recording_syncs(model, demo_prompt(model.cfg))
     assert syncs == ["aten._local_scalar_dense.default in VisionTower.encode"]
+
+
+def test_a_sync_in_the_prefill_outside_its_layers_is_caught(monkeypatch):
+    """The whole of `Qwen25VL.prefill_logits` is checked, not only its layers: a read planted in the logits of the
+    last position is caught once, in the prefill (the decode step's logits are not a captured prefill's)."""
+    model = perturbed("tiny", torch.float32, device="cpu")
+    logits = Qwen25VL.logits
+
+    def logits_reading_a_state(self, hidden):
+        hidden[0, 0].item()
+        return logits(self, hidden)
+
+    monkeypatch.setattr(Qwen25VL, "logits", logits_reading_a_state)
+    syncs = _generate_recording_syncs(model, padded_batch())
+    assert syncs == ["aten._local_scalar_dense.default in Qwen25VL.prefill_logits"]
 
 
 def test_block_diagonal_mask_keeps_its_lengths_on_the_host():

@@ -92,7 +92,7 @@ def test_generate_replays_the_vision_tower(model, captures):
     plain = model.generate(**inputs, max_new_tokens=4)
     for _ in range(2):
         assert model.generate(**inputs, max_new_tokens=4, cuda_graph=True).tolist() == plain.tolist()
-    assert len(captures) == 2  # the tower and the decode step, once each
+    assert len(captures) == 3  # the tower, the prefill and the decode step, once each
     assert [(s["grids"], s["calls"]) for s in model.vision_graphs.stats()] == [
         (inputs["image_grid_thw"].tolist(), 2)]
 

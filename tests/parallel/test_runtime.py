@@ -64,14 +64,14 @@ def test_greedy_tokens_equal_one_process(runs, config, figure):
 
 @pytest.mark.parametrize("config", CONFIG_NAMES)
 def test_the_graph_path_replays_one_process_tokens(runs, config):
-    """generate(cuda_graph=True) twice with the CPU stand-in for capture and replay: the decode step in its
-    device-length form and the vision tower (data-parallel or split) captured once each, with their collectives
-    inside, replayed by the second call; the tokens are one process's greedy ones."""
+    """generate(cuda_graph=True) twice with the CPU stand-in for capture and replay: the vision tower
+    (data-parallel or split), the prefill and the decode step in its device-length form captured once each, with
+    their collectives inside, replayed by the second call; the tokens are one process's greedy ones."""
     reference, ranks = runs[config]
     assert reference["tokens/graphed"].tolist() == reference["tokens/greedy"].tolist()
     for rank in ranks:
         assert rank["tokens/graphed"].tolist() == reference["tokens/greedy"].tolist()
-        assert int(rank["graph_captures"]) == int(reference["graph_captures"]) == 2  # a decode step, a tower
+        assert int(rank["graph_captures"]) == int(reference["graph_captures"]) == 3  # a tower, a prefill, a step
 
 
 def test_ranks_sample_the_same_tokens_without_a_seed(runs):

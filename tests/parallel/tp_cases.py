@@ -83,7 +83,7 @@ def run_cases(model) -> dict[str, torch.Tensor]:
         mask = torch.cat([images["attention_mask"], torch.ones_like(more)], 1)
         out["logits/continued"] = model(more, attention_mask=mask, past_key_values=first.past_key_values).logits
         out["tokens/greedy"] = model.generate(**images, max_new_tokens=NEW_TOKENS)
-        with replayed_on_cpu() as captured:  # the CUDA-graph path (decode step and vision tower), replayed twice
+        with replayed_on_cpu() as captured:  # the CUDA-graph path (vision tower, prefill, decode step), run twice
             for _ in range(2):
                 out["tokens/graphed"] = model.generate(**images, max_new_tokens=NEW_TOKENS, cuda_graph=True)
         out["graph_captures"] = torch.tensor(len(captured))
