@@ -12,8 +12,9 @@
 #   bash benchmarks/gpu_session.sh tp         # tensor parallelism's NCCL collectives on one GPU: a group of one
 #                                             # next to no group, the decode graph captured with them (tp_collectives.py)
 #   bash benchmarks/gpu_session.sh preprocess # image preprocessing on the host vs on the device (preprocess.py)
-#   bash benchmarks/gpu_session.sh speed      # issue 23's figures in one call: peers (TTFT with the kept graphs,
-#                                             # capture apart), batches, the kernel table, tp and preprocess
+#   bash benchmarks/gpu_session.sh graphs     # decode, vision and prefill graphs vs the plain path; 3b timings
+#   bash benchmarks/gpu_session.sh speed      # issue 23's figures in one call: graphs, peers (TTFT with the kept
+#                                             # graphs, capture apart), batches, the kernel table, tp, preprocess
 #   bash benchmarks/gpu_session.sh ablate     # the default ablation (3b, every backend mix)
 #   bash benchmarks/gpu_session.sh configs    # the shipped ablations/*.toml at the 3b preset (bf16 but dtype.toml)
 #   bash benchmarks/gpu_session.sh baseline   # the benchmark suite, written as this GPU's baseline
@@ -77,6 +78,18 @@ stage_profile() { script_stage host_profile "$1"; }
 stage_batches() { script_stage decode_batches "$1"; }
 stage_tp() { script_stage tp_collectives "$1"; }
 stage_preprocess() { script_stage preprocess "$1"; }
+
+# issue 23's graphs on the device: decode, vision and prefill captured and replayed against the plain path, the 3b
+# timing lines (vision tower, TTFT) printed, and the device preprocessing against torchvision's on the GPU
+stage_graphs() {
+  log "graphs (<= $(box "$1") s)"
+  timeout "$(box "$1")" python3 -m pytest -q -s -rfEs -p no:cacheprovider tests/model/test_decode_graph.py \
+    tests/model/test_vision_graph_pool.py tests/model/test_prefill_graph_pool.py \
+    tests/processing/test_image.py -k "gpu or cuda or graph or 3b" > "$FULL/graphs.txt" 2>&1
+  log "graphs exit $?"
+  { grep -E "FAILED|ERROR|3b bf16" "$FULL/graphs.txt" | head -20; tail -2 "$FULL/graphs.txt"; } >> "$OUT/summary.txt"
+  cp "$FULL/graphs.txt" "$OUT/"
+}
 
 stage_tests() {
   log "tests (<= $(box "$1") s, $EXAMPLES hypothesis examples, 12 workers)"
@@ -149,8 +162,9 @@ profile) BUDGET_S=580 stage_profile 560 ;;
 batches) BUDGET_S=580 stage_batches 560 ;;
 tp) BUDGET_S=580 stage_tp 560 ;;
 preprocess) BUDGET_S=580 stage_preprocess 560 ;;
-speed) PLAN=${PLAN:-peers:170 batches:170 figures:130 tp:60 preprocess:20} BUDGET_S=580; for step in $PLAN; do "stage_${step%%:*}" "${step##*:}"; done ;;
-*) echo "stages: lease speed tests figures decode peers batches tp preprocess train profile ablate configs baseline"; exit 2 ;;
+graphs) BUDGET_S=580 stage_graphs 560 ;;
+speed) PLAN=${PLAN:-graphs:90 peers:150 batches:140 figures:110 tp:50 preprocess:20} BUDGET_S=580; for step in $PLAN; do "stage_${step%%:*}" "${step##*:}"; done ;;
+*) echo "stages: lease speed tests graphs figures decode peers batches tp preprocess train profile ablate configs baseline"; exit 2 ;;
 esac
 tar -czf "$OUT/results.tar.gz" -C "$FULL" . && rm -rf "$FULL"
 cat "$OUT/kernel_figures.md" "$OUT/decode_sweep.md" "$OUT/model_peers.md" "$OUT/decode_batches.md" \
