@@ -31,7 +31,7 @@ from .devices import parse_device
 from .dtypes import DTYPES, dtype_name
 from .errors import CheckpointError, ConfigError
 from .files import read_json, write_json
-from .model.inputs import check_int
+from .model.inputs import SEED_MAX, SEED_MIN, check_int
 from .model.qwen2_5_vl import Qwen25VL
 from .parallel.group import TensorParallel, join, local_device
 from .parallel.shard import (
@@ -145,7 +145,7 @@ def from_config(preset_or_config="tiny", *, dtype: torch.dtype = torch.float32, 
     `vision_parallel`: the vision tower whole and data-parallel ("data") or split like the decoder ("tensor")."""
     cfg = as_config(preset_or_config)
     device = local_device(parse_device(device))  # under torchrun, a CUDA device is the rank's own
-    check_int(seed, "seed", -(2**63), 2**64 - 1)  # torch.Generator.manual_seed's range
+    check_int(seed, "seed", SEED_MIN, SEED_MAX)  # torch.Generator.manual_seed's range
     _check_fits(cfg, dtype, device, tp, vision_parallel)
     parallel = join(tp, device)
     model = _allocate(cfg, dtype, device, backends, fallback, parallel, vision_parallel)

@@ -15,13 +15,17 @@ file, the key and what is allowed, e.g.
 from __future__ import annotations
 
 import os
+import re
+import unicodedata
 from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar
 
 from ..backends import OPERATORS, backend_names, parse_spec
 from ..config import PRESETS, Qwen25VLConfig, TextConfig, VisionConfig, get_preset, load_hf_config
 from ..dtypes import DTYPES
+from ..errors import QvlError
 from ..files import read_text
+from ..model.inputs import SEED_RANGE, is_seed
 from ..parallel.shard import check_degree
 from .schema import (
     At,
@@ -50,6 +54,13 @@ MODES = (GENERATE, TRAIN)
 MIN_PIXELS = 56 * 56
 MAX_PIXELS = 12845056
 SIZE_TEXT = "[height, width] of positive ints"
+# The longest file name Linux, macOS and Windows filesystems take, in bytes (NAME_MAX): the config's name names its
+# results folder, and a variant's name is held to the same length.
+NAME_BYTES = 255
+FOLDER_NAME, FOLDER_NAME_TEXT = r"[A-Za-z0-9][A-Za-z0-9_.-]*", "letters, digits, '_', '-' or '.'"
+# characters a name must not hold: control characters (a newline, an escape sequence), line and paragraph
+# separators (each breaks a table row or a one-line message) and lone surrogates (not writable as UTF-8)
+NOT_IN_NAMES = ("Cc", "Cs", "Zl", "Zp")
 
 
 # --- values no plain type describes: each parses (value, where, key) to the stored value ---------------------------
@@ -60,6 +71,45 @@ def _size(value: Any, at: At, key: str) -> tuple[int, int]:
     if not (isinstance(value, list) and len(value) == 2 and all(is_int(x) and x > 0 for x in value)):
         raise at.error("", f"{key} must be {SIZE_TEXT}, got {show_value(value)}")
     return value[0], value[1]
+
+
+def _seed(value: Any, at: At, key: str) -> int:
+    """A seed torch.Generator.manual_seed takes (`is_seed`), checked here rather than when inputs are built."""
+    if not is_seed(value):
+        rule = f" in {SEED_RANGE}" if is_int(value) else ""
+        raise at.error(key, f"must be an integer{rule}, got {show_value(value)}")
+    return value
+
+
+def _check_length(name: str, at: At, key: str) -> None:
+    size = len(name.encode("utf-8"))
+    if size > NAME_BYTES:
+        raise at.error(key, f"must be at most {NAME_BYTES} bytes in UTF-8 (the longest file name), got {size}: "
+                            f"{show_value(name)}")
+
+
+def _folder_name(value: Any, at: At, key: str) -> str:
+    """The config's name, which names its results folder: `FOLDER_NAME`'s characters, at most NAME_BYTES."""
+    if not isinstance(value, str) or not re.fullmatch(FOLDER_NAME, value):
+        raise at.error(key, f"must be {FOLDER_NAME_TEXT} (it names the results folder); got {show_value(value)}")
+    _check_length(value, at, key)
+    return value
+
+
+def _name(value: Any, at: At, key: str) -> str:
+    """A variant's name, shown in tables and one-line messages: a non-empty string (spaces around it dropped) of
+    at most NAME_BYTES in UTF-8, without control characters or line breaks (`NOT_IN_NAMES`)."""
+    if not isinstance(value, str):
+        raise at.error(key, f"must be a string, got {show_value(value)}")
+    value = value.strip()
+    if not value:
+        raise at.error(key, "must not be empty")
+    bad = next((c for c in value if unicodedata.category(c) in NOT_IN_NAMES), None)
+    if bad is not None:
+        raise at.error(key, f"must not hold control characters or line breaks, got {ascii(bad)} in "
+                            f"{show_value(value)}")
+    _check_length(value, at, key)
+    return value
 
 
 def _path(value: Any, at: At, key: str) -> str:
@@ -138,6 +188,8 @@ def _overrides(value: Any, at: At, key: str) -> dict[str, Any]:
 
 
 OVERRIDES_TEXT = "table of dotted config fields"
+SEED_TYPE = f"integer in `{SEED_RANGE}`"  # torch.Generator.manual_seed's range
+NAME_TEXT = f"non-empty string of at most {NAME_BYTES} bytes, no control characters"
 # a fallback key: "none" (strict) or a backend for the calls a variant's own backends cannot run
 FALLBACK = {"choices": lambda: [STRICT, *backend_names()], "store": lambda name: None if name == STRICT else name,
             "show": lambda spec: spec.fallback or STRICT}
@@ -187,7 +239,7 @@ class WorkloadSpec:
     decode_tokens: int = key(8, "generate mode only: new tokens, greedy (the first comes from the prefill)",
                              minimum=1)
     batch_size: int = key(1, "prompts per batch (the same prompt repeated)", minimum=1)
-    seed: int = key(0, "seed of the prompt text and the synthesized pixels")
+    seed: int = key(0, "seed of the prompt text and the synthesized pixels", parse=_seed, type_text=SEED_TYPE)
     min_pixels: int = key(MIN_PIXELS, "the processor's lower bound on a resized image's area", minimum=1)
     max_pixels: int = key(MAX_PIXELS, "the processor's upper bound on a resized image's area", minimum=1)
 
@@ -211,7 +263,7 @@ class ModelSpec:
     dtype: str = key("float32", "the weights' and activations' dtype (a variant may set its own)", choices=DTYPES)
     device: str = key("auto", "`auto`: cuda if present, else cpu",
                       pattern=(r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N"))
-    seed: int = key(0, "weight seed for presets")
+    seed: int = key(0, "weight seed for presets", parse=_seed, type_text=SEED_TYPE)
     overrides: dict[str, Any] = key(
         {}, "architecture overrides for every variant, e.g. `{ \"vision.window_size\" = 112 }`", parse=_overrides,
         type_text=OVERRIDES_TEXT)
@@ -248,7 +300,7 @@ class RunSpec:
 class Variant:
     """One variant: backends, dtype and architecture overrides; every figure is compared with the reference's."""
 
-    name: str = key(help="unique; names the variant in tables and plots", nonempty=True)
+    name: str = key(help="unique; names the variant in tables and plots", parse=_name, type_text=NAME_TEXT)
     backends: dict[str, str] = key(help="a backend for every operator (`\"triton\"`), per operator "
                                         "(`\"attention=triton,norm=eager\"`, unnamed operators on eager), both "
                                         "(`\"triton,mlp=triton-gemm\"`) or a table (`{ attention = \"triton\" }`)",
@@ -262,8 +314,8 @@ class Variant:
     overrides: dict[str, Any] = key({}, "architecture overrides on top of [model] overrides", parse=_overrides,
                                     type_text=OVERRIDES_TEXT)
     description: str = key("", "free text, shown in reports")
-    cuda_graph: bool = key(False, "generate mode only: decode steps replayed from a CUDA graph (CUDA devices only; "
-                                  "`qvl.model.graphs`)")
+    cuda_graph: bool = key(False, "generate mode only: the vision tower, the prefill and decode steps replayed from "
+                                  "CUDA graphs (CUDA devices only; `qvl.model.graphs`)")
     gradient_checkpointing: bool = key(False, "train mode only: recompute each decoder layer and vision block in "
                                               "the backward instead of keeping its activations")
 
@@ -276,8 +328,8 @@ class Variant:
 class AblationConfig:
     """The top level of a config file."""
 
-    name: str = key(help="the results folder's name", default_text="the file's name", pattern=(
-        r"[A-Za-z0-9][A-Za-z0-9_.-]*", "letters, digits, '_', '-' or '.' (it names the results folder)"))
+    name: str = key(help="the results folder's name", default_text="the file's name", parse=_folder_name,
+                    type_text=f"{FOLDER_NAME_TEXT}, at most {NAME_BYTES} of them")
     reference: str = key(help="the variant every other one is compared with", type_text="a variant's name")
     model: ModelSpec = key(help="see [model]")
     workload: WorkloadSpec = key(help="see [workload]")
@@ -369,6 +421,7 @@ MAX_CONFIG_BYTES = 1 << 20  # a config is a page of TOML; anything far larger is
 def load_config(path: str | os.PathLike) -> AblationConfig:
     path = os.fspath(path)
     text = read_text(path, error=ConfigError, max_bytes=MAX_CONFIG_BYTES)  # TOML is UTF-8
+    text = text.removeprefix("\ufeff")  # a byte-order mark, as Windows editors write one: tomllib refuses it
     stem = os.path.splitext(os.path.basename(path))[0]
     return parse_config(text, path=path, default_name=stem)
 
@@ -433,6 +486,28 @@ def _check_architectures(cfg: AblationConfig, path: str) -> None:
             except ValueError as e:
                 raise replace(top, section=f"variants[{i}] ({v.name})").error("overrides", str(e)) from None
     _check_tp(cfg, f"{path}: [model] tp")
+    _check_workload(cfg, path)
+
+
+def _check_workload(cfg: AblationConfig, path: str) -> None:
+    """The workload against every architecture the variants run (`check_workload`: its seed, the prompt plus
+    decode_tokens against max_position_embeddings, the inputs' memory), before anything starts: a run would
+    record every variant as failed. A variant is named when its own overrides make the difference."""
+    from .workload import check_workload  # workload.py imports this module
+
+    checked = []
+    for v in sorted(cfg.variants, key=lambda v: bool(v.overrides)):  # the shared architecture first
+        arch = cfg.model_config(v)
+        if arch in checked:
+            continue
+        checked.append(arch)
+        try:
+            check_workload(cfg.workload, arch)
+        except (ValueError, OSError) as e:  # also an image file Pillow cannot read (or no Pillow)
+            message = str(e) if str(e).startswith("[workload]") else f"[workload]: {e}"
+            whose = f"variant {v.name!r} (its overrides): " if v.overrides else ""
+            error = type(e) if isinstance(e, QvlError) else ConfigError
+            raise error(f"{path}: {whose}{message}") from None
 
 
 def _check_tp(cfg: AblationConfig, where: str) -> None:

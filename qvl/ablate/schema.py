@@ -58,7 +58,9 @@ class At:
     def item(self, key: str, index: int, raw: Any = None) -> At:
         """Entry `index` of an array of tables, labelled with its name when it has one: ``variants[0] (eager)``."""
         name = raw.get("name") if isinstance(raw, dict) else None
-        place = f"{key}[{index}]" + (f" ({name})" if isinstance(name, str) else "")
+        # a name unfit for one line (control characters, too long) is left out here; its own check reports it
+        fit = isinstance(name, str) and name.isprintable() and len(name) <= 80
+        place = f"{key}[{index}]" + (f" ({name})" if fit else "")
         return replace(self, section=place) if self.top else replace(self, keys=self.keys + (place,))
 
 

@@ -22,6 +22,7 @@ from ..backends import IGNORE_INDEX
 from ..config import Qwen25VLConfig
 from ..errors import ConfigError
 from ..memory import ensure_fits
+from ..model.inputs import SEED_RANGE, is_seed
 from ..processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, patch_rows, smart_resize
 from .config import ImageSpec, VideoSpec, WorkloadSpec
 
@@ -157,8 +158,8 @@ def check_workload(spec: WorkloadSpec, cfg: Qwen25VLConfig) -> list[tuple[int, I
     """The row layout of `spec` for `cfg` (`_vision_items`), refused before any token or pixel is made: a seed
     torch cannot take or a prompt plus decode_tokens past max_position_embeddings (`ConfigError`), inputs that
     would not fit in memory (`ResourceError`, with the estimate)."""
-    if not -(2**63) <= spec.seed < 2**64:
-        raise ConfigError(f"[workload] seed: must be an integer in [-2**63, 2**64), got {spec.seed}")
+    if not is_seed(spec.seed):
+        raise ConfigError(f"[workload] seed: must be an integer in {SEED_RANGE}, got {spec.seed!r:.60}")
     items = _vision_items(spec, cfg)
     grids = [_grid(frames, h, w, cfg) for _, _, frames, h, w in items]
     vision_tokens = sum(t * h * w for t, h, w in grids) // cfg.vision.spatial_merge_size**2

@@ -24,7 +24,7 @@ import torch
 from ..errors import InputError, NonFiniteError
 from ..parallel.group import agreed_seed
 from . import graphs
-from .inputs import check_int, check_number, check_token_shape
+from .inputs import SEED_MAX, SEED_MIN, check_int, check_number, check_token_shape
 from .sampling import check_processors, check_sampling, logits_processors, process, same_name
 
 UNREACHABLE = -1.0e9  # transformers' score for beams that must not be chosen
@@ -112,7 +112,7 @@ def check_generate_args(*, max_new_tokens=32, do_sample=None, temperature=0.0, t
     sample = temperature > 0 if do_sample is None else do_sample
     if sample and temperature == 0:
         raise InputError(f"{name('do_sample')}=True needs {name('temperature')} > 0 (0 is greedy)")
-    check_int(seed, name("seed"), -(2**63), 2**64 - 1, optional=True)
+    check_int(seed, name("seed"), SEED_MIN, SEED_MAX, optional=True)
     check_processors(repetition_penalty, no_repeat_ngram_size, min_length, min_new_tokens, name)
     check_int(num_beams, name("num_beams"), 1)
     check_int(num_return_sequences, name("num_return_sequences"), 1)

@@ -17,6 +17,14 @@ from ..errors import InputError
 
 # Positions and ids above this would wrap in the int32 index arithmetic of the kernels.
 INT32_LIMIT = 2**31
+# torch.Generator.manual_seed's range (inclusive): the one rule for every seed qvl takes.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+SEED_RANGE = "[-2**63, 2**64)"
+
+
+def is_seed(value) -> bool:
+    """`value` is an int (not a bool) that torch.Generator.manual_seed takes."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and SEED_MIN <= value <= SEED_MAX
 
 
 def _describe(t) -> str:

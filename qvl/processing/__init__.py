@@ -22,6 +22,7 @@ does); see `image` and `video` for what is computed and which transformers proce
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import fields, replace
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import Qwen25VLConfig
+from ..config import Qwen25VLConfig, as_config
 from ..errors import CheckpointError, InputError
 from .chat_template import ChatTemplateError
 from .files import read_json_object
@@ -48,6 +49,7 @@ from .video import FRAME_EXTENSIONS, VIDEO_DEFAULTS, Video, VideoProcessor, load
 IMAGE_CONFIG_FILE = "preprocessor_config.json"
 VIDEO_CONFIG_FILE = "video_preprocessor_config.json"
 PROCESSOR_CONFIG_FILE = "processor_config.json"  # transformers >= 5 may nest both configs here
+GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 def processing_configs(directory: str | os.PathLike | None) -> tuple[VisionProcessingConfig, VisionProcessingConfig]:
@@ -73,6 +75,22 @@ def processing_configs(directory: str | os.PathLike | None) -> tuple[VisionProce
     except ValueError as e:  # a bad value in one of the checkpoint's processor config files
         raise CheckpointError(f"{directory}: {e}") from None
     return image_cfg, video_cfg
+
+
+def generation_eos_ids(directory: str, model_config: Qwen25VLConfig | None = None) -> list[int]:
+    """The ``eos_token_id`` of a checkpoint's generation_config.json (an id or a list of ids; no file, no key or
+    null: none), each an int (not a bool), >= 0 and below `model_config`'s vocabulary size when given; else
+    CheckpointError naming the file and the value, before any model is loaded."""
+    path = os.path.join(directory, GENERATION_CONFIG_FILE)
+    eos = (read_json_object(path) or {}).get("eos_token_id")
+    ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    vocab = model_config.text.vocab_size if model_config is not None else None
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int) or i < 0 or (vocab is not None and i >= vocab):
+            rule = "integers >= 0" + (f" and below the model's vocab_size ({vocab})" if vocab is not None else "")
+            raise CheckpointError(f"{path}: eos_token_id must be a token id or a list of them ({rule}), got "
+                                  f"{json.dumps(eos)[:80]}")
+    return ids
 
 
 class Processor:
@@ -103,17 +121,18 @@ class Processor:
         directory = os.fspath(directory)
         if not os.path.isdir(directory):
             raise CheckpointError(f"checkpoint directory {directory!r} does not exist")
+        model_config = as_config(model_config) if model_config is not None else None
         tokenizer = QwenTokenizer.from_file(directory)
         image_cfg, video_cfg = processing_configs(directory)
         image_cfg, video_cfg = _apply_overrides(image_cfg, video_cfg, overrides)
-        gen = read_json_object(os.path.join(directory, "generation_config.json")) or {}
-        eos = gen.get("eos_token_id")
-        extra = eos if isinstance(eos, list) else ([eos] if isinstance(eos, int) else [])
+        extra = generation_eos_ids(directory, model_config)
         return cls(tokenizer, image_cfg, video_cfg, model_config, extra_stop_ids=extra)
 
     @classmethod
-    def for_config(cls, cfg: Qwen25VLConfig, **overrides: Any) -> Processor:
-        """Default settings and a synthetic byte-level tokenizer at the config's ids (random-weight presets)."""
+    def for_config(cls, cfg: Qwen25VLConfig | str, **overrides: Any) -> Processor:
+        """Default settings and a synthetic byte-level tokenizer at the config's ids (random-weight presets);
+        `cfg` a config or a preset's name (`as_config`; anything else a ConfigError)."""
+        cfg = as_config(cfg)
         image_cfg, video_cfg = processing_configs(None)
         v = cfg.vision
         sizes = {"patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,

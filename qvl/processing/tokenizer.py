@@ -18,6 +18,7 @@ from typing import Any
 
 from ..config import Qwen25VLConfig
 from ..errors import CheckpointError, ConfigError, InputError
+from ..files import read_text
 from . import chat_template as jinja_chat
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -183,11 +184,13 @@ class QwenTokenizer:
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.json")
         folder = os.path.dirname(path) or "."
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise CheckpointError(f"no tokenizer.json at {path}: qvl reads the checkpoint's tokenizer.json "
-                             "(the fast-tokenizer file); copy it into the checkpoint directory")
+                                  "(the fast-tokenizer file); copy it into the checkpoint directory")
+        # read as the checkpoint's other files are: a directory, a FIFO, a Git LFS pointer, not UTF-8 named as such
+        text = read_text(path, error=CheckpointError)
         try:
-            tok = _tokenizers().Tokenizer.from_file(path)
+            tok = _tokenizers().Tokenizer.from_str(text)
         except Exception as e:  # tokenizers raises its own Exception type for malformed files
             raise CheckpointError(f"cannot load {path}: {e}") from None
         templates, _ = jinja_chat.find_chat_templates(folder)

@@ -265,7 +265,9 @@ def test_default_configs_are_expressible_as_toml(device):
 
 
 def test_image_file_resolves_from_the_config_folder(tmp_path):
-    (tmp_path / "pic.png").write_bytes(b"not checked at parse time")
+    from PIL import Image
+
+    Image.new("RGB", (30, 20)).save(tmp_path / "pic.png")  # its header is read at parse time (the workload check)
     path = tmp_path / "c.toml"
     path.write_text('reference = "e"\n[workload]\nimages = [{ file = "pic.png" }]\n[[variants]]\nname = "e"\n')
     cfg = load_config(path)

@@ -1,12 +1,17 @@
 """More hostile use, found by attacking the CLI and the API past the other tests/hostile files: devices torch
 parses but qvl cannot run on, seeds and paths of the wrong type, backend specs that contradict themselves, empty
 paths on the command line, `qvl demo` and ablation workloads whose prompt cannot fit the model's positions or
-memory (refused before anything is built), a tokenizer.json that is a folder.
+memory (refused before anything is built, by `qvl ablate --check` too), seeds and names in ablation configs, a
+byte-order mark before a config's TOML, generation_config.json's eos ids, a tokenizer.json that is not a file.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,15 +20,19 @@ from hypothesis import strategies as st
 
 import qvl
 import qvl.demo
-from qvl.ablate import parse_config
-from qvl.ablate.config import ImageSpec, VideoSpec, WorkloadSpec
+from qvl.ablate import load_config, parse_config
+from qvl.ablate.config import ImageSpec, VideoSpec, WorkloadSpec, with_preset
+from qvl.ablate.runner import make_run_dir
 from qvl.ablate.workload import build_workload, check_workload
 from qvl.backends import parse_spec, resolve_plan
 from qvl.config import get_preset
 from qvl.devices import parse_device
 from qvl.errors import CheckpointError, ConfigError, InputError, ResourceError
 from qvl.generate_cli import resolve_model_source
-from tests.hostile.test_cli import SMALL, cli_run, one_error
+from qvl.processing import Processor, QwenTokenizer
+from tests.hostile.test_checkpoints import LFS_POINTER
+from tests.hostile.test_cli import SMALL, cli_run, one_error, write_config
+from tests.processing.helpers import write_tokenizer
 
 TINY = get_preset("tiny")
 
@@ -243,12 +252,196 @@ def test_workload_check_agrees_with_what_is_built():
         assert work.prompt_length == spec.prompt_tokens + work.vision_tokens + 2 * len(items)
 
 
-def test_an_ablation_run_records_the_refusal_and_runs_nothing_else(tmp_path, capsys):
-    config = tmp_path / "long.toml"
-    config.write_text(SMALL.format(name="long").replace("decode_tokens = 2", "decode_tokens = 5000"))
-    status, _, err = cli_run(capsys, "ablate", config, "--results-dir", tmp_path / "results", "--quiet")
-    assert status == 1 and "Traceback" not in err
-    (results,) = (tmp_path / "results" / "long").glob("*/results.json")
-    variants = json.loads(results.read_text())["variants"]
-    assert [v["status"] for v in variants] == ["failed"] * 3
-    assert all("ConfigError: [workload]: the prompt (6 tokens" in v["error"] for v in variants)
+def test_an_ablation_whose_workload_cannot_run_is_refused_up_front(tmp_path, capsys):
+    """Was: `--check` passed, then the run made its folder and recorded every variant as failed (exit 1)."""
+    config = write_config(tmp_path, "long", SMALL.format(name="long").replace("decode_tokens = 2",
+                                                                               "decode_tokens = 5000"))
+    for extra in (["--check"], ["--results-dir", tmp_path / "results", "--quiet"]):
+        status, out, err = cli_run(capsys, "ablate", config, *extra)
+        one_error(status, err, 2, f"{config}: [workload]: the prompt (6 tokens", "plus decode_tokens (5000)")
+        assert out == ""
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_workload_only_a_variants_overrides_break_names_that_variant(tmp_path, capsys):
+    text = SMALL.format(name="short").replace('name = "third"', 'name = "third"\n'
+                                              'overrides = { "text.max_position_embeddings" = 7 }')
+    with pytest.raises(ConfigError, match=r"^<config>: variant 'third' \(its overrides\): \[workload\]: the prompt "
+                                          r"\(6 tokens.*max_position_embeddings \(7\)$"):
+        parse_config(text)
+    status, _, err = cli_run(capsys, "ablate", write_config(tmp_path, "short", text), "--check")
+    one_error(status, err, 2, "variant 'third' (its overrides): [workload]")
+
+
+def test_a_workload_that_would_not_fit_is_refused_at_parse_time(monkeypatch, nothing_drawn):
+    monkeypatch.setenv("QVL_MEMORY_LIMIT", str(2**30))
+    with pytest.raises(ResourceError, match=r"^<config>: \[workload\]: the workload's inputs \(100000000 rows"):
+        parse_config(SMALL.format(name="big").replace("[run]", "batch_size = 100000000\n[run]"))
+
+
+def test_a_workload_image_file_that_is_not_an_image_is_a_config_error(tmp_path):
+    (tmp_path / "pic.png").write_bytes(b"not an image")
+    text = SMALL.format(name="pic").replace("[workload]", '[workload]\nimages = [{ file = "pic.png" }]')
+    with pytest.raises(ConfigError, match=r"pic.toml: \[workload\]: cannot identify image file .*pic.png"):
+        load_config(write_config(tmp_path, "pic", text))
+
+
+def test_with_preset_checks_the_workload_again():
+    text = SMALL.format(name="x").replace("decode_tokens = 2", "decode_tokens = 5000")
+    with pytest.raises(ConfigError, match="max_position_embeddings"):
+        parse_config(text)
+    small = parse_config(text.replace("decode_tokens = 5000", "decode_tokens = 2"))
+    assert with_preset(small, "3b").model.preset == "3b"  # 3b's positions hold it
+
+
+# --- seeds in ablation configs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("section", ["model", "workload"])
+@pytest.mark.parametrize("value, words", [
+    ("1e20", "must be an integer, got 1e+20"), ("true", "must be an integer, got true"),
+    (str(2**64), f"must be an integer in [-2**63, 2**64), got {2**64}"),
+    (str(-(2**63) - 1), "must be an integer in [-2**63, 2**64)"),
+])
+def test_seeds_outside_manual_seeds_range_are_refused_by_their_key(section, value, words, no_allocation):
+    """Was: `[model] seed = 1e20` or a huge integer passed `--check`, then failed every variant's build."""
+    text = SMALL.format(name="s").replace("[run]", "[model]\n[run]").replace(f"[{section}]",
+                                                                              f"[{section}]\nseed = {value}")
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text)
+    assert f"[{section}] seed: {words}" in str(caught.value)
+
+
+def test_seeds_at_the_ends_of_the_range_parse():
+    for seed in (-(2**63), 2**64 - 1):
+        cfg = parse_config(SMALL.format(name="s").replace("[run]", f"seed = {seed}\n[model]\nseed = {seed}\n[run]"))
+        assert cfg.model.seed == cfg.workload.seed == seed
+
+
+# --- ablation and variant names --------------------------------------------------------------------------------------
+
+
+def test_a_config_name_too_long_for_a_folder(tmp_path, capsys):
+    """Was: passed `--check`, then "File name too long" creating the run folder."""
+    with pytest.raises(ConfigError, match=r"^<config>: name: must be at most 255 bytes in UTF-8 .*got 300: 'x{20}"):
+        parse_config(SMALL.format(name="x" * 300))
+    status, _, err = cli_run(capsys, "ablate", write_config(tmp_path, "n", SMALL.format(name="x" * 256)), "--check")
+    assert len(one_error(status, err, 2, "name: must be at most 255 bytes", "got 256")) < 300
+    longest = parse_config(SMALL.format(name="x" * 255))  # the longest name makes its folder
+    assert os.path.isdir(make_run_dir(str(tmp_path / "results"), longest.name))
+
+
+@pytest.mark.parametrize("name", ["a\\nb", "\\u001b[31mred", "tab\\there", "line\\u2028break", "del\\u007f"])
+def test_variant_names_with_control_characters(name, tmp_path, capsys):
+    """Was: accepted, then printed into the terminal table as is (a newline splits the row)."""
+    text = SMALL.format(name="c").replace('name = "third"', f'name = "{name}"')
+    with pytest.raises(ConfigError, match=r"^<config>: variants\[2\] name: must not hold control characters") as e:
+        parse_config(text)
+    assert "\n" not in str(e.value) and "\x1b" not in str(e.value)
+    status, _, err = cli_run(capsys, "ablate", write_config(tmp_path, "c", text), "--check")
+    one_error(status, err, 2, "variants[2] name: must not hold control characters")
+
+
+def test_variant_names_are_measured_in_utf8_bytes():
+    ok = parse_config(SMALL.format(name="u").replace('name = "third"', f'name = "{"é" * 127}"'))
+    assert ok.variants[2].name == "é" * 127  # 254 bytes
+    with pytest.raises(ConfigError, match=r"variants\[2\] name: must be at most 255 bytes in UTF-8 .*got 256"):
+        parse_config(SMALL.format(name="u").replace('name = "third"', f'name = "{"é" * 128}"'))
+
+
+# --- a byte-order mark --------------------------------------------------------------------------------------------
+
+
+def test_an_ablation_config_with_a_utf8_byte_order_mark(tmp_path, capsys):
+    """Was: "not valid TOML: Invalid statement (at line 1, column 1)"."""
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + SMALL.format(name="bom").encode())
+    assert load_config(path) == load_config(write_config(tmp_path, "bom"))
+    status, out, _ = cli_run(capsys, "ablate", path, "--check")
+    assert status == 0 and out.startswith(f"{path}: ok: bom")
+
+
+# --- a checkpoint's generation_config.json, tokenizer.json; the processor's config ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    qvl.save_pretrained(qvl.from_config("tiny"), folder)
+    write_tokenizer(folder, TINY)
+    return folder
+
+
+@pytest.fixture
+def checkpoint(tiny_checkpoint, tmp_path):
+    """A copy of the tiny checkpoint to spoil."""
+    return Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
+
+
+@pytest.mark.parametrize("eos, shown", [
+    (["x"], '["x"]'), ([-5], "[-5]"), (1.5, "1.5"), (True, "true"), ([2, False], "[2, false]"), ("2", '"2"'),
+    ([TINY.text.vocab_size], f"[{TINY.text.vocab_size}]"), ({"a": 1}, '{"a": 1}'),
+])
+def test_generation_config_eos_ids_that_are_not_ids(checkpoint, eos, shown):
+    """Was: ["x"] "invalid literal for int()", [-5] refused after the model loaded, 1.5 ignored, true taken as 1."""
+    path = checkpoint / "generation_config.json"
+    path.write_text(json.dumps({"eos_token_id": eos}))
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: eos_token_id must be a token id or a list of "
+                                              r"them \(integers >= 0 and below the model's vocab_size \(1024\)\), got "
+                                              f"{re.escape(shown)}$"):
+        Processor.from_pretrained(checkpoint, TINY)
+
+
+def test_generation_config_eos_ids_without_a_model_config(checkpoint):
+    (checkpoint / "generation_config.json").write_text('{"eos_token_id": [5, -1]}')
+    with pytest.raises(CheckpointError, match=r"eos_token_id must be .*\(integers >= 0\), got \[5, -1\]"):
+        Processor.from_pretrained(checkpoint)
+    (checkpoint / "generation_config.json").write_text(f'{{"eos_token_id": {TINY.text.vocab_size}}}')
+    Processor.from_pretrained(checkpoint)  # no vocabulary to hold it against
+
+
+@pytest.mark.parametrize("eos, extra", [(None, ()), (7, (7,)), ([7, 8, 7], (7, 8)), ([], ())])
+def test_generation_config_eos_ids_that_are_ids(checkpoint, eos, extra):
+    if eos is not None:
+        (checkpoint / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    stop = Processor.from_pretrained(checkpoint, TINY).stop_ids
+    assert stop == (*TINY.eos_token_id, *extra)
+
+
+def test_generate_refuses_the_eos_ids_before_loading_the_model(checkpoint, capsys, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(qvl.checkpoint, "from_pretrained", refuse)
+    (checkpoint / "generation_config.json").write_text('{"eos_token_id": [-5]}')
+    status, out, err = cli_run(capsys, "generate", "--model", checkpoint, "--prompt", "hi")
+    one_error(status, err, 2, f"{checkpoint / 'generation_config.json'}: eos_token_id", "got [-5]")
+    assert out == ""
+
+
+@pytest.mark.parametrize("cfg", [None, 3, ["tiny"]])
+def test_processor_for_a_config_that_is_not_one(cfg):
+    """Was: AttributeError 'NoneType' object has no attribute 'vision'."""
+    with pytest.raises(ConfigError, match="expected a preset name, a Qwen25VLConfig or an HF config dict, got"):
+        Processor.for_config(cfg)
+    if cfg is not None:  # None there: no model config to check the files against
+        with pytest.raises(ConfigError, match="expected a preset name"):
+            Processor.from_pretrained(".", cfg)
+    assert Processor.for_config("tiny").stop_ids == Processor.for_config(TINY).stop_ids
+
+
+@pytest.mark.parametrize("spoil, words", [
+    (lambda p: p.write_bytes(LFS_POINTER), ["a Git LFS pointer file for 986400 bytes", "`git lfs pull`"]),
+    (lambda p: os.mkfifo(p), ["is not a regular file (a FIFO, socket or device)"]),
+    (lambda p: p.mkdir(), ["is a directory, not a file"]),
+    (lambda p: p.write_bytes(b"\xff{}"), ["not UTF-8 (byte 0xff at offset 0)"]),
+], ids=["lfs pointer", "fifo", "folder", "not utf-8"])
+def test_tokenizer_json_that_is_not_a_tokenizer_file(checkpoint, spoil, words):
+    """Was: the LFS pointer "expected value at line 1 column 1" (tokenizers' parser); a FIFO would block."""
+    path = checkpoint / "tokenizer.json"
+    path.unlink()
+    spoil(path)
+    for read in (lambda: QwenTokenizer.from_file(checkpoint), lambda: Processor.from_pretrained(checkpoint, TINY)):
+        with pytest.raises(CheckpointError) as caught:
+            read()
+        assert str(caught.value).startswith(f"{path}: ") and all(w in str(caught.value) for w in words)
