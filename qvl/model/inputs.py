@@ -78,12 +78,33 @@ def check_token_shape(ids, name: str, shape: tuple[int, int] | None = None) -> t
     return ids.shape[0], ids.shape[1]
 
 
+def check_has_values(t: torch.Tensor, name: str) -> None:
+    """A tensor whose values can be read: not on the meta device (shapes only)."""
+    if t.device.type == "meta":
+        raise InputError(f"{name}: on the meta device, which holds shapes but no values ({_describe(t)})")
+
+
+def first_non_finite(values: torch.Tensor) -> tuple[int, float] | None:
+    """(row, value) of the first NaN or infinity in `values` (rows, columns), None when every value is finite. One
+    reduction first, no value-sized mask: the float64 sum of float32 (or narrower) values cannot overflow, so it
+    is finite exactly when every value is (float64 values near its limit are looked at row by row)."""
+    values = values.detach()
+    if math.isfinite(float(values.sum(dtype=torch.float64))):
+        return None
+    bad = ~torch.isfinite(values).all(-1)
+    if not bool(bad.any()):
+        return None
+    row = int(bad.nonzero()[0])
+    return row, values[row][~torch.isfinite(values[row])][0].item()
+
+
 def check_token_ids(ids, vocab_size: int, name: str, shape: tuple[int, int] | None = None,
                     ignore: int | None = None) -> torch.Tensor:
     """A (batch, length) integer tensor of vocabulary ids (or `ignore`), of `shape` when given. One read of
     its range; the first bad value is named with its position (int64 values past int32 included: they are
     compared before any narrowing cast could wrap them into the vocabulary)."""
     check_token_shape(ids, name, shape)
+    check_has_values(ids, name)
     wide = ids if ids.dtype == torch.int64 else ids.long()  # uint8 >= 1024 would compare a wrapped bound
     bad = (wide < 0) | (wide >= vocab_size)
     if ignore is not None:
@@ -111,16 +132,11 @@ def check_pixels(pixels, grid: torch.Tensor, patch_dim: int, kind: str) -> None:
             or not pixels.is_floating_point()):
         raise InputError(f"{kind} pixels must be ({rows}, {patch_dim}) for grids {grid.tolist()}, floating point; "
                          f"got {_describe(pixels)}")
-    # One reduction, no pixel-sized mask: the float64 sum of float32 (or narrower) values cannot overflow, so it is
-    # finite exactly when every pixel is (float64 pixels near its limit are looked at row by row).
-    if math.isfinite(float(pixels.sum(dtype=torch.float64))):
-        return
-    bad = ~torch.isfinite(pixels).all(-1)
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0])
-        value = pixels[row][~torch.isfinite(pixels[row])][0].item()
-        raise InputError(f"{kind} pixels hold {value} (not finite) in patch row {row} of {rows}: pixel values must "
-                         "be finite numbers")
+    check_has_values(pixels, f"{kind} pixels")
+    found = first_non_finite(pixels)
+    if found is not None:
+        raise InputError(f"{kind} pixels hold {found[1]} (not finite) in patch row {found[0]} of {rows}: pixel values "
+                         "must be finite numbers")
 
 
 def check_position_ids(position_ids, batch: int, length: int) -> torch.Tensor:

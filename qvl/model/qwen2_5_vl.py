@@ -31,10 +31,12 @@ from .cache import StaticKVCache
 from .graphs import DecodeGraph, DecodeGraphPool, PrefillGraphPool, VisionGraphPool
 from .inputs import (
     check_cache_position,
+    check_has_values,
     check_pixels,
     check_position_ids,
     check_rope_deltas,
     check_token_ids,
+    first_non_finite,
     keep_positions,
     next_token_targets,
 )
@@ -337,6 +339,12 @@ class Qwen25VL(nn.Module):
             raise InputError(f"inputs_embeds must be a (batch, length, {hidden}) float tensor, got {got}")
         if inputs_embeds.shape[0] == 0 or inputs_embeds.shape[1] == 0:
             raise InputError(f"inputs_embeds is empty: {tuple(inputs_embeds.shape)}")
+        check_has_values(inputs_embeds, "inputs_embeds")
+        found = first_non_finite(inputs_embeds.reshape(-1, hidden))
+        if found is not None:
+            b, i = divmod(found[0], inputs_embeds.shape[1])
+            raise InputError(f"inputs_embeds hold {found[1]} (not finite) at batch row {b}, position {i}: embeddings "
+                             "must be finite numbers")
         return None, inputs_embeds.to(self.device, self.dtype)
 
     def _is_embedding_of(self, embeds: torch.Tensor, token: int) -> torch.Tensor:

@@ -445,3 +445,34 @@ def test_tokenizer_json_that_is_not_a_tokenizer_file(checkpoint, spoil, words):
         with pytest.raises(CheckpointError) as caught:
             read()
         assert str(caught.value).startswith(f"{path}: ") and all(w in str(caught.value) for w in words)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return qvl.from_config("tiny")
+
+
+def test_inputs_embeds_that_are_not_finite_are_named(tiny_model):
+    hidden = tiny_model.cfg.text.hidden_size
+    for value in (float("nan"), float("inf")):
+        embeds = torch.randn(2, 5, hidden)
+        embeds[1, 3, 7] = value
+        with pytest.raises(InputError, match=rf"inputs_embeds hold {value} \(not finite\) at batch row 1, position 3"):
+            tiny_model(inputs_embeds=embeds)
+    embeds = torch.randn(1, 5, hidden, requires_grad=True)  # the check reads no gradient: training still works
+    tiny_model(inputs_embeds=embeds).logits.sum().backward()
+    assert embeds.grad is not None and torch.isfinite(embeds.grad).all()
+
+
+@pytest.mark.parametrize("what", ["input_ids", "inputs_embeds", "pixel_values"])
+def test_inputs_on_the_meta_device_hold_no_values(tiny_model, what):
+    from qvl.demo import demo_prompt
+
+    inputs = demo_prompt(tiny_model.cfg)
+    if what == "inputs_embeds":
+        inputs = {"inputs_embeds": torch.zeros(1, 5, tiny_model.cfg.text.hidden_size, device="meta")}
+    else:
+        inputs[what] = inputs[what].to("meta")
+    with pytest.raises(InputError, match=f"{what.replace('_values', '')}.*: on the meta device, which holds shapes "
+                                         "but no values"):
+        tiny_model(**inputs)
