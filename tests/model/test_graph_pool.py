@@ -56,17 +56,20 @@ def test_a_longer_cache_takes_a_new_bucket_and_the_oldest_entry_goes(model, capt
     assert [s["cache_len"] for s in pool.stats()] == [256, 768]  # 320 was the least recently used
 
 
-def test_set_backends_and_moves_empty_the_pool(model, captures):
-    model.graphs.clear()
-    inputs = demo_prompt(model.cfg)
+def test_set_backends_and_moves_empty_every_pool(model, captures):
+    """The decode, vision and prefill pools go together: kept for the same plan, emptied by another plan and by a
+    move (their graphs replay the old plan's kernels on the old tensors)."""
+    pools = (model.graphs, model.vision_graphs, model.prefill_graphs)
+    model.clear_graphs()
+    inputs = demo_prompt(model.cfg)  # an image: all three are captured
     model.generate(**inputs, max_new_tokens=3, cuda_graph=True)
-    assert len(model.graphs) == 1
+    assert [len(p) for p in pools] == [1, 1, 1]
     model.set_backends(model.plan.as_dict(), fallback=model.plan.fallback)  # the same plan: kept
-    assert len(model.graphs) == 1
+    assert [len(p) for p in pools] == [1, 1, 1]
     eager = model.plan
     model.set_backends({**eager.as_dict(), "norm": "triton"})
-    assert len(model.graphs) == 0
+    assert [len(p) for p in pools] == [0, 0, 0]
     model.set_backends(eager.as_dict(), fallback=eager.fallback)
     model.generate(**inputs, max_new_tokens=3, cuda_graph=True)
     model.to(torch.float32)  # any move rebuilds what depends on the device and dtype
-    assert len(model.graphs) == 0
+    assert [len(p) for p in pools] == [0, 0, 0]

@@ -173,22 +173,6 @@ def test_entries_go_with_the_decode_cache_they_write(model, captures):
         model.prefill(prompt, model.new_cache(1, 30), cuda_graph=True)
 
 
-def test_set_backends_and_moves_empty_the_pool(model, captures):
-    model.clear_graphs()
-    inputs = PROMPTS["text"][0]
-    model.generate(**inputs, max_new_tokens=2, cuda_graph=True)
-    assert len(model.prefill_graphs) == 1
-    model.set_backends(model.plan.as_dict(), fallback=model.plan.fallback)  # the same plan: kept
-    assert len(model.prefill_graphs) == 1
-    eager = model.plan
-    model.set_backends({**eager.as_dict(), "norm": "triton"})
-    assert len(model.prefill_graphs) == 0
-    model.set_backends(eager.as_dict(), fallback=eager.fallback)
-    model.generate(**inputs, max_new_tokens=2, cuda_graph=True)
-    model.to(torch.float32)  # any move rebuilds what depends on the device and dtype
-    assert len(model.prefill_graphs) == 0
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_prefill_device_work_launches_the_same_for_every_prompt_of_a_shape(backend):
     """A graph replays the launches it captured: `prefill_logits` on two prompts of one shape (other padding,

@@ -97,22 +97,6 @@ def test_generate_replays_the_vision_tower(model, captures):
         (inputs["image_grid_thw"].tolist(), 2)]
 
 
-def test_set_backends_and_moves_empty_the_pool(model, captures):
-    model.clear_graphs()
-    pixels, grid = image_pixels(model, [[1, 6, 6]], seed=5)
-    model.vision_features(pixels, grid, cuda_graph=True)
-    assert len(model.vision_graphs) == 1
-    model.set_backends(model.plan.as_dict(), fallback=model.plan.fallback)  # the same plan: kept
-    assert len(model.vision_graphs) == 1
-    eager = model.plan
-    model.set_backends({**eager.as_dict(), "norm": "triton"})
-    assert len(model.vision_graphs) == 0
-    model.set_backends(eager.as_dict(), fallback=eager.fallback)
-    model.vision_features(pixels, grid, cuda_graph=True)
-    model.to(torch.float32)  # any move rebuilds what depends on the device and dtype
-    assert len(model.vision_graphs) == 0
-
-
 def test_pixels_that_do_not_fit_the_buffer_and_gradients_are_refused(model, captures):
     model.vision_graphs.clear()
     pixels, grid = image_pixels(model, [[1, 6, 6]], seed=6)
