@@ -111,34 +111,30 @@ def test_a_sync_inside_a_layer_is_caught(monkeypatch, planted):
     assert syncs == [f"{op} in VisionBlock"] * model.cfg.vision.depth
 
 
-def test_a_sync_in_the_vision_tower_outside_its_blocks_is_caught(monkeypatch):
-    """The whole of `VisionTower.encode` is checked, not only its blocks: a read planted in the patch embedding
-    is caught once."""
+# (class, method whose first tensor argument a planted read touches, the prompt, where the read is reported)
+OUTSIDE_LAYERS = {
+    "vision tower": (PatchEmbed, "forward", demo_prompt, "VisionTower.encode"),  # its patch embedding
+    "prefill": (Qwen25VL, "logits", padded_batch, "Qwen25VL.prefill_logits"),  # the last position's logits
+}
+
+
+@pytest.mark.parametrize("where", OUTSIDE_LAYERS)
+def test_a_sync_outside_the_layers_of_a_captured_part_is_caught(monkeypatch, where):
+    """The whole of `VisionTower.encode` and of `Qwen25VL.prefill_logits` is checked, not only their blocks and
+    layers: a read planted outside them is caught once, in that part (the decode step's logits are not a captured
+    prefill's)."""
     model = perturbed("tiny", torch.float32, device="cpu")
-    embed = PatchEmbed.forward
+    cls, name, prompt, part = OUTSIDE_LAYERS[where]
+    method = getattr(cls, name)
 
-    def embed_reading_a_pixel(self, patches):
-        patches[0, 0].item()
-        return embed(self, patches)
+    def reading_a_value(self, x, *args):
+        x[0, 0].item()
+        return method(self, x, *args)
 
-    monkeypatch.setattr(PatchEmbed, "forward", embed_reading_a_pixel)
-    syncs = _generate_recording_syncs(model, demo_prompt(model.cfg))
-    assert syncs == ["aten._local_scalar_dense.default in VisionTower.encode"]
-
-
-def test_a_sync_in_the_prefill_outside_its_layers_is_caught(monkeypatch):
-    """The whole of `Qwen25VL.prefill_logits` is checked, not only its layers: a read planted in the logits of the
-    last position is caught once, in the prefill (the decode step's logits are not a captured prefill's)."""
-    model = perturbed("tiny", torch.float32, device="cpu")
-    logits = Qwen25VL.logits
-
-    def logits_reading_a_state(self, hidden):
-        hidden[0, 0].item()
-        return logits(self, hidden)
-
-    monkeypatch.setattr(Qwen25VL, "logits", logits_reading_a_state)
-    syncs = _generate_recording_syncs(model, padded_batch())
-    assert syncs == ["aten._local_scalar_dense.default in Qwen25VL.prefill_logits"]
+    monkeypatch.setattr(cls, name, reading_a_value)
+    prompt = prompt(model.cfg) if prompt is demo_prompt else prompt()
+    syncs = _generate_recording_syncs(model, prompt)
+    assert syncs == [f"aten._local_scalar_dense.default in {part}"]
 
 
 def test_block_diagonal_mask_keeps_its_lengths_on_the_host():
