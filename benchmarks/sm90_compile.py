@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -275,12 +276,27 @@ def write_sass(folder: str, row: dict, sass: str, written: set[str]) -> None:
         f.write(sass)
 
 
+# The launches to compile, one per specialization: filled before the workers fork, which read it by index.
+_UNIQUE: list[dict] = []
+
+
+def _compile_one(index: int) -> tuple[dict | None, str | None]:
+    """(compile_sm90's figures, None) for _UNIQUE[index], or (None, the error): a kernel that does not compile for
+    sm_90 is the worst finding of all, reported as its row's problem."""
+    launch = _UNIQUE[index]
+    try:
+        return compile_sm90(launch["fn"], launch["spec"]), None
+    except Exception as e:
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one GEMM configuration per family (CI)")
     ap.add_argument("--json", help="write every compiled kernel's figures here")
     ap.add_argument("--only", default="", help="only the cases whose name contains this text, e.g. 'gemm'")
     ap.add_argument("--sass", help="write each compiled kernel's SASS (nvdisasm) to a file in this folder")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="kernels compiled at once (default: CPUs)")
     args = ap.parse_args()
     if args.sass:
         os.makedirs(args.sass, exist_ok=True)
@@ -297,29 +313,31 @@ def main() -> int:
     results, seen, failures, sass_written = [], set(), [], set()
     start = time.time()
     for launch in recorder.launches:
-        spec = launch["spec"]
-        key = (launch["fn"].fn.__name__, spec["specialization_data"])
-        if key in seen:  # the same specialization from another case: compiled once
-            continue
-        seen.add(key)
-        name = launch["fn"].fn.__name__
-        row = {"case": launch["case"], "kernel": name, "dtype": storage_dtype(spec), "config": describe(spec)}
-        try:
-            compiled = compile_sm90(launch["fn"], spec)
-            sass = compiled.pop("sass")
-            row.update(compiled)
-            if args.sass:
-                write_sass(args.sass, row, sass, sass_written)
-        except Exception as e:  # a kernel that does not compile for sm_90 is the worst finding of all
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-        row["problems"] = problems(row, spec)
-        results.append(row)
-        if row["problems"]:
-            failures.append(row)
-        status = "FAIL: " + "; ".join(row["problems"]) if row["problems"] else "ok"
-        print(f"{row['case']:<44} {name:<33} regs {row.get('regs', '-'):>3} spill {row.get('spill_bytes', '-'):>4} "
-              f"smem {row.get('shared', '-'):>6} {'wgmma' if row.get('wgmma') else '     '} {status}"
-              f"  [{row['config']}]", flush=True)
+        key = (launch["fn"].fn.__name__, launch["spec"]["specialization_data"])
+        if key not in seen:  # the same specialization from another case: compiled once
+            seen.add(key)
+            _UNIQUE.append(launch)
+    # compiling is CPU-bound (LLVM, ptxas) and each kernel stands alone: forked workers, results in order
+    with multiprocessing.get_context("fork").Pool(max(1, args.jobs)) as pool:
+        compiled_rows = pool.imap(_compile_one, range(len(_UNIQUE)))
+        for launch, (compiled, error) in zip(_UNIQUE, compiled_rows, strict=True):
+            spec, name = launch["spec"], launch["fn"].fn.__name__
+            row = {"case": launch["case"], "kernel": name, "dtype": storage_dtype(spec), "config": describe(spec)}
+            if error is None:
+                sass = compiled.pop("sass")
+                row.update(compiled)
+                if args.sass:
+                    write_sass(args.sass, row, sass, sass_written)
+            else:
+                row["error"] = error
+            row["problems"] = problems(row, spec)
+            results.append(row)
+            if row["problems"]:
+                failures.append(row)
+            status = "FAIL: " + "; ".join(row["problems"]) if row["problems"] else "ok"
+            print(f"{row['case']:<44} {name:<33} regs {row.get('regs', '-'):>3} spill "
+                  f"{row.get('spill_bytes', '-'):>4} smem {row.get('shared', '-'):>6} "
+                  f"{'wgmma' if row.get('wgmma') else '     '} {status}  [{row['config']}]", flush=True)
 
     print(f"\n{len(results)} kernels compiled for sm_90 in {time.time() - start:.0f} s; {len(failures)} failed checks")
     if args.json:
