@@ -70,12 +70,12 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="the tiny preset in float32, any device")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 4 16 64; smoke 1 2)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed runs per cell (default 3, smoke 1)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per cell (default 3)")
     args = ap.parse_args(argv)
     small = args.smoke or not CUDA
     preset, dtype = ("tiny", torch.float32) if small else ("3b", torch.bfloat16)
     batches = args.batches or ([1, 2] if small else [1, 4, 16, 64])
-    repeats = args.repeats or (1 if small else 3)
+    repeats = args.repeats or 3
     spec = SMOKE_WORKLOAD if small else FULL_WORKLOAD
     transformers = import_transformers()
     model = qvl.from_config(preset, dtype=dtype, device=DEV, seed=0)

@@ -48,7 +48,7 @@ def decode_rate(model, inputs: dict, n: int, graph: bool, repeats: int, clock: C
 def worker(out: str, smoke: bool) -> None:
     small = smoke or not CUDA
     preset, dtype = ("tiny", torch.float32) if small else ("3b", torch.bfloat16)
-    backends, graph, repeats = ("eager", False, 1) if small else ("triton", True, 3)
+    backends, graph, repeats = ("eager", False, 3) if small else ("triton", True, 3)
     spec = SMOKE_WORKLOAD if small else FULL_WORKLOAD
     # the same seed, before and after the group exists: the same weights, once without and once with collectives
     plain = qvl.from_config(preset, dtype=dtype, device=DEV, backends=backends, seed=0)
