@@ -23,7 +23,7 @@ from ..config import Qwen25VLConfig
 from ..errors import ConfigError
 from ..memory import ensure_fits
 from ..model.inputs import SEED_RANGE, is_seed
-from ..processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, patch_rows, smart_resize
+from ..processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, patch_grid, patch_rows, smart_resize
 from .config import ImageSpec, VideoSpec, WorkloadSpec
 
 CLIP_MEAN, CLIP_STD = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -148,12 +148,6 @@ def _vision_items(spec: WorkloadSpec, cfg: Qwen25VLConfig) -> list[tuple[int, Im
     return items
 
 
-def _grid(frames: int, height: int, width: int, cfg: Qwen25VLConfig) -> tuple[int, int, int]:
-    """The (t, h, w) patch grid `patch_rows` gives these frames (the last repeated up to the temporal patch)."""
-    v = cfg.vision
-    return -(-frames // v.temporal_patch_size), height // v.patch_size, width // v.patch_size
-
-
 def check_workload(spec: WorkloadSpec, cfg: Qwen25VLConfig) -> list[tuple[int, ImageSpec | VideoSpec, int, int, int]]:
     """The row layout of `spec` for `cfg` (`_vision_items`), refused before any token or pixel is made: a seed
     torch cannot take or a prompt plus decode_tokens past max_position_embeddings (`ConfigError`), inputs that
@@ -161,14 +155,14 @@ def check_workload(spec: WorkloadSpec, cfg: Qwen25VLConfig) -> list[tuple[int, I
     if not is_seed(spec.seed):
         raise ConfigError(f"[workload] seed: must be an integer in {SEED_RANGE}, got {spec.seed!r:.60}")
     items = _vision_items(spec, cfg)
-    grids = [_grid(frames, h, w, cfg) for _, _, frames, h, w in items]
-    vision_tokens = sum(t * h * w for t, h, w in grids) // cfg.vision.spatial_merge_size**2
+    v = cfg.vision
+    grids = [patch_grid(frames, h, w, v.temporal_patch_size, v.patch_size) for _, _, frames, h, w in items]
+    vision_tokens = sum(t * h * w for t, h, w in grids) // v.spatial_merge_size**2
     length = spec.prompt_tokens + vision_tokens + 2 * len(items)  # each item wrapped in vision start and end
     if length + spec.decode_tokens > cfg.text.max_position_embeddings:
         raise ConfigError(f"[workload]: the prompt ({length} tokens: {spec.prompt_tokens} text, {vision_tokens} vision "
                           f"and {2 * len(items)} around them) plus decode_tokens ({spec.decode_tokens}) exceeds the "
                           f"model's max_position_embeddings ({cfg.text.max_position_embeddings})")
-    v = cfg.vision
     pixel_bytes = sum(t * h * w for t, h, w in grids) * 3 * v.temporal_patch_size * v.patch_size**2 * 4  # float32
     # the patches of every row, then their concatenation (the frames of one item at a time besides)
     ensure_fits(f"the workload's inputs ({spec.batch_size} rows of {length} tokens, {len(items)} images and videos "

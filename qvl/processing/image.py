@@ -556,6 +556,12 @@ def _normalize_torch(x: torch.Tensor, cfg: VisionProcessingConfig) -> torch.Tens
     return x * cfg.rescale_factor if cfg.do_rescale else x
 
 
+def patch_grid(frames: int, height: int, width: int, temporal_patch: int, patch: int) -> tuple[int, int, int]:
+    """The (t, h, w) patch grid `patch_rows` cuts `frames` frames of height x width pixels into: the last frame is
+    repeated up to a multiple of the temporal patch, so an image (one frame) has t = 1."""
+    return -(-frames // temporal_patch), height // patch, width // patch
+
+
 def patch_rows(frames: torch.Tensor, temporal_patch: int, patch: int, merge: int
                ) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """(T, C, H, W) -> (grid_t * grid_h * grid_w, C * tp * p * p) rows and the (t, h, w) grid.
@@ -567,7 +573,7 @@ def patch_rows(frames: torch.Tensor, temporal_patch: int, patch: int, merge: int
     if pad := -frames.shape[0] % temporal_patch:
         frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
     t, c, h, w = frames.shape
-    gt, gh, gw = t // temporal_patch, h // patch, w // patch
+    gt, gh, gw = patch_grid(t, h, w, temporal_patch, patch)
     x = frames.reshape(gt, temporal_patch, c, gh // merge, merge, patch, gw // merge, merge, patch)
     x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # t, unit row, unit col, row in unit, col in unit, C, tp, y, x
     return x.reshape(gt * gh * gw, c * temporal_patch * patch * patch).contiguous(), (gt, gh, gw)
@@ -620,5 +626,5 @@ class ImageProcessor:
 
 __all__ = ["VisionProcessingConfig", "ImageProcessor", "smart_resize", "target_size", "load_image", "to_rgb",
            "open_image_file", "array_to_rgb", "pixels_to_uint8", "tensor_to_numpy", "ensure_processing_fits",
-           "check_positive_rate", "frames_to_rows", "patch_rows", "OPENAI_CLIP_MEAN",
+           "check_positive_rate", "frames_to_rows", "patch_grid", "patch_rows", "OPENAI_CLIP_MEAN",
            "OPENAI_CLIP_STD", "OptionalDependencyError"]

@@ -9,12 +9,11 @@ The checks of what capture needs (the same launches for every prompt of a shape,
 CPU too; the real capture and replay, and the 3b time to first token, on a GPU.
 """
 
-import time
-
 import pytest
 import torch
 
 import qvl
+from benchmarks.harness import median_seconds
 from qvl.backends import Backend, OpImpl, get_backend, registry
 from qvl.config import get_preset
 from qvl.demo import demo_prompt
@@ -224,17 +223,6 @@ def test_prefill_replayed_from_a_cuda_graph_matches_plain_generation(spec, kind)
     assert [s["calls"] for s in model.prefill_graphs.stats()] == [len(prompts)]
 
 
-def _ms(fn, repeats=20) -> float:
-    """Median wall ms of `fn()` (which ends reading its result back, as generate does)."""
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA GPU")
 @pytest.mark.xdist_group("3b")
 def test_3b_bf16_triton_time_to_first_token():
@@ -257,7 +245,8 @@ def test_3b_bf16_triton_time_to_first_token():
 
     plain, graphed = first(False), first(True)
     assert rel_err(graphed, plain) <= 1e-2
-    plain_ms, graph_ms = _ms(lambda: first(False)), _ms(lambda: first(True))
+    plain_ms = median_seconds(lambda: first(False), reps=20) * 1e3
+    graph_ms = median_seconds(lambda: first(True), reps=20) * 1e3
     capture_ms = model.prefill_graphs.stats()[0]["capture_seconds"] * 1e3
     print(f"\n3b bf16 triton TTFT, one 448x448 image + 256 text tokens: plain {plain_ms:.2f} ms, graphed "
           f"{graph_ms:.2f} ms (prefill capture {capture_ms:.0f} ms)")

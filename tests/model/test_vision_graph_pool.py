@@ -8,12 +8,11 @@ and a returned result survives the next call only if it was copied out of the ou
 real capture and replay are compared with the plain tower.
 """
 
-import time
-
 import pytest
 import torch
 
 import qvl
+from benchmarks.harness import median_seconds
 from qvl.backends import get_backend
 from qvl.demo import demo_prompt
 from qvl.errors import InputError
@@ -137,18 +136,6 @@ def test_vision_tower_replayed_from_a_cuda_graph_matches_the_plain_tower(spec):
         assert rel_err(out, ref) <= 1e-5
 
 
-def _ms(fn, repeats=20) -> float:
-    """Median wall ms of `fn()` to its result on the device (what a caller waits for, host time included)."""
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA GPU")
 @pytest.mark.xdist_group("3b")
 def test_3b_bf16_triton_vision_graph_features_and_time():
@@ -162,8 +149,8 @@ def test_3b_bf16_triton_vision_graph_features_and_time():
         plain = model.vision_features(pixels, grid)
         replayed = model.vision_features(pixels, grid, cuda_graph=True)
         assert rel_err(replayed.float(), plain.float()) <= 1e-3
-        plain_ms = _ms(lambda: model.vision_features(pixels, grid))
-        graph_ms = _ms(lambda: model.vision_features(pixels, grid, cuda_graph=True))
+        plain_ms = median_seconds(lambda: model.vision_features(pixels, grid), reps=20) * 1e3
+        graph_ms = median_seconds(lambda: model.vision_features(pixels, grid, cuda_graph=True), reps=20) * 1e3
     capture_ms = model.vision_graphs.stats()[0]["capture_seconds"] * 1e3
     print(f"\n3b bf16 triton vision tower, one 448x448 image: plain {plain_ms:.2f} ms, replayed {graph_ms:.2f} ms "
           f"(capture {capture_ms:.0f} ms)")
