@@ -11,7 +11,8 @@ Implementations are named as in the bench_*.py suites:
   A call the backend declares unsupported is a row `skipped` with the backend's reason, as in the suites.
 - peers, called directly where installed: F.rms_norm, torch.compile of the eager operator, SDPA, xformers,
   Liger-Kernel.
-- `qvl kernel <name>`: the two kernels no operator exposes alone, SiLU(gate)*up and the GEMM (`kernels_alone`).
+- `qvl kernel <name>`: the kernels no operator exposes alone, SiLU(gate)*up and the GEMM (`kernels_alone`), and
+  the GEMM's few-row path, the GEMV, at each projection of a 3b decode step (`decode_projections`).
 """
 
 from __future__ import annotations
@@ -204,6 +205,55 @@ def kernels_alone(table: Table, small: bool) -> None:
     a, b = torch.randn(m, m, device=DEV, dtype=DT), torch.randn(m, m, device=DEV, dtype=DT)
     table.run("gemm", "qvl kernel linear", f"{m}^3", lambda: linear(a, b), flops=2 * m**3)
     table.run("gemm", "torch matmul", f"{m}^3", lambda: F.linear(a, b), flops=2 * m**3)
+    decode_projections(table, small)
+
+
+# The 3b decoder's projections at decode: (name, K, N, activation, bias). gate_up's N is both halves.
+DECODE_PROJECTIONS = [("qkv", 2048, 2560, "none", True), ("o", 2048, 2048, "none", False),
+                      ("gate_up + SiLU*up", 2048, 2 * 11008, "swiglu", False), ("down", 11008, 2048, "none", False),
+                      ("lm_head", 2048, 151936, "none", False)]
+# Bytes of weights one decode-projection row streams: over twice an H200's 50 MB L2.
+DECODE_STREAM_BYTES = 128 << 20
+
+
+def decode_projections(table: Table, small: bool) -> None:
+    """Each projection of a decode step at batch 1: qvl's linear (the GEMV, qvl/kernels/gemv.py) against
+    torch matmul (cuBLAS; for gate_up followed by the SiLU*up kernel, as the triton MLP runs it). Bound by
+    reading the weights: TB/s of weight bytes.
+
+    On a GPU one row is a CUDA graph of the projection on `copies` weight matrices in turn, like consecutive
+    layers: a single microsecond kernel would be timed with its launch (the graph's own launch, spread over
+    the copies here), and the copies, over twice the L2 together, are read from memory as a model's are."""
+    from qvl.kernels.gemm import linear
+
+    # smoke: one projection with a bias and the fused activation's, tiny (interpreted kernels are slow)
+    projections = [p for p in DECODE_PROJECTIONS if p[0] in ("qkv", "gate_up + SiLU*up")] if small else \
+        DECODE_PROJECTIONS
+    for name, k_dim, n, activation, bias in projections:
+        if small:
+            k_dim, n = 40, 2 * 24 if activation == "swiglu" else 24
+        copies = 1 if small else min(16, -(-DECODE_STREAM_BYTES // (n * k_dim * DT.itemsize)))
+        weights = [torch.randn(n, k_dim, device=DEV, dtype=DT) * k_dim**-0.5 for _ in range(copies)]
+        b = torch.randn(n, device=DEV, dtype=DT) if bias else None
+        x = torch.randn(1, k_dim, device=DEV, dtype=DT)
+
+        shape = f"{name}: 1x{k_dim} -> {n}" + (f", {copies} matrices in turn" if copies > 1 else "")
+        for impl, project in (("qvl kernel linear", linear), ("torch matmul", cublas_linear)):
+            fn = functools.partial(each_weight, project, x, weights, b, activation)
+            table.run("decode projection", impl, shape, fn, nbytes=size(*weights), graph=CUDA)
+
+
+def each_weight(project, x, weights, b, activation):
+    return [project(x, w, b, activation) for w in weights]
+
+
+def cublas_linear(x, w, b, activation):
+    """torch matmul, then (SwiGLU) qvl's SiLU*up kernel: the triton MLP's input projection."""
+    from qvl.kernels.activation import swiglu
+
+    h = F.linear(x, w, b)
+    return swiglu(h) if activation == "swiglu" else h
+
 
 
 def rope_figures(table: Table, small: bool) -> None:

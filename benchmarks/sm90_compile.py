@@ -14,8 +14,8 @@ kernel is compiled with Triton's own ptxas for sm_90 and read back with cuobjdum
   shared        bytes of shared memory per block: must fit sm_90's 227 KB
   wgmma         GEMM and attention with 16-bit inputs must issue HGMMA (warpgroup MMA), not HMMA
 
-The GEMM's autotuner is replaced by a launcher that compiles every configuration it could pick. --quick
-keeps one GEMM configuration per family and compiles the training kernels (backward, fused loss) for bfloat16
+The GEMM's and the GEMV's autotuners are replaced by a launcher that compiles every configuration it could pick. --quick
+keeps one configuration per GEMM or GEMV family and compiles the training kernels (backward, fused loss) for bfloat16
 and float32 only (for CI); exit status 1 when any check fails. --sass DIR writes each
 compiled kernel's SASS (nvdisasm) to one file per kernel, so two runs (before and after a kernel change) can
 be diffed; the JSON rows carry each kernel's SASS instruction count too.
@@ -147,7 +147,7 @@ def cases(quick: bool):
     """(name, thunk) pairs; each thunk calls one launcher at one real shape."""
     from qvl.backends.interface import BlockDiagonalMask, Rotary
     from qvl.dtypes import dtype_name
-    from qvl.kernels import gemm
+    from qvl.kernels import gemm, gemv
     from qvl.kernels.activation import gelu, quick_gelu, swiglu
     from qvl.kernels.attention import causal_attention, varlen_attention
     from qvl.kernels.cross_entropy import fused_linear_cross_entropy
@@ -156,17 +156,18 @@ def cases(quick: bool):
     from qvl.kernels.rms_norm import rms_norm
     from qvl.kernels.rope import rope, rope_and_cache
 
-    class EveryConfig:  # stands in for the GEMM autotuner: launches each configuration it could pick
-        def __init__(self, configs):
-            self.configs = configs[:1] if quick else configs
+    class EveryConfig:  # stands in for an autotuner: launches each configuration it could pick
+        def __init__(self, kernel, configs):
+            self.kernel, self.configs = kernel, configs[:1] if quick else configs
 
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 for config in self.configs:
-                    gemm._linear_kernel[(1,)](*args, **kwargs, **config.all_kwargs())
+                    self.kernel[(1,)](*args, **kwargs, **config.all_kwargs())
             return launch
 
-    gemm._TUNED = {family: EveryConfig(configs) for family, configs in gemm._FAMILIES.items()}
+    for module, kernel in ((gemm, gemm._linear_kernel), (gemv, gemv._gemv_kernel)):
+        module._TUNED = {family: EveryConfig(kernel, configs) for family, configs in module._FAMILIES.items()}
 
     def t(*shape, dtype):
         return torch.empty(*shape, dtype=dtype)
@@ -251,7 +252,7 @@ def cases(quick: bool):
         out.append((f"fused linear cross-entropy {name} V=151936", lambda h=hidden_states, w=lm_head, y=targets:
                     backward(partial(fused_linear_cross_entropy, targets=y), h, w)))
 
-        for rows in (4096, 1):  # prefill, decode
+        for rows in (4096, 4, 1):  # prefill; decode at batch 4 and 1 (the GEMV, qvl/kernels/gemv.py)
             for k_dim, n, act, bias in ((2048, 2 * 11008, "swiglu", False), (11008, 2048, "none", False),
                                         (1280, 2 * 3420, "swiglu", True), (3420, 1280, "none", True),
                                         (5120, 5120, "gelu", True)):

@@ -5,7 +5,7 @@ It implements only `mlp`, and stands apart from `triton` because the issue leave
 ("torch matmul or a Triton GEMM, whichever measures faster"): with both registered, `mlp=triton` against
 `mlp=triton-gemm` is one benchmark row or one ablation variant. Measured on an H200, cuBLAS won at the 3b
 text MLP and end to end (benchmarks/gpu/h200-2026-11-26), so `auto` ranks this below `triton` and it runs
-only when asked for.
+only when asked for. Those figures predate the GEMV (qvl/kernels/gemv.py) its decode calls now take.
 """
 
 from __future__ import annotations

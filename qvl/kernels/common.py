@@ -1,5 +1,5 @@
 """Helpers shared by the kernels: storage rounding that is exact under the interpreter, tl.dot operand tiles, the
-MLP activations, row views."""
+MLP activations, the projections' epilogue (the GEMM's and the GEMV's), row views."""
 
 from __future__ import annotations
 
@@ -67,6 +67,29 @@ def erf_gelu(x):
 def silu_times(gate, up):
     """SwiGLU's product silu(gate) * up = gate * sigmoid(gate) * up, in the inputs' (float32) precision."""
     return gate * tl.sigmoid(gate) * up
+
+
+@triton.jit
+def projection_epilogue(acc, acc_up, b_ptr, N, cols, col_ok, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        STORE_DTYPE: tl.constexpr):
+    """The GEMM's and the GEMV's last step, on float32 sums (..., BLOCK_N) of output columns `cols`: add the bias,
+    round to the storage dtype as the projection output would be, then the activation in float32. For SwiGLU
+    `acc` holds the gate's sums and `acc_up` the up's, whose bias starts N elements later; otherwise `acc_up` is
+    unused."""
+    out = _with_bias(acc, b_ptr, cols, col_ok, HAS_BIAS, STORE_DTYPE)
+    if ACTIVATION == "swiglu":
+        out = silu_times(out, _with_bias(acc_up, b_ptr + N, cols, col_ok, HAS_BIAS, STORE_DTYPE))
+    elif ACTIVATION == "gelu":
+        out = erf_gelu(out)
+    return out
+
+
+@triton.jit
+def _with_bias(acc, b_ptr, cols, col_ok, HAS_BIAS: tl.constexpr, STORE_DTYPE: tl.constexpr):
+    """acc + bias, rounded to the storage dtype, kept in float32."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return round_to(acc, STORE_DTYPE)
 
 
 def rows_view(t: torch.Tensor) -> torch.Tensor | None:

@@ -22,6 +22,9 @@ GROUP_M row tiles so that neighbouring programs share weight tiles in L2. Rows a
 clamped (modulo) for loading, so the main loop needs no row/column masks; only the store is masked. On the GPU
 the tile shape is autotuned per (row bucket, N, K, activation, dtype) among a few configurations; the
 interpreter runs one small configuration.
+
+At most GEMV_MAX_ROWS rows (decode at batch 1 to 4) go to the GEMV instead (qvl/kernels/gemv.py): the same
+results, on narrow column bands without tensor cores, so that a read of W spreads over every SM.
 """
 
 from __future__ import annotations
@@ -34,19 +37,12 @@ import triton
 import triton.language as tl
 
 from . import DOT_F32, INTERPRETED, MIN_DOT_SIZE, WHILE_LOOP, cdiv, input_precision, next_power_of_2
-from .common import erf_gelu, round_to, silu_times, to_storage
+from .common import projection_epilogue, to_storage
+from .gemv import GEMV_MAX_ROWS, gemv
 
 # The interpreter's one configuration: the smallest tiles, so small tests still cross tile edges.
 INTERPRETER_CONFIG = dict(BLOCK_M=MIN_DOT_SIZE, BLOCK_N=MIN_DOT_SIZE, BLOCK_K=MIN_DOT_SIZE, GROUP_M=4, num_warps=4,
                           num_stages=1)
-
-
-@triton.jit
-def _epilogue(acc, b_ptr, cols, col_ok, HAS_BIAS: tl.constexpr, STORE_DTYPE: tl.constexpr):
-    """acc + bias, rounded to the storage dtype as the projection output would be, kept in float32."""
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return round_to(acc, STORE_DTYPE)
 
 
 @triton.jit
@@ -104,12 +100,7 @@ def _linear_kernel(
                               SWIGLU, True, DOT_F32, INPUT_PRECISION, BLOCK_K)
 
     col_ok = cols < N
-    out = _epilogue(acc, b_ptr, cols, col_ok, HAS_BIAS, STORE_DTYPE)
-    if SWIGLU:
-        up = _epilogue(acc_up, b_ptr + N, cols, col_ok, HAS_BIAS, STORE_DTYPE)
-        out = silu_times(out, up)
-    elif ACTIVATION == "gelu":
-        out = erf_gelu(out)
+    out = projection_epilogue(acc, acc_up, b_ptr, N, cols, col_ok, ACTIVATION, HAS_BIAS, STORE_DTYPE)
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
     tl.store(out_ptrs, to_storage(out, STORE_DTYPE), mask=(rows[:, None] < M) & col_ok[None, :])
 
@@ -153,10 +144,11 @@ def _config(block_m, block_n, block_k, warps, stages, group_m=8):
 # Candidate tiles per family, one autotuner each; a call is tuned once per (row bucket, N, K, activation,
 # bias). Every candidate compiles for sm_90 without register spills and within shared memory
 # (benchmarks/sm90_compile.py checks this). 16-bit inputs run on the tensor cores (wgmma from 64-row tiles).
-# Few rows (decode: M is the batch) are bound by reading the weights: narrow row tiles, deep K steps. The
-# epilogue costs registers too: GELU's erf allows at most 64 accumulator values per thread, and SwiGLU holds two
-# accumulators and reads two weight tiles per step (so half the shared memory per stage for the few-rows
-# tiles). float32 takes exact fp32 products ("ieee", no tensor cores): small tiles.
+# Few rows (small batches and short prompts; up to GEMV_MAX_ROWS the GEMV takes them) are bound by reading the
+# weights: narrow row tiles, deep K steps. The epilogue costs registers too: GELU's erf allows at most 64
+# accumulator values per thread, and SwiGLU holds two accumulators and reads two weight tiles per step (so half
+# the shared memory per stage for the few-rows tiles). float32 takes exact fp32 products ("ieee", no tensor
+# cores): small tiles.
 _FAMILIES = {
     "16bit": [_config(128, 256, 64, 8, 3), _config(128, 128, 64, 8, 4), _config(64, 128, 64, 4, 4),
               _config(128, 64, 64, 4, 4)],
@@ -213,6 +205,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, acti
         return _empty_sum(b, rows, n_out, activation, out)
     x_rows = x.reshape(rows, k_dim)  # a view when the leading dims collapse, else a copy
     b_arg = b.contiguous() if b is not None else w  # w: unread placeholder
+
+    if rows <= GEMV_MAX_ROWS and config is None:  # decode: bound by reading W, on its own kernel (gemv.py)
+        gemv(x_rows, w, b_arg, out.view(rows, n_out), n_out, activation, b is not None, AUTOTUNE)
+        return out
 
     args = (x_rows, w, b_arg, out.view(rows, n_out), rows, n_out, k_dim, min(next_power_of_2(rows), 4096),
             x_rows.stride(0), x_rows.stride(1), w.stride(0), w.stride(1), n_out, n_out * w.stride(0))
