@@ -23,6 +23,10 @@ Every row is timed with one clock (CUDA events on a GPU), median of --repeats ru
                  each paid once per shape by the warm-up run (kept in `model.graphs`, `model.vision_graphs` and
                  `model.prefill_graphs` and replayed by every later call: the vision ms, TTFT and decode tok/s of
                  those rows are replays)
+  launches/step  what the host launches per decode step, generation loop included: aten ops plus Triton launches
+                 (qvl.launches.LaunchCounter) in generate(N) less generate(1), over N - 1, counted after the timed
+                 runs. One per kernel without graphs; a CUDA-graph row's replay launches its kernels as one, so
+                 there the figure is the loop's own work around the replay
 Generation never stops early: no EOS for either implementation, so every run decodes exactly N tokens.
 """
 
@@ -47,6 +51,7 @@ from qvl.ablate.config import ImageSpec, WorkloadSpec  # noqa: E402
 from qvl.ablate.measure import Clock  # noqa: E402
 from qvl.ablate.workload import build_workload  # noqa: E402
 from qvl.dtypes import dtype_name  # noqa: E402
+from qvl.launches import LaunchCounter  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -136,6 +141,7 @@ def measure(row, inputs: dict, n: int, repeats: int, clock: Clock, ref_logits: t
                 work.append((torch.cuda.max_memory_allocated() - before) / 2**20)
         logits = row.logits(inputs).float()
     err = ((logits - ref_logits).norm() / ref_logits.norm()).item()
+    launches = launches_per_step(row, inputs, n) if n > 1 else None
     median = lambda xs: statistics.median(xs[1:])  # noqa: E731  (the warm-up run left out)
     graphed = getattr(row, "cuda_graph", False)
     captures = [g["capture_seconds"] * 1e3 for g in row.model.graphs.stats() if g["captured"]] if graphed else []
@@ -145,8 +151,18 @@ def measure(row, inputs: dict, n: int, repeats: int, clock: Clock, ref_logits: t
             "capture_ms": max(captures) if captures else None,
             "vision_capture_ms": max(vision_captures) if vision_captures else None,
             "prefill_capture_ms": max(prefill_captures) if prefill_captures else None,
-            "work_mib": median(work) if work else None, "logits_rel_err": err,
+            "work_mib": median(work) if work else None, "logits_rel_err": err, "launches_per_step": launches,
             "tokens": out[0, prompt_len:].tolist()}
+
+
+def launches_per_step(row, inputs: dict, n: int) -> float:
+    """Host launches per decode step (the module docstring's launches/step)."""
+    counts = []
+    for tokens in (1, n):
+        with torch.no_grad(), LaunchCounter().counting() as launches:
+            row.generate(inputs, tokens)
+        counts.append(launches.total)
+    return (counts[1] - counts[0]) / (n - 1)
 
 
 def scratch_dir(model) -> str | None:
@@ -188,7 +204,9 @@ def main(argv=None) -> int:
     print(f"checkpoint written and read by transformers in {time.perf_counter() - started:.1f} s", flush=True)
 
     # Interpreted kernels (no GPU) are for checking results, not for timing: the triton rows need a GPU.
-    rows = [peer, QvlRow(model, "eager")] + ([QvlRow(model, "triton"), QvlRow(model, "triton", True)] if CUDA else [])
+    # The last row puts the MLP on the triton-gemm backend, whose decode projections run on qvl's GEMV.
+    rows = [peer, QvlRow(model, "eager")] + ([QvlRow(model, "triton"), QvlRow(model, "triton", True),
+                                              QvlRow(model, "triton,mlp=triton-gemm", True)] if CUDA else [])
     clock, results = Clock(DEV), []
     for row in rows:
         try:
@@ -196,17 +214,19 @@ def main(argv=None) -> int:
         except Exception as e:  # one implementation failing must not lose the others' rows
             results.append({"impl": row.name, "error": f"{type(e).__name__}: {e}"[:300]})
         print(json.dumps({k: v for k, v in results[-1].items() if k != "tokens"}), flush=True)
+        # written after each row: a run stopped by the GPU session's time box keeps the rows it measured
+        write(results, args.out, small, preset, dtype, spec, repeats, transformers.__version__,
+              echo=len(results) == len(rows))
         if row is peer:  # its weights are not needed any more: give the memory back before the qvl rows
             del peer.hf
             if CUDA:
                 torch.cuda.empty_cache()
-    write(results, args.out, small, preset, dtype, spec, repeats, transformers.__version__)
     return 0
 
 
 def write(rows: list[dict], out: str, small: bool, preset: str, dtype: torch.dtype, spec: WorkloadSpec,
-          repeats: int, transformers_version: str) -> None:
-    """model_peers.json (every figure, the generated tokens) and model_peers.md (the table)."""
+          repeats: int, transformers_version: str, echo: bool = True) -> None:
+    """model_peers.json (every figure, the generated tokens) and model_peers.md (the table, printed with `echo`)."""
     device = torch.cuda.get_device_name() if CUDA else "cpu (triton interpreted)"
     dt = dtype_name(dtype)
     image = "x".join(map(str, spec.images[0].size))
@@ -216,31 +236,33 @@ def write(rows: list[dict], out: str, small: bool, preset: str, dtype: torch.dty
                         "tokens decoded"}
     lines = [f"Device: {device}; torch {torch.__version__}; transformers {transformers_version}; {meta['date']}",
              f"{preset} preset, random weights in {dt}; {meta['workload']}; median of {repeats} runs", "",
-             "| impl | vision ms | TTFT ms | decode tok/s | capture ms | work MiB "
+             "| impl | vision ms | TTFT ms | decode tok/s | launches/step | capture ms | work MiB "
              "| logits rel err vs qvl eager float32 |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['impl']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['impl']} | failed: {r['error']} | | | | | | |")
             continue
+        launches = "" if r["launches_per_step"] is None else f"{r['launches_per_step']:.0f}"
         work = "" if r["work_mib"] is None else f"{r['work_mib']:.0f}"
         capture = "" if r.get("capture_ms") is None else f"{r['capture_ms']:.0f}"
         for part in ("vision_capture_ms", "prefill_capture_ms"):
             if r.get(part) is not None:
                 capture += f" + {r[part]:.0f}"
         lines.append(f"| {r['impl']} | {r['vision_ms']:.1f} | {r['ttft_ms']:.1f} | {r['decode_tok_s']:.1f} "
-                     f"| {capture} | {work} | {r['logits_rel_err']:.2e} |")
-    write_files(out, "model_peers", meta, rows, lines)
+                     f"| {launches} | {capture} | {work} | {r['logits_rel_err']:.2e} |")
+    write_files(out, "model_peers", meta, rows, lines, echo)
 
 
-def write_files(out: str, stem: str, meta: dict, rows: list[dict], lines: list[str]) -> None:
-    """<stem>.json (meta and every row) and <stem>.md (the table `lines`) in `out`; the table printed too."""
+def write_files(out: str, stem: str, meta: dict, rows: list[dict], lines: list[str], echo: bool = True) -> None:
+    """<stem>.json (meta and every row) and <stem>.md (the table `lines`) in `out`; the table printed with `echo`."""
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"{stem}.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     with open(os.path.join(out, f"{stem}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if echo:
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -97,6 +97,13 @@ def test_model_peers_smoke_run_agrees_with_transformers(tmp_path):
     assert peer["tokens"] == eager["tokens"] and len(eager["tokens"]) == SMOKE_WORKLOAD.decode_tokens
     assert all(r["decode_tok_s"] > 0 for r in rows.values())
     assert all(r["vision_ms"] > 0 and r["ttft_ms"] > 0 for r in rows.values())
+    # launches per decode step, the same every step: qvl eager's decode step (the count the CPU baseline holds for
+    # this preset) and the generation loop's own work around it
+    with open(os.path.join(ROOT, "benchmarks", "baselines", "cpu.json")) as f:
+        step = json.load(f)["counts"]
+    for r in rows.values():
+        assert r["launches_per_step"] == int(r["launches_per_step"]) > 0, r
+    assert eager["launches_per_step"] > step["launches/decode_step[eager]"]
     assert "| transformers (SDPA) |" in (tmp_path / "model_peers.md").read_text()
 
 
