@@ -80,12 +80,13 @@ stage_tp() { script_stage tp_collectives "$1"; }
 stage_preprocess() { script_stage preprocess "$1"; }
 
 # issue 23's graphs on the device: decode, vision and prefill captured and replayed against the plain path, the 3b
-# timing lines (vision tower, TTFT) printed, and the device preprocessing against torchvision's on the GPU
+# timing lines (vision tower, TTFT) printed, the device preprocessing against torchvision's on the GPU, and the
+# decode GEMV at the 3b shapes (compiled: the interpreter checked it only at small ones)
 stage_graphs() {
   log "graphs (<= $(box "$1") s)"
   timeout "$(box "$1")" python3 -m pytest -q -s -rfEs -p no:cacheprovider tests/model/test_decode_graph.py \
     tests/model/test_vision_graph_pool.py tests/model/test_prefill_graph_pool.py \
-    tests/processing/test_image.py -k "gpu or cuda or graph or 3b" > "$FULL/graphs.txt" 2>&1
+    tests/processing/test_image.py tests/ops/test_gemv.py -k "gpu or cuda or graph or 3b" > "$FULL/graphs.txt" 2>&1
   log "graphs exit $?"
   { grep -E "FAILED|ERROR|3b bf16" "$FULL/graphs.txt" | head -20; tail -2 "$FULL/graphs.txt"; } >> "$OUT/summary.txt"
   cp "$FULL/graphs.txt" "$OUT/"

@@ -82,3 +82,18 @@ def test_every_config_matches_eager(family, index):
     out = torch.empty(3, n_out, dtype=dtype, device=x.device)
     gemv.gemv(x, w, b, out, n_out, activation, True, autotune=False, config=config)
     assert_close_rel(out, reference(x, w, b, activation), dtype)
+
+
+@pytest.mark.skipif(DEVICE_TYPE != "cuda", reason="the 3b decoder's sizes: compiled on a GPU (the interpreter is slow)")
+@pytest.mark.parametrize("rows", [1, GEMV_MAX_ROWS])
+@pytest.mark.parametrize("k_dim, n_out, activation, bias", [(2048, 2560, "none", True), (2048, 11008, "swiglu", False),
+                                                            (11008, 2048, "none", False), (1280, 3420, "swiglu", True)])
+def test_gemv_3b_shapes_on_gpu(rows, k_dim, n_out, activation, bias):
+    """The 3b decoder's qkv, gate_up and down projections and the vision MLP's, at batch 1 and 4, in bfloat16:
+    many column bands and K steps, compiled (gpu_session.sh's graphs stage runs these)."""
+    gen = torch.Generator().manual_seed(k_dim + n_out + rows)
+    x = randn(rows, k_dim, gen=gen, dtype=torch.bfloat16)
+    w = randn(2 * n_out if activation == "swiglu" else n_out, k_dim, gen=gen, dtype=torch.bfloat16,
+              scale=k_dim ** -0.5)
+    b = randn(w.shape[0], gen=gen, dtype=torch.bfloat16) if bias else None
+    assert_close_rel(linear(x, w, b, activation), reference(x, w, b, activation), torch.bfloat16)
