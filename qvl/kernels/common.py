@@ -108,3 +108,13 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     """`rows_view(t)`, or a contiguous (rows, N) copy when t has no such view."""
     rows = rows_view(t)
     return rows if rows is not None else t.contiguous().view(-1, t.shape[-1])
+
+
+def power_of_two_dividing(*values: int, cap: int) -> int:
+    """The largest power of two, at most `cap`, dividing every value: the alignment a kernel may promise Triton
+    (tl.multiple_of) for row offsets whose stride is no multiple of 16, which it would otherwise load one
+    element at a time."""
+    align = cap
+    while align > 1 and any(v % align for v in values):
+        align //= 2
+    return align

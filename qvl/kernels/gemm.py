@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from . import DOT_F32, INTERPRETED, MIN_DOT_SIZE, WHILE_LOOP, cdiv, input_precision, next_power_of_2
-from .common import projection_epilogue, to_storage
+from .common import power_of_two_dividing, projection_epilogue, to_storage
 from .gemv import GEMV_MAX_ROWS, gemv
 
 # The interpreter's one configuration: the smallest tiles, so small tests still cross tile edges.
@@ -212,7 +212,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, acti
 
     args = (x_rows, w, b_arg, out.view(rows, n_out), rows, n_out, k_dim, min(next_power_of_2(rows), 4096),
             x_rows.stride(0), x_rows.stride(1), w.stride(0), w.stride(1), n_out, n_out * w.stride(0))
-    flags = dict(ACTIVATION=activation, HAS_BIAS=b is not None, ROW_ALIGN=_power_of_two_dividing(
+    flags = dict(ACTIVATION=activation, HAS_BIAS=b is not None, ROW_ALIGN=power_of_two_dividing(
                      x_rows.stride(0), w.stride(0), cap=16), DOT_F32=DOT_F32,
                  INPUT_PRECISION=input_precision(x.dtype), WHILE_LOOP=WHILE_LOOP)
     grid = lambda meta: (cdiv(rows, meta["BLOCK_M"]) * cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
@@ -224,13 +224,6 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, acti
     launch = config if isinstance(config, dict) else config.all_kwargs()
     _linear_kernel[grid](*args, **flags, **launch)
     return out
-
-
-def _power_of_two_dividing(*values: int, cap: int) -> int:
-    align = cap
-    while align > 1 and any(v % align for v in values):
-        align //= 2
-    return align
 
 
 def _empty_sum(b, rows, n_out, activation, out):

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED, WHILE_LOOP, cdiv, next_power_of_2
-from .common import projection_epilogue, to_storage
+from .common import power_of_two_dividing, projection_epilogue, to_storage
 
 # Row counts up to this take the GEMV; more rows share each weight tile better on the GEMM's tensor-core tiles.
 GEMV_MAX_ROWS = 4
@@ -34,8 +34,8 @@ def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_om, up_offset,
-    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, WHILE_LOOP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    WHILE_LOOP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # ROWS: M rounded up to a power of two (the accumulator's height; rows past M are computed and not stored).
     # up_offset: elements from a gate row of W to its up row (N rows further down), for SwiGLU.
@@ -45,7 +45,10 @@ def _gemv_kernel(
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     # Columns past N load clamped (valid memory, results discarded by the store mask), so whole K steps need no
     # masks; so do rows past M (_k_step).
-    w_ptrs = w_ptr + (cols % N).to(tl.int64)[:, None] * stride_wn + tl.arange(0, BLOCK_K)[None, :] * stride_wk
+    # ROW_ALIGN: the power of two the row strides are multiples of, so rows whose stride is no multiple of 16
+    # (K = 3420) still load in vectors.
+    w_rows = tl.multiple_of((cols % N).to(tl.int64) * stride_wn, ROW_ALIGN)
+    w_ptrs = w_ptr + w_rows[:, None] + tl.arange(0, BLOCK_K)[None, :] * stride_wk
     x_ptrs = x_ptr + tl.arange(0, BLOCK_K) * stride_xk  # row 0's; row r is stride_xm further
 
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
@@ -55,15 +58,15 @@ def _gemv_kernel(
         step = 0
         while step < full_steps:
             acc, acc_up = _k_step(acc, acc_up, x_ptrs, w_ptrs, up_offset, step, M, K, stride_xm, stride_xk,
-                                  stride_wk, SWIGLU, False, ROWS, BLOCK_K)
+                                  stride_wk, SWIGLU, False, ROWS, ROW_ALIGN, BLOCK_K)
             step += 1
     else:
         for step in range(full_steps):
             acc, acc_up = _k_step(acc, acc_up, x_ptrs, w_ptrs, up_offset, step, M, K, stride_xm, stride_xk,
-                                  stride_wk, SWIGLU, False, ROWS, BLOCK_K)
+                                  stride_wk, SWIGLU, False, ROWS, ROW_ALIGN, BLOCK_K)
     if K % BLOCK_K != 0:
         acc, acc_up = _k_step(acc, acc_up, x_ptrs, w_ptrs, up_offset, full_steps, M, K, stride_xm, stride_xk,
-                              stride_wk, SWIGLU, True, ROWS, BLOCK_K)
+                              stride_wk, SWIGLU, True, ROWS, ROW_ALIGN, BLOCK_K)
 
     rows = tl.arange(0, ROWS)
     col_ok = cols < N
@@ -74,7 +77,8 @@ def _gemv_kernel(
 
 @triton.jit
 def _k_step(acc, acc_up, x_ptrs, w_ptrs, up_offset, step, M, K, stride_xm, stride_xk, stride_wk,
-            SWIGLU: tl.constexpr, MASK_K: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+            SWIGLU: tl.constexpr, MASK_K: tl.constexpr, ROWS: tl.constexpr, ROW_ALIGN: tl.constexpr,
+            BLOCK_K: tl.constexpr):
     """acc[r] += W[:, k-block] x[r, k-block] for every row r (and the same for the up rows), for the step-th
     block of K. The weight tile is loaded once for all rows; a row past M reads row r % M (not stored)."""
     x_ptrs += step * BLOCK_K * stride_xk
@@ -85,7 +89,7 @@ def _k_step(acc, acc_up, x_ptrs, w_ptrs, up_offset, step, M, K, stride_xm, strid
         w_up = _load(w_ptrs + up_offset, k_ok[None, :], MASK_K)
     rows = tl.arange(0, ROWS)[:, None]
     for r in tl.static_range(ROWS):
-        x_r = _load(x_ptrs + (r % M) * stride_xm, k_ok, MASK_K)[None, :]
+        x_r = _load(x_ptrs + tl.multiple_of((r % M) * stride_xm, ROW_ALIGN), k_ok, MASK_K)[None, :]
         acc = tl.where(rows == r, acc + tl.sum(w * x_r, axis=1)[None, :], acc)
         if SWIGLU:
             acc_up = tl.where(rows == r, acc_up + tl.sum(w_up * x_r, axis=1)[None, :], acc_up)
@@ -140,7 +144,8 @@ def gemv(x_rows, w, b_arg, out_rows, n_out: int, activation: str, has_bias: bool
     rows, k_dim = x_rows.shape
     args = (x_rows, w, b_arg, out_rows, rows, n_out, k_dim, x_rows.stride(0), x_rows.stride(1), w.stride(0),
             w.stride(1), out_rows.stride(0), n_out * w.stride(0))
-    flags = dict(ACTIVATION=activation, HAS_BIAS=has_bias, ROWS=next_power_of_2(rows), WHILE_LOOP=WHILE_LOOP)
+    flags = dict(ACTIVATION=activation, HAS_BIAS=has_bias, ROWS=next_power_of_2(rows),
+                 ROW_ALIGN=power_of_two_dividing(x_rows.stride(0), w.stride(0), cap=16), WHILE_LOOP=WHILE_LOOP)
     grid = lambda meta: (cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
     family = family_of(x_rows.dtype.itemsize == 4, activation)
     if config is None and autotune and not INTERPRETED:
