@@ -7,10 +7,10 @@ weight element: it is bound by memory bandwidth, and the only question is how ma
 smallest tensor-core tile is 16 rows x 64 columns, so the 3b decoder's down projection (N = 2048) makes 32 programs
 for an H200's 132 SMs; measured there it read its weights at 1.35 TB/s against cuBLAS's 1.91
 (benchmarks/gpu/h200-2026-11-26). Here a program owns a narrow band of BLOCK_N output columns (4 to 32) and walks K
-in wide steps of contiguous loads, multiplying on the CUDA cores: N / BLOCK_N programs, 64 to 512 at the 3b
-decoder's projections, several per SM. Narrow bands take the place of a split over K, which would need a second
-pass (or a semaphore) to sum the pieces before the bias and the activation. Each band is summed in one program, in
-K order, so results do not depend on scheduling.
+in wide steps of contiguous loads, multiplying on the CUDA cores: N / BLOCK_N programs, at least 64 at the 3b
+decoder's projections (128 at a 16-column band for its narrowest, N = 2048), several per SM. Narrow bands take the
+place of a split over K, which would need a second pass (or a semaphore) to sum the pieces before the bias and the
+activation. Each band is summed in one program, in K order, so results do not depend on scheduling.
 
 Numerics are the GEMM's (common.projection_epilogue): float32 sums, the projection rounded to the storage dtype
 before the activation. Every row of x is read by every program, from L2 (it is a few kilobytes); each weight tile
