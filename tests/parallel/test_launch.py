@@ -104,15 +104,22 @@ def _record_pid_and_sleep(folder: str) -> None:
 
 def test_an_interrupted_parent_stops_its_workers(tmp_path):
     pid_files = [tmp_path / f"{r}.pid" for r in range(2)]
+    sent = threading.Event()
 
     def interrupt_when_both_run():  # Ctrl-C, once both workers are sleeping
         while not all(p.exists() and p.read_text() for p in pid_files):
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGINT)
+        sent.set()
 
     threading.Thread(target=interrupt_when_both_run, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        run_workers(2, _record_pid_and_sleep, (str(tmp_path),))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_workers(2, _record_pid_and_sleep, (str(tmp_path),))
+    except TimeoutError as e:  # say which step never came
+        started = [p.exists() for p in pid_files]
+        raise TimeoutError(f"{e}: workers started {started}, SIGINT sent: {sent.is_set()}, SIGINT handler "
+                           f"{signal.getsignal(signal.SIGINT)!r}") from None
     for p in pid_files:
         with pytest.raises(ProcessLookupError):  # stopped and reaped
             os.kill(int(p.read_text()), 0)
