@@ -255,7 +255,6 @@ def cublas_linear(x, w, b, activation):
     return swiglu(h) if activation == "swiglu" else h
 
 
-
 def rope_figures(table: Table, small: bool) -> None:
     """M-RoPE on q and k: three position streams (t, h, w), the 3b decoder's heads."""
     seq, hq, hk, d = (16, 4, 2, 16) if small else (4096, 16, 2, 128)

@@ -118,3 +118,16 @@ def power_of_two_dividing(*values: int, cap: int) -> int:
     while align > 1 and any(v % align for v in values):
         align //= 2
     return align
+
+
+def launch_tuned(kernel, grid, args: tuple, flags: dict, *, tuned, candidates: list, interpreter_config: dict,
+                 autotune: bool, config=None) -> None:
+    """Launch a kernel that has autotuned candidate configurations (the GEMM's and the GEMV's families): with
+    `config`, that configuration; compiled with `autotune` on, `tuned` (the autotuner over `candidates`) picks;
+    otherwise the interpreter's one configuration, or compiled the first candidate."""
+    if config is None and autotune and not INTERPRETED:
+        tuned[grid](*args, **flags)
+        return
+    if config is None:
+        config = interpreter_config if INTERPRETED else candidates[0]
+    kernel[grid](*args, **flags, **(config if isinstance(config, dict) else config.all_kwargs()))

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from . import DOT_F32, INTERPRETED, MIN_DOT_SIZE, WHILE_LOOP, cdiv, input_precision, next_power_of_2
-from .common import power_of_two_dividing, projection_epilogue, to_storage
+from .common import launch_tuned, power_of_two_dividing, projection_epilogue, to_storage
 from .gemv import GEMV_MAX_ROWS, gemv
 
 # The interpreter's one configuration: the smallest tiles, so small tests still cross tile edges.
@@ -216,13 +216,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, acti
                      x_rows.stride(0), w.stride(0), cap=16), DOT_F32=DOT_F32,
                  INPUT_PRECISION=input_precision(x.dtype), WHILE_LOOP=WHILE_LOOP)
     grid = lambda meta: (cdiv(rows, meta["BLOCK_M"]) * cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
-    if config is None and AUTOTUNE and not INTERPRETED:
-        _TUNED[family_of(x.dtype, rows, activation)][grid](*args, **flags)
-        return out
-    if config is None:
-        config = INTERPRETER_CONFIG if INTERPRETED else _FAMILIES[family_of(x.dtype, rows, activation)][0]
-    launch = config if isinstance(config, dict) else config.all_kwargs()
-    _linear_kernel[grid](*args, **flags, **launch)
+    family = family_of(x.dtype, rows, activation)
+    launch_tuned(_linear_kernel, grid, args, flags, tuned=_TUNED.get(family), candidates=_FAMILIES[family],
+                 interpreter_config=INTERPRETER_CONFIG, autotune=AUTOTUNE, config=config)
     return out
 
 

@@ -19,11 +19,12 @@ is loaded once and used for all rows.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 from . import INTERPRETED, WHILE_LOOP, cdiv, next_power_of_2
-from .common import power_of_two_dividing, projection_epilogue, to_storage
+from .common import launch_tuned, power_of_two_dividing, projection_epilogue, to_storage
 
 # Row counts up to this take the GEMV; more rows share each weight tile better on the GEMM's tensor-core tiles.
 GEMV_MAX_ROWS = 4
@@ -129,9 +130,9 @@ _TUNED = {} if INTERPRETED else {
 }
 
 
-def family_of(dtype_is_fp32: bool, activation: str) -> str:
+def family_of(dtype: torch.dtype, activation: str) -> str:
     """The candidate family (a key of _FAMILIES) a call is tuned in."""
-    if dtype_is_fp32:
+    if dtype == torch.float32:
         return "fp32"
     return "16bit swiglu" if activation == "swiglu" else "16bit"
 
@@ -147,11 +148,6 @@ def gemv(x_rows, w, b_arg, out_rows, n_out: int, activation: str, has_bias: bool
     flags = dict(ACTIVATION=activation, HAS_BIAS=has_bias, ROWS=next_power_of_2(rows),
                  ROW_ALIGN=power_of_two_dividing(x_rows.stride(0), w.stride(0), cap=16), WHILE_LOOP=WHILE_LOOP)
     grid = lambda meta: (cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
-    family = family_of(x_rows.dtype.itemsize == 4, activation)
-    if config is None and autotune and not INTERPRETED:
-        _TUNED[family][grid](*args, **flags)
-        return
-    if config is None:
-        config = INTERPRETER_CONFIG if INTERPRETED else _FAMILIES[family][0]
-    launch = config if isinstance(config, dict) else config.all_kwargs()
-    _gemv_kernel[grid](*args, **flags, **launch)
+    family = family_of(x_rows.dtype, activation)
+    launch_tuned(_gemv_kernel, grid, args, flags, tuned=_TUNED.get(family), candidates=_FAMILIES[family],
+                 interpreter_config=INTERPRETER_CONFIG, autotune=autotune, config=config)
