@@ -107,9 +107,17 @@ def backend_ops(operator: str) -> dict[str, object]:
     return {spec: Ops(resolve_plan(spec)) for spec in backend_specs(operator)}
 
 
+def on_triton(name: str) -> str:
+    """The spec of an all-triton model with every operator partial backend `name` implements on it instead, e.g.
+    "triton,mlp=triton-gemm,linear=triton-gemm"."""
+    from qvl.backends import OPERATORS, get_backend
+
+    return "triton," + ",".join(f"{op}={name}" for op in OPERATORS if op in get_backend(name).impls)
+
+
 def model_specs(partial: bool = FULL) -> list[str]:
     """Whole-model backend specs for the end-to-end figures: each usable backend that implements every operator,
-    and (`partial`) each partial one (triton-gemm: the MLP only) on top of triton, e.g. "triton,mlp=triton-gemm".
+    and (`partial`) each partial one (triton-gemm: the projections) on top of triton (`on_triton`).
 
     On the CPU the partial ones are left out of the timed suite by default: the interpreted GEMM takes ~10 s a
     model call at the tiny preset and says nothing about speed; its launch counts are still tracked."""
@@ -118,8 +126,7 @@ def model_specs(partial: bool = FULL) -> list[str]:
     usable = [b for b in all_backends() if not b.unavailable_reasons()]
     specs = [b.name for b in usable if b.covers_all_operators]
     if partial and "triton" in specs:
-        specs += ["triton," + ",".join(f"{op}={b.name}" for op in b.impls)
-                  for b in usable if not b.covers_all_operators]
+        specs += [on_triton(b.name) for b in usable if not b.covers_all_operators]
     return specs
 
 

@@ -138,6 +138,7 @@ def measure(backend: str) -> dict[str, float]:
         "cache (rope+write)": best_us(lambda: ops.cache(q, k, k, positions, rotary, k_cache, v_cache, n)),
         "attention (decode)": best_us(lambda: ops.attention(q, k_cache[:, :n + 1], v_cache[:, :n + 1], mask)),
         "mlp": best_us(lambda: ops.mlp(embeds, mlp.gate_up_proj.weight, None, mlp.down_proj.weight, None, "swiglu")),
+        "linear (qkv)": best_us(lambda: ops.linear(embeds, attn.qkv_proj.weight, attn.qkv_proj.bias)),
         "decoder layer (decode)": best_us(lambda: layer(ops, embeds, embeds, positions, rotary, mask,
                                                           (k_cache, v_cache), n)),
         "decode step (tiny, 2 layers)": best_us(step, calls=50),

@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import qvl  # (before anything imports triton: the interpreter switch on a machine without a GPU)
+from benchmarks.harness import on_triton  # noqa: E402
 from qvl.ablate.config import ImageSpec, WorkloadSpec  # noqa: E402
 from qvl.ablate.measure import Clock  # noqa: E402
 from qvl.ablate.workload import build_workload  # noqa: E402
@@ -204,9 +205,9 @@ def main(argv=None) -> int:
     print(f"checkpoint written and read by transformers in {time.perf_counter() - started:.1f} s", flush=True)
 
     # Interpreted kernels (no GPU) are for checking results, not for timing: the triton rows need a GPU.
-    # The last row puts the MLP on the triton-gemm backend, whose decode projections run on qvl's GEMV.
+    # The last row puts every projection on the triton-gemm backend, whose decode projections run on qvl's GEMV.
     rows = [peer, QvlRow(model, "eager")] + ([QvlRow(model, "triton"), QvlRow(model, "triton", True),
-                                              QvlRow(model, "triton,mlp=triton-gemm", True)] if CUDA else [])
+                                              QvlRow(model, on_triton("triton-gemm"), True)] if CUDA else [])
     clock, results = Clock(DEV), []
     for row in rows:
         try:

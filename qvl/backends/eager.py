@@ -140,10 +140,17 @@ class EagerLoss(_EagerOp):
         return divide_loss(total, targets, divisor), logits
 
 
+class EagerLinear(_EagerOp):
+    operator = "linear"
+
+    def __call__(self, x, weight, bias=None):
+        return F.linear(x, weight, bias)
+
+
 BACKEND = Backend(
     "eager",
     {"attention": EagerAttention(), "rope": EagerRope(), "norm": EagerNorm(), "mlp": EagerMLP(),
-     "cache": EagerCache(), "loss": EagerLoss()},
+     "cache": EagerCache(), "loss": EagerLoss(), "linear": EagerLinear()},
     description="plain PyTorch; the reference every backend is tested against",
     priority=0,
 )

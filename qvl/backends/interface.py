@@ -1,6 +1,6 @@
 """The operator interface every backend implements.
 
-Five operators, one signature each. The model calls them through `qvl.backends.Ops` and never knows
+Seven operators, one signature each. The model calls them through `qvl.backends.Ops` and never knows
 which backend runs them. Layouts are token-major, as the projections produce them:
 
     q: (B, Lq, Hq, D)    k, v: (B, Lk, Hkv, D)    Hq % Hkv == 0 (GQA; K/V are never repeated)
@@ -31,6 +31,11 @@ loss(hidden, weight, targets, divisor=None) -> (loss, logits | None)
     a vocabulary id or IGNORE_INDEX (not counted), and divisor is the count of counted tokens when None (a
     mean; a sum over nothing divided by no count is 0, not NaN). The loss is a 0-dim float32 tensor. A backend
     may return the logits it made, or None when they never existed in full (a chunked kernel).
+linear(x, weight, bias=None) -> (..., N)
+    x weight^T + bias, as F.linear: x (..., K), weight (N, K) as nn.Linear stores it, bias (N,) or None, all in
+    one dtype; the product accumulated in float32 (float64 stays) and rounded once to x's dtype. Every
+    projection outside the MLP: the decoder's qkv and o_proj, the LM head's logits, the vision tower's patch
+    embedding, qkv and proj. At decode they read about a fifth of the 3b model's weight bytes (the MLP the rest).
 
 Gradients. Every operator is differentiable through its outputs on the backends that declare
 `OpImpl.backward`; a call made with autograd recording and an input that requires grad is described with
@@ -50,7 +55,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-OPERATORS: tuple[str, ...] = ("attention", "rope", "norm", "mlp", "cache", "loss")
+OPERATORS: tuple[str, ...] = ("attention", "rope", "norm", "mlp", "cache", "loss", "linear")
 ACTIVATIONS: tuple[str, ...] = ("swiglu", "gelu", "quick_gelu")
 # The slope of QuickGELU, x * sigmoid(QUICK_GELU_SLOPE * x): a sigmoid approximation of GELU.
 QUICK_GELU_SLOPE = 1.702
@@ -285,6 +290,19 @@ def check_cache_inputs(q, k, v, positions, rotary, k_cache, v_cache, start) -> N
         raise ValueError(f"cache: writing {k.shape[1]} tokens at {start} overflows the cache of "
                          f"{k_cache.shape[1]} positions; build the cache with a larger max_len")
 
+
+
+def check_linear_inputs(x, weight, bias) -> None:
+    if x.dim() == 0 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear: x (..., K) and weight (N, K) expected; got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"linear: bias {tuple(bias.shape)} must be ({weight.shape[0]},)")
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(f"linear: x, weight (and bias) must share a dtype; got {x.dtype}, {weight.dtype}"
+                         + ("" if bias is None else f", {bias.dtype}"))
+    if weight.device != x.device or (bias is not None and bias.device != x.device):
+        raise ValueError("linear: x, weight and bias must be on one device")
 
 
 def check_loss_inputs(hidden, weight, targets, divisor) -> None:

@@ -74,6 +74,12 @@ class Ops:
         call = CallInfo.of("loss", hidden, vocab=weight.shape[0], **_grad(hidden, weight))
         return self._dispatch.select(call)(hidden, weight, targets, divisor)
 
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x weight^T + bias: every projection the MLP operator does not hold (see qvl.backends.interface)."""
+        I.check_linear_inputs(x, weight, bias)
+        call = CallInfo.of("linear", x, **_grad(x, weight, bias))
+        return self._dispatch.select(call)(x, weight, bias)
+
 
 def _grad(*tensors: torch.Tensor | None) -> dict[str, bool]:
     """grad=True when autograd records this call and an input requires grad: it needs a backward. Only when

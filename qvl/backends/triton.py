@@ -110,6 +110,17 @@ class TritonMLP(_TritonOp):
         return F.linear(h, w_out, b_out)
 
 
+class TritonLinear(_TritonOp):
+    """torch matmul (cuBLAS), as this backend's MLP projections: qvl's own projection kernels (GEMM, decode GEMV)
+    are the `triton-gemm` backend's, which measurement chooses between."""
+
+    operator = "linear"
+    backward = True  # autograd through the matmul
+
+    def __call__(self, x, weight, bias=None):
+        return F.linear(x, weight, bias)
+
+
 class TritonLoss(_TritonOp):
     """The LM head fused with cross-entropy, chunked over tokens: the whole logits never exist (returns None)."""
 
@@ -132,7 +143,7 @@ def availability() -> list[str]:
 BACKEND = Backend(
     "triton",
     {"attention": TritonAttention(), "rope": TritonRope(), "norm": TritonNorm(), "mlp": TritonMLP(),
-     "cache": TritonCache(), "loss": TritonLoss()},
+     "cache": TritonCache(), "loss": TritonLoss(), "linear": TritonLinear()},
     description="qvl's Triton kernels (qvl/kernels)" + (" through the Triton interpreter" if INTERPRETED else ""),
     # `auto` prefers compiled kernels over everything, but never the interpreter over eager: interpreted
     # kernels are for checking correctness on a CPU, hundreds of times slower than plain PyTorch there.

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETED
+from . import INTERPRETED, cdiv
 
 # The interpreter casts float32 -> bfloat16 by truncation; the GPU rounds to nearest even. Rounding in
 # software first makes the interpreter reproduce torch's (and the GPU's) bf16 values exactly.
@@ -120,11 +120,26 @@ def power_of_two_dividing(*values: int, cap: int) -> int:
     return align
 
 
+# The Triton interpreter's cost is per program (tens of milliseconds each, mostly its calls of nested jit functions
+# such as the K step): at most this many column bands per launch. The tiny preset's LM head (1024 columns) in the
+# GEMV's 8-column bands took 6 s a decode step; small tests keep the narrow bands and cross their edges.
+INTERPRETER_MAX_BANDS = 16
+
+
+def widened_for_interpreter(config: dict, n_out: int) -> dict:
+    """The interpreter's configuration with BLOCK_N doubled until `n_out` columns take at most
+    INTERPRETER_MAX_BANDS bands."""
+    block_n = config["BLOCK_N"]
+    while cdiv(n_out, block_n) > INTERPRETER_MAX_BANDS:
+        block_n *= 2
+    return config if block_n == config["BLOCK_N"] else config | {"BLOCK_N": block_n}
+
+
 def launch_tuned(kernel, grid, args: tuple, flags: dict, *, tuned, candidates: list, interpreter_config: dict,
                  autotune: bool, config=None) -> None:
     """Launch a kernel that has autotuned candidate configurations (the GEMM's and the GEMV's families): with
     `config`, that configuration; compiled with `autotune` on, `tuned` (the autotuner over `candidates`) picks;
-    otherwise the interpreter's one configuration, or compiled the first candidate."""
+    otherwise `interpreter_config`, or compiled the first candidate."""
     if config is None and autotune and not INTERPRETED:
         tuned[grid](*args, **flags)
         return

@@ -21,7 +21,7 @@ Tiles: a (BLOCK_M, BLOCK_N) output tile per program, K walked in BLOCK_K steps, 
 GROUP_M row tiles so that neighbouring programs share weight tiles in L2. Rows and columns past the edge are
 clamped (modulo) for loading, so the main loop needs no row/column masks; only the store is masked. On the GPU
 the tile shape is autotuned per (row bucket, N, K, activation, dtype) among a few configurations; the
-interpreter runs one small configuration.
+interpreter runs one small configuration, its columns widened only for wide outputs (`widened_for_interpreter`).
 
 At most GEMV_MAX_ROWS rows (decode at batch 1 to 4) go to the GEMV instead (qvl/kernels/gemv.py): the same
 results, on narrow column bands without tensor cores, so that a read of W spreads over every SM.
@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from . import DOT_F32, INTERPRETED, MIN_DOT_SIZE, WHILE_LOOP, cdiv, input_precision, next_power_of_2
-from .common import launch_tuned, power_of_two_dividing, projection_epilogue, to_storage
+from .common import launch_tuned, power_of_two_dividing, projection_epilogue, to_storage, widened_for_interpreter
 from .gemv import GEMV_MAX_ROWS, gemv
 
 # The interpreter's one configuration: the smallest tiles, so small tests still cross tile edges.
@@ -218,7 +218,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, acti
     grid = lambda meta: (cdiv(rows, meta["BLOCK_M"]) * cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
     family = family_of(x.dtype, rows, activation)
     launch_tuned(_linear_kernel, grid, args, flags, tuned=_TUNED.get(family), candidates=_FAMILIES[family],
-                 interpreter_config=INTERPRETER_CONFIG, autotune=AUTOTUNE, config=config)
+                 interpreter_config=widened_for_interpreter(INTERPRETER_CONFIG, n_out), autotune=AUTOTUNE,
+                 config=config)
     return out
 
 

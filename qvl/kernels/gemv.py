@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRETED, WHILE_LOOP, cdiv, next_power_of_2
-from .common import launch_tuned, power_of_two_dividing, projection_epilogue, to_storage
+from .common import launch_tuned, power_of_two_dividing, projection_epilogue, to_storage, widened_for_interpreter
 
 # Row counts up to this take the GEMV; more rows share each weight tile better on the GEMM's tensor-core tiles.
 GEMV_MAX_ROWS = 4
@@ -122,7 +122,8 @@ _FAMILIES = {
                      _config(16, 128, 4, 4)],
     "fp32": [_config(8, 256, 4, 2), _config(16, 128, 4, 2), _config(4, 512, 4, 2)],
 }
-# The interpreter's one configuration: narrow and short, so small tests cross band and K-step edges.
+# The interpreter's configuration: narrow and short, so small tests cross band and K-step edges (bands widened only
+# for wide outputs, common.widened_for_interpreter).
 INTERPRETER_CONFIG = dict(BLOCK_N=8, BLOCK_K=32, num_warps=4, num_stages=1)
 _TUNED = {} if INTERPRETED else {
     family: triton.autotune(configs=configs, key=["N", "K", "ACTIVATION", "HAS_BIAS", "ROWS"])(_gemv_kernel)
@@ -150,4 +151,5 @@ def gemv(x_rows, w, b_arg, out_rows, n_out: int, activation: str, has_bias: bool
     grid = lambda meta: (cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
     family = family_of(x_rows.dtype, activation)
     launch_tuned(_gemv_kernel, grid, args, flags, tuned=_TUNED.get(family), candidates=_FAMILIES[family],
-                 interpreter_config=INTERPRETER_CONFIG, autotune=autotune, config=config)
+                 interpreter_config=widened_for_interpreter(INTERPRETER_CONFIG, n_out), autotune=autotune,
+                 config=config)

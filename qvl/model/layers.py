@@ -110,11 +110,12 @@ def _mlp(ops, x: torch.Tensor, first: nn.Linear, second: nn.Linear, activation: 
     return with_bias(from_ranks(out, parallel), second.bias)
 
 
-def row_parallel_linear(x: torch.Tensor, layer: nn.Linear, parallel: TensorParallel | None) -> torch.Tensor:
-    """`layer(x)` for a row-parallel layer: the ranks' partial products summed, then the bias added once."""
+def row_parallel_linear(ops, x: torch.Tensor, layer: nn.Linear, parallel: TensorParallel | None) -> torch.Tensor:
+    """`layer(x)` for a row-parallel layer, on the `linear` operator: the ranks' partial products summed, then
+    the bias added once."""
     if parallel is None:
-        return layer(x)
-    return with_bias(from_ranks(F.linear(x, layer.weight), parallel), layer.bias)
+        return ops.linear(x, layer.weight, layer.bias)
+    return with_bias(from_ranks(ops.linear(x, layer.weight), parallel), layer.bias)
 
 
 def with_bias(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

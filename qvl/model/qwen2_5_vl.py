@@ -355,7 +355,7 @@ class Qwen25VL(nn.Module):
 
     def _local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The logits of this rank's vocabulary rows (all of them at tp 1)."""
-        return torch.nn.functional.linear(to_ranks(hidden, self.parallel), self.lm_weight())
+        return self.ops.linear(to_ranks(hidden, self.parallel), self.lm_weight())
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return gather(self._local_logits(hidden), -1, self.parallel)

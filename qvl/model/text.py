@@ -9,7 +9,6 @@ one out, whose partial outputs are summed over the ranks (`from_ranks`). At tp 1
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
@@ -41,8 +40,8 @@ class Attention(nn.Module):
         `attentions`, a list, receives the softmax weights (B, heads, Lq, Lk)."""
         b, n, _ = x.shape
         kv_rows = self.num_heads * self.head_dim  # the k and v rows follow the query heads' rows
-        qkv = F.linear(to_ranks(x, self.parallel), replicated_rows(self.qkv_proj.weight, kv_rows, self.kv_replicas),
-                       replicated_rows(self.qkv_proj.bias, kv_rows, self.kv_replicas))
+        qkv = ops.linear(to_ranks(x, self.parallel), replicated_rows(self.qkv_proj.weight, kv_rows, self.kv_replicas),
+                         replicated_rows(self.qkv_proj.bias, kv_rows, self.kv_replicas))
         q, k, v = qkv.split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], -1)
         q = q.view(b, n, self.num_heads, self.head_dim)
@@ -70,7 +69,7 @@ class Attention(nn.Module):
         else:
             out, weights = ops.attention(q, k, v, mask, weights=True)
             attentions.append(gather(weights, 1, self.parallel))  # every rank's heads, in order
-        return row_parallel_linear(out.reshape(b, n, -1), self.o_proj, self.parallel)
+        return row_parallel_linear(ops, out.reshape(b, n, -1), self.o_proj, self.parallel)
 
 
 class DecoderLayer(nn.Module):

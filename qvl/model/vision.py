@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..backends import BlockDiagonalMask, Ops, Rotary
@@ -41,9 +40,9 @@ class PatchEmbed(nn.Module):
         self.proj.weight = nn.Parameter(torch.empty(cfg.hidden_size, cfg.in_channels, cfg.temporal_patch_size,
                                                     cfg.patch_size, cfg.patch_size))
 
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+    def forward(self, ops: Ops, patches: torch.Tensor) -> torch.Tensor:
         w = self.proj.weight
-        return F.linear(patches.to(w.dtype), w.reshape(w.shape[0], -1))
+        return ops.linear(patches.to(w.dtype), w.reshape(w.shape[0], -1))
 
 
 class VisionAttention(nn.Module):
@@ -57,10 +56,11 @@ class VisionAttention(nn.Module):
     def forward(self, ops: Ops, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary,
                 mask: BlockDiagonalMask) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv(to_ranks(x, self.parallel)).view(1, n, 3, self.num_heads, self.head_dim).unbind(2)
+        qkv = ops.linear(to_ranks(x, self.parallel), self.qkv.weight, self.qkv.bias)
+        q, k, v = qkv.view(1, n, 3, self.num_heads, self.head_dim).unbind(2)
         q, k = ops.rope(q, k, positions, rotary)
         out = ops.attention(q, k, v, mask)
-        return row_parallel_linear(out.reshape(n, -1), self.proj, self.parallel)
+        return row_parallel_linear(ops, out.reshape(n, -1), self.proj, self.parallel)
 
 
 def vision_norm(cfg: VisionConfig) -> RMSNorm | LayerNorm:
@@ -171,7 +171,7 @@ class VisionTower(nn.Module):
     def encode(self, ops: Ops, pixel_values: torch.Tensor, layout: VisionLayout) -> torch.Tensor:
         """`forward` on a prepared layout: device work only (no read back, no copy from the host), so the same
         launches for every image of the layout's grids: what a CUDA graph captures (`qvl.model.graphs`)."""
-        x = self.patch_embed(pixel_values)
+        x = self.patch_embed(ops, pixel_values)
         if layout.patch_order is not None:
             x = x[layout.patch_order]
         hidden, residual = x, None

@@ -225,10 +225,12 @@ def test_precedence_explicit_over_scopes_over_env_over_eager_per_operator(monkey
         "rope": "eager",  # explicit beats every scope
         "cache": "eager",  # nobody chose: the default
         "loss": "eager",
+        "linear": "eager",
     }
+    unchosen = {"cache": "eager", "loss": "eager", "linear": "eager"}
     assert outer_only.as_dict() == {"attention": "test_a", "norm": "test_b", "mlp": "test_b", "rope": "test_b",
-                                    "cache": "eager", "loss": "eager"}
-    assert after.as_dict() == {**_all("test_a"), "cache": "eager", "loss": "eager"}
+                                    **unchosen}
+    assert after.as_dict() == {**_all("test_a"), **unchosen}
 
 
 def test_explicit_single_name_beats_scope_for_every_operator(test_backends):

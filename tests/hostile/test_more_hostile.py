@@ -24,7 +24,7 @@ from qvl.ablate import load_config, parse_config
 from qvl.ablate.config import ImageSpec, VideoSpec, WorkloadSpec, with_preset
 from qvl.ablate.runner import make_run_dir
 from qvl.ablate.workload import build_workload, check_workload
-from qvl.backends import parse_spec, resolve_plan
+from qvl.backends import OPERATORS, parse_spec, resolve_plan
 from qvl.config import get_preset
 from qvl.devices import parse_device
 from qvl.errors import CheckpointError, ConfigError, InputError, ResourceError
@@ -120,8 +120,7 @@ def test_backend_spec_mistakes_are_config_errors(call, words):
 
 
 def test_a_bare_backend_then_overrides_is_no_contradiction():
-    assert parse_spec("eager,attention=triton") == {"attention": "triton", "rope": "eager", "norm": "eager",
-                                                    "mlp": "eager", "cache": "eager", "loss": "eager"}
+    assert parse_spec("eager,attention=triton") == {op: "eager" for op in OPERATORS} | {"attention": "triton"}
 
 
 def test_backend_spec_mistakes_through_the_model_the_cli_and_an_ablation_config(capsys):

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qvl.kernels import DEVICE_TYPE, gemm, gemv
+from qvl.kernels.common import INTERPRETER_MAX_BANDS, widened_for_interpreter
 from qvl.kernels.gemm import linear
 from qvl.kernels.gemv import GEMV_MAX_ROWS, INTERPRETER_CONFIG
 from qvl.launches import LaunchCounter
@@ -82,6 +83,21 @@ def test_every_config_matches_eager(family, index):
     out = torch.empty(3, n_out, dtype=dtype, device=x.device)
     gemv.gemv(x, w, b, out, n_out, activation, True, autotune=False, config=config)
     assert_close_rel(out, reference(x, w, b, activation), dtype)
+
+
+@pytest.mark.parametrize("rows", [1, GEMV_MAX_ROWS + 1])  # the GEMV, the GEMM
+@pytest.mark.parametrize("activation", ["none", "swiglu"])
+def test_wide_outputs_in_the_interpreter(rows, activation):
+    """An output wider than INTERPRETER_MAX_BANDS narrow bands (an LM head) is computed in that many wider bands,
+    the band edge not at a power of two, with the same results."""
+    n_out = 16 * INTERPRETER_MAX_BANDS * 2 + 3
+    config = widened_for_interpreter(INTERPRETER_CONFIG, n_out)
+    assert config["BLOCK_N"] > BLOCK_N and -(-n_out // config["BLOCK_N"]) <= INTERPRETER_MAX_BANDS
+    gen = torch.Generator().manual_seed(rows)
+    x = randn(rows, 24, gen=gen, dtype=torch.float32)
+    w = randn(2 * n_out if activation == "swiglu" else n_out, 24, gen=gen, dtype=torch.float32, scale=0.2)
+    b = randn(w.shape[0], gen=gen, dtype=torch.float32)
+    assert_close_rel(linear(x, w, b, activation), reference(x, w, b, activation), torch.float32)
 
 
 @pytest.mark.skipif(DEVICE_TYPE != "cuda", reason="the 3b decoder's sizes: compiled on a GPU (the interpreter is slow)")

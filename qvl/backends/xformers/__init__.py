@@ -3,6 +3,7 @@
     attention  memory_efficient_attention_forward, masks as xFormers' bias objects      (attention.py)
     norm       rms_norm, rms_norm_add for the fused residual add                        (norm.py)
     mlp        swiglu on the packed [gate; up] weight; GELU unsupported                 (mlp.py)
+    linear     torch matmul: xFormers has no projection operator                        (mlp.py)
     rope       rope_padded where one position per token applies (uniform M-RoPE)        (rope.py)
     cache      rope_padded writing roped K and V into the cache in the same launch      (rope.py)
 
@@ -17,14 +18,14 @@ from __future__ import annotations
 from ..registry import Backend
 from . import installed
 from .attention import AttentionCall, XformersAttention, forward_ops, prepare_attention, probe_attention
-from .mlp import GELU_REASON, XformersMLP, swiglu_op_name
+from .mlp import GELU_REASON, XformersLinear, XformersMLP, swiglu_op_name
 from .norm import XformersNorm
 from .rope import NON_UNIFORM_REASON, XformersCache, XformersRope, rope_theta
 
 __all__ = [
     "BACKEND", "GELU_REASON", "NON_UNIFORM_REASON", "AttentionCall", "XformersAttention", "XformersCache",
-    "XformersMLP", "XformersNorm", "XformersRope", "forward_ops", "installed", "make_backend", "prepare_attention",
-    "probe_attention", "rope_theta", "swiglu_op_name",
+    "XformersLinear", "XformersMLP", "XformersNorm", "XformersRope", "forward_ops", "installed", "make_backend",
+    "prepare_attention", "probe_attention", "rope_theta", "swiglu_op_name",
 ]
 
 
@@ -34,7 +35,7 @@ def _description() -> str:
         return "xFormers operators (not installed)"
     swiglu = swiglu_op_name()
     return (f"xFormers {installed.STATUS.version}: memory_efficient_attention, rms_norm/rms_norm_add, rope_padded "
-            f"(RoPE + cache write), swiglu (dispatched to xFormers' '{swiglu}' SwiGLU op"
+            f"(RoPE + cache write), torch matmul (projections), swiglu (dispatched to xFormers' '{swiglu}' SwiGLU op"
             + (": F.linear + silu, this release has no fused SwiGLU kernel)" if swiglu == "eager" else ")"))
 
 
@@ -42,7 +43,7 @@ def make_backend() -> Backend:
     return Backend(
         "xformers",
         {"attention": XformersAttention(), "rope": XformersRope(), "norm": XformersNorm(), "mlp": XformersMLP(),
-         "cache": XformersCache()},
+         "cache": XformersCache(), "linear": XformersLinear()},
         description=_description(),
         priority=10,
         availability=installed.availability,

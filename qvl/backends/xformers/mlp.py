@@ -1,11 +1,14 @@
 """mlp -> xformers.ops.swiglu with the packed [gate; up] weight, so xFormers' dispatcher picks its packed fused
 SwiGLU kernel where the installed release has one (0.0.35 has none: it runs its 'eager' op, F.linear + silu).
 GELU (the vision patch merger) and QuickGELU (Qwen2-VL's vision blocks): unsupported, xFormers has neither.
+linear -> torch matmul: xFormers has no projection operator of its own (its SwiGLU op's projections in 0.0.35 are
+F.linear too), so a whole-model xformers plan runs its projections as PyTorch does.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..registry import BackendUnsupportedError, CallInfo
 from . import installed
@@ -40,6 +43,14 @@ class XformersMLP(XformersOp):
         w1, w2 = w_in.unflatten(0, (2, inner)).unbind(0)
         b1, b2 = (None, None) if b_in is None else b_in.unflatten(0, (2, inner)).unbind(0)
         return installed.XF.ops.swiglu(x, w1, b1, w2, b2, w_out, b_out)
+
+
+class XformersLinear(XformersOp):
+    operator = "linear"
+    backward = True  # autograd through the matmul
+
+    def __call__(self, x, weight, bias=None):
+        return F.linear(x, weight, bias)
 
 
 def swiglu_op_name(dtype: torch.dtype = torch.bfloat16, bias: bool = False) -> str:
