@@ -112,9 +112,9 @@ def test_an_interrupted_parent_stops_its_workers(tmp_path):
         os.kill(os.getpid(), signal.SIGINT)
         sent.set()
 
-    # Ctrl-C as a fresh process takes it. In the whole suite on a fresh clone SIGINT was found ignored (SIG_IGN) by
-    # the time this test ran, twice; no test directory run on its own leaves it so (each was watched), so the
-    # handler is set here for this test and restored after.
+    # Ctrl-C as a foreground process takes it. A command a non-interactive shell starts in the background (`cmd &`,
+    # as a script may start the suite) begins with SIGINT ignored, and Python then installs no handler of its own:
+    # the signal would be dropped. So the handler is set here for this test and restored after.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=interrupt_when_both_run, daemon=True).start()
     try:
