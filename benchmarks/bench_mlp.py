@@ -42,9 +42,10 @@ def test_swiglu_mlp_backward(measure, impl, shape):
     measure(harness.forward_backward(fn, *args), flops=3 * flops)
 
 
-# Kernel rows. No operator exposes the activation or a projection alone (the registry's `mlp` is the whole MLP,
-# measured per backend above), so these call qvl's kernels themselves, next to their direct peers: the activation
-# against torch and Liger, the GEMM against cuBLAS. A new backend's rows are test_swiglu_mlp's. Here "eager" is
+# Kernel rows. No operator exposes the activation alone, nor the MLP's projections with their fused activation (the
+# registry's `mlp` is the whole MLP, measured per backend above; plain projections are bench_linear's), so these call
+# qvl's kernels themselves, next to their direct peers: the activation against torch and Liger, the GEMM against
+# cuBLAS. A new backend's rows are test_swiglu_mlp's. Here "eager" is
 # plain torch and "triton" / "triton gemm" the kernels, not the backends of those names: the names key the baselines.
 
 
